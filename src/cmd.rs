@@ -1,0 +1,311 @@
+//! [`Cmd`]: a command's name and arguments in one buffer, and [`Script`].
+//!
+//! Arguments are written once, as bytes, into a single buffer with their end
+//! offsets beside it; encoding to RESP then sizes the output exactly and
+//! copies each argument once.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::args::ToArg;
+use crate::digest;
+use crate::resp::itoa;
+
+/// A Redis command: its name and arguments, ready to encode.
+///
+/// ```
+/// let c = rb::cmd("SET").arg("key").arg(42).arg("EX").arg(10);
+/// assert_eq!(c.name(), b"SET");
+/// assert_eq!(c.args().collect::<Vec<_>>(), [&b"key"[..], b"42", b"EX", b"10"]);
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Cmd {
+    /// Name and arguments back to back.
+    buf: Vec<u8>,
+    /// Where each part ends in `buf`; the first part is the name.
+    ends: Vec<usize>,
+}
+
+/// Starts a command: `rb::cmd("INCRBY").arg("counter").arg(2)`.
+pub fn cmd(name: &str) -> Cmd {
+    Cmd::new(name)
+}
+
+impl Cmd {
+    /// A command with no arguments yet.
+    pub fn new(name: &str) -> Cmd {
+        let mut buf = Vec::with_capacity(name.len() + 32);
+        buf.extend_from_slice(name.as_bytes());
+        let mut ends = Vec::with_capacity(4);
+        ends.push(buf.len());
+        Cmd { buf, ends }
+    }
+
+    /// Adds an argument (builder style).
+    pub fn arg<T: ToArg>(mut self, arg: T) -> Cmd {
+        self.push_arg(arg);
+        self
+    }
+
+    /// Adds an argument in place.
+    pub fn push_arg<T: ToArg>(&mut self, arg: T) -> &mut Cmd {
+        self.buf.reserve(arg.size_hint());
+        arg.write_arg(&mut self.buf);
+        self.ends.push(self.buf.len());
+        self
+    }
+
+    /// Adds every argument of an iterator.
+    pub fn args_from<I>(mut self, args: I) -> Cmd
+    where
+        I: IntoIterator,
+        I::Item: ToArg,
+    {
+        for a in args {
+            self.push_arg(a);
+        }
+        self
+    }
+
+    /// The command's name, as given.
+    pub fn name(&self) -> &[u8] {
+        self.part(0)
+    }
+
+    /// The name in upper case, for messages and errors.
+    pub fn display_name(&self) -> String {
+        String::from_utf8_lossy(self.name()).to_ascii_uppercase()
+    }
+
+    fn part(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.buf[start..self.ends[i]]
+    }
+
+    /// Number of arguments (the name not counted).
+    pub fn arg_count(&self) -> usize {
+        self.ends.len() - 1
+    }
+
+    /// Argument `i` (0 is the first after the name).
+    pub fn arg_at(&self, i: usize) -> Option<&[u8]> {
+        (i < self.arg_count()).then(|| self.part(i + 1))
+    }
+
+    /// The arguments, the name not included.
+    pub fn args(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
+        (1..self.ends.len()).map(move |i| self.part(i))
+    }
+
+    /// Exact size of the RESP encoding.
+    pub fn encoded_len(&self) -> usize {
+        let mut len = 1 + digits(self.ends.len()) + 2;
+        let mut start = 0;
+        for &end in &self.ends {
+            let n = end - start;
+            len += 1 + digits(n) + 2 + n + 2;
+            start = end;
+        }
+        len
+    }
+
+    /// Appends the command as a RESP array of bulk strings, reserving once.
+    pub fn write_packed(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        out.push(b'*');
+        out.extend_from_slice(itoa(self.ends.len() as i64).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let mut start = 0;
+        for &end in &self.ends {
+            out.push(b'$');
+            out.extend_from_slice(itoa((end - start) as i64).as_bytes());
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&self.buf[start..end]);
+            out.extend_from_slice(b"\r\n");
+            start = end;
+        }
+    }
+
+    /// The command as RESP bytes.
+    pub fn to_packed(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_packed(&mut out);
+        out
+    }
+
+    /// Whether the name equals `upper` (given in upper case), ignoring case.
+    pub(crate) fn is(&self, upper: &[u8]) -> bool {
+        self.name().eq_ignore_ascii_case(upper)
+    }
+}
+
+fn digits(mut n: usize) -> usize {
+    let mut d = 1;
+    while n >= 10 {
+        n /= 10;
+        d += 1;
+    }
+    d
+}
+
+impl fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.display_name())?;
+        for a in self.args() {
+            write!(f, " {:?}", String::from_utf8_lossy(a))?;
+        }
+        Ok(())
+    }
+}
+
+/// A Lua script, named by the SHA-1 of its source as Redis names it.
+///
+/// ```
+/// let s = rb::Script::new("return 1");
+/// assert_eq!(s.sha1(), "e0e1f9fabfc9d4800c877a703b823ac0578ff8db");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Script {
+    source: Arc<str>,
+    sha1: Arc<str>,
+}
+
+impl Script {
+    /// Wraps a script's source and computes its hash.
+    pub fn new(source: &str) -> Script {
+        Script {
+            sha1: digest::hex(&digest::sha1(source.as_bytes())).into(),
+            source: source.into(),
+        }
+    }
+
+    /// The lower-case hex SHA-1, as `SCRIPT LOAD` returns it.
+    pub fn sha1(&self) -> &str {
+        &self.sha1
+    }
+
+    /// The Lua source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// A call of this script with keys and arguments (sent as `EVALSHA`,
+    /// loading the script first where a host lacks it).
+    pub fn call<K: ToArg, A: ToArg>(&self, keys: &[K], args: &[A]) -> ScriptCall {
+        ScriptCall {
+            script: self.clone(),
+            keys: keys.iter().map(crate::args::to_bytes).collect(),
+            args: args.iter().map(crate::args::to_bytes).collect(),
+        }
+    }
+}
+
+impl fmt::Debug for Script {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Script({})", self.sha1)
+    }
+}
+
+/// One invocation of a [`Script`]: its keys and arguments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScriptCall {
+    /// The script to run.
+    pub script: Script,
+    /// The `KEYS` it gets.
+    pub keys: Vec<Vec<u8>>,
+    /// The `ARGV` it gets.
+    pub args: Vec<Vec<u8>>,
+}
+
+impl ScriptCall {
+    /// `EVALSHA sha numkeys keys... args...`
+    pub fn evalsha(&self) -> Cmd {
+        self.with_head("EVALSHA", self.script.sha1())
+    }
+
+    /// `EVAL source numkeys keys... args...`
+    pub fn eval(&self) -> Cmd {
+        self.with_head("EVAL", self.script.source())
+    }
+
+    fn with_head(&self, name: &str, head: &str) -> Cmd {
+        cmd(name)
+            .arg(head)
+            .arg(self.keys.len())
+            .args_from(&self.keys)
+            .args_from(&self.args)
+    }
+}
+
+/// One entry of a command list: a plain command or a script call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// A command sent as is.
+    Cmd(Cmd),
+    /// A script, sent as `EVALSHA` and loaded first where missing.
+    Script(ScriptCall),
+}
+
+impl From<Cmd> for Call {
+    fn from(c: Cmd) -> Call {
+        Call::Cmd(c)
+    }
+}
+
+impl From<ScriptCall> for Call {
+    fn from(c: ScriptCall) -> Call {
+        Call::Script(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resp::{decode, Value};
+
+    #[test]
+    fn encodes_exactly_sized() {
+        let c = cmd("SET")
+            .arg("key")
+            .arg(&b"\x00bin\r\n"[..])
+            .arg(-1)
+            .arg(1.5);
+        let packed = c.to_packed();
+        assert_eq!(packed.len(), c.encoded_len());
+        assert_eq!(
+            packed,
+            b"*5\r\n$3\r\nSET\r\n$3\r\nkey\r\n$6\r\n\x00bin\r\n\r\n$2\r\n-1\r\n$3\r\n1.5\r\n"
+        );
+        let (v, _) = decode(&packed).unwrap().unwrap();
+        assert_eq!(
+            v,
+            Value::Array(
+                [&b"SET"[..], b"key", b"\x00bin\r\n", b"-1", b"1.5"]
+                    .iter()
+                    .map(|b| Value::BulkString(b.to_vec()))
+                    .collect()
+            )
+        );
+    }
+
+    #[test]
+    fn large_argument_counts_size_right() {
+        let c = cmd("MGET").args_from((0..1234).map(|i| format!("key:{i}")));
+        assert_eq!(c.arg_count(), 1234);
+        assert_eq!(c.to_packed().len(), c.encoded_len());
+        assert_eq!(c.arg_at(1233), Some(&b"key:1233"[..]));
+        assert_eq!(c.arg_at(1234), None);
+    }
+
+    #[test]
+    fn script_calls() {
+        let s = Script::new("return {KEYS, ARGV}");
+        let call = s.call(&["k1", "k2"], &["v"]);
+        assert_eq!(
+            call.evalsha().args().collect::<Vec<_>>(),
+            [s.sha1().as_bytes(), b"2", b"k1", b"k2", b"v"]
+        );
+        assert_eq!(call.eval().arg_at(0), Some(s.source().as_bytes()));
+        assert_eq!(format!("{:?}", cmd("get").arg("k")), "GET \"k\"");
+    }
+}

@@ -1,0 +1,600 @@
+//! Host configuration: [`HostConfig`] (what the user sets, merged over the
+//! cluster's defaults), [`HostInfo`] (the resolved host), URL parsing and
+//! timeouts.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, HostId, HostName, Result};
+
+/// Default connect timeout: 5 s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The protocol spoken with a host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// RESP2, what every Redis speaks (the default).
+    #[default]
+    Resp2,
+    /// RESP3, switched on with `HELLO 3` in the handshake (Redis 6+).
+    Resp3,
+}
+
+/// TLS settings of a host (used with the `tls` feature).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TlsOptions {
+    /// PEM file of the CA(s) to trust instead of the built-in web roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain and private key for client authentication.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Name to verify the server's certificate against (default: the host).
+    pub server_name: Option<String>,
+    /// Accept any certificate. For tests only: it disables authentication.
+    pub insecure_skip_verify: bool,
+}
+
+impl TlsOptions {
+    fn is_default(&self) -> bool {
+        *self == TlsOptions::default()
+    }
+}
+
+/// Configuration of one host, as rb's `add_host` takes it; every setting is
+/// optional and falls back to the cluster's `host_defaults`, then to rb's
+/// defaults (`localhost:6379`, db 0, no password, no TLS).
+///
+/// ```
+/// use rb::HostConfig;
+/// use std::time::Duration;
+/// let cfg = HostConfig::new().host("10.0.0.1").port(7000).db(2).password("s3cr3t")
+///     .connect_timeout(Duration::from_millis(200));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    unix_socket_path: Option<String>,
+    db: Option<i64>,
+    username: Option<String>,
+    password: Option<String>,
+    tls: Option<bool>,
+    tls_options: Option<TlsOptions>,
+    protocol: Option<Protocol>,
+    connect_timeout: Option<Duration>,
+    read_timeout: Option<Option<Duration>>,
+    write_timeout: Option<Option<Duration>>,
+    pool_size: Option<usize>,
+}
+
+impl HostConfig {
+    /// Nothing set: every value comes from the defaults.
+    pub fn new() -> HostConfig {
+        HostConfig::default()
+    }
+
+    /// Host name or IP address. Default `localhost`.
+    pub fn host(mut self, host: impl Into<String>) -> HostConfig {
+        self.host = Some(host.into());
+        self
+    }
+
+    /// TCP port. Default 6379.
+    pub fn port(mut self, port: u16) -> HostConfig {
+        self.port = Some(port);
+        self
+    }
+
+    /// Connect over this unix socket instead of TCP. Default: none (TCP).
+    pub fn unix_socket_path(mut self, path: impl Into<String>) -> HostConfig {
+        self.unix_socket_path = Some(path.into());
+        self
+    }
+
+    /// Database number, selected in the handshake. Default 0.
+    pub fn db(mut self, db: i64) -> HostConfig {
+        self.db = Some(db);
+        self
+    }
+
+    /// ACL user name (Redis 6+), sent with the password. Default: none.
+    pub fn username(mut self, username: impl Into<String>) -> HostConfig {
+        self.username = Some(username.into());
+        self
+    }
+
+    /// Password, sent with `AUTH` in the handshake. Default: none.
+    pub fn password(mut self, password: impl Into<String>) -> HostConfig {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Use TLS (needs the `tls` feature). Default false.
+    pub fn tls(mut self, on: bool) -> HostConfig {
+        self.tls = Some(on);
+        self
+    }
+
+    /// TLS settings (CA file, client certificate, server name). Default: web roots.
+    pub fn tls_options(mut self, options: TlsOptions) -> HostConfig {
+        self.tls_options = Some(options);
+        self
+    }
+
+    /// RESP version. Default [`Protocol::Resp2`].
+    pub fn protocol(mut self, protocol: Protocol) -> HostConfig {
+        self.protocol = Some(protocol);
+        self
+    }
+
+    /// Budget for establishing a connection. Default 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> HostConfig {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Budget for a reply to an immediate command (routing and local
+    /// clients; maps use their own `timeout`). Default: none (wait), as redis-py.
+    pub fn read_timeout(mut self, timeout: Option<Duration>) -> HostConfig {
+        self.read_timeout = Some(timeout);
+        self
+    }
+
+    /// Budget for sending a request. Default: none (wait), as redis-py.
+    pub fn write_timeout(mut self, timeout: Option<Duration>) -> HostConfig {
+        self.write_timeout = Some(timeout);
+        self
+    }
+
+    /// Idle connections kept per host; more are closed when returned. Default 16.
+    pub fn pool_size(mut self, size: usize) -> HostConfig {
+        self.pool_size = Some(size);
+        self
+    }
+
+    /// `self`, with every unset value taken from `defaults`.
+    pub fn or(self, defaults: &HostConfig) -> HostConfig {
+        fn pick<T: Clone>(a: Option<T>, b: &Option<T>) -> Option<T> {
+            a.or_else(|| b.clone())
+        }
+        HostConfig {
+            host: pick(self.host, &defaults.host),
+            port: pick(self.port, &defaults.port),
+            unix_socket_path: pick(self.unix_socket_path, &defaults.unix_socket_path),
+            db: pick(self.db, &defaults.db),
+            username: pick(self.username, &defaults.username),
+            password: pick(self.password, &defaults.password),
+            tls: pick(self.tls, &defaults.tls),
+            tls_options: pick(self.tls_options, &defaults.tls_options),
+            protocol: pick(self.protocol, &defaults.protocol),
+            connect_timeout: pick(self.connect_timeout, &defaults.connect_timeout),
+            read_timeout: pick(self.read_timeout, &defaults.read_timeout),
+            write_timeout: pick(self.write_timeout, &defaults.write_timeout),
+            pool_size: pick(self.pool_size, &defaults.pool_size),
+        }
+    }
+
+    /// The resolved host, with rb's defaults for anything still unset.
+    pub fn resolve(&self, host_id: HostId) -> HostInfo {
+        let tls_options = self.tls_options.clone().unwrap_or_default();
+        let info = HostInfo {
+            host_id,
+            host: self.host.clone().unwrap_or_else(|| "localhost".into()),
+            port: self.port.unwrap_or(6379),
+            unix_socket_path: self.unix_socket_path.clone(),
+            db: self.db.unwrap_or(0),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            tls: self.tls.unwrap_or(false),
+            tls_options,
+            protocol: self.protocol.unwrap_or_default(),
+            connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            read_timeout: self.read_timeout.unwrap_or(None),
+            write_timeout: self.write_timeout.unwrap_or(None),
+            pool_size: self.pool_size.unwrap_or(16),
+            name: HostName {
+                id: host_id,
+                addr: "".into(),
+            },
+        };
+        let addr = info.addr_string();
+        HostInfo {
+            name: HostName {
+                id: host_id,
+                addr: addr.into(),
+            },
+            ..info
+        }
+    }
+
+    /// Parses a URL:
+    /// `redis://[[user]:password@]host[:port][/db]`, `rediss://...` (TLS),
+    /// `unix:///path/to/socket?db=N&password=...`. User, password and path
+    /// are percent-decoded; query parameters `db`, `username`, `password` and
+    /// `protocol` (`2`/`3`) work on every scheme.
+    ///
+    /// ```
+    /// let cfg = rb::HostConfig::from_url("redis://:p%40ss@10.0.0.1:7000/3").unwrap();
+    /// assert_eq!(cfg.resolve(0).port, 7000);
+    /// assert!(rb::HostConfig::from_url("redis://host:notaport").is_err());
+    /// ```
+    pub fn from_url(url: &str) -> Result<HostConfig> {
+        parse_url(url).map_err(|reason| Error::config(format!("URL {:?}: {reason}", redact(url))))
+    }
+}
+
+/// A URL with its password replaced, for error messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.find("password=") {
+        Some(i) => {
+            let end = tail[i..].find('&').map_or(tail.len(), |j| i + j);
+            format!("{}password=***{}", &tail[..i], &tail[end..])
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+fn percent_decode(s: &str, what: &str) -> std::result::Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-escape in the {what}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("the {what} is not UTF-8 after percent-decoding"))
+}
+
+fn parse_url(url: &str) -> std::result::Result<HostConfig, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| "missing scheme (redis://, rediss:// or unix://)".to_owned())?;
+    let (main, query) = match rest.split_once('?') {
+        Some((m, q)) => (m, Some(q)),
+        None => (rest, None),
+    };
+    let mut cfg = HostConfig::new();
+    match scheme.to_ascii_lowercase().as_str() {
+        "redis" | "rediss" => {
+            if scheme.eq_ignore_ascii_case("rediss") {
+                cfg = cfg.tls(true);
+            }
+            let (authority, path) = match main.find('/') {
+                Some(i) => (&main[..i], &main[i + 1..]),
+                None => (main, ""),
+            };
+            let hostport = match authority.rsplit_once('@') {
+                Some((userinfo, hostport)) => {
+                    let (user, password) = match userinfo.split_once(':') {
+                        Some((u, p)) => (u, Some(p)),
+                        None => (userinfo, None),
+                    };
+                    if !user.is_empty() {
+                        cfg = cfg.username(percent_decode(user, "user name")?);
+                    }
+                    if let Some(p) = password {
+                        cfg = cfg.password(percent_decode(p, "password")?);
+                    }
+                    hostport
+                }
+                None => authority,
+            };
+            let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+                let (host, after) = v6
+                    .split_once(']')
+                    .ok_or_else(|| "unclosed '[' in the host".to_owned())?;
+                (host, after.strip_prefix(':'))
+            } else {
+                match hostport.rsplit_once(':') {
+                    Some((h, p)) => (h, Some(p)),
+                    None => (hostport, None),
+                }
+            };
+            if host.is_empty() {
+                return Err("missing host".into());
+            }
+            cfg = cfg.host(percent_decode(host, "host")?);
+            if let Some(port) = port {
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| format!("bad port {port:?} (want 0-65535)"))?;
+                cfg = cfg.port(port);
+            }
+            let path = path.trim_end_matches('/');
+            if !path.is_empty() {
+                let db: i64 = path
+                    .parse()
+                    .map_err(|_| format!("bad database {path:?} in the path (want a number)"))?;
+                cfg = cfg.db(db);
+            }
+        }
+        "unix" => {
+            let path = percent_decode(main, "socket path")?;
+            if path.is_empty() {
+                return Err("missing socket path".into());
+            }
+            cfg = cfg.unix_socket_path(path);
+        }
+        other => {
+            return Err(format!(
+                "unknown scheme {other:?} (want redis, rediss or unix)"
+            ))
+        }
+    }
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v, k)?;
+        cfg = match k {
+            "db" => cfg.db(v
+                .parse()
+                .map_err(|_| format!("bad db {v:?} (want a number)"))?),
+            "password" => cfg.password(v),
+            "username" | "user" => cfg.username(v),
+            "protocol" => match v.as_str() {
+                "2" | "resp2" => cfg.protocol(Protocol::Resp2),
+                "3" | "resp3" => cfg.protocol(Protocol::Resp3),
+                _ => return Err(format!("bad protocol {v:?} (want 2 or 3)")),
+            },
+            _ => return Err(format!("unknown query parameter {k:?}")),
+        };
+    }
+    Ok(cfg)
+}
+
+/// A resolved host: every setting known. Fields mirror rb's `HostInfo`.
+#[derive(Clone, PartialEq)]
+pub struct HostInfo {
+    /// The host's id.
+    pub host_id: HostId,
+    /// Host name or address (unused when `unix_socket_path` is set).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Unix socket to connect to instead of TCP.
+    pub unix_socket_path: Option<String>,
+    /// Database selected in the handshake.
+    pub db: i64,
+    /// ACL user name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// TLS on or off.
+    pub tls: bool,
+    /// TLS settings.
+    pub tls_options: TlsOptions,
+    /// RESP version.
+    pub protocol: Protocol,
+    /// Connect budget.
+    pub connect_timeout: Duration,
+    /// Reply budget for immediate commands.
+    pub read_timeout: Option<Duration>,
+    /// Send budget for immediate commands.
+    pub write_timeout: Option<Duration>,
+    /// Idle connections kept in the pool.
+    pub pool_size: usize,
+    name: HostName,
+}
+
+impl HostInfo {
+    /// How errors name this host: `host 3 (127.0.0.1:6379/0)`.
+    pub fn name(&self) -> &HostName {
+        &self.name
+    }
+
+    fn addr_string(&self) -> String {
+        match &self.unix_socket_path {
+            Some(path) => format!("unix:{path}/{}", self.db),
+            None if self.host.contains(':') => format!("[{}]:{}/{}", self.host, self.port, self.db),
+            None => format!("{}:{}/{}", self.host, self.port, self.db),
+        }
+    }
+
+    /// The node name of this host on rb's ketama ring: Python's `repr()` of
+    /// rb's `HostInfo`, e.g.
+    /// `<HostInfo db=0 host='localhost' host_id=0 password=None port=6379 ssl=False ssl_options=None unix_socket_path=None>`.
+    ///
+    /// rb has no ACL user name, RESP version or timeouts, so they do not
+    /// appear; TLS options render as the redis-py `ssl_*` keyword dict a
+    /// Python rb user would pass.
+    pub fn ring_name(&self) -> String {
+        let ssl_options = if self.tls_options.is_default() {
+            "None".to_owned()
+        } else {
+            let o = &self.tls_options;
+            let mut items = Vec::new();
+            if let Some(ca) = &o.ca_file {
+                items.push(format!("'ssl_ca_certs': {}", py_str(&ca.to_string_lossy())));
+            }
+            if let Some((cert, key)) = &o.client_cert {
+                items.push(format!(
+                    "'ssl_certfile': {}",
+                    py_str(&cert.to_string_lossy())
+                ));
+                items.push(format!("'ssl_keyfile': {}", py_str(&key.to_string_lossy())));
+            }
+            if o.insecure_skip_verify {
+                items.push("'ssl_cert_reqs': None".to_owned());
+            }
+            if let Some(name) = &o.server_name {
+                items.push(format!("'server_hostname': {}", py_str(name)));
+            }
+            format!("{{{}}}", items.join(", "))
+        };
+        format!(
+            "<HostInfo db={} host={} host_id={} password={} port={} ssl={} ssl_options={} unix_socket_path={}>",
+            self.db,
+            py_str(&self.host),
+            self.host_id,
+            self.password.as_deref().map_or("None".to_owned(), py_str),
+            self.port,
+            if self.tls { "True" } else { "False" },
+            ssl_options,
+            self.unix_socket_path.as_deref().map_or("None".to_owned(), py_str),
+        )
+    }
+}
+
+impl fmt::Debug for HostInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostInfo")
+            .field("host_id", &self.host_id)
+            .field("addr", &self.name.addr)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls", &self.tls)
+            .field("protocol", &self.protocol)
+            .finish()
+    }
+}
+
+/// Python 3's `repr()` of a `str`.
+pub(crate) fn py_str(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            // Python prints non-printable code points escaped; the C1 controls
+            // are the ones that plausibly appear.
+            c if (0x80..0xa0).contains(&(c as u32)) => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_merge_like_rb() {
+        let defaults = HostConfig::new().host("127.0.0.1").password("pw");
+        let info = HostConfig::new().port(7000).or(&defaults).resolve(2);
+        assert_eq!(info.host, "127.0.0.1");
+        assert_eq!(info.port, 7000);
+        assert_eq!(info.password.as_deref(), Some("pw"));
+        assert_eq!(info.name().to_string(), "host 2 (127.0.0.1:7000/0)");
+        assert_eq!(
+            HostConfig::new().resolve(0).ring_name(),
+            "<HostInfo db=0 host='localhost' host_id=0 password=None port=6379 ssl=False ssl_options=None unix_socket_path=None>"
+        );
+    }
+
+    #[test]
+    fn python_repr_of_strings() {
+        assert_eq!(py_str("abc"), "'abc'");
+        assert_eq!(py_str("it's"), "\"it's\"");
+        assert_eq!(py_str("a'b\"c"), "'a\\'b\"c'");
+        assert_eq!(py_str("back\\slash\n"), "'back\\\\slash\\n'");
+        assert_eq!(py_str("\x01é"), "'\\x01é'");
+    }
+
+    #[test]
+    fn urls() {
+        let c = HostConfig::from_url("redis://user:p%40ss@10.0.0.1:7000/3")
+            .unwrap()
+            .resolve(0);
+        assert_eq!((c.host.as_str(), c.port, c.db), ("10.0.0.1", 7000, 3));
+        assert_eq!(
+            (c.username.as_deref(), c.password.as_deref()),
+            (Some("user"), Some("p@ss"))
+        );
+        assert!(!c.tls);
+
+        let c = HostConfig::from_url("rediss://:secret@cache.example")
+            .unwrap()
+            .resolve(0);
+        assert!(c.tls);
+        assert_eq!(
+            (c.port, c.username, c.password.as_deref()),
+            (6379, None, Some("secret"))
+        );
+
+        let c = HostConfig::from_url("redis://[::1]:6380?protocol=3")
+            .unwrap()
+            .resolve(0);
+        assert_eq!(
+            (c.host.as_str(), c.port, c.protocol),
+            ("::1", 6380, Protocol::Resp3)
+        );
+
+        let c = HostConfig::from_url("unix:///run/redis%20x.sock?db=2&password=a%26b")
+            .unwrap()
+            .resolve(0);
+        assert_eq!(c.unix_socket_path.as_deref(), Some("/run/redis x.sock"));
+        assert_eq!((c.db, c.password.as_deref()), (2, Some("a&b")));
+    }
+
+    #[test]
+    fn bad_urls_name_the_part() {
+        let cases = [
+            ("localhost:6379", "missing scheme"),
+            ("http://localhost", "unknown scheme \"http\""),
+            ("redis://localhost:99999", "bad port \"99999\""),
+            ("redis://localhost/abc", "bad database \"abc\""),
+            ("redis://:pw@", "missing host"),
+            ("redis://h?db=x", "bad db \"x\""),
+            (
+                "redis://h?colour=blue",
+                "unknown query parameter \"colour\"",
+            ),
+            ("unix://", "missing socket path"),
+            ("redis://u:%zz@h", "bad percent-escape in the password"),
+            ("redis://[::1", "unclosed '['"),
+        ];
+        for (url, want) in cases {
+            let e = HostConfig::from_url(url).unwrap_err().to_string();
+            assert!(e.contains(want), "{url}: {e}");
+        }
+        let e = HostConfig::from_url("redis://u:topsecret@h:x")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("topsecret"), "{e}");
+        assert!(e.contains("u:***@h:x"), "{e}");
+    }
+}

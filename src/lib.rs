@@ -1,0 +1,41 @@
+//! # rb, the redis blaster
+//!
+//! Talk to many independent Redis nodes as one: rb routes single-key commands
+//! to the node that owns the key, pipelines and auto-batches them per node,
+//! and sends to every node at once from one `mio` event loop. It is the Rust
+//! port of Sentry's Python [`rb`](https://github.com/getsentry/rb) and places
+//! every key on the same node as Python rb does.
+//!
+//! ```
+//! use rb::{Cluster, HostConfig};
+//! let cluster = Cluster::builder()
+//!     .host_defaults(HostConfig::new().host("127.0.0.1"))
+//!     .host(0, HostConfig::new().port(6379))
+//!     .host(1, HostConfig::new().port(6380))
+//!     .build()?;
+//! let owner = cluster.router()?.host_for_key(b"user:42")?;
+//! # let _ = owner;
+//! # Ok::<(), rb::Error>(())
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod args;
+pub mod cluster;
+pub mod cmd;
+pub mod config;
+pub mod convert;
+pub mod digest;
+pub mod error;
+pub mod keyspec;
+pub mod resp;
+pub mod router;
+
+pub use args::ToArg;
+pub use cluster::{Cluster, ClusterBuilder};
+pub use cmd::{cmd, Call, Cmd, Script, ScriptCall};
+pub use config::{HostConfig, HostInfo, Protocol, TlsOptions};
+pub use convert::FromValue;
+pub use error::{Error, HostId, HostName, Phase, Result};
+pub use resp::Value;
+pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};
