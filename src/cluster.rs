@@ -17,7 +17,7 @@ use crate::router::{self, Router, RouterKind};
 ///     .host(0, HostConfig::new().port(6379))
 ///     .host(1, HostConfig::new().port(6380))
 ///     .build()?;
-/// assert_eq!(cluster.router()?.host_for_key(b"foo")?, 0);
+/// assert_eq!(cluster.router()?.host_for_key(b"foo")?, 1); // crc32("foo") mod 2, as Python rb
 /// # Ok::<(), rb::Error>(())
 /// ```
 #[derive(Default)]
