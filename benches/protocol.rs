@@ -1,1 +1,213 @@
-fn main() {}
+//! Protocol benchmarks: RESP decoding, command encoding and key routing,
+//! each with a plain baseline in the same group (a memcpy for decoding and
+//! encoding, the bare hash for routing) so results read as ratios.
+//!
+//! `cargo bench --bench protocol -- --noplot`
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use rb::resp::{decode, Decoder};
+use rb::{ConsistentHashingRouter, HostConfig, PartitionRouter, Router, Value};
+
+fn quick<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
+        .sample_size(20);
+    g
+}
+
+fn encoded(v: &Value) -> Vec<u8> {
+    let mut buf = Vec::new();
+    v.encode(&mut buf);
+    buf
+}
+
+/// A fresh copy of `bytes`: what decoding a bulk string must do at the least.
+fn memcpy(bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(bytes);
+    v
+}
+
+fn decode_bulk(c: &mut Criterion) {
+    let mut g = quick(c, "decode_bulk");
+    for (label, size) in [("1MiB", 1 << 20), ("16MiB", 16 << 20)] {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        let wire = encoded(&Value::BulkString(payload.clone()));
+        g.throughput(Throughput::Bytes(wire.len() as u64));
+        g.bench_function(format!("decode/{label}"), |b| {
+            b.iter(|| decode(black_box(&wire)).unwrap().unwrap())
+        });
+        // The same reply arriving in 64 KiB reads into a growing buffer: the
+        // decoder must not rescan what it has seen.
+        g.bench_function(format!("decoder_64KiB_reads/{label}"), |b| {
+            b.iter(|| {
+                let mut d = Decoder::new();
+                let mut end = 0;
+                loop {
+                    end = (end + (64 << 10)).min(wire.len());
+                    if let Some(r) = d.decode(black_box(&wire[..end])).unwrap() {
+                        break r;
+                    }
+                }
+            })
+        });
+        g.bench_function(format!("baseline_memcpy/{label}"), |b| {
+            b.iter(|| memcpy(black_box(&payload)))
+        });
+    }
+    g.finish();
+}
+
+/// An MGET reply of 1000 values of 20 bytes, every tenth missing.
+fn mget_reply() -> Vec<u8> {
+    encoded(&Value::Array(
+        (0..1000)
+            .map(|i| {
+                if i % 10 == 3 {
+                    Value::Nil
+                } else {
+                    Value::BulkString(format!("value:{i:014}").into_bytes())
+                }
+            })
+            .collect(),
+    ))
+}
+
+fn decode_replies(c: &mut Criterion) {
+    let mut g = quick(c, "decode_replies");
+    g.throughput(Throughput::Elements(1000));
+
+    let mget = mget_reply();
+    g.bench_function("mget_1000", |b| {
+        b.iter(|| decode(black_box(&mget)).unwrap().unwrap())
+    });
+    g.bench_function("baseline_memcpy_mget_1000", |b| {
+        b.iter(|| memcpy(black_box(&mget)))
+    });
+
+    // 1000 small replies back to back, as a pipeline of SETs and INCRs gets.
+    let mut small = Vec::new();
+    for i in 0..1000 {
+        small.extend_from_slice(if i % 2 == 0 { b"+OK\r\n" } else { b":1\r\n" });
+    }
+    g.bench_function("small_1000_back_to_back", |b| {
+        b.iter(|| {
+            let buf = black_box(&small[..]);
+            let mut at = 0;
+            let mut n = 0;
+            while let Some((v, used)) = decode(&buf[at..]).unwrap() {
+                black_box(v);
+                at += used;
+                n += 1;
+            }
+            assert_eq!(n, 1000);
+        })
+    });
+    g.finish();
+}
+
+fn encode_commands(c: &mut Criterion) {
+    let mut g = quick(c, "encode");
+    let mut out = Vec::with_capacity(64 << 10);
+
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("set_key_value", |b| {
+        b.iter(|| {
+            out.clear();
+            rb::cmd("SET")
+                .arg(black_box("user:1234:session"))
+                .arg(black_box(&b"0123456789abcdef0123"[..]))
+                .write_packed(&mut out);
+            black_box(&out);
+        })
+    });
+
+    let keys: Vec<String> = (0..1000).map(|i| format!("user:{i:08}:name")).collect();
+    let packed = rb::cmd("MGET").args_from(&keys).to_packed();
+    g.throughput(Throughput::Bytes(packed.len() as u64));
+    g.bench_function("mget_1000_keys", |b| {
+        b.iter(|| {
+            out.clear();
+            rb::cmd("MGET")
+                .args_from(black_box(&keys))
+                .write_packed(&mut out);
+            black_box(&out);
+        })
+    });
+    g.bench_function("baseline_memcpy_mget_1000_keys", |b| {
+        b.iter(|| {
+            out.clear();
+            out.extend_from_slice(black_box(&packed));
+            black_box(&out);
+        })
+    });
+    g.finish();
+}
+
+fn routers(c: &mut Criterion) {
+    let mut g = quick(c, "route_1000_keys_64_hosts");
+    g.throughput(Throughput::Elements(1000));
+    let hosts: Vec<Arc<rb::HostInfo>> = (0..64)
+        .map(|i| {
+            Arc::new(
+                HostConfig::new()
+                    .host("10.0.0.1")
+                    .port(6379 + i as u16)
+                    .resolve(i),
+            )
+        })
+        .collect();
+    let keys: Vec<Vec<u8>> = (0..1000)
+        .map(|i| format!("user:{i}:profile").into_bytes())
+        .collect();
+
+    let partition = PartitionRouter::new(&hosts).unwrap();
+    g.bench_function("partition", |b| {
+        b.iter(|| {
+            for k in &keys {
+                black_box(partition.host_for_key(black_box(k)).unwrap());
+            }
+        })
+    });
+    g.bench_function("baseline_crc32", |b| {
+        b.iter(|| {
+            for k in &keys {
+                black_box(rb::router::signed_crc32(black_box(k)));
+            }
+        })
+    });
+
+    let ketama = ConsistentHashingRouter::new(&hosts).unwrap();
+    g.bench_function("consistent_hashing", |b| {
+        b.iter(|| {
+            for k in &keys {
+                black_box(ketama.host_for_key(black_box(k)).unwrap());
+            }
+        })
+    });
+    g.bench_function("baseline_md5", |b| {
+        b.iter(|| {
+            for k in &keys {
+                black_box(rb::digest::md5(black_box(k)));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    decode_bulk,
+    decode_replies,
+    encode_commands,
+    routers
+);
+criterion_main!(benches);

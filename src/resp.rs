@@ -490,8 +490,12 @@ fn scan_one(buf: &[u8], pos: usize) -> Result<Option<Head>> {
             if &buf[end..end + 2] != b"\r\n" {
                 return Err(Error::protocol("bulk string not followed by CRLF"));
             }
-            if kind == b'=' && buf[body + 3] != b':' {
-                return Err(Error::protocol("verbatim string without format separator"));
+            if kind == b'='
+                && (buf[body + 3] != b':' || !buf[body..body + 3].iter().all(u8::is_ascii_graphic))
+            {
+                return Err(Error::protocol(
+                    "verbatim string without a three-letter format and ':'",
+                ));
             }
             Head::Done(end + 2)
         }

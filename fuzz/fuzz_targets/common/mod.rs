@@ -1,0 +1,178 @@
+//! Checks shared by the fuzz targets and by `tests/fuzz_regressions.rs`,
+//! which replays `fuzz/regressions/` under `cargo test` through this very
+//! module. Depends on nothing but `rb`.
+#![allow(dead_code)]
+
+use rb::resp::{decode, Decoder};
+use rb::Value;
+
+/// `Value` equality that takes any NaN as equal to any NaN (`Value`'s own
+/// `PartialEq` says a NaN double is not equal to itself).
+pub fn same(a: &Value, b: &Value) -> bool {
+    fn all(x: &[Value], y: &[Value]) -> bool {
+        x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+    }
+    fn pairs(x: &[(Value, Value)], y: &[(Value, Value)]) -> bool {
+        x.len() == y.len()
+            && x.iter()
+                .zip(y)
+                .all(|((ak, av), (bk, bv))| same(ak, bk) && same(av, bv))
+    }
+    match (a, b) {
+        (Value::Double(x), Value::Double(y)) => x == y || (x.is_nan() && y.is_nan()),
+        (Value::Array(x), Value::Array(y))
+        | (Value::Set(x), Value::Set(y))
+        | (Value::Push(x), Value::Push(y)) => all(x, y),
+        (Value::Map(x), Value::Map(y)) => pairs(x, y),
+        (
+            Value::Attribute {
+                attributes: ax,
+                value: av,
+            },
+            Value::Attribute {
+                attributes: bx,
+                value: bv,
+            },
+        ) => pairs(ax, bx) && same(av, bv),
+        _ => a == b,
+    }
+}
+
+/// `same` over two sequences of values.
+pub fn same_all(a: &[Value], b: &[Value]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| same(a, b))
+}
+
+/// Encodes `v` and decodes it back: it must come back whole and unchanged.
+pub fn check_encode_decode(v: &Value) {
+    let mut buf = Vec::new();
+    v.encode(&mut buf);
+    match decode(&buf) {
+        Ok(Some((back, n))) => {
+            assert_eq!(n, buf.len(), "re-encoding of {v:?} not consumed whole");
+            assert!(same(&back, v), "{v:?} re-encoded and decoded as {back:?}");
+        }
+        other => panic!(
+            "re-encoding of {v:?} ({:?}) decodes as {other:?}",
+            String::from_utf8_lossy(&buf)
+        ),
+    }
+}
+
+/// One-shot decode of arbitrary bytes: never a panic, never more consumed
+/// than given, and whatever decodes re-encodes to an equal value.
+pub fn check_oneshot(data: &[u8]) {
+    if let Ok(Some((v, n))) = decode(data) {
+        assert!(n > 0 && n <= data.len(), "consumed {n} of {}", data.len());
+        check_encode_decode(&v);
+    }
+}
+
+/// How decoding a buffer reply after reply ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// Out of bytes, with this many left over (a partial reply).
+    Incomplete(usize),
+    /// A protocol error.
+    Error,
+}
+
+/// Replies of `data` by repeated one-shot `decode`, each after the last.
+pub fn oneshot_all(data: &[u8]) -> (Vec<Value>, End) {
+    let mut values = Vec::new();
+    let mut at = 0;
+    loop {
+        match decode(&data[at..]) {
+            Ok(Some((v, n))) => {
+                assert!(
+                    n > 0 && n <= data.len() - at,
+                    "consumed {n} of {}",
+                    data.len() - at
+                );
+                values.push(v);
+                at += n;
+            }
+            Ok(None) => return (values, End::Incomplete(data.len() - at)),
+            Err(_) => return (values, End::Error),
+        }
+    }
+}
+
+/// Replies of `data` through one `Decoder` fed a read buffer that grows by
+/// `sizes` (cycled; `usize::MAX` = all the rest) and drops each reply as
+/// soon as it is decoded, as a connection's read loop does.
+pub fn stream_all(data: &[u8], sizes: &[usize]) -> (Vec<Value>, End) {
+    assert!(sizes.iter().all(|&s| s > 0), "chunk sizes must be positive");
+    let mut sizes = sizes.iter().cycle();
+    let mut decoder = Decoder::new();
+    let mut pending = data;
+    let mut buf = Vec::new();
+    let mut values = Vec::new();
+    loop {
+        // Take every reply already whole before reading more.
+        loop {
+            match decoder.decode(&buf) {
+                Ok(Some((v, n))) => {
+                    assert!(n > 0 && n <= buf.len(), "consumed {n} of {}", buf.len());
+                    values.push(v);
+                    buf.drain(..n);
+                }
+                Ok(None) => break,
+                Err(_) => return (values, End::Error),
+            }
+        }
+        if pending.is_empty() {
+            return (values, End::Incomplete(buf.len()));
+        }
+        let take = (*sizes.next().unwrap()).min(pending.len());
+        buf.extend_from_slice(&pending[..take]);
+        pending = &pending[take..];
+    }
+}
+
+/// Streaming in chunks of `sizes` yields the same replies, and ends the same
+/// way, as one-shot decoding of the whole buffer.
+pub fn check_stream(data: &[u8], sizes: &[usize]) {
+    let (whole, whole_end) = oneshot_all(data);
+    let (streamed, streamed_end) = stream_all(data, sizes);
+    assert!(
+        same_all(&whole, &streamed),
+        "chunks {sizes:?}: one-shot gave {whole:?}, streaming gave {streamed:?}"
+    );
+    assert_eq!(whole_end, streamed_end, "chunks {sizes:?}: ends differ");
+}
+
+/// Chunk sizes a nibble of a `decode_stream` input picks.
+const CHUNK_SIZES: [usize; 16] = [
+    1,
+    2,
+    3,
+    4,
+    5,
+    7,
+    8,
+    13,
+    16,
+    31,
+    64,
+    100,
+    257,
+    1000,
+    4096,
+    usize::MAX,
+];
+
+/// Splits a `decode_stream` input: its first two bytes are four nibbles, each
+/// picking a chunk size from [`CHUNK_SIZES`] (cycled); the rest is the RESP.
+pub fn split_stream_input(data: &[u8]) -> (Vec<usize>, &[u8]) {
+    let (head, body) = data.split_at(data.len().min(2));
+    let mut sizes: Vec<usize> = head
+        .iter()
+        .flat_map(|&b| [b >> 4, b & 0x0f])
+        .map(|n| CHUNK_SIZES[usize::from(n)])
+        .collect();
+    if sizes.is_empty() {
+        sizes.push(1);
+    }
+    (sizes, body)
+}
