@@ -2,11 +2,96 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
+use crate::args::ToArg;
+use crate::client::{FanoutClient, LocalClient, MappingClient, RoutingClient};
 use crate::config::HostConfig;
 use crate::config::HostInfo;
+use crate::conn::{HostEntry, HostTable, Pool};
 use crate::error::{Error, HostId, Result};
+use crate::event_loop::{LoopOptions, Session};
 use crate::router::{self, Router, RouterKind};
+
+/// Options of a map or fanout (rb's `map(timeout=, max_concurrency=, auto_batch=)`).
+///
+/// ```
+/// use rb::MapOptions;
+/// use std::time::Duration;
+/// let opts = MapOptions::new().timeout(Duration::from_millis(50)).max_concurrency(16);
+/// ```
+#[derive(Clone, Debug)]
+pub struct MapOptions {
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) max_concurrency: usize,
+    pub(crate) auto_batch: bool,
+    pub(crate) max_batch_size: usize,
+}
+
+impl Default for MapOptions {
+    fn default() -> MapOptions {
+        MapOptions {
+            timeout: None,
+            max_concurrency: 64,
+            auto_batch: true,
+            max_batch_size: 256,
+        }
+    }
+}
+
+impl MapOptions {
+    /// The defaults: no timeout, 64 hosts in flight, auto-batching on with
+    /// at most 256 keys per MGET/MSET.
+    pub fn new() -> MapOptions {
+        MapOptions::default()
+    }
+
+    /// Budget for the whole map, from its start: when it passes, what is
+    /// still outstanding is rejected with [`Error::Timeout`]. Default: none.
+    pub fn timeout(mut self, timeout: Duration) -> MapOptions {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Hosts with requests in flight at once; a request for one more host
+    /// first waits for one to finish. Default 64 (as rb).
+    pub fn max_concurrency(mut self, hosts: usize) -> MapOptions {
+        self.max_concurrency = hosts.max(1);
+        self
+    }
+
+    /// Merge runs of plain GETs (SETs) to one host into MGET (MSET).
+    /// Default true.
+    pub fn auto_batch(mut self, on: bool) -> MapOptions {
+        self.auto_batch = on;
+        self
+    }
+
+    /// Most keys in one merged MGET/MSET. Default 256.
+    pub fn max_batch_size(mut self, keys: usize) -> MapOptions {
+        self.max_batch_size = keys.max(1);
+        self
+    }
+
+    fn to_loop(&self, start: Instant) -> LoopOptions {
+        LoopOptions {
+            deadline: self.timeout.map(|t| start + t),
+            budget: self.timeout,
+            auto_batch: self.auto_batch,
+            max_batch: self.max_batch_size,
+            max_concurrency: self.max_concurrency,
+        }
+    }
+}
+
+/// Which hosts a fanout reaches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hosts {
+    /// Every host of the cluster.
+    All,
+    /// These hosts.
+    Ids(Vec<HostId>),
+}
 
 /// Builds a [`Cluster`].
 ///
@@ -78,7 +163,8 @@ impl ClusterBuilder {
         let mut hosts = BTreeMap::new();
         for (id, config) in self.hosts {
             let info = Arc::new(config.or(&self.defaults).resolve(id));
-            if hosts.insert(id, info).is_some() {
+            let pool = Arc::new(Pool::new(info.pool_size));
+            if hosts.insert(id, HostEntry { info, pool }).is_some() {
                 return Err(Error::BadHostSetup {
                     reason: format!("host id {id} was added twice").into(),
                 });
@@ -88,7 +174,7 @@ impl ClusterBuilder {
             inner: Arc::new(ClusterInner {
                 state: RwLock::new(ClusterState {
                     defaults: self.defaults,
-                    hosts,
+                    table: Arc::new(HostTable { hosts }),
                     router_choice: self.router,
                     router: None,
                 }),
@@ -113,7 +199,8 @@ struct ClusterInner {
 
 struct ClusterState {
     defaults: HostConfig,
-    hosts: BTreeMap<HostId, Arc<HostInfo>>,
+    /// Replaced whole when hosts change; running maps keep the old one.
+    table: Arc<HostTable>,
     router_choice: RouterChoice,
     /// Built on first use and dropped whenever the hosts change.
     router: Option<Arc<dyn Router>>,
@@ -163,7 +250,8 @@ impl Cluster {
         if let Some(router) = &state.router {
             return Ok(router.clone());
         }
-        let hosts: Vec<Arc<HostInfo>> = state.hosts.values().cloned().collect();
+        let hosts: Vec<Arc<HostInfo>> =
+            state.table.hosts.values().map(|h| h.info.clone()).collect();
         let router = match &state.router_choice {
             RouterChoice::Partition => router::build(RouterKind::Partition, &hosts)?,
             RouterChoice::ConsistentHashing => {
@@ -177,15 +265,26 @@ impl Cluster {
 
     /// Every host, by id.
     pub fn hosts(&self) -> Vec<Arc<HostInfo>> {
-        self.read().hosts.values().cloned().collect()
+        self.read()
+            .table
+            .hosts
+            .values()
+            .map(|h| h.info.clone())
+            .collect()
+    }
+
+    /// Every host id, ascending.
+    pub fn host_ids(&self) -> Vec<HostId> {
+        self.read().table.hosts.keys().copied().collect()
     }
 
     /// One host.
     pub fn host(&self, id: HostId) -> Result<Arc<HostInfo>> {
         self.read()
+            .table
             .hosts
             .get(&id)
-            .cloned()
+            .map(|h| h.info.clone())
             .ok_or(Error::NoSuchHost { id })
     }
 
@@ -193,25 +292,189 @@ impl Cluster {
     /// the id. The router is rebuilt on next use.
     pub fn add_host(&self, id: Option<HostId>, config: HostConfig) -> Result<HostId> {
         let mut state = self.write();
-        let id = id.unwrap_or_else(|| state.hosts.keys().next_back().map_or(0, |last| last + 1));
-        if state.hosts.contains_key(&id) {
+        let id = id.unwrap_or_else(|| {
+            state
+                .table
+                .hosts
+                .keys()
+                .next_back()
+                .map_or(0, |last| last + 1)
+        });
+        if state.table.hosts.contains_key(&id) {
             return Err(Error::BadHostSetup {
                 reason: format!("host id {id} already exists").into(),
             });
         }
         let info = Arc::new(config.or(&state.defaults).resolve(id));
-        state.hosts.insert(id, info);
+        let pool = Arc::new(Pool::new(info.pool_size));
+        let mut hosts = BTreeMap::new();
+        for (hid, entry) in &state.table.hosts {
+            hosts.insert(
+                *hid,
+                HostEntry {
+                    info: entry.info.clone(),
+                    pool: entry.pool.clone(),
+                },
+            );
+        }
+        hosts.insert(id, HostEntry { info, pool });
+        state.table = Arc::new(HostTable { hosts });
         state.router = None;
         Ok(id)
     }
 
-    /// Removes a host (rb's `remove_host`); true if it was there.
+    /// Removes a host (rb's `remove_host`); true if it was there. Its idle
+    /// connections are closed; the router is rebuilt on next use.
     pub fn remove_host(&self, id: HostId) -> bool {
         let mut state = self.write();
-        let removed = state.hosts.remove(&id).is_some();
-        if removed {
-            state.router = None;
+        let Some(removed) = state.table.hosts.get(&id) else {
+            return false;
+        };
+        removed.pool.clear();
+        let mut hosts = BTreeMap::new();
+        for (hid, entry) in &state.table.hosts {
+            if *hid != id {
+                hosts.insert(
+                    *hid,
+                    HostEntry {
+                        info: entry.info.clone(),
+                        pool: entry.pool.clone(),
+                    },
+                );
+            }
         }
-        removed
+        state.table = Arc::new(HostTable { hosts });
+        state.router = None;
+        true
+    }
+
+    /// Closes every idle pooled connection (rb's `disconnect_pools`).
+    pub fn disconnect_pools(&self) {
+        for entry in self.read().table.hosts.values() {
+            entry.pool.clear();
+        }
+    }
+
+    /// Idle pooled connections of a host (for tests and monitoring).
+    pub fn idle_connections(&self, id: HostId) -> usize {
+        self.read()
+            .table
+            .hosts
+            .get(&id)
+            .map_or(0, |h| h.pool.idle_count())
+    }
+
+    pub(crate) fn session(&self, opts: &MapOptions) -> Result<Session> {
+        let table = self.read().table.clone();
+        Session::new(table, opts.to_loop(Instant::now()))
+    }
+
+    /// A client that routes each command to its key's host and waits for
+    /// the reply. Auto-batching applies to its `map()`.
+    pub fn routing_client(&self) -> RoutingClient {
+        RoutingClient::new(self.clone(), true)
+    }
+
+    /// A client for one host (rb's `get_local_client`).
+    pub fn local_client(&self, id: HostId) -> Result<LocalClient> {
+        self.host(id)?;
+        Ok(LocalClient::new(self.clone(), id))
+    }
+
+    /// A client for the host that owns `key` (rb's `get_local_client_for_key`).
+    pub fn local_client_for_key<K: ToArg>(&self, key: K) -> Result<LocalClient> {
+        let id = self.router()?.host_for_key(&crate::args::to_bytes(&key))?;
+        self.local_client(id)
+    }
+
+    /// Runs `f` with a [`MappingClient`], then waits for every reply.
+    ///
+    /// Commands are routed by key, queued per host, and sent to every host
+    /// at once; after this returns, every promise is settled. The result is
+    /// the first failure, if any (promises still hold every partial result).
+    ///
+    /// ```no_run
+    /// use rb::{Cluster, Commands};
+    /// let cluster = Cluster::from_urls(["redis://127.0.0.1:6379", "redis://127.0.0.1:6380"])?;
+    /// let mut results = Vec::new();
+    /// cluster.map(|c| {
+    ///     for k in ["a", "b", "c"] {
+    ///         results.push(c.get(k));
+    ///     }
+    /// })?;
+    /// for p in &results {
+    ///     let value: Option<Vec<u8>> = p.value()?;
+    /// }
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    pub fn map<R>(&self, f: impl FnOnce(&mut MappingClient<'_>) -> R) -> Result<R> {
+        self.map_with(MapOptions::default(), f)
+    }
+
+    /// [`Cluster::map`] with options (timeout, concurrency, batching).
+    pub fn map_with<R>(
+        &self,
+        opts: MapOptions,
+        f: impl FnOnce(&mut MappingClient<'_>) -> R,
+    ) -> Result<R> {
+        let router = self.router()?;
+        let mut session = self.session(&opts)?;
+        let out = {
+            let mut client = MappingClient::new(&mut session, router);
+            f(&mut client)
+        };
+        session.join();
+        match session.finish() {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Runs `f` with a [`FanoutClient`] whose commands go to every host of
+    /// `hosts`, then waits for every reply (rb's `fanout`).
+    pub fn fanout<R>(&self, hosts: Hosts, f: impl FnOnce(&mut FanoutClient<'_>) -> R) -> Result<R> {
+        self.fanout_with(MapOptions::default(), hosts, f)
+    }
+
+    /// [`Cluster::fanout`] with options.
+    pub fn fanout_with<R>(
+        &self,
+        opts: MapOptions,
+        hosts: Hosts,
+        f: impl FnOnce(&mut FanoutClient<'_>) -> R,
+    ) -> Result<R> {
+        let router = self.router()?;
+        let targets = match hosts {
+            Hosts::All => self.host_ids(),
+            Hosts::Ids(ids) => {
+                for id in &ids {
+                    self.host(*id)?;
+                }
+                ids
+            }
+        };
+        let mut session = self.session(&opts)?;
+        let out = {
+            let mut client = FanoutClient::new(&mut session, router, targets);
+            f(&mut client)
+        };
+        session.join();
+        match session.finish() {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// A fanout to every host (rb's `all`).
+    ///
+    /// ```no_run
+    /// # let cluster = rb::Cluster::from_urls(["redis://127.0.0.1:6379"])?;
+    /// let infos = cluster.all(|c| c.cmd::<rb::Value>(rb::cmd("INFO")))?;
+    /// for (host, info) in infos.value()? { println!("{host}: {info:?}"); }
+    /// # use rb::Commands;
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    pub fn all<R>(&self, f: impl FnOnce(&mut FanoutClient<'_>) -> R) -> Result<R> {
+        self.fanout(Hosts::All, f)
     }
 }

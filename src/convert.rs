@@ -405,7 +405,7 @@ mod tests {
         assert_eq!(pairs, flat);
 
         let set: HashSet<Vec<u8>> = from_value(Value::Set(vec![bulk("x"), bulk("y")])).unwrap();
-        assert!(set.contains(&b"x".to_vec()));
+        assert!(set.contains(b"x".as_slice()));
         let list: Vec<Option<String>> =
             from_value(Value::Array(vec![bulk("x"), Value::Nil])).unwrap();
         assert_eq!(list, vec![Some("x".into()), None]);

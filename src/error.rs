@@ -178,6 +178,13 @@ pub enum Error {
         reason: Arc<str>,
     },
 
+    /// A promise's value was asked for while it is pending (or after it was taken).
+    #[error("{reason}")]
+    Pending {
+        /// Which of the two.
+        reason: Arc<str>,
+    },
+
     /// `rb::testing` could not start or reach its servers.
     #[error("test setup: {reason}")]
     Testing {
@@ -247,6 +254,20 @@ impl Error {
                 command.get_or_insert_with(|| what.into());
             }
             Error::Connection { command, .. } | Error::Timeout { command, .. } => {
+                command.get_or_insert_with(|| what.into());
+            }
+            _ => {}
+        }
+        self
+    }
+
+    /// Names the command where the error does not name one yet.
+    pub(crate) fn with_context_command(mut self, what: &str) -> Error {
+        match &mut self {
+            Error::Server { command, .. } if command.is_empty() => *command = what.into(),
+            Error::Connection { command, .. }
+            | Error::Timeout { command, .. }
+            | Error::Type { command, .. } => {
                 command.get_or_insert_with(|| what.into());
             }
             _ => {}

@@ -21,21 +21,31 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+mod batch;
+pub mod client;
 pub mod cluster;
 pub mod cmd;
+pub mod commands;
 pub mod config;
+mod conn;
 pub mod convert;
 pub mod digest;
 pub mod error;
+mod event_loop;
 pub mod keyspec;
+pub mod promise;
 pub mod resp;
 pub mod router;
+pub mod testing;
 
 pub use args::ToArg;
-pub use cluster::{Cluster, ClusterBuilder};
+pub use client::{Execute, FanoutClient, LocalClient, MappingClient, RoutingClient};
+pub use cluster::{Cluster, ClusterBuilder, Hosts, MapOptions};
 pub use cmd::{cmd, Call, Cmd, Script, ScriptCall};
+pub use commands::{Commands, InfoDict};
 pub use config::{HostConfig, HostInfo, Protocol, TlsOptions};
 pub use convert::FromValue;
 pub use error::{Error, HostId, HostName, Phase, Result};
+pub use promise::Promise;
 pub use resp::Value;
 pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};

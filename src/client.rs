@@ -1,0 +1,389 @@
+//! The clients: [`RoutingClient`] (immediate, routed), [`MappingClient`]
+//! (inside a map: promises, pipelined and batched), [`FanoutClient`] (one
+//! command to many hosts) and [`LocalClient`] (one host, immediate). They
+//! all implement [`Execute`], so every helper of [`crate::Commands`] works
+//! on each, returning what fits the client: a `Result<T>`, a `Promise<T>`,
+//! or a `Promise<HashMap<HostId, T>>`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::args::ToArg;
+use crate::batch::{self, CmdName, MultiKey, Waiter};
+use crate::cluster::{Cluster, Hosts, MapOptions};
+use crate::cmd::Cmd;
+use crate::convert::FromValue;
+use crate::error::{Error, HostId, Result};
+use crate::event_loop::Session;
+use crate::promise::Promise;
+use crate::resp::Value;
+use crate::router::Router;
+
+/// Sends a command and hands back the client's kind of answer.
+///
+/// This is the one method every client implements; [`crate::Commands`]
+/// builds every typed helper on it.
+pub trait Execute {
+    /// What a command returns on this client: `Result<T>` (immediate),
+    /// `Promise<T>` (in a map), `Promise<HashMap<HostId, T>>` (fanout).
+    type Output<T: FromValue + 'static>;
+
+    /// Sends `cmd`, converting its reply to `T`.
+    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Self::Output<T>;
+}
+
+/// Records the first failure of a session.
+type Failures = Rc<RefCell<Option<Error>>>;
+
+fn note_failure(failures: &Failures, e: &Error) {
+    let mut first = failures.borrow_mut();
+    if first.is_none() {
+        *first = Some(e.clone());
+    }
+}
+
+/// Routes and sends commands into a session; shared by the map and fanout clients.
+struct Dispatch<'s> {
+    session: &'s mut Session,
+    router: Arc<dyn Router>,
+    failures: Failures,
+}
+
+impl<'s> Dispatch<'s> {
+    fn new(session: &'s mut Session, router: Arc<dyn Router>) -> Dispatch<'s> {
+        let failures = session.failures();
+        Dispatch {
+            session,
+            router,
+            failures,
+        }
+    }
+
+    /// A waiter that converts the reply to `T`, names host and command in
+    /// errors, records failures and settles `promise`.
+    fn waiter<T: FromValue + 'static>(
+        &self,
+        promise: Promise<T>,
+        host: HostId,
+        cmd: &Cmd,
+    ) -> Waiter {
+        let failures = self.failures.clone();
+        let host_name = self.session.host_info(host).map(|h| h.name().clone());
+        let name = CmdName::of(cmd.name());
+        Box::new(move |reply: Result<Value>| {
+            let result = reply.and_then(T::from_value).map_err(|e| match &host_name {
+                Some(h) => e.with_context(h, name.as_str()),
+                None => e.with_context_command(name.as_str()),
+            });
+            if let Err(e) = &result {
+                note_failure(&failures, e);
+            }
+            promise.settle(result);
+        })
+    }
+
+    fn send<T: FromValue + 'static>(&mut self, host: HostId, cmd: &Cmd) -> Promise<T> {
+        let promise = Promise::new();
+        let waiter = self.waiter(promise.clone(), host, cmd);
+        self.session.enqueue(host, cmd, waiter);
+        promise
+    }
+
+    fn reject<T>(&self, e: Error) -> Promise<T> {
+        note_failure(&self.failures, &e);
+        Promise::rejected(e)
+    }
+
+    /// Routes `cmd` by its key, emulating the multi-key commands rb emulates.
+    fn routed<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
+        if let Some(kind) = MultiKey::of(&cmd) {
+            return self.split(kind, cmd);
+        }
+        match self.router.host_for_command(&cmd) {
+            Ok(host) => self.send(host, &cmd),
+            Err(e) => self.reject(e),
+        }
+    }
+
+    fn split<T: FromValue + 'static>(&mut self, kind: MultiKey, cmd: Cmd) -> Promise<T> {
+        let split = match batch::split(kind, &cmd, &*self.router) {
+            Ok(s) => s,
+            Err(e) => return self.reject(e),
+        };
+        if let [(host, _, _)] = split.parts.as_slice() {
+            let host = *host;
+            return self.send(host, &cmd);
+        }
+        let parts: Vec<Promise<Value>> = split
+            .parts
+            .iter()
+            .map(|(host, part, _)| self.send::<Value>(*host, part))
+            .collect();
+        let failures = self.failures.clone();
+        let name = cmd.display_name();
+        Promise::all_owned(parts).map_owned(move |replies| {
+            let result = split
+                .combine(replies)
+                .and_then(T::from_value)
+                .map_err(|e| e.with_context_command(&name));
+            if let Err(e) = &result {
+                note_failure(&failures, e);
+            }
+            result
+        })
+    }
+
+    fn fan<T: FromValue + 'static>(
+        &mut self,
+        hosts: &[HostId],
+        cmd: &Cmd,
+    ) -> Promise<HashMap<HostId, T>> {
+        let promises: Vec<Promise<T>> = hosts.iter().map(|&h| self.send::<T>(h, cmd)).collect();
+        let ids = hosts.to_vec();
+        Promise::all_owned(promises)
+            .map_owned(move |values| Ok(ids.into_iter().zip(values).collect()))
+    }
+}
+
+/// The client inside [`Cluster::map`]: commands are routed by key, queued
+/// per host (plain GETs and SETs merged into MGET/MSET), sent to every host
+/// at once, and answered through [`Promise`]s that are all settled when the
+/// map returns.
+pub struct MappingClient<'s> {
+    dispatch: Dispatch<'s>,
+}
+
+impl<'s> MappingClient<'s> {
+    pub(crate) fn new(session: &'s mut Session, router: Arc<dyn Router>) -> MappingClient<'s> {
+        MappingClient {
+            dispatch: Dispatch::new(session, router),
+        }
+    }
+}
+
+impl Execute for MappingClient<'_> {
+    type Output<T: FromValue + 'static> = Promise<T>;
+
+    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
+        self.dispatch.routed(cmd)
+    }
+}
+
+/// The client inside [`Cluster::fanout`]: each command goes to every
+/// target host, and its promise holds the replies by host id.
+pub struct FanoutClient<'s> {
+    dispatch: Dispatch<'s>,
+    targets: Vec<HostId>,
+}
+
+impl<'s> FanoutClient<'s> {
+    pub(crate) fn new(
+        session: &'s mut Session,
+        router: Arc<dyn Router>,
+        targets: Vec<HostId>,
+    ) -> FanoutClient<'s> {
+        FanoutClient {
+            dispatch: Dispatch::new(session, router),
+            targets,
+        }
+    }
+
+    /// The hosts this fanout sends to.
+    pub fn targets(&self) -> &[HostId] {
+        &self.targets
+    }
+
+    /// The next command(s) through the returned handle go to these hosts
+    /// only (rb's `target`).
+    pub fn target(&mut self, hosts: &[HostId]) -> TargetedClient<'_, 's> {
+        TargetedClient {
+            dispatch: &mut self.dispatch,
+            hosts: hosts.to_vec(),
+        }
+    }
+
+    /// The next command(s) through the returned handle go to the host that
+    /// owns `key`, and answer with a plain `Promise<T>` (rb's `target_key`).
+    pub fn target_key<K: ToArg>(&mut self, key: K) -> KeyTargetedClient<'_, 's> {
+        let key = crate::args::to_bytes(&key);
+        let host = self.dispatch.router.host_for_key(&key);
+        KeyTargetedClient {
+            dispatch: &mut self.dispatch,
+            host,
+        }
+    }
+}
+
+impl Execute for FanoutClient<'_> {
+    type Output<T: FromValue + 'static> = Promise<HashMap<HostId, T>>;
+
+    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<HashMap<HostId, T>> {
+        let targets = std::mem::take(&mut self.targets);
+        let p = self.dispatch.fan(&targets, &cmd);
+        self.targets = targets;
+        p
+    }
+}
+
+/// A fanout narrowed to some hosts: see [`FanoutClient::target`].
+pub struct TargetedClient<'a, 's> {
+    dispatch: &'a mut Dispatch<'s>,
+    hosts: Vec<HostId>,
+}
+
+impl Execute for TargetedClient<'_, '_> {
+    type Output<T: FromValue + 'static> = Promise<HashMap<HostId, T>>;
+
+    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<HashMap<HostId, T>> {
+        self.dispatch.fan(&self.hosts, &cmd)
+    }
+}
+
+/// A fanout narrowed to one key's host: see [`FanoutClient::target_key`].
+pub struct KeyTargetedClient<'a, 's> {
+    dispatch: &'a mut Dispatch<'s>,
+    host: Result<HostId>,
+}
+
+impl Execute for KeyTargetedClient<'_, '_> {
+    type Output<T: FromValue + 'static> = Promise<T>;
+
+    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
+        match &self.host {
+            Ok(host) => self.dispatch.send(*host, &cmd),
+            Err(e) => self
+                .dispatch
+                .reject(e.clone().with_context_command(&cmd.display_name())),
+        }
+    }
+}
+
+/// The deadline of an immediate command to these hosts: their write and
+/// read budgets added (the longest of them), none if any host waits forever.
+fn immediate_budget(cluster: &Cluster, hosts: &[HostId]) -> Option<Duration> {
+    let mut budget = Duration::ZERO;
+    for &id in hosts {
+        let info = cluster.host(id).ok()?;
+        if info.read_timeout.is_none() && info.write_timeout.is_none() {
+            return None;
+        }
+        let total = info.read_timeout.unwrap_or_default() + info.write_timeout.unwrap_or_default();
+        budget = budget.max(total);
+    }
+    Some(budget)
+}
+
+/// Runs one routed command to completion (the routing and local clients).
+fn run_now<T: FromValue + 'static>(
+    cluster: &Cluster,
+    hosts_hint: &[HostId],
+    auto_batch: bool,
+    submit: impl FnOnce(&mut Dispatch<'_>) -> Promise<T>,
+) -> Result<T> {
+    let budget = immediate_budget(cluster, hosts_hint);
+    let opts = MapOptions {
+        timeout: budget,
+        max_concurrency: usize::MAX,
+        auto_batch,
+        ..MapOptions::default()
+    };
+    let mut session = cluster.session(&opts)?;
+    let promise = {
+        let mut dispatch = Dispatch::new(&mut session, cluster.router()?);
+        submit(&mut dispatch)
+    };
+    session.join();
+    let _ = session.finish();
+    promise.take()
+}
+
+/// Sends each command to the host that owns its key, and waits for the
+/// reply (rb's routing client). Multi-key MGET/MSET/DEL/UNLINK/EXISTS/TOUCH
+/// are split per host and run on all of them in parallel.
+///
+/// Cheap to clone, `Send + Sync`: share it between threads freely.
+///
+/// ```no_run
+/// use rb::{Cluster, Commands};
+/// let cluster = Cluster::from_urls(["redis://127.0.0.1:6379", "redis://127.0.0.1:6380"])?;
+/// let mut client = cluster.routing_client();
+/// client.set("key", 42)?;
+/// let v: Option<Vec<u8>> = client.get("key")?;
+/// let n: i64 = client.cmd(rb::cmd("INCRBY").arg("counter").arg(2))?;
+/// # Ok::<(), rb::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct RoutingClient {
+    cluster: Cluster,
+    auto_batch: bool,
+}
+
+impl RoutingClient {
+    pub(crate) fn new(cluster: Cluster, auto_batch: bool) -> RoutingClient {
+        RoutingClient {
+            cluster,
+            auto_batch,
+        }
+    }
+
+    /// The cluster this client routes through.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// A map through this client's cluster (as rb's `client.map()`).
+    pub fn map<R>(&self, f: impl FnOnce(&mut MappingClient<'_>) -> R) -> Result<R> {
+        let opts = MapOptions::new().auto_batch(self.auto_batch);
+        self.cluster.map_with(opts, f)
+    }
+
+    /// A fanout through this client's cluster (as rb's `client.fanout()`).
+    pub fn fanout<R>(&self, hosts: Hosts, f: impl FnOnce(&mut FanoutClient<'_>) -> R) -> Result<R> {
+        let opts = MapOptions::new().auto_batch(self.auto_batch);
+        self.cluster.fanout_with(opts, hosts, f)
+    }
+}
+
+impl Execute for RoutingClient {
+    type Output<T: FromValue + 'static> = Result<T>;
+
+    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Result<T> {
+        let router = self.cluster.router()?;
+        let hosts: Vec<HostId> = match MultiKey::of(&cmd) {
+            Some(_) => self.cluster.host_ids(),
+            None => vec![router.host_for_command(&cmd)?],
+        };
+        run_now(&self.cluster, &hosts, self.auto_batch, |d| d.routed(cmd))
+    }
+}
+
+/// A client for one host, immediate (rb's `get_local_client`). Commands are
+/// not routed: they all go to this host, whatever their keys.
+#[derive(Clone)]
+pub struct LocalClient {
+    cluster: Cluster,
+    host: HostId,
+}
+
+impl LocalClient {
+    pub(crate) fn new(cluster: Cluster, host: HostId) -> LocalClient {
+        LocalClient { cluster, host }
+    }
+
+    /// The host this client talks to.
+    pub fn host_id(&self) -> HostId {
+        self.host
+    }
+}
+
+impl Execute for LocalClient {
+    type Output<T: FromValue + 'static> = Result<T>;
+
+    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Result<T> {
+        let host = self.host;
+        run_now(&self.cluster, &[host], false, |d| d.send(host, &cmd))
+    }
+}

@@ -1,0 +1,585 @@
+//! One `mio::Poll` driving a connection per host until every request is
+//! answered or a deadline passes.
+//!
+//! The rules (from DESIGN.md "The event loop"):
+//! - connects are non-blocking and start the moment a host gets its first
+//!   request, so many hosts connect concurrently;
+//! - requests are encoded straight into the host's write buffer; once a
+//!   buffer passes [`WRITE_THRESHOLD`] it is written while the caller is
+//!   still enqueuing, and replies are read whenever the socket is readable,
+//!   so a huge map never deadlocks on full kernel buffers;
+//! - at most `max_concurrency` hosts have requests in flight; a request for
+//!   one more host first waits for one to finish (an implicit join);
+//! - join waits until nothing is outstanding or the deadline passes; then
+//!   what is left is rejected with a timeout and those connections closed;
+//! - a pooled connection that fails before any byte of a request went out is
+//!   replaced once, transparently; after that, failures reject the affected
+//!   requests (writes are not idempotent, so nothing is retried).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Token};
+
+use crate::batch::{BatchKind, Batcher, CmdName, Expect, Waiter};
+use crate::cmd::Cmd;
+use crate::config::HostInfo;
+use crate::conn::{Connection, HostTable};
+use crate::error::{Error, HostId, Phase, Result};
+
+/// A host's buffered bytes past which they are written while the caller
+/// is still enqueuing.
+pub(crate) const WRITE_THRESHOLD: usize = 64 * 1024;
+/// A write buffer grown past this is released once drained.
+const KEEP_WRITE_BUFFER: usize = 4 * 1024 * 1024;
+
+/// How a session behaves.
+#[derive(Clone, Debug)]
+pub(crate) struct LoopOptions {
+    /// Join gives up at this instant.
+    pub(crate) deadline: Option<Instant>,
+    /// The budget the deadline came from, for timeout errors.
+    pub(crate) budget: Option<Duration>,
+    pub(crate) auto_batch: bool,
+    pub(crate) max_batch: usize,
+    pub(crate) max_concurrency: usize,
+}
+
+/// One host's part of a session.
+struct Slot {
+    host: Arc<HostInfo>,
+    pool: Arc<crate::conn::Pool>,
+    conn: Option<Connection>,
+    /// Encoded requests; `out[written..]` is not yet sent.
+    out: Vec<u8>,
+    written: usize,
+    /// What each reply still to come answers, in order.
+    expects: VecDeque<Expect>,
+    batcher: Batcher,
+    /// The socket took everything last time (no `WouldBlock` since).
+    writable: bool,
+    /// Some byte of a request went out on the current connection.
+    sent: bool,
+    /// The one transparent reconnect was used.
+    retried: bool,
+    /// Set once the host failed; later requests to it fail at once.
+    failed: Option<Error>,
+    connect_deadline: Option<Instant>,
+}
+
+impl Slot {
+    fn is_active(&self) -> bool {
+        !self.expects.is_empty() || self.batcher.len() > 0 || self.written < self.out.len()
+    }
+
+    fn is_clean(&self) -> bool {
+        self.failed.is_none() && !self.is_active()
+    }
+}
+
+/// Finds slots by host id: a vector for the usual small ids, a map beyond.
+#[derive(Default)]
+struct SlotIndex {
+    dense: Vec<usize>,
+    sparse: HashMap<HostId, usize>,
+}
+
+const DENSE_IDS: usize = 1 << 16;
+
+impl SlotIndex {
+    fn get(&self, id: HostId) -> Option<usize> {
+        let id = id as usize;
+        if id < DENSE_IDS {
+            self.dense.get(id).copied().filter(|&i| i != usize::MAX)
+        } else {
+            self.sparse.get(&(id as HostId)).copied()
+        }
+    }
+
+    fn insert(&mut self, id: HostId, slot: usize) {
+        let i = id as usize;
+        if i < DENSE_IDS {
+            if self.dense.len() <= i {
+                self.dense.resize(i + 1, usize::MAX);
+            }
+            self.dense[i] = slot;
+        } else {
+            self.sparse.insert(id, slot);
+        }
+    }
+}
+
+thread_local! {
+    /// One poll per thread, reused by its sessions (an `epoll` instance
+    /// costs two syscalls to make and drop).
+    static IDLE_POLL: RefCell<Option<(Poll, Events)>> = const { RefCell::new(None) };
+}
+
+/// One map, fanout or immediate command in flight.
+pub(crate) struct Session {
+    poll: Option<(Poll, Events)>,
+    hosts: Arc<HostTable>,
+    slots: Vec<Slot>,
+    index: SlotIndex,
+    opts: LoopOptions,
+    /// The first failure of any request, in the order failures happened.
+    failures: Rc<RefCell<Option<Error>>>,
+    ready: Vec<(usize, bool, bool)>,
+}
+
+impl Session {
+    pub(crate) fn new(hosts: Arc<HostTable>, opts: LoopOptions) -> Result<Session> {
+        let poll = match IDLE_POLL.with(|p| p.borrow_mut().take()) {
+            Some(p) => p,
+            None => (
+                Poll::new().map_err(|e| Error::Connection {
+                    host: crate::error::HostName {
+                        id: 0,
+                        addr: "poll".into(),
+                    },
+                    command: None,
+                    kind: e.kind(),
+                    reason: format!("cannot create a poll instance: {e}").into(),
+                })?,
+                Events::with_capacity(1024),
+            ),
+        };
+        Ok(Session {
+            poll: Some(poll),
+            hosts,
+            slots: Vec::new(),
+            index: SlotIndex::default(),
+            opts,
+            failures: Rc::default(),
+            ready: Vec::new(),
+        })
+    }
+
+    /// A shared record of the first failure; waiters write to it.
+    pub(crate) fn failures(&self) -> Rc<RefCell<Option<Error>>> {
+        self.failures.clone()
+    }
+
+    /// The host's info, when the session's cluster has it.
+    pub(crate) fn host_info(&self, id: HostId) -> Option<&Arc<HostInfo>> {
+        self.hosts.hosts.get(&id).map(|h| &h.info)
+    }
+
+    /// The slot of `id`, created (and its connection started) on first use.
+    fn slot(&mut self, id: HostId) -> Result<usize> {
+        if let Some(i) = self.index.get(id) {
+            return Ok(i);
+        }
+        let entry = self.hosts.hosts.get(&id).ok_or(Error::NoSuchHost { id })?;
+        let i = self.slots.len();
+        self.slots.push(Slot {
+            host: entry.info.clone(),
+            pool: entry.pool.clone(),
+            conn: None,
+            out: Vec::new(),
+            written: 0,
+            expects: VecDeque::new(),
+            batcher: Batcher::default(),
+            writable: false,
+            sent: false,
+            retried: false,
+            failed: None,
+            connect_deadline: None,
+        });
+        self.index.insert(id, i);
+        Ok(i)
+    }
+
+    /// Makes sure slot `i` has a connection (checked out or connecting).
+    fn ensure_connection(&mut self, i: usize) {
+        if self.slots[i].conn.is_some() || self.slots[i].failed.is_some() {
+            return;
+        }
+        let slot = &mut self.slots[i];
+        let conn = slot.pool.checkout(&slot.host);
+        self.install(i, conn);
+    }
+
+    fn install(&mut self, i: usize, conn: Result<Connection>) {
+        let registry = self.poll.as_ref().map(|(p, _)| p.registry());
+        let slot = &mut self.slots[i];
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                Self::reject_slot(slot, e);
+                return;
+            }
+        };
+        if let Some(registry) = registry {
+            if let Err(e) = conn.register(registry, Token(i)) {
+                let e = Error::Connection {
+                    host: slot.host.name().clone(),
+                    command: None,
+                    kind: e.kind(),
+                    reason: format!("cannot register with the poll: {e}").into(),
+                };
+                Self::reject_slot(slot, e);
+                return;
+            }
+        }
+        slot.writable = conn.is_connected();
+        slot.sent = false;
+        slot.connect_deadline =
+            (!conn.is_connected()).then(|| Instant::now() + slot.host.connect_timeout);
+        slot.conn = Some(conn);
+    }
+
+    /// Queues `cmd` for host `id`; `waiter` gets its reply or failure.
+    pub(crate) fn enqueue(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter) {
+        let i = match self.slot(id) {
+            Ok(i) => i,
+            Err(e) => return waiter(Err(e.with_context_command(&cmd.display_name()))),
+        };
+        if let Some(e) = &self.slots[i].failed {
+            return waiter(Err(e.clone().with_context_command(&cmd.display_name())));
+        }
+        if !self.slots[i].is_active() {
+            self.wait_for_capacity();
+        }
+        self.ensure_connection(i);
+        let slot = &mut self.slots[i];
+        if let Some(e) = &slot.failed {
+            return waiter(Err(e.clone().with_context_command(&cmd.display_name())));
+        }
+        match BatchKind::of(cmd).filter(|_| self.opts.auto_batch) {
+            Some(kind) => {
+                if !slot.batcher.accepts(kind) {
+                    if let Some(expect) = slot.batcher.flush(&mut slot.out) {
+                        slot.expects.push_back(expect);
+                    }
+                }
+                slot.batcher.push(kind, cmd, waiter);
+                if slot.batcher.len() >= self.opts.max_batch {
+                    if let Some(expect) = slot.batcher.flush(&mut slot.out) {
+                        slot.expects.push_back(expect);
+                    }
+                }
+            }
+            None => {
+                if let Some(expect) = slot.batcher.flush(&mut slot.out) {
+                    slot.expects.push_back(expect);
+                }
+                cmd.write_packed(&mut slot.out);
+                slot.expects.push_back(Expect::One {
+                    name: CmdName::of(cmd.name()),
+                    waiter,
+                });
+            }
+        }
+        if slot.out.len() - slot.written >= WRITE_THRESHOLD {
+            // Send while the caller is still enqueuing, and take in what
+            // the servers have answered so far.
+            self.write_slot(i);
+            self.pump(Some(Duration::ZERO));
+        }
+    }
+
+    fn active_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_active()).count()
+    }
+
+    /// Past `max_concurrency` hosts in flight, waits for one to finish.
+    fn wait_for_capacity(&mut self) {
+        if self.active_count() < self.opts.max_concurrency {
+            return;
+        }
+        self.drive(|s| s.active_count() < s.opts.max_concurrency);
+    }
+
+    /// Waits until every request is settled or the deadline passed.
+    pub(crate) fn join(&mut self) {
+        self.drive(|s| s.active_count() == 0);
+    }
+
+    /// Runs the loop until `done` holds, rejecting on deadlines.
+    fn drive(&mut self, done: impl Fn(&Session) -> bool) {
+        loop {
+            for i in 0..self.slots.len() {
+                let slot = &mut self.slots[i];
+                if let Some(expect) = slot.batcher.flush(&mut slot.out) {
+                    slot.expects.push_back(expect);
+                }
+                if slot.written < slot.out.len() && slot.writable {
+                    self.write_slot(i);
+                }
+            }
+            if done(self) {
+                return;
+            }
+            let now = Instant::now();
+            if self.opts.deadline.is_some_and(|d| now >= d) {
+                self.expire_all();
+                continue;
+            }
+            let mut wake = self.opts.deadline;
+            for slot in &self.slots {
+                if let (Some(d), true) = (slot.connect_deadline, slot.conn.is_some()) {
+                    wake = Some(wake.map_or(d, |w| w.min(d)));
+                }
+            }
+            let timeout = wake.map(|w| w.saturating_duration_since(now));
+            self.pump(timeout);
+            self.expire_connects();
+        }
+    }
+
+    /// Polls once (up to `timeout`) and handles what is ready.
+    fn pump(&mut self, timeout: Option<Duration>) {
+        let Some((poll, events)) = self.poll.as_mut() else {
+            return;
+        };
+        if let Err(e) = poll.poll(events, timeout) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                // A broken poll leaves no way to make progress: fail all.
+                let err = Error::Connection {
+                    host: crate::error::HostName {
+                        id: 0,
+                        addr: "poll".into(),
+                    },
+                    command: None,
+                    kind: e.kind(),
+                    reason: format!("poll failed: {e}").into(),
+                };
+                for i in 0..self.slots.len() {
+                    self.fail_slot(i, err.clone());
+                }
+            }
+            return;
+        }
+        self.ready.clear();
+        for event in events.iter() {
+            let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+            let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+            self.ready.push((event.token().0, readable, writable));
+        }
+        let ready = std::mem::take(&mut self.ready);
+        for &(i, readable, writable) in &ready {
+            if i >= self.slots.len() || self.slots[i].conn.is_none() {
+                continue;
+            }
+            if writable {
+                self.on_writable(i);
+            }
+            if readable {
+                self.read_slot(i);
+            }
+        }
+        self.ready = ready;
+    }
+
+    fn on_writable(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let Some(conn) = slot.conn.as_mut() else {
+            return;
+        };
+        match conn.finish_connect() {
+            Ok(true) => {
+                slot.connect_deadline = None;
+                slot.writable = true;
+                self.write_slot(i);
+            }
+            Ok(false) => {}
+            Err(e) => self.fail_slot(i, e),
+        }
+    }
+
+    fn write_slot(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let Some(conn) = slot.conn.as_mut() else {
+            return;
+        };
+        if !conn.is_connected() {
+            return;
+        }
+        let before = slot.written;
+        let result = conn.write_from(&slot.out, &mut slot.written);
+        if slot.written > before {
+            slot.sent = true;
+        }
+        match result {
+            Ok(true) => {
+                slot.writable = true;
+                if slot.written == slot.out.len() {
+                    slot.written = 0;
+                    if slot.out.capacity() > KEEP_WRITE_BUFFER {
+                        slot.out = Vec::new();
+                    } else {
+                        slot.out.clear();
+                    }
+                }
+            }
+            Ok(false) => slot.writable = false,
+            Err(e) => self.fail_slot(i, e),
+        }
+    }
+
+    fn read_slot(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let Slot {
+            conn,
+            expects,
+            host,
+            ..
+        } = slot;
+        let Some(conn) = conn.as_mut() else {
+            return;
+        };
+        let mut unexpected = None;
+        let result = conn.read_replies(|reply| match expects.pop_front() {
+            Some(expect) => expect.deliver(reply, host.name()),
+            None => unexpected = Some(reply.describe()),
+        });
+        if let Some(what) = unexpected {
+            let e = Error::Protocol {
+                host: Some(host.name().clone()),
+                reason: format!("the server sent {what} when no reply was due").into(),
+            };
+            return self.fail_slot(i, e);
+        }
+        if let Err(e) = result {
+            self.fail_slot(i, e);
+        }
+    }
+
+    /// Rejects everything outstanding on slot `i` and closes its
+    /// connection, except for one transparent reconnect of a pooled
+    /// connection that failed before sending anything.
+    fn fail_slot(&mut self, i: usize, mut error: Error) {
+        let registry = self.poll.as_ref().map(|(p, _)| p.registry());
+        let slot = &mut self.slots[i];
+        if let Some(mut conn) = slot.conn.take() {
+            if let Some(registry) = registry {
+                conn.deregister(registry);
+            }
+            let stale = conn.reused && !slot.sent && !slot.retried;
+            let transport = matches!(error, Error::Connection { .. });
+            drop(conn);
+            if stale && transport {
+                slot.retried = true;
+                slot.written = 0;
+                let fresh = Connection::connect(slot.host.clone());
+                match fresh {
+                    Ok(c) => return self.install(i, Ok(c)),
+                    Err(e) => error = e,
+                }
+            }
+        }
+        Self::reject_slot(&mut self.slots[i], error);
+    }
+
+    fn reject_slot(slot: &mut Slot, error: Error) {
+        slot.conn = None;
+        slot.connect_deadline = None;
+        slot.batcher.fail(&error);
+        for expect in slot.expects.drain(..) {
+            expect.fail(&error);
+        }
+        slot.out.clear();
+        slot.written = 0;
+        slot.failed = Some(error);
+    }
+
+    /// Fails hosts whose connect budget ran out.
+    fn expire_connects(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            let slot = &self.slots[i];
+            let late = slot.connect_deadline.is_some_and(|d| now >= d)
+                && slot.conn.as_ref().is_some_and(|c| !c.is_connected());
+            if late {
+                let e = Error::Timeout {
+                    host: slot.host.name().clone(),
+                    phase: Phase::Connect,
+                    budget: slot.host.connect_timeout,
+                    command: None,
+                };
+                self.slots[i].retried = true;
+                self.fail_slot(i, e);
+            }
+        }
+    }
+
+    /// The deadline passed: reject what is left, naming the phase.
+    fn expire_all(&mut self) {
+        let budget = self.opts.budget.unwrap_or_default();
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            if !slot.is_active() {
+                continue;
+            }
+            let phase = match &slot.conn {
+                Some(c) if !c.is_connected() => Phase::Connect,
+                Some(_) if slot.written < slot.out.len() || slot.batcher.len() > 0 => Phase::Write,
+                Some(_) => Phase::Read,
+                None => Phase::Connect,
+            };
+            let e = Error::Timeout {
+                host: slot.host.name().clone(),
+                phase,
+                budget,
+                command: None,
+            };
+            slot.retried = true;
+            self.fail_slot(i, e);
+        }
+    }
+
+    /// Ends the session: healthy connections go back to their pools, the
+    /// rest are closed. Returns the first failure.
+    pub(crate) fn finish(mut self) -> Option<Error> {
+        self.release();
+        self.failures.borrow_mut().take()
+    }
+
+    fn release(&mut self) {
+        let registry = self.poll.as_ref().map(|(p, _)| p.registry());
+        for slot in &mut self.slots {
+            let clean = slot.is_clean();
+            if let Some(mut conn) = slot.conn.take() {
+                if let Some(registry) = registry {
+                    conn.deregister(registry);
+                }
+                if clean && conn.is_ready() {
+                    slot.pool.checkin(conn);
+                }
+            }
+        }
+        self.slots.clear();
+        if let Some(poll) = self.poll.take() {
+            IDLE_POLL.with(|p| {
+                if let Ok(mut p) = p.try_borrow_mut() {
+                    if p.is_none() {
+                        *p = Some(poll);
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without `finish` (the caller's closure panicked)
+    /// closes its connections instead of pooling them: their state is
+    /// unknown.
+    fn drop(&mut self) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let registry = self.poll.as_ref().map(|(p, _)| p.registry());
+        for slot in &mut self.slots {
+            if let Some(mut conn) = slot.conn.take() {
+                if let Some(registry) = registry {
+                    conn.deregister(registry);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,503 @@
+//! [`Promise<T>`]: a reply that will arrive, as in rb (and ES6).
+//!
+//! Promises are single-threaded handles (`Rc`) into a map's promise table:
+//! the event loop settles them as replies arrive, and their callbacks
+//! (`then`, `done`) run right there, on the thread that drives the map.
+//! After the map returns, every promise it handed out is settled.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::rc::Rc;
+
+use crate::error::{Error, Result};
+
+type Callback<T> = Box<dyn FnOnce(&Result<T>)>;
+type Taker<T> = Box<dyn FnOnce(Result<T>)>;
+
+enum State<T> {
+    Pending {
+        callbacks: Vec<Callback<T>>,
+        /// At most one subscriber that moves the value out once callbacks ran.
+        taker: Option<Taker<T>>,
+    },
+    Settled(Result<T>),
+    /// Resolved, and the value moved out with [`Promise::take`].
+    Taken,
+}
+
+/// A value (or an error) that arrives later.
+///
+/// ```
+/// use rb::Promise;
+/// let p = Promise::new();
+/// let doubled = p.then(|v: &i64| v * 2);
+/// assert!(doubled.is_pending());
+/// p.resolve(21);
+/// assert_eq!(doubled.value().unwrap(), 42);
+/// ```
+pub struct Promise<T> {
+    state: Rc<RefCell<State<T>>>,
+}
+
+impl<T> Clone for Promise<T> {
+    /// Another handle to the same promise.
+    fn clone(&self) -> Promise<T> {
+        Promise {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<T> Default for Promise<T> {
+    fn default() -> Self {
+        Promise::new()
+    }
+}
+
+impl<T> fmt::Debug for Promise<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state.try_borrow().as_deref() {
+            Ok(State::Pending { .. }) => "pending",
+            Ok(State::Settled(Ok(_)) | State::Taken) => "resolved",
+            Ok(State::Settled(Err(_))) => "rejected",
+            Err(_) => "settling",
+        };
+        write!(f, "Promise({state})")
+    }
+}
+
+fn pending_error() -> Error {
+    Error::Pending {
+        reason: "the promise is still pending".into(),
+    }
+}
+
+fn taken_error() -> Error {
+    Error::Pending {
+        reason: "the promise's value was already taken".into(),
+    }
+}
+
+impl<T> Promise<T> {
+    /// A pending promise.
+    pub fn new() -> Promise<T> {
+        Promise {
+            state: Rc::new(RefCell::new(State::Pending {
+                callbacks: Vec::new(),
+                taker: None,
+            })),
+        }
+    }
+
+    /// A promise already resolved with `value`.
+    pub fn resolved(value: T) -> Promise<T> {
+        Promise {
+            state: Rc::new(RefCell::new(State::Settled(Ok(value)))),
+        }
+    }
+
+    /// A promise already rejected with `error`.
+    pub fn rejected(error: Error) -> Promise<T> {
+        Promise {
+            state: Rc::new(RefCell::new(State::Settled(Err(error)))),
+        }
+    }
+
+    /// Still waiting.
+    pub fn is_pending(&self) -> bool {
+        matches!(
+            self.state.try_borrow().as_deref(),
+            Ok(State::Pending { .. })
+        )
+    }
+
+    /// Settled with a value.
+    pub fn is_resolved(&self) -> bool {
+        matches!(
+            self.state.try_borrow().as_deref(),
+            Ok(State::Settled(Ok(_)) | State::Taken)
+        )
+    }
+
+    /// Settled with an error.
+    pub fn is_rejected(&self) -> bool {
+        matches!(
+            self.state.try_borrow().as_deref(),
+            Ok(State::Settled(Err(_)))
+        )
+    }
+
+    /// The error, if rejected.
+    pub fn reason(&self) -> Option<Error> {
+        match self.state.try_borrow().as_deref() {
+            Ok(State::Settled(Err(e))) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    /// Settles with a value. A promise settles once: later calls are ignored.
+    pub fn resolve(&self, value: T) {
+        self.settle(Ok(value))
+    }
+
+    /// Settles with an error. A promise settles once: later calls are ignored.
+    pub fn reject(&self, error: Error) {
+        self.settle(Err(error))
+    }
+
+    /// Settles with a result and runs the callbacks waiting on it, in order.
+    pub fn settle(&self, result: Result<T>) {
+        let (callbacks, taker) = {
+            // A promise being settled right now is borrowed by its callbacks:
+            // it is settled already, so there is nothing to do.
+            let Ok(mut state) = self.state.try_borrow_mut() else {
+                return;
+            };
+            if !matches!(&*state, State::Pending { .. }) {
+                return;
+            }
+            match std::mem::replace(&mut *state, State::Settled(result)) {
+                State::Pending { callbacks, taker } => (callbacks, taker),
+                _ => (Vec::new(), None),
+            }
+        };
+        if !callbacks.is_empty() {
+            // Callbacks get a shared view; they may read this promise (and
+            // subscribe to it) but not move its value out.
+            let state = self.state.borrow();
+            if let State::Settled(result) = &*state {
+                for callback in callbacks {
+                    callback(result);
+                }
+            }
+        }
+        if let Some(taker) = taker {
+            taker(self.take());
+        }
+    }
+
+    /// Moves the value out (errors are cloned). Later `value()`/`take()`
+    /// calls on a taken promise are errors.
+    pub fn take(&self) -> Result<T> {
+        let Ok(mut state) = self.state.try_borrow_mut() else {
+            return Err(Error::Pending {
+                reason: "the promise is being settled; take its value after the callback".into(),
+            });
+        };
+        match &*state {
+            State::Pending { .. } => return Err(pending_error()),
+            State::Settled(Err(e)) => return Err(e.clone()),
+            State::Taken => return Err(taken_error()),
+            State::Settled(Ok(_)) => {}
+        }
+        match std::mem::replace(&mut *state, State::Taken) {
+            State::Settled(result) => result,
+            _ => Err(pending_error()),
+        }
+    }
+
+    /// Runs `callback` with the result once settled (at once if it is).
+    fn on_settle(&self, callback: impl FnOnce(&Result<T>) + 'static) {
+        if let Ok(mut state) = self.state.try_borrow_mut() {
+            if let State::Pending { callbacks, .. } = &mut *state {
+                callbacks.push(Box::new(callback));
+                return;
+            }
+        }
+        match self.state.try_borrow().as_deref() {
+            Ok(State::Settled(result)) => callback(result),
+            _ => callback(&Err(taken_error())),
+        }
+    }
+
+    /// Moves the result into `taker` once settled (at once if it is). Only
+    /// for promises nobody else reads: the value leaves this promise.
+    fn on_take(&self, taker: impl FnOnce(Result<T>) + 'static) {
+        if let Ok(mut state) = self.state.try_borrow_mut() {
+            if let State::Pending { taker: slot, .. } = &mut *state {
+                if slot.is_none() {
+                    *slot = Some(Box::new(taker));
+                    return;
+                }
+            }
+        }
+        taker(self.take())
+    }
+
+    /// A promise of `f(value)`; errors pass through.
+    pub fn then<U: 'static>(&self, f: impl FnOnce(&T) -> U + 'static) -> Promise<U>
+    where
+        T: 'static,
+    {
+        self.and_then(move |v| Ok(f(v)))
+    }
+
+    /// A promise of `f(value)` where `f` may fail; errors pass through.
+    pub fn and_then<U: 'static>(&self, f: impl FnOnce(&T) -> Result<U> + 'static) -> Promise<U>
+    where
+        T: 'static,
+    {
+        let next = Promise::new();
+        let out = next.clone();
+        self.on_settle(move |result| {
+            out.settle(match result {
+                Ok(v) => f(v),
+                Err(e) => Err(e.clone()),
+            })
+        });
+        next
+    }
+
+    /// A promise of `f(value)` that takes the value by move. Internal: the
+    /// source promise is left taken.
+    pub(crate) fn map_owned<U: 'static>(
+        &self,
+        f: impl FnOnce(T) -> Result<U> + 'static,
+    ) -> Promise<U>
+    where
+        T: 'static,
+    {
+        let next = Promise::new();
+        let out = next.clone();
+        self.on_take(move |result| out.settle(result.and_then(f)));
+        next
+    }
+
+    /// Calls `on_ok` or `on_err` once settled (rb's `done`).
+    pub fn done(&self, on_ok: impl FnOnce(&T) + 'static, on_err: impl FnOnce(&Error) + 'static)
+    where
+        T: 'static,
+    {
+        self.on_settle(move |result| match result {
+            Ok(v) => on_ok(v),
+            Err(e) => on_err(e),
+        })
+    }
+}
+
+impl<T: Clone> Promise<T> {
+    /// A clone of the value; the error if rejected; an error if still pending.
+    pub fn value(&self) -> Result<T> {
+        match self.state.try_borrow().as_deref() {
+            Ok(State::Settled(result)) => result.clone(),
+            Ok(State::Pending { .. }) => Err(pending_error()),
+            Ok(State::Taken) => Err(taken_error()),
+            Err(_) => Err(pending_error()),
+        }
+    }
+}
+
+/// Collects results into slots and settles `out` when the last arrives.
+struct Joiner<T> {
+    slots: Vec<Option<T>>,
+    missing: usize,
+}
+
+fn deliver<T: 'static>(
+    joiner: &Rc<RefCell<Joiner<T>>>,
+    out: &Promise<Vec<T>>,
+    i: usize,
+    result: Result<T>,
+) {
+    match result {
+        Err(e) => out.reject(e),
+        Ok(v) => {
+            let done = {
+                let mut j = joiner.borrow_mut();
+                if let Some(slot) = j.slots.get_mut(i) {
+                    if slot.replace(v).is_none() {
+                        j.missing -= 1;
+                    }
+                }
+                j.missing == 0
+            };
+            if done {
+                let values = std::mem::take(&mut joiner.borrow_mut().slots);
+                out.resolve(values.into_iter().flatten().collect());
+            }
+        }
+    }
+}
+
+fn join<T: 'static>(
+    count: usize,
+    subscribe: impl Fn(usize, Box<dyn FnOnce(Result<T>)>),
+) -> Promise<Vec<T>> {
+    let out = Promise::new();
+    if count == 0 {
+        out.resolve(Vec::new());
+        return out;
+    }
+    let joiner = Rc::new(RefCell::new(Joiner {
+        slots: (0..count).map(|_| None).collect(),
+        missing: count,
+    }));
+    for i in 0..count {
+        let joiner = joiner.clone();
+        let out2 = out.clone();
+        subscribe(
+            i,
+            Box::new(move |result| deliver(&joiner, &out2, i, result)),
+        );
+    }
+    out
+}
+
+impl<T: Clone + 'static> Promise<T> {
+    /// Resolves with every value, in order, once all resolve; rejects with
+    /// the first rejection. The given promises keep their values.
+    pub fn all(promises: Vec<Promise<T>>) -> Promise<Vec<T>> {
+        join(promises.len(), |i, deliver| {
+            promises[i].on_settle(move |result| deliver(result.clone()))
+        })
+    }
+
+    /// Like [`Promise::all`] for a map of promises.
+    pub fn all_map<K: Eq + Hash + 'static>(
+        promises: HashMap<K, Promise<T>>,
+    ) -> Promise<HashMap<K, T>> {
+        let (keys, values): (Vec<K>, Vec<Promise<T>>) = promises.into_iter().unzip();
+        Promise::all(values).map_owned(move |values| Ok(keys.into_iter().zip(values).collect()))
+    }
+}
+
+impl<T: 'static> Promise<T> {
+    /// [`Promise::all`] for internal promises nobody else holds: values are
+    /// moved, so `T` need not be `Clone`.
+    pub(crate) fn all_owned(promises: Vec<Promise<T>>) -> Promise<Vec<T>> {
+        join(promises.len(), |i, deliver| promises[i].on_take(deliver))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn err() -> Error {
+        Error::protocol("boom")
+    }
+
+    #[test]
+    fn lifecycle() {
+        let p: Promise<i32> = Promise::new();
+        assert!(p.is_pending() && !p.is_resolved() && !p.is_rejected());
+        assert!(p.value().is_err());
+        p.resolve(1);
+        p.resolve(2);
+        p.reject(err());
+        assert!(p.is_resolved());
+        assert_eq!(p.value().unwrap(), 1);
+        assert_eq!(p.take().unwrap(), 1);
+        assert!(p.is_resolved());
+        assert!(p.take().is_err());
+
+        let r: Promise<i32> = Promise::rejected(err());
+        assert!(r.is_rejected());
+        assert!(r.reason().unwrap().to_string().contains("boom"));
+        assert!(Promise::resolved(3).is_resolved());
+    }
+
+    #[test]
+    fn callbacks_run_in_order_once() {
+        let p: Promise<i32> = Promise::new();
+        let log = Rc::new(RefCell::new(Vec::new()));
+        for i in 0..3 {
+            let log = log.clone();
+            p.done(
+                move |v| log.borrow_mut().push((i, *v)),
+                |_| panic!("not rejected"),
+            );
+        }
+        let chained = p.then(|v| v + 1).then(|v| v * 10);
+        p.resolve(4);
+        assert_eq!(*log.borrow(), vec![(0, 4), (1, 4), (2, 4)]);
+        assert_eq!(chained.value().unwrap(), 50);
+        // Subscribing after settlement runs at once.
+        let late = Rc::new(Cell::new(0));
+        let l = late.clone();
+        p.done(move |v| l.set(*v), |_| {});
+        assert_eq!(late.get(), 4);
+    }
+
+    #[test]
+    fn errors_pass_through_then() {
+        let p: Promise<i32> = Promise::new();
+        let seen = Rc::new(Cell::new(false));
+        let s = seen.clone();
+        let chained = p.then(|v| v + 1);
+        chained.done(|_| panic!("not resolved"), move |_| s.set(true));
+        p.reject(err());
+        assert!(chained.is_rejected());
+        assert!(seen.get());
+        let failing = Promise::resolved(1).and_then(|_| Err::<i32, _>(err()));
+        assert!(failing.is_rejected());
+    }
+
+    #[test]
+    fn callbacks_may_touch_their_promise() {
+        let p: Promise<i32> = Promise::new();
+        let q = p.clone();
+        let seen = Rc::new(Cell::new(0));
+        let s = seen.clone();
+        p.done(
+            move |_| {
+                q.resolve(99); // ignored, no panic
+                let s2 = s.clone();
+                q.done(move |v| s2.set(*v), |_| {});
+                assert!(q.take().is_err());
+            },
+            |_| {},
+        );
+        p.resolve(7);
+        assert_eq!(seen.get(), 7);
+        assert_eq!(p.value().unwrap(), 7);
+    }
+
+    #[test]
+    fn all_and_all_map() {
+        let ps: Vec<Promise<i32>> = (0..3).map(|_| Promise::new()).collect();
+        let all = Promise::all(ps.clone());
+        ps[2].resolve(2);
+        ps[0].resolve(0);
+        assert!(all.is_pending());
+        ps[1].resolve(1);
+        assert_eq!(all.value().unwrap(), vec![0, 1, 2]);
+        assert_eq!(ps[1].value().unwrap(), 1, "sub-promises keep their values");
+
+        let ps: Vec<Promise<i32>> = (0..3).map(|_| Promise::new()).collect();
+        let all = Promise::all(ps.clone());
+        ps[1].reject(err());
+        assert!(all.is_rejected());
+        ps[0].resolve(0);
+        ps[2].resolve(0);
+        assert!(all.is_rejected());
+
+        assert_eq!(
+            Promise::<i32>::all(vec![]).value().unwrap(),
+            Vec::<i32>::new()
+        );
+
+        let mut m = HashMap::new();
+        m.insert("a", Promise::resolved(1));
+        m.insert("b", Promise::new());
+        let b = m["b"].clone();
+        let joined = Promise::all_map(m);
+        b.resolve(2);
+        let got = joined.value().unwrap();
+        assert_eq!((got["a"], got["b"]), (1, 2));
+    }
+
+    #[test]
+    fn all_owned_moves_values() {
+        struct NoClone(i32);
+        let ps: Vec<Promise<NoClone>> = (0..2).map(|_| Promise::new()).collect();
+        let all = Promise::all_owned(ps.clone());
+        ps[0].resolve(NoClone(1));
+        ps[1].resolve(NoClone(2));
+        let v = all.take().unwrap();
+        assert_eq!(v.iter().map(|n| n.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+}

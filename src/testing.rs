@@ -1,0 +1,301 @@
+//! Local `redis-server` processes for tests, examples and benchmarks.
+//!
+//! [`TestSetup::new`] starts servers on unix sockets in a private temp dir
+//! (`port 0`, `save ""`, no persistence), waits until each says it is ready
+//! (by reading its log, not by sleeping), and [`TestSetup::make_cluster`]
+//! returns a cluster with one host per server and database. Dropping the
+//! setup kills and reaps the servers and removes the dir, also when a test
+//! panics. Tests run in parallel: every setup has its own dir and sockets.
+//!
+//! The server binary is `redis-server` on `PATH`, or `$RB_REDIS_SERVER`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::cluster::{Cluster, ClusterBuilder};
+use crate::config::HostConfig;
+use crate::error::{Error, HostId, Result};
+
+static SETUP_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn testing_error(reason: impl Into<String>) -> Error {
+    Error::Testing {
+        reason: reason.into().into(),
+    }
+}
+
+/// One spawned server.
+struct Server {
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+    config: PathBuf,
+}
+
+/// Locally spawned `redis-server`s; see the module docs.
+pub struct TestSetup {
+    dir: PathBuf,
+    servers: Vec<Server>,
+    databases_each: usize,
+}
+
+/// The server binary to run.
+fn server_binary() -> String {
+    std::env::var("RB_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+impl TestSetup {
+    /// Starts `servers` servers, each with `databases_each` databases used
+    /// as separate hosts.
+    pub fn new(servers: usize, databases_each: usize) -> Result<TestSetup> {
+        let databases_each = databases_each.max(1);
+        let dir = make_private_dir()?;
+        let mut setup = TestSetup {
+            dir,
+            servers: Vec::new(),
+            databases_each,
+        };
+        for i in 0..servers {
+            let socket = setup.dir.join(format!("redis-{i}.sock"));
+            let log = setup.dir.join(format!("redis-{i}.log"));
+            let config = setup.dir.join(format!("redis-{i}.conf"));
+            let text = format!(
+                "port 0\nunixsocket {}\nunixsocketperm 700\nsave \"\"\nappendonly no\ndir {}\ndatabases {}\nlogfile \"\"\ndaemonize no\n",
+                socket.display(),
+                setup.dir.display(),
+                databases_each.max(16),
+            );
+            std::fs::write(&config, text)
+                .map_err(|e| testing_error(format!("cannot write {}: {e}", config.display())))?;
+            setup.servers.push(Server {
+                child: None,
+                socket,
+                log,
+                config,
+            });
+        }
+        // Start them all first, then wait: the servers boot in parallel.
+        let mut readers = Vec::new();
+        for i in 0..servers {
+            readers.push(setup.spawn(i)?);
+        }
+        for (i, reader) in readers.into_iter().enumerate() {
+            setup.wait_ready(i, reader)?;
+        }
+        Ok(setup)
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<std::process::ChildStdout> {
+        let server = &mut self.servers[i];
+        let mut child = Command::new(server_binary())
+            .arg(&server.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    testing_error(format!(
+                        "`{}` was not found: install it (Debian/Ubuntu: `apt-get update && apt-get install -y redis-server`) or set RB_REDIS_SERVER",
+                        server_binary()
+                    ))
+                } else {
+                    testing_error(format!("cannot start {}: {e}", server_binary()))
+                }
+            })?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| testing_error("redis-server has no stdout"))?;
+        server.child = Some(child);
+        Ok(stdout)
+    }
+
+    /// Reads the server's log until it is ready; if it exits first, the
+    /// error carries its log.
+    fn wait_ready(&mut self, i: usize, stdout: std::process::ChildStdout) -> Result<()> {
+        let server = &mut self.servers[i];
+        let mut log = String::new();
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    log.push_str(&line);
+                    log.push('\n');
+                    if line
+                        .to_ascii_lowercase()
+                        .contains("ready to accept connections")
+                    {
+                        break true;
+                    }
+                }
+                _ => break false,
+            }
+        };
+        let _ = std::fs::write(&server.log, &log);
+        if !ready {
+            if let Some(mut child) = server.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            return Err(testing_error(format!(
+                "redis-server {i} exited before it was ready; its log:\n{log}"
+            )));
+        }
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(())
+    }
+
+    /// The private directory of this setup.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The unix socket of server `i`.
+    pub fn socket(&self, i: usize) -> &Path {
+        &self.servers[i].socket
+    }
+
+    /// Number of servers.
+    pub fn server_count(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// The host config of server `i`, database `db`.
+    pub fn host_config(&self, i: usize, db: usize) -> HostConfig {
+        HostConfig::new()
+            .unix_socket_path(self.servers[i].socket.to_string_lossy().into_owned())
+            .db(db as i64)
+    }
+
+    /// A builder with one host per server and database: host
+    /// `server * databases_each + db`.
+    pub fn cluster_builder(&self) -> ClusterBuilder {
+        let mut builder = Cluster::builder();
+        for i in 0..self.servers.len() {
+            for db in 0..self.databases_each {
+                let id = (i * self.databases_each + db) as HostId;
+                builder = builder.host(id, self.host_config(i, db));
+            }
+        }
+        builder
+    }
+
+    /// A cluster of `servers * databases_each` hosts (partition router).
+    pub fn make_cluster(&self) -> Result<Cluster> {
+        self.cluster_builder().build()
+    }
+
+    /// The OS process id of server `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.servers[i].child.as_ref().map(Child::id)
+    }
+
+    fn signal(&self, i: usize, signal: &str) -> Result<()> {
+        let pid = self
+            .pid(i)
+            .ok_or_else(|| testing_error(format!("server {i} is not running")))?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .map_err(|e| testing_error(format!("cannot run kill: {e}")))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(testing_error(format!("kill -{signal} {pid} failed")))
+        }
+    }
+
+    /// Freezes server `i` (SIGSTOP): it accepts connections but answers nothing.
+    pub fn pause(&self, i: usize) -> Result<()> {
+        self.signal(i, "STOP")
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self, i: usize) -> Result<()> {
+        self.signal(i, "CONT")
+    }
+
+    /// Kills server `i` (SIGKILL) and reaps it.
+    pub fn kill(&mut self, i: usize) -> Result<()> {
+        if let Some(mut child) = self.servers[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.servers[i].socket);
+        Ok(())
+    }
+
+    /// Starts server `i` again on the same socket (after [`TestSetup::kill`]).
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i)?;
+        let stdout = self.spawn(i)?;
+        self.wait_ready(i, stdout)
+    }
+}
+
+impl Drop for TestSetup {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            if let Some(mut child) = server.child.take() {
+                // A paused server still dies of SIGKILL.
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn make_private_dir() -> Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for _ in 0..100 {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .subsec_nanos();
+        let n = SETUP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        // Short names: unix socket paths are limited to ~107 bytes.
+        let dir = base.join(format!("rb-{}-{n}-{nanos:x}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(testing_error(format!(
+                    "cannot create {}: {e}",
+                    dir.display()
+                )))
+            }
+        }
+    }
+    Err(testing_error("cannot create a private temp dir"))
+}
+
+/// Runs `f` with a fresh test cluster and tears it down afterwards, as
+/// rb's `make_test_cluster`: rb's default of 4 servers with 8 databases
+/// each, 32 hosts.
+///
+/// ```no_run
+/// use rb::Commands;
+/// rb::testing::make_test_cluster(|cluster| cluster.routing_client().set("foo", 1))??;
+/// # Ok::<(), rb::Error>(())
+/// ```
+pub fn make_test_cluster<R>(f: impl FnOnce(&Cluster) -> R) -> Result<R> {
+    make_test_cluster_with(4, 8, f)
+}
+
+/// [`make_test_cluster`] with a chosen number of servers and databases.
+pub fn make_test_cluster_with<R>(
+    servers: usize,
+    databases_each: usize,
+    f: impl FnOnce(&Cluster) -> R,
+) -> Result<R> {
+    let setup = TestSetup::new(servers, databases_each)?;
+    let cluster = setup.make_cluster()?;
+    Ok(f(&cluster))
+}
