@@ -12,11 +12,13 @@ use std::fmt;
 
 use crate::cmd::{cmd, Cmd};
 use crate::error::{Error, HostId, HostName, Result};
+use crate::promise::{ReplyContext, ReplySink};
 use crate::resp::{itoa, Value};
 use crate::router::Router;
+use std::cell::RefCell;
 
 /// Receives the reply (or failure) of one command.
-pub(crate) type Waiter = Box<dyn FnOnce(Result<Value>)>;
+pub(crate) type Waiter = std::rc::Rc<dyn ReplySink>;
 
 /// A command name kept inline for error messages (no allocation per command).
 #[derive(Clone, Copy)]
@@ -63,67 +65,98 @@ pub(crate) enum Expect {
 impl Expect {
     /// Hands a reply to its waiter(s). An error reply becomes
     /// [`Error::Server`] naming the host and the command.
-    pub(crate) fn deliver(self, reply: Value, host: &HostName) {
+    pub(crate) fn deliver(self, reply: Value, host: &HostName, failures: &RefCell<Option<Error>>) {
         match self {
-            Expect::One { name, waiter } => waiter(match reply {
-                Value::Error { code, message } => Err(Error::Server {
-                    host: Some(host.clone()),
-                    command: name.as_str().into(),
-                    code: code.into(),
-                    message: message.into(),
-                }),
-                v => Ok(v),
-            }),
-            Expect::Batch { kind, waiters } => match (kind, reply) {
-                (BatchKind::Get, Value::Array(items)) if items.len() == waiters.len() => {
-                    for (waiter, item) in waiters.into_iter().zip(items) {
-                        waiter(Ok(item));
+            Expect::One { name, waiter } => {
+                let ctx = ReplyContext {
+                    host: Some(host),
+                    command: name.as_str(),
+                    failures,
+                };
+                waiter.accept(
+                    match reply {
+                        Value::Error { code, message } => Err(Error::Server {
+                            host: Some(host.clone()),
+                            command: name.as_str().into(),
+                            code: code.into(),
+                            message: message.into(),
+                        }),
+                        v => Ok(v),
+                    },
+                    &ctx,
+                )
+            }
+            Expect::Batch { kind, waiters } => {
+                let ctx = ReplyContext {
+                    host: Some(host),
+                    command: kind.single_name(),
+                    failures,
+                };
+                match (kind, reply) {
+                    (BatchKind::Get, Value::Array(items)) if items.len() == waiters.len() => {
+                        for (waiter, item) in waiters.into_iter().zip(items) {
+                            waiter.accept(Ok(item), &ctx);
+                        }
+                    }
+                    (_, Value::Error { code, message }) => {
+                        let e = Error::Server {
+                            host: Some(host.clone()),
+                            command: kind.merged_name().into(),
+                            code: code.into(),
+                            message: message.into(),
+                        };
+                        for waiter in waiters {
+                            waiter.accept(Err(e.clone()), &ctx);
+                        }
+                    }
+                    (BatchKind::Set, ok) => {
+                        for waiter in waiters {
+                            waiter.accept(Ok(ok.clone()), &ctx);
+                        }
+                    }
+                    (BatchKind::Get, other) => {
+                        let e = Error::Protocol {
+                            host: Some(host.clone()),
+                            reason: format!(
+                                "MGET of {} keys answered with {}",
+                                waiters.len(),
+                                other.describe()
+                            )
+                            .into(),
+                        };
+                        for waiter in waiters {
+                            waiter.accept(Err(e.clone()), &ctx);
+                        }
                     }
                 }
-                (_, Value::Error { code, message }) => {
-                    let e = Error::Server {
-                        host: Some(host.clone()),
-                        command: kind.merged_name().into(),
-                        code: code.into(),
-                        message: message.into(),
-                    };
-                    for waiter in waiters {
-                        waiter(Err(e.clone()));
-                    }
-                }
-                (BatchKind::Set, ok) => {
-                    for waiter in waiters {
-                        waiter(Ok(ok.clone()));
-                    }
-                }
-                (BatchKind::Get, other) => {
-                    let e = Error::Protocol {
-                        host: Some(host.clone()),
-                        reason: format!(
-                            "MGET of {} keys answered with {}",
-                            waiters.len(),
-                            other.describe()
-                        )
-                        .into(),
-                    };
-                    for waiter in waiters {
-                        waiter(Err(e.clone()));
-                    }
-                }
-            },
+            }
         }
     }
 
     /// Rejects the waiter(s) with `error`, naming the command.
-    pub(crate) fn fail(self, error: &Error) {
+    pub(crate) fn fail(
+        self,
+        error: &Error,
+        host: Option<&HostName>,
+        failures: &RefCell<Option<Error>>,
+    ) {
         match self {
             Expect::One { name, waiter } => {
-                waiter(Err(error.clone().with_context_command(name.as_str())))
+                let ctx = ReplyContext {
+                    host,
+                    command: name.as_str(),
+                    failures,
+                };
+                waiter.accept(Err(error.clone()), &ctx)
             }
             Expect::Batch { kind, waiters } => {
-                let e = error.clone().with_context_command(kind.single_name());
+                let ctx = ReplyContext {
+                    host,
+                    command: kind.single_name(),
+                    failures,
+                };
                 for waiter in waiters {
-                    waiter(Err(e.clone()));
+                    waiter.accept(Err(error.clone()), &ctx);
                 }
             }
         }
@@ -196,9 +229,7 @@ impl Batcher {
     /// Adds one command (a run of another kind must be flushed first).
     pub(crate) fn push(&mut self, kind: BatchKind, cmd: &Cmd, waiter: Waiter) {
         self.kind = Some(kind);
-        for arg in cmd.args() {
-            write_bulk(&mut self.body, arg);
-        }
+        self.body.extend_from_slice(cmd.encoded_args());
         self.waiters.push(waiter);
     }
 
@@ -239,14 +270,19 @@ impl Batcher {
     }
 
     /// Rejects everything in the run.
-    pub(crate) fn fail(&mut self, error: &Error) {
+    pub(crate) fn fail(
+        &mut self,
+        error: &Error,
+        host: Option<&HostName>,
+        failures: &RefCell<Option<Error>>,
+    ) {
         if let Some(kind) = self.kind.take() {
             self.body.clear();
             Expect::Batch {
                 kind,
                 waiters: std::mem::take(&mut self.waiters),
             }
-            .fail(error);
+            .fail(error, host, failures);
         }
     }
 }
@@ -369,14 +405,25 @@ mod tests {
     use super::*;
     use crate::resp::decode;
     use crate::router::PartitionRouter;
-    use std::cell::RefCell;
     use std::rc::Rc;
 
-    type Log = Rc<RefCell<Vec<Result<Value>>>>;
+    #[derive(Default)]
+    struct Replies(RefCell<Vec<Result<Value>>>);
+
+    impl ReplySink for Replies {
+        fn accept(&self, reply: Result<Value>, _ctx: &ReplyContext<'_>) {
+            self.0.borrow_mut().push(reply)
+        }
+    }
+
+    type Log = Rc<Replies>;
 
     fn waiter(log: &Log) -> Waiter {
-        let log = log.clone();
-        Box::new(move |r| log.borrow_mut().push(r))
+        log.clone()
+    }
+
+    fn no_failures() -> RefCell<Option<Error>> {
+        RefCell::new(None)
     }
 
     fn host() -> HostName {
@@ -404,8 +451,8 @@ mod tests {
             Value::Nil,
             Value::Int(3),
         ]);
-        expect.deliver(reply, &host());
-        let got: Vec<Value> = log.borrow_mut().drain(..).map(|r| r.unwrap()).collect();
+        expect.deliver(reply, &host(), &no_failures());
+        let got: Vec<Value> = log.0.borrow_mut().drain(..).map(|r| r.unwrap()).collect();
         assert_eq!(
             got,
             vec![Value::BulkString(b"1".to_vec()), Value::Nil, Value::Int(3)]
@@ -427,8 +474,8 @@ mod tests {
         let expect = b.flush(&mut out).unwrap();
         assert_eq!(out, cmd("MSET").arg("a").arg(1).arg("b").arg(2).to_packed());
         assert!(decode(&out).unwrap().is_some());
-        expect.deliver(Value::SimpleString("OK".into()), &host());
-        assert_eq!(log.borrow().len(), 2);
+        expect.deliver(Value::SimpleString("OK".into()), &host(), &no_failures());
+        assert_eq!(log.0.borrow().len(), 2);
         assert!(b.flush(&mut out).is_none());
     }
 
@@ -445,18 +492,21 @@ mod tests {
                 message: "x".into(),
             },
             &host(),
+            &no_failures(),
         );
         let log2: Log = Rc::default();
         b.push(BatchKind::Get, &cmd("GET").arg("a"), waiter(&log2));
         b.push(BatchKind::Get, &cmd("GET").arg("b"), waiter(&log2));
-        b.flush(&mut Vec::new())
-            .unwrap()
-            .deliver(Value::Array(vec![Value::Nil]), &host());
-        for r in log.borrow().iter().chain(log2.borrow().iter()) {
+        b.flush(&mut Vec::new()).unwrap().deliver(
+            Value::Array(vec![Value::Nil]),
+            &host(),
+            &no_failures(),
+        );
+        for r in log.0.borrow().iter().chain(log2.0.borrow().iter()) {
             assert!(r.is_err());
         }
-        assert_eq!(log.borrow().len() + log2.borrow().len(), 4);
-        assert!(log.borrow()[0]
+        assert_eq!(log.0.borrow().len() + log2.0.borrow().len(), 4);
+        assert!(log.0.borrow()[0]
             .as_ref()
             .unwrap_err()
             .to_string()

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::args::ToArg;
-use crate::batch::{self, CmdName, MultiKey, Waiter};
+use crate::batch::{self, MultiKey};
 use crate::cluster::{Cluster, Hosts, MapOptions};
 use crate::cmd::Cmd;
 use crate::convert::FromValue;
@@ -62,33 +62,9 @@ impl<'s> Dispatch<'s> {
         }
     }
 
-    /// A waiter that converts the reply to `T`, names host and command in
-    /// errors, records failures and settles `promise`.
-    fn waiter<T: FromValue + 'static>(
-        &self,
-        promise: Promise<T>,
-        host: HostId,
-        cmd: &Cmd,
-    ) -> Waiter {
-        let failures = self.failures.clone();
-        let host_name = self.session.host_info(host).map(|h| h.name().clone());
-        let name = CmdName::of(cmd.name());
-        Box::new(move |reply: Result<Value>| {
-            let result = reply.and_then(T::from_value).map_err(|e| match &host_name {
-                Some(h) => e.with_context(h, name.as_str()),
-                None => e.with_context_command(name.as_str()),
-            });
-            if let Err(e) = &result {
-                note_failure(&failures, e);
-            }
-            promise.settle(result);
-        })
-    }
-
     fn send<T: FromValue + 'static>(&mut self, host: HostId, cmd: &Cmd) -> Promise<T> {
         let promise = Promise::new();
-        let waiter = self.waiter(promise.clone(), host, cmd);
-        self.session.enqueue(host, cmd, waiter);
+        self.session.enqueue(host, cmd, promise.sink());
         promise
     }
 

@@ -13,6 +13,9 @@ use crate::resp::itoa;
 
 /// A Redis command: its name and arguments, ready to encode.
 ///
+/// Each part is stored already encoded as a RESP bulk string, back to
+/// back in one buffer, so sending a command is one header and one copy.
+///
 /// ```
 /// let c = rb::cmd("SET").arg("key").arg(42).arg("EX").arg(10);
 /// assert_eq!(c.name(), b"SET");
@@ -20,25 +23,74 @@ use crate::resp::itoa;
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct Cmd {
-    /// Name and arguments back to back.
+    /// `$<len>\r\n<bytes>\r\n` for the name, then for each argument.
     buf: Vec<u8>,
-    /// Where each part ends in `buf`; the first part is the name.
-    ends: Vec<usize>,
+    /// Where the name's bulk string ends in `buf`.
+    name_end: usize,
+    /// Parts, the name included.
+    parts: usize,
 }
+
+/// Room for the longest bulk header, `$` + 20 digits + CRLF.
+const MAX_HEAD: usize = 23;
 
 /// Starts a command: `rb::cmd("INCRBY").arg("counter").arg(2)`.
 pub fn cmd(name: &str) -> Cmd {
     Cmd::new(name)
 }
 
+/// Parses the bulk string at the front of `buf` (written by [`Cmd`] itself).
+fn next_part(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let rest = buf.strip_prefix(b"$")?;
+    let digits = rest.iter().position(|&b| b == b'\r')?;
+    let mut len = 0usize;
+    for &d in &rest[..digits] {
+        len = len
+            .checked_mul(10)?
+            .checked_add(usize::from(d.wrapping_sub(b'0')))?;
+    }
+    let body = rest.get(digits + 2..)?;
+    let bytes = body.get(..len)?;
+    Some((bytes, body.get(len + 2..)?))
+}
+
+/// Iterates over the parts of an encoded buffer.
+struct Parts<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl<'a> Iterator for Parts<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.left == 0 {
+            return None;
+        }
+        let (part, rest) = next_part(self.rest)?;
+        self.rest = rest;
+        self.left -= 1;
+        Some(part)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for Parts<'_> {}
+
 impl Cmd {
     /// A command with no arguments yet.
     pub fn new(name: &str) -> Cmd {
-        let mut buf = Vec::with_capacity(name.len() + 32);
-        buf.extend_from_slice(name.as_bytes());
-        let mut ends = Vec::with_capacity(4);
-        ends.push(buf.len());
-        Cmd { buf, ends }
+        let mut c = Cmd {
+            buf: Vec::with_capacity(64.max(name.len() + 16)),
+            name_end: 0,
+            parts: 0,
+        };
+        c.push_part(name);
+        c.name_end = c.buf.len();
+        c
     }
 
     /// Adds an argument (builder style).
@@ -49,10 +101,27 @@ impl Cmd {
 
     /// Adds an argument in place.
     pub fn push_arg<T: ToArg>(&mut self, arg: T) -> &mut Cmd {
-        self.buf.reserve(arg.size_hint());
-        arg.write_arg(&mut self.buf);
-        self.ends.push(self.buf.len());
+        self.push_part(&arg);
         self
+    }
+
+    /// Appends one bulk string: the bytes are written after room for the
+    /// longest header, then moved left behind the real header.
+    fn push_part<T: ToArg + ?Sized>(&mut self, arg: &T) {
+        let start = self.buf.len();
+        self.buf.reserve(MAX_HEAD + arg.size_hint() + 2);
+        self.buf.resize(start + MAX_HEAD, 0);
+        arg.write_arg(&mut self.buf);
+        let len = self.buf.len() - start - MAX_HEAD;
+        let digits = itoa(len as i64);
+        let head = 1 + digits.as_bytes().len() + 2;
+        self.buf.copy_within(start + MAX_HEAD.., start + head);
+        self.buf.truncate(start + head + len);
+        self.buf[start] = b'$';
+        self.buf[start + 1..start + head - 2].copy_from_slice(digits.as_bytes());
+        self.buf[start + head - 2..start + head].copy_from_slice(b"\r\n");
+        self.buf.extend_from_slice(b"\r\n");
+        self.parts += 1;
     }
 
     /// Adds every argument of an iterator.
@@ -67,9 +136,16 @@ impl Cmd {
         self
     }
 
+    fn all_parts(&self) -> Parts<'_> {
+        Parts {
+            rest: &self.buf,
+            left: self.parts,
+        }
+    }
+
     /// The command's name, as given.
     pub fn name(&self) -> &[u8] {
-        self.part(0)
+        self.all_parts().next().unwrap_or_default()
     }
 
     /// The name in upper case, for messages and errors.
@@ -77,53 +153,42 @@ impl Cmd {
         String::from_utf8_lossy(self.name()).to_ascii_uppercase()
     }
 
-    fn part(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.buf[start..self.ends[i]]
-    }
-
     /// Number of arguments (the name not counted).
     pub fn arg_count(&self) -> usize {
-        self.ends.len() - 1
+        self.parts - 1
     }
 
-    /// Argument `i` (0 is the first after the name).
+    /// Argument `i` (0 is the first after the name). Walks the arguments:
+    /// iterate [`Cmd::args`] to visit many.
     pub fn arg_at(&self, i: usize) -> Option<&[u8]> {
-        (i < self.arg_count()).then(|| self.part(i + 1))
+        self.args().nth(i)
     }
 
     /// The arguments, the name not included.
     pub fn args(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
-        (1..self.ends.len()).map(move |i| self.part(i))
+        Parts {
+            rest: &self.buf[self.name_end..],
+            left: self.parts - 1,
+        }
+    }
+
+    /// The arguments exactly as they are sent: RESP bulk strings back to back.
+    pub(crate) fn encoded_args(&self) -> &[u8] {
+        &self.buf[self.name_end..]
     }
 
     /// Exact size of the RESP encoding.
     pub fn encoded_len(&self) -> usize {
-        let mut len = 1 + digits(self.ends.len()) + 2;
-        let mut start = 0;
-        for &end in &self.ends {
-            let n = end - start;
-            len += 1 + digits(n) + 2 + n + 2;
-            start = end;
-        }
-        len
+        1 + itoa(self.parts as i64).as_bytes().len() + 2 + self.buf.len()
     }
 
     /// Appends the command as a RESP array of bulk strings, reserving once.
     pub fn write_packed(&self, out: &mut Vec<u8>) {
         out.reserve(self.encoded_len());
         out.push(b'*');
-        out.extend_from_slice(itoa(self.ends.len() as i64).as_bytes());
+        out.extend_from_slice(itoa(self.parts as i64).as_bytes());
         out.extend_from_slice(b"\r\n");
-        let mut start = 0;
-        for &end in &self.ends {
-            out.push(b'$');
-            out.extend_from_slice(itoa((end - start) as i64).as_bytes());
-            out.extend_from_slice(b"\r\n");
-            out.extend_from_slice(&self.buf[start..end]);
-            out.extend_from_slice(b"\r\n");
-            start = end;
-        }
+        out.extend_from_slice(&self.buf);
     }
 
     /// The command as RESP bytes.
@@ -137,15 +202,6 @@ impl Cmd {
     pub(crate) fn is(&self, upper: &[u8]) -> bool {
         self.name().eq_ignore_ascii_case(upper)
     }
-}
-
-fn digits(mut n: usize) -> usize {
-    let mut d = 1;
-    while n >= 10 {
-        n /= 10;
-        d += 1;
-    }
-    d
 }
 
 impl fmt::Debug for Cmd {

@@ -29,6 +29,7 @@ use crate::cmd::Cmd;
 use crate::config::HostInfo;
 use crate::conn::{Connection, HostTable};
 use crate::error::{Error, HostId, Phase, Result};
+use crate::promise::ReplyContext;
 
 /// A host's buffered bytes past which they are written while the caller
 /// is still enqueuing.
@@ -61,6 +62,8 @@ struct Slot {
     batcher: Batcher,
     /// The socket took everything last time (no `WouldBlock` since).
     writable: bool,
+    /// `out.len()` at which the next write-while-enqueuing happens.
+    next_flush: usize,
     /// Some byte of a request went out on the current connection.
     sent: bool,
     /// The one transparent reconnect was used.
@@ -163,11 +166,6 @@ impl Session {
         self.failures.clone()
     }
 
-    /// The host's info, when the session's cluster has it.
-    pub(crate) fn host_info(&self, id: HostId) -> Option<&Arc<HostInfo>> {
-        self.hosts.hosts.get(&id).map(|h| &h.info)
-    }
-
     /// The slot of `id`, created (and its connection started) on first use.
     fn slot(&mut self, id: HostId) -> Result<usize> {
         if let Some(i) = self.index.get(id) {
@@ -184,6 +182,7 @@ impl Session {
             expects: VecDeque::new(),
             batcher: Batcher::default(),
             writable: false,
+            next_flush: WRITE_THRESHOLD,
             sent: false,
             retried: false,
             failed: None,
@@ -209,7 +208,7 @@ impl Session {
         let mut conn = match conn {
             Ok(c) => c,
             Err(e) => {
-                Self::reject_slot(slot, e);
+                Self::reject_slot(slot, e, &self.failures);
                 return;
             }
         };
@@ -221,7 +220,7 @@ impl Session {
                     kind: e.kind(),
                     reason: format!("cannot register with the poll: {e}").into(),
                 };
-                Self::reject_slot(slot, e);
+                Self::reject_slot(slot, e, &self.failures);
                 return;
             }
         }
@@ -236,19 +235,21 @@ impl Session {
     pub(crate) fn enqueue(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter) {
         let i = match self.slot(id) {
             Ok(i) => i,
-            Err(e) => return waiter(Err(e.with_context_command(&cmd.display_name()))),
+            Err(e) => return self.refuse(&waiter, cmd, None, e),
         };
-        if let Some(e) = &self.slots[i].failed {
-            return waiter(Err(e.clone().with_context_command(&cmd.display_name())));
+        if let Some(e) = self.slots[i].failed.clone() {
+            let host = self.slots[i].host.clone();
+            return self.refuse(&waiter, cmd, Some(host.name()), e);
         }
         if !self.slots[i].is_active() {
             self.wait_for_capacity();
         }
         self.ensure_connection(i);
-        let slot = &mut self.slots[i];
-        if let Some(e) = &slot.failed {
-            return waiter(Err(e.clone().with_context_command(&cmd.display_name())));
+        if let Some(e) = self.slots[i].failed.clone() {
+            let host = self.slots[i].host.clone();
+            return self.refuse(&waiter, cmd, Some(host.name()), e);
         }
+        let slot = &mut self.slots[i];
         match BatchKind::of(cmd).filter(|_| self.opts.auto_batch) {
             Some(kind) => {
                 if !slot.batcher.accepts(kind) {
@@ -274,12 +275,28 @@ impl Session {
                 });
             }
         }
-        if slot.out.len() - slot.written >= WRITE_THRESHOLD {
+        if slot.out.len() >= slot.next_flush {
             // Send while the caller is still enqueuing, and take in what
-            // the servers have answered so far.
-            self.write_slot(i);
+            // the servers have answered so far: once per threshold's worth
+            // of new bytes, so a socket that is full costs no extra syscalls.
+            if slot.writable {
+                self.write_slot(i);
+            }
             self.pump(Some(Duration::ZERO));
+            let slot = &mut self.slots[i];
+            slot.next_flush = slot.out.len() + WRITE_THRESHOLD;
         }
+    }
+
+    /// Rejects a request that cannot be queued.
+    fn refuse(&self, waiter: &Waiter, cmd: &Cmd, host: Option<&crate::error::HostName>, e: Error) {
+        let name = CmdName::of(cmd.name());
+        let ctx = ReplyContext {
+            host,
+            command: name.as_str(),
+            failures: &self.failures,
+        };
+        waiter.accept(Err(e), &ctx);
     }
 
     fn active_count(&self) -> usize {
@@ -409,6 +426,7 @@ impl Session {
                 slot.writable = true;
                 if slot.written == slot.out.len() {
                     slot.written = 0;
+                    slot.next_flush = WRITE_THRESHOLD;
                     if slot.out.capacity() > KEEP_WRITE_BUFFER {
                         slot.out = Vec::new();
                     } else {
@@ -422,6 +440,7 @@ impl Session {
     }
 
     fn read_slot(&mut self, i: usize) {
+        let failures = &self.failures;
         let slot = &mut self.slots[i];
         let Slot {
             conn,
@@ -434,7 +453,7 @@ impl Session {
         };
         let mut unexpected = None;
         let result = conn.read_replies(|reply| match expects.pop_front() {
-            Some(expect) => expect.deliver(reply, host.name()),
+            Some(expect) => expect.deliver(reply, host.name(), failures),
             None => unexpected = Some(reply.describe()),
         });
         if let Some(what) = unexpected {
@@ -472,15 +491,16 @@ impl Session {
                 }
             }
         }
-        Self::reject_slot(&mut self.slots[i], error);
+        Self::reject_slot(&mut self.slots[i], error, &self.failures);
     }
 
-    fn reject_slot(slot: &mut Slot, error: Error) {
+    fn reject_slot(slot: &mut Slot, error: Error, failures: &RefCell<Option<Error>>) {
         slot.conn = None;
         slot.connect_deadline = None;
-        slot.batcher.fail(&error);
+        let host = slot.host.clone();
+        slot.batcher.fail(&error, Some(host.name()), failures);
         for expect in slot.expects.drain(..) {
-            expect.fail(&error);
+            expect.fail(&error, Some(host.name()), failures);
         }
         slot.out.clear();
         slot.written = 0;

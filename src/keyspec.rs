@@ -59,9 +59,27 @@ pub fn lookup(name: &[u8]) -> Option<&'static KeySpec> {
         .map(|i| &table::COMMANDS[i])
 }
 
+thread_local! {
+    /// The last name looked up and its row: maps send the same command
+    /// over and over, so this skips the search almost every time.
+    static LAST: std::cell::Cell<Option<&'static KeySpec>> = const { std::cell::Cell::new(None) };
+}
+
+/// [`lookup`], remembering the last hit per thread.
+fn lookup_cached(name: &[u8]) -> Option<&'static KeySpec> {
+    if let Some(spec) = LAST.with(|l| l.get()) {
+        if spec.name.as_bytes().eq_ignore_ascii_case(name) {
+            return Some(spec);
+        }
+    }
+    let spec = lookup(name)?;
+    LAST.with(|l| l.set(Some(spec)));
+    Some(spec)
+}
+
 /// The spec that applies to `cmd`: its subcommand's when it has one.
 fn spec_for(cmd: &Cmd) -> Option<&'static KeySpec> {
-    let spec = lookup(cmd.name())?;
+    let spec = lookup_cached(cmd.name())?;
     if !spec.subcommands {
         return Some(spec);
     }
@@ -73,10 +91,9 @@ fn spec_for(cmd: &Cmd) -> Option<&'static KeySpec> {
     lookup(&full).or(Some(spec))
 }
 
-/// The key arguments of `cmd`, by its legacy key positions.
-///
-/// Refuses unknown commands and movable keys.
-pub fn keys(cmd: &Cmd) -> Result<Vec<&[u8]>> {
+/// Calls `each` with every key argument of `cmd`, by its legacy key
+/// positions, until it returns false. Refuses unknown commands and movable keys.
+fn for_each_key<'c>(cmd: &'c Cmd, mut each: impl FnMut(&'c [u8]) -> bool) -> Result<()> {
     let spec = spec_for(cmd)
         .ok_or_else(|| Error::unroutable(cmd.name(), "the command is unknown to the router"))?;
     if spec.movable {
@@ -86,7 +103,7 @@ pub fn keys(cmd: &Cmd) -> Result<Vec<&[u8]>> {
         ));
     }
     if spec.first <= 0 || spec.step <= 0 {
-        return Ok(Vec::new());
+        return Ok(());
     }
     // Positions count the name as 0, so argument i sits at position i + 1.
     let count = cmd.arg_count() as i64;
@@ -96,31 +113,50 @@ pub fn keys(cmd: &Cmd) -> Result<Vec<&[u8]>> {
     } else {
         i64::from(spec.last).min(count)
     };
-    let mut keys = Vec::new();
-    let mut pos = first;
-    while pos <= last {
-        if let Some(arg) = usize::try_from(pos - 1).ok().and_then(|i| cmd.arg_at(i)) {
-            keys.push(arg);
+    let step = i64::from(spec.step);
+    for (i, arg) in cmd.args().enumerate() {
+        let pos = i as i64 + 1;
+        if pos > last {
+            break;
         }
-        pos += i64::from(spec.step);
+        if pos >= first && (pos - first) % step == 0 && !each(arg) {
+            break;
+        }
     }
+    Ok(())
+}
+
+/// The key arguments of `cmd`, by its legacy key positions.
+///
+/// Refuses unknown commands and movable keys.
+pub fn keys(cmd: &Cmd) -> Result<Vec<&[u8]>> {
+    let mut keys = Vec::new();
+    for_each_key(cmd, |k| {
+        keys.push(k);
+        true
+    })?;
     Ok(keys)
 }
 
 /// The one key `cmd` operates on, or [`Error::Unroutable`] saying why not.
 pub fn single_key(cmd: &Cmd) -> Result<&[u8]> {
-    let keys = keys(cmd)?;
-    match keys.as_slice() {
-        [key] => Ok(key),
-        [] => Err(Error::unroutable(
+    let mut first = None;
+    let mut count = 0usize;
+    for_each_key(cmd, |k| {
+        count += 1;
+        first.get_or_insert(k);
+        true
+    })?;
+    match (first, count) {
+        (Some(key), 1) => Ok(key),
+        (None, _) => Err(Error::unroutable(
             cmd.name(),
             "it operates on no key; consider a fanout instead",
         )),
         _ => Err(Error::unroutable(
             cmd.name(),
             format!(
-                "it operates on multiple keys ({} passed), which cannot be routed to one host",
-                keys.len()
+                "it operates on multiple keys ({count} passed), which cannot be routed to one host"
             ),
         )),
     }

@@ -11,7 +11,9 @@ use std::fmt;
 use std::hash::Hash;
 use std::rc::Rc;
 
-use crate::error::{Error, Result};
+use crate::convert::FromValue;
+use crate::error::{Error, HostName, Result};
+use crate::resp::Value;
 
 type Callback<T> = Box<dyn FnOnce(&Result<T>)>;
 type Taker<T> = Box<dyn FnOnce(Result<T>)>;
@@ -149,53 +151,13 @@ impl<T> Promise<T> {
 
     /// Settles with a result and runs the callbacks waiting on it, in order.
     pub fn settle(&self, result: Result<T>) {
-        let (callbacks, taker) = {
-            // A promise being settled right now is borrowed by its callbacks:
-            // it is settled already, so there is nothing to do.
-            let Ok(mut state) = self.state.try_borrow_mut() else {
-                return;
-            };
-            if !matches!(&*state, State::Pending { .. }) {
-                return;
-            }
-            match std::mem::replace(&mut *state, State::Settled(result)) {
-                State::Pending { callbacks, taker } => (callbacks, taker),
-                _ => (Vec::new(), None),
-            }
-        };
-        if !callbacks.is_empty() {
-            // Callbacks get a shared view; they may read this promise (and
-            // subscribe to it) but not move its value out.
-            let state = self.state.borrow();
-            if let State::Settled(result) = &*state {
-                for callback in callbacks {
-                    callback(result);
-                }
-            }
-        }
-        if let Some(taker) = taker {
-            taker(self.take());
-        }
+        settle_cell(&self.state, result)
     }
 
     /// Moves the value out (errors are cloned). Later `value()`/`take()`
     /// calls on a taken promise are errors.
     pub fn take(&self) -> Result<T> {
-        let Ok(mut state) = self.state.try_borrow_mut() else {
-            return Err(Error::Pending {
-                reason: "the promise is being settled; take its value after the callback".into(),
-            });
-        };
-        match &*state {
-            State::Pending { .. } => return Err(pending_error()),
-            State::Settled(Err(e)) => return Err(e.clone()),
-            State::Taken => return Err(taken_error()),
-            State::Settled(Ok(_)) => {}
-        }
-        match std::mem::replace(&mut *state, State::Taken) {
-            State::Settled(result) => result,
-            _ => Err(pending_error()),
-        }
+        take_cell(&self.state)
     }
 
     /// Runs `callback` with the result once settled (at once if it is).
@@ -286,6 +248,102 @@ impl<T: Clone> Promise<T> {
             Ok(State::Taken) => Err(taken_error()),
             Err(_) => Err(pending_error()),
         }
+    }
+}
+
+fn settle_cell<T>(cell: &RefCell<State<T>>, result: Result<T>) {
+    let (callbacks, taker) = {
+        // A promise being settled right now is borrowed by its callbacks:
+        // it is settled already, so there is nothing to do.
+        let Ok(mut state) = cell.try_borrow_mut() else {
+            return;
+        };
+        if !matches!(&*state, State::Pending { .. }) {
+            return;
+        }
+        match std::mem::replace(&mut *state, State::Settled(result)) {
+            State::Pending { callbacks, taker } => (callbacks, taker),
+            _ => (Vec::new(), None),
+        }
+    };
+    if !callbacks.is_empty() {
+        // Callbacks get a shared view; they may read this promise (and
+        // subscribe to it) but not move its value out.
+        let state = cell.borrow();
+        if let State::Settled(result) = &*state {
+            for callback in callbacks {
+                callback(result);
+            }
+        }
+    }
+    if let Some(taker) = taker {
+        taker(take_cell(cell));
+    }
+}
+
+fn take_cell<T>(cell: &RefCell<State<T>>) -> Result<T> {
+    let Ok(mut state) = cell.try_borrow_mut() else {
+        return Err(Error::Pending {
+            reason: "the promise is being settled; take its value after the callback".into(),
+        });
+    };
+    match &*state {
+        State::Pending { .. } => return Err(pending_error()),
+        State::Settled(Err(e)) => return Err(e.clone()),
+        State::Taken => return Err(taken_error()),
+        State::Settled(Ok(_)) => {}
+    }
+    match std::mem::replace(&mut *state, State::Taken) {
+        State::Settled(result) => result,
+        _ => Err(pending_error()),
+    }
+}
+
+/// Where a reply came from, for error messages, and where a session
+/// records its first failure.
+pub(crate) struct ReplyContext<'a> {
+    /// The host that answered (none when the host id was unknown).
+    pub(crate) host: Option<&'a HostName>,
+    /// The command's name.
+    pub(crate) command: &'a str,
+    /// The session's first failure.
+    pub(crate) failures: &'a RefCell<Option<Error>>,
+}
+
+impl ReplyContext<'_> {
+    /// Names host and command in `e`, and records it as a failure.
+    pub(crate) fn failed(&self, e: Error) -> Error {
+        let e = match self.host {
+            Some(h) => e.with_context(h, self.command),
+            None => e.with_context_command(self.command),
+        };
+        let mut first = self.failures.borrow_mut();
+        if first.is_none() {
+            *first = Some(e.clone());
+        }
+        e
+    }
+}
+
+/// Takes one reply (or failure) off the wire: a pending promise that
+/// converts the reply to its type. Shared as `Rc<dyn ReplySink>`, so
+/// queueing a command costs no allocation beyond the promise itself.
+pub(crate) trait ReplySink {
+    /// Settles with the reply, converted.
+    fn accept(&self, reply: Result<Value>, ctx: &ReplyContext<'_>);
+}
+
+impl<T: FromValue> ReplySink for RefCell<State<T>> {
+    fn accept(&self, reply: Result<Value>, ctx: &ReplyContext<'_>) {
+        let result = reply.and_then(T::from_value).map_err(|e| ctx.failed(e));
+        settle_cell(self, result)
+    }
+}
+
+impl<T: FromValue + 'static> Promise<T> {
+    /// This promise as the receiver of a reply.
+    pub(crate) fn sink(&self) -> Rc<dyn ReplySink> {
+        self.state.clone()
     }
 }
 

@@ -245,11 +245,8 @@ impl ItoaBuf {
 /// assert!(decode(b"$-5\r\n").is_err());
 /// ```
 pub fn decode(buf: &[u8]) -> Result<Option<(Value, usize)>> {
-    let mut scanner = Scanner::new();
-    match scanner.scan(buf)? {
-        Some(len) => Ok(Some((build(&buf[..len])?, len))),
-        None => Ok(None),
-    }
+    let mut pos = 0;
+    Ok(build_at(buf, &mut pos, 0)?.map(|v| (v, pos)))
 }
 
 /// A streaming decoder: feed it the connection's read buffer after each read.
@@ -271,14 +268,28 @@ impl Decoder {
     /// previous complete reply ended and hold at least the bytes passed
     /// before (a read buffer that is only appended to between calls).
     pub fn decode(&mut self, buf: &[u8]) -> Result<Option<(Value, usize)>> {
+        let fresh = self.scanner.pos == 0;
+        if fresh {
+            // The usual case: the whole reply is there, build it in one pass.
+            let mut pos = 0;
+            if let Some(v) = build_at(buf, &mut pos, 0)? {
+                return Ok(Some((v, pos)));
+            }
+        }
+        // Incomplete: scan (without allocating) and remember how far, so the
+        // next read resumes there instead of starting over.
         match self.scanner.scan(buf) {
             Ok(Some(len)) => {
-                self.scanner = Scanner::new();
-                Ok(Some((build(&buf[..len])?, len)))
+                self.scanner.reset();
+                let mut pos = 0;
+                match build_at(&buf[..len], &mut pos, 0)? {
+                    Some(v) if pos == len => Ok(Some((v, len))),
+                    _ => Err(Error::protocol("frame length mismatch")),
+                }
             }
             Ok(None) => Ok(None),
             Err(e) => {
-                self.scanner = Scanner::new();
+                self.scanner.reset();
                 Err(e)
             }
         }
@@ -286,7 +297,7 @@ impl Decoder {
 
     /// Forgets any partial progress (after the caller dropped its buffer).
     pub fn reset(&mut self) {
-        self.scanner = Scanner::new();
+        self.scanner.reset();
     }
 }
 
@@ -308,8 +319,10 @@ enum Head {
 }
 
 impl Scanner {
-    fn new() -> Scanner {
-        Scanner::default()
+    /// Back to the start of a frame, keeping the stack's allocation.
+    fn reset(&mut self) {
+        self.pos = 0;
+        self.open.clear();
     }
 
     /// `Ok(Some(len))` once the frame at the front of `buf` is whole.
@@ -567,116 +580,92 @@ fn check_big_number(text: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Builds the value of a frame the scanner found whole.
+/// Builds the value at `pos`, or `Ok(None)` if its bytes are not all there.
 ///
-/// The scanner has checked every line, length and limit; the builder still
-/// returns errors instead of indexing blindly, so a disagreement between the
-/// two can never panic.
-fn build(frame: &[u8]) -> Result<Value> {
-    let mut pos = 0;
-    let value = build_at(frame, &mut pos, 0)?;
-    if pos != frame.len() {
-        return Err(Error::protocol("frame length mismatch"));
-    }
-    Ok(value)
-}
-
-fn text_line(frame: &[u8], pos: &mut usize) -> Result<Vec<u8>> {
-    let start = *pos + 1;
-    let end = find_line(frame, start, MAX_LINE_LEN)?.ok_or_else(truncated)?;
-    *pos = end + 2;
-    Ok(frame[start..end].to_vec())
-}
-
-fn truncated() -> Error {
-    Error::protocol("truncated frame")
-}
-
-fn utf8(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-fn build_at(frame: &[u8], pos: &mut usize, depth: usize) -> Result<Value> {
-    if depth > MAX_DEPTH {
-        return Err(Error::protocol("aggregates nested too deep"));
-    }
-    let kind = *frame.get(*pos).ok_or_else(truncated)?;
-    Ok(match kind {
-        b'+' => Value::SimpleString(utf8(text_line(frame, pos)?)),
-        b'-' => error_value(&text_line(frame, pos)?),
-        b'(' => Value::BigNumber(utf8(text_line(frame, pos)?)),
-        b',' => Value::Double(parse_double(&text_line(frame, pos)?)?),
-        b'#' => Value::Boolean(parse_bool(&text_line(frame, pos)?)?),
-        b'_' => {
-            text_line(frame, pos)?;
-            Value::Nil
-        }
-        b':' => {
-            let (n, end) = number_line(frame, *pos + 1)?.ok_or_else(truncated)?;
+/// Validation is [`scan_one`]'s, shared with the scanner, so one-shot and
+/// streaming decoding accept and refuse exactly the same bytes.
+/// Allocations are bounded by the bytes present: an aggregate's capacity
+/// by the bytes after its header, a bulk string's by its bytes, which are
+/// only copied once all there.
+fn build_at(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<Value>> {
+    let Some(head) = scan_one(buf, *pos)? else {
+        return Ok(None);
+    };
+    let kind = buf[*pos];
+    match head {
+        Head::Done(end) => {
+            let v = scalar(kind, &buf[*pos + 1..end - 2])?;
             *pos = end;
-            Value::Int(n)
+            Ok(Some(v))
         }
+        Head::Open(count, end) => {
+            if count > 0 && depth >= MAX_DEPTH {
+                return Err(Error::protocol(format!(
+                    "aggregates nested deeper than {MAX_DEPTH}"
+                )));
+            }
+            let room = (buf.len() - end) / 3;
+            *pos = end;
+            let mut items: Vec<Value> =
+                Vec::with_capacity(usize::try_from(count).unwrap_or(usize::MAX).min(room));
+            for _ in 0..count {
+                match build_at(buf, pos, depth + 1)? {
+                    Some(v) => items.push(v),
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(match kind {
+                b'*' => Value::Array(items),
+                b'~' => Value::Set(items),
+                b'>' => Value::Push(items),
+                _ => {
+                    let value = if kind == b'|' { items.pop() } else { None };
+                    let mut pairs = Vec::with_capacity(items.len() / 2);
+                    let mut iter = items.into_iter();
+                    while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+                        pairs.push((k, v));
+                    }
+                    match value {
+                        Some(value) => Value::Attribute {
+                            attributes: pairs,
+                            value: Box::new(value),
+                        },
+                        None => Value::Map(pairs),
+                    }
+                }
+            }))
+        }
+    }
+}
+
+/// The value of a whole scalar frame; `body` is what follows the type byte,
+/// without the final CRLF.
+fn scalar(kind: u8, body: &[u8]) -> Result<Value> {
+    Ok(match kind {
+        b'+' => Value::SimpleString(utf8(body.to_vec())),
+        b'-' => error_value(body),
+        b'(' => Value::BigNumber(utf8(body.to_vec())),
+        b',' => Value::Double(parse_double(body)?),
+        b'#' => Value::Boolean(parse_bool(body)?),
+        b':' => Value::Int(parse_int(body)?),
+        // `_`, and the RESP2 nulls `$-1` / `*-1`.
+        b'_' | b'*' => Value::Nil,
         b'$' | b'!' | b'=' => {
-            let (n, body) = number_line(frame, *pos + 1)?.ok_or_else(truncated)?;
-            if n == -1 && kind == b'$' {
-                *pos = body;
+            // `$-1` has no body, so no CRLF is left inside it.
+            if body == b"-1" {
                 return Ok(Value::Nil);
             }
-            let len = blob_len(n, kind)?;
-            let bytes = frame.get(body..body + len).ok_or_else(truncated)?;
-            *pos = body + len + 2;
+            let Some(crlf) = body.iter().position(|&b| b == b'\r') else {
+                return Err(Error::protocol("bulk header without CRLF"));
+            };
+            let bytes = body.get(crlf + 2..).unwrap_or_default();
             match kind {
                 b'$' => Value::BulkString(bytes.to_vec()),
                 b'!' => error_value(bytes),
-                _ => {
-                    let format = bytes.get(..3).ok_or_else(truncated)?;
-                    let text = bytes.get(4..).ok_or_else(truncated)?;
-                    Value::Verbatim {
-                        format: utf8(format.to_vec()),
-                        text: text.to_vec(),
-                    }
-                }
-            }
-        }
-        b'*' | b'~' | b'>' | b'%' | b'|' => {
-            let (n, end) = number_line(frame, *pos + 1)?.ok_or_else(truncated)?;
-            *pos = end;
-            if n == -1 && kind == b'*' {
-                return Ok(Value::Nil);
-            }
-            let n = usize::try_from(n).map_err(|_| truncated())?;
-            // The frame is whole, and every element takes at least 3 bytes,
-            // so this capacity is bounded by bytes actually received.
-            let room = (frame.len() - *pos) / 3;
-            match kind {
-                b'%' | b'|' => {
-                    let mut pairs = Vec::with_capacity(n.min(room / 2));
-                    for _ in 0..n {
-                        let k = build_at(frame, pos, depth + 1)?;
-                        let v = build_at(frame, pos, depth + 1)?;
-                        pairs.push((k, v));
-                    }
-                    if kind == b'%' {
-                        Value::Map(pairs)
-                    } else {
-                        let value = build_at(frame, pos, depth + 1)?;
-                        Value::Attribute {
-                            attributes: pairs,
-                            value: Box::new(value),
-                        }
-                    }
-                }
-                _ => {
-                    let mut items = Vec::with_capacity(n.min(room));
-                    for _ in 0..n {
-                        items.push(build_at(frame, pos, depth + 1)?);
-                    }
-                    match kind {
-                        b'*' => Value::Array(items),
-                        b'~' => Value::Set(items),
-                        _ => Value::Push(items),
-                    }
-                }
+                _ => Value::Verbatim {
+                    format: utf8(bytes.get(..3).unwrap_or_default().to_vec()),
+                    text: bytes.get(4..).unwrap_or_default().to_vec(),
+                },
             }
         }
         other => {
@@ -685,6 +674,10 @@ fn build_at(frame: &[u8], pos: &mut usize, depth: usize) -> Result<Value> {
             )))
         }
     })
+}
+
+fn utf8(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn error_value(text: &[u8]) -> Value {

@@ -31,6 +31,8 @@ fn testing_error(reason: impl Into<String>) -> Error {
 struct Server {
     child: Option<Child>,
     socket: PathBuf,
+    /// Also listening on 127.0.0.1 at this port (see [`TestSetup::with_tcp`]).
+    tcp_port: Option<u16>,
     log: PathBuf,
     config: PathBuf,
 }
@@ -51,6 +53,16 @@ impl TestSetup {
     /// Starts `servers` servers, each with `databases_each` databases used
     /// as separate hosts.
     pub fn new(servers: usize, databases_each: usize) -> Result<TestSetup> {
+        Self::start(servers, databases_each, false)
+    }
+
+    /// Like [`TestSetup::new`], and each server also listens on a free TCP
+    /// port of 127.0.0.1 (for benchmarks that compare with TCP clients).
+    pub fn with_tcp(servers: usize, databases_each: usize) -> Result<TestSetup> {
+        Self::start(servers, databases_each, true)
+    }
+
+    fn start(servers: usize, databases_each: usize, tcp: bool) -> Result<TestSetup> {
         let databases_each = databases_each.max(1);
         let dir = make_private_dir()?;
         let mut setup = TestSetup {
@@ -62,8 +74,13 @@ impl TestSetup {
             let socket = setup.dir.join(format!("redis-{i}.sock"));
             let log = setup.dir.join(format!("redis-{i}.log"));
             let config = setup.dir.join(format!("redis-{i}.conf"));
+            let tcp_port = if tcp { Some(free_port()?) } else { None };
+            let listen = match tcp_port {
+                Some(port) => format!("port {port}\nbind 127.0.0.1\n"),
+                None => "port 0\n".to_owned(),
+            };
             let text = format!(
-                "port 0\nunixsocket {}\nunixsocketperm 700\nsave \"\"\nappendonly no\ndir {}\ndatabases {}\nlogfile \"\"\ndaemonize no\n",
+                "{listen}unixsocket {}\nunixsocketperm 700\nsave \"\"\nappendonly no\ndir {}\ndatabases {}\nlogfile \"\"\ndaemonize no\n",
                 socket.display(),
                 setup.dir.display(),
                 databases_each.max(16),
@@ -73,6 +90,7 @@ impl TestSetup {
             setup.servers.push(Server {
                 child: None,
                 socket,
+                tcp_port,
                 log,
                 config,
             });
@@ -172,6 +190,11 @@ impl TestSetup {
             .db(db as i64)
     }
 
+    /// The TCP port of server `i`, for a setup made with [`TestSetup::with_tcp`].
+    pub fn tcp_port(&self, i: usize) -> Option<u16> {
+        self.servers[i].tcp_port
+    }
+
     /// A builder with one host per server and database: host
     /// `server * databases_each + db`.
     pub fn cluster_builder(&self) -> ClusterBuilder {
@@ -250,6 +273,16 @@ impl Drop for TestSetup {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A port the OS considers free right now (bound, read, released).
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| testing_error(format!("cannot find a free port: {e}")))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| testing_error(format!("cannot find a free port: {e}")))
 }
 
 fn make_private_dir() -> Result<PathBuf> {

@@ -1,0 +1,238 @@
+//! The rb demo: spawn a local cluster, blast a million keys through it, and
+//! compare with the obvious hand-written client measured in the same run.
+//!
+//! ```text
+//! cargo run --release --example blast            # 4 servers, 1,000,000 keys
+//! cargo run --release --example blast -- 8 200000
+//! ```
+//!
+//! What it does:
+//! 1. starts `servers` redis-servers (rb::testing) listening on 127.0.0.1;
+//! 2. SETs then GETs every key with `Cluster::map` (routed, pipelined,
+//!    auto-batched into MSET/MGET, all nodes at once);
+//! 3. does the same with the baseline: one blocking pipeline per node over
+//!    plain `std::net::TcpStream`s, nodes one after another;
+//! 4. fans `INFO keyspace` out to every node with `Cluster::all`;
+//! 5. prints keys/s and client CPU ns/key for both, and their ratio.
+//!
+//! Client CPU is this thread's on-CPU time (`/proc/thread-self/schedstat`),
+//! so the servers' work is not counted.
+
+use std::io::{BufWriter, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use rb::testing::TestSetup;
+use rb::{Cluster, Commands, HostConfig, Value};
+
+/// This thread's CPU time so far.
+fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .map(Duration::from_nanos)
+        .unwrap_or_default()
+}
+
+/// Wall and CPU time of `f`.
+fn measure<T>(f: impl FnOnce() -> T) -> (T, Duration, Duration) {
+    let (wall, cpu) = (Instant::now(), thread_cpu());
+    let out = f();
+    (out, wall.elapsed(), thread_cpu() - cpu)
+}
+
+struct Figure {
+    what: &'static str,
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Figure {
+    fn keys_per_sec(&self, keys: usize) -> f64 {
+        keys as f64 / self.wall.as_secs_f64()
+    }
+    fn cpu_ns_per_key(&self, keys: usize) -> f64 {
+        self.cpu.as_nanos() as f64 / keys as f64
+    }
+}
+
+/// The baseline: for each node in turn, write every command as one
+/// pipeline on a blocking `TcpStream`, then read every reply.
+fn baseline(
+    ports: &[u16],
+    per_node: &[Vec<usize>],
+    keys: &[String],
+    values: &[String],
+    set: bool,
+) -> usize {
+    let mut answered = 0;
+    for (port, indexes) in ports.iter().zip(per_node) {
+        let stream = TcpStream::connect(("127.0.0.1", *port)).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        let mut out = BufWriter::with_capacity(1 << 16, &stream);
+        for &i in indexes {
+            let c = if set {
+                rb::cmd("SET").arg(&keys[i]).arg(&values[i])
+            } else {
+                rb::cmd("GET").arg(&keys[i])
+            };
+            out.write_all(&c.to_packed()).expect("write");
+        }
+        out.flush().expect("flush");
+        drop(out);
+        let mut buf = Vec::with_capacity(1 << 20);
+        let mut start = 0;
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut reader = &stream;
+        let mut left = indexes.len();
+        while left > 0 {
+            let n = reader.read(&mut chunk).expect("read");
+            assert!(n > 0, "server closed");
+            buf.extend_from_slice(&chunk[..n]);
+            while let Some((_, used)) = rb::resp::decode(&buf[start..]).expect("valid reply") {
+                start += used;
+                left -= 1;
+                answered += 1;
+                if left == 0 {
+                    break;
+                }
+            }
+            if start == buf.len() {
+                buf.clear();
+                start = 0;
+            }
+        }
+    }
+    answered
+}
+
+fn main() -> Result<(), rb::Error> {
+    let mut args = std::env::args().skip(1);
+    let servers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
+    let count: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+
+    println!("rb blast: {servers} local redis-servers, {count} keys");
+    let setup = TestSetup::with_tcp(servers, 1)?;
+    let ports: Vec<u16> = (0..servers).filter_map(|i| setup.tcp_port(i)).collect();
+    let cluster = Cluster::builder()
+        .host_defaults(HostConfig::new().host("127.0.0.1"))
+        .hosts(ports.iter().map(|&p| HostConfig::new().port(p)))
+        .build()?;
+
+    let keys: Vec<String> = (0..count).map(|i| format!("key:{i}")).collect();
+    let values: Vec<String> = (0..count).map(|i| format!("value-{i:012}")).collect();
+    let router = cluster.router()?;
+    let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); servers];
+    for (i, k) in keys.iter().enumerate() {
+        per_node[router.host_for_key(k.as_bytes())? as usize].push(i);
+    }
+
+    // Warm up connections and allocator with a small map.
+    cluster.map(|c| {
+        for k in keys.iter().take(1000) {
+            c.get(k);
+        }
+    })?;
+
+    let mut figures = Vec::new();
+
+    // rb: SET then GET a million keys with map.
+    let ((), wall, cpu) = measure(|| {
+        cluster
+            .map(|c| {
+                for (k, v) in keys.iter().zip(&values) {
+                    c.set(k, v);
+                }
+            })
+            .expect("map SET")
+    });
+    figures.push(Figure {
+        what: "rb map SET",
+        wall,
+        cpu,
+    });
+
+    let mut promises = Vec::with_capacity(count);
+    let ((), wall, cpu) = measure(|| {
+        cluster
+            .map(|c| {
+                for k in &keys {
+                    promises.push(c.get(k));
+                }
+            })
+            .expect("map GET")
+    });
+    let found = promises
+        .iter()
+        .zip(&values)
+        .filter(|(p, v)| p.value().ok().flatten().as_deref() == Some(v.as_bytes()))
+        .count();
+    assert_eq!(found, count, "every key read back with its value");
+    drop(promises);
+    figures.push(Figure {
+        what: "rb map GET",
+        wall,
+        cpu,
+    });
+
+    cluster.all(|c| c.flushdb())?;
+
+    // Baseline on the same servers, same keys.
+    let (n, wall, cpu) = measure(|| baseline(&ports, &per_node, &keys, &values, true));
+    assert_eq!(n, count);
+    figures.push(Figure {
+        what: "baseline SET",
+        wall,
+        cpu,
+    });
+    let (n, wall, cpu) = measure(|| baseline(&ports, &per_node, &keys, &values, false));
+    assert_eq!(n, count);
+    figures.push(Figure {
+        what: "baseline GET",
+        wall,
+        cpu,
+    });
+
+    println!();
+    println!(
+        "{:<14} {:>12} {:>14} {:>16}",
+        "", "wall", "keys/s", "client CPU/key"
+    );
+    for f in &figures {
+        println!(
+            "{:<14} {:>10.1}ms {:>14.0} {:>13.0} ns",
+            f.what,
+            f.wall.as_secs_f64() * 1e3,
+            f.keys_per_sec(count),
+            f.cpu_ns_per_key(count)
+        );
+    }
+    let ratio =
+        |a: usize, b: usize| figures[a].keys_per_sec(count) / figures[b].keys_per_sec(count);
+    println!();
+    println!("map SET vs baseline SET: {:.2}x keys/s", ratio(0, 2));
+    println!("map GET vs baseline GET: {:.2}x keys/s", ratio(1, 3));
+
+    // Fan INFO out to every node.
+    let infos = cluster.all(|c| c.info(Some("keyspace")))?;
+    let mut infos: Vec<_> = infos.value()?.into_iter().collect();
+    infos.sort_by_key(|(id, _)| *id);
+    println!();
+    for (id, info) in infos {
+        println!("host {id}: {}", info.get("db0").unwrap_or("empty"));
+    }
+    let total: i64 = cluster
+        .all(|c| c.cmd::<Value>(rb::cmd("DBSIZE")))?
+        .value()?
+        .values()
+        .map(|v| match v {
+            Value::Int(n) => *n,
+            _ => 0,
+        })
+        .sum();
+    println!("keys on all nodes: {total}");
+    Ok(())
+}
