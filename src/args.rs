@@ -19,6 +19,13 @@ pub trait ToArg {
     fn size_hint(&self) -> usize {
         0
     }
+
+    /// The exact number of bytes [`ToArg::write_arg`] appends, when known
+    /// up front (strings and bytes): lets the encoder write the length
+    /// header first instead of moving the bytes after it.
+    fn exact_len(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl<T: ToArg + ?Sized> ToArg for &T {
@@ -27,6 +34,9 @@ impl<T: ToArg + ?Sized> ToArg for &T {
     }
     fn size_hint(&self) -> usize {
         (**self).size_hint()
+    }
+    fn exact_len(&self) -> Option<usize> {
+        (**self).exact_len()
     }
 }
 
@@ -37,6 +47,9 @@ impl ToArg for [u8] {
     fn size_hint(&self) -> usize {
         self.len()
     }
+    fn exact_len(&self) -> Option<usize> {
+        Some(self.len())
+    }
 }
 
 impl<const N: usize> ToArg for [u8; N] {
@@ -45,6 +58,9 @@ impl<const N: usize> ToArg for [u8; N] {
     }
     fn size_hint(&self) -> usize {
         N
+    }
+    fn exact_len(&self) -> Option<usize> {
+        Some(N)
     }
 }
 
@@ -55,6 +71,9 @@ impl ToArg for Vec<u8> {
     fn size_hint(&self) -> usize {
         self.len()
     }
+    fn exact_len(&self) -> Option<usize> {
+        Some(self.len())
+    }
 }
 
 impl ToArg for str {
@@ -63,6 +82,9 @@ impl ToArg for str {
     }
     fn size_hint(&self) -> usize {
         self.len()
+    }
+    fn exact_len(&self) -> Option<usize> {
+        Some(self.len())
     }
 }
 
@@ -73,6 +95,9 @@ impl ToArg for String {
     fn size_hint(&self) -> usize {
         self.len()
     }
+    fn exact_len(&self) -> Option<usize> {
+        Some(self.len())
+    }
 }
 
 impl ToArg for std::borrow::Cow<'_, str> {
@@ -82,6 +107,9 @@ impl ToArg for std::borrow::Cow<'_, str> {
     fn size_hint(&self) -> usize {
         self.len()
     }
+    fn exact_len(&self) -> Option<usize> {
+        Some(self.len())
+    }
 }
 
 impl ToArg for std::sync::Arc<str> {
@@ -90,6 +118,9 @@ impl ToArg for std::sync::Arc<str> {
     }
     fn size_hint(&self) -> usize {
         self.len()
+    }
+    fn exact_len(&self) -> Option<usize> {
+        Some(self.len())
     }
 }
 

@@ -302,6 +302,9 @@ impl MultiKey {
     /// The emulated kind of `cmd`, when it has keys on more than one host
     /// potentially (more than one key).
     pub(crate) fn of(cmd: &Cmd) -> Option<MultiKey> {
+        if cmd.arg_count() < 2 {
+            return None;
+        }
         let kind = if cmd.is(b"MGET") {
             MultiKey::Mget
         } else if cmd.is(b"MSET") {

@@ -21,10 +21,12 @@ use crate::resp::itoa;
 /// assert_eq!(c.name(), b"SET");
 /// assert_eq!(c.args().collect::<Vec<_>>(), [&b"key"[..], b"42", b"EX", b"10"]);
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub struct Cmd {
     /// `$<len>\r\n<bytes>\r\n` for the name, then for each argument.
     buf: Vec<u8>,
+    /// Where the name's bytes start in `buf` (after its header).
+    name_start: usize,
     /// Where the name's bulk string ends in `buf`.
     name_end: usize,
     /// Parts, the name included.
@@ -33,6 +35,50 @@ pub struct Cmd {
 
 /// Room for the longest bulk header, `$` + 20 digits + CRLF.
 const MAX_HEAD: usize = 23;
+
+/// Buffers of dropped commands, reused by the next ones on the same thread:
+/// a map builds and drops one command per key, and this turns each
+/// allocation and free into a push and a pop.
+mod recycle {
+    use std::cell::RefCell;
+
+    /// Buffers kept per thread.
+    const KEEP: usize = 64;
+    /// Larger buffers are freed, not kept.
+    const MAX_CAPACITY: usize = 4096;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn take(capacity: usize) -> Vec<u8> {
+        let reused = FREE
+            .try_with(|f| f.try_borrow_mut().ok().and_then(|mut f| f.pop()))
+            .ok()
+            .flatten();
+        match reused {
+            Some(mut buf) => {
+                buf.clear();
+                buf.reserve(capacity);
+                buf
+            }
+            None => Vec::with_capacity(capacity.max(128)),
+        }
+    }
+
+    pub(super) fn give(buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > MAX_CAPACITY {
+            return;
+        }
+        let _ = FREE.try_with(|f| {
+            if let Ok(mut f) = f.try_borrow_mut() {
+                if f.len() < KEEP {
+                    f.push(buf);
+                }
+            }
+        });
+    }
+}
 
 /// Starts a command: `rb::cmd("INCRBY").arg("counter").arg(2)`.
 pub fn cmd(name: &str) -> Cmd {
@@ -84,12 +130,14 @@ impl Cmd {
     /// A command with no arguments yet.
     pub fn new(name: &str) -> Cmd {
         let mut c = Cmd {
-            buf: Vec::with_capacity(64.max(name.len() + 16)),
+            buf: recycle::take(name.len() + 32),
+            name_start: 0,
             name_end: 0,
             parts: 0,
         };
         c.push_part(name);
         c.name_end = c.buf.len();
+        c.name_start = c.name_end - 2 - name.len();
         c
     }
 
@@ -105,12 +153,28 @@ impl Cmd {
         self
     }
 
-    /// Appends one bulk string: the bytes are written after room for the
-    /// longest header, then moved left behind the real header.
+    /// Appends one bulk string. With an exact length (strings, bytes) the
+    /// header goes first; otherwise the bytes are written after room for
+    /// the longest header, then moved left behind the real one.
     fn push_part<T: ToArg + ?Sized>(&mut self, arg: &T) {
         let start = self.buf.len();
+        if let Some(len) = arg.exact_len() {
+            self.buf.reserve(MAX_HEAD + len + 2);
+            self.buf.push(b'$');
+            self.buf.extend_from_slice(itoa(len as i64).as_bytes());
+            self.buf.extend_from_slice(b"\r\n");
+            let body = self.buf.len();
+            arg.write_arg(&mut self.buf);
+            if self.buf.len() - body == len {
+                self.buf.extend_from_slice(b"\r\n");
+                self.parts += 1;
+                return;
+            }
+            // The length was not exact after all: redo it the slow way.
+            self.buf.truncate(start);
+        }
         self.buf.reserve(MAX_HEAD + arg.size_hint() + 2);
-        self.buf.resize(start + MAX_HEAD, 0);
+        self.buf.extend_from_slice(&[0; MAX_HEAD]);
         arg.write_arg(&mut self.buf);
         let len = self.buf.len() - start - MAX_HEAD;
         let digits = itoa(len as i64);
@@ -136,16 +200,11 @@ impl Cmd {
         self
     }
 
-    fn all_parts(&self) -> Parts<'_> {
-        Parts {
-            rest: &self.buf,
-            left: self.parts,
-        }
-    }
-
     /// The command's name, as given.
     pub fn name(&self) -> &[u8] {
-        self.all_parts().next().unwrap_or_default()
+        self.buf
+            .get(self.name_start..self.name_end - 2)
+            .unwrap_or_default()
     }
 
     /// The name in upper case, for messages and errors.
@@ -201,6 +260,25 @@ impl Cmd {
     /// Whether the name equals `upper` (given in upper case), ignoring case.
     pub(crate) fn is(&self, upper: &[u8]) -> bool {
         self.name().eq_ignore_ascii_case(upper)
+    }
+}
+
+impl Clone for Cmd {
+    fn clone(&self) -> Cmd {
+        let mut buf = recycle::take(self.buf.len());
+        buf.extend_from_slice(&self.buf);
+        Cmd {
+            buf,
+            name_start: self.name_start,
+            name_end: self.name_end,
+            parts: self.parts,
+        }
+    }
+}
+
+impl Drop for Cmd {
+    fn drop(&mut self) {
+        recycle::give(std::mem::take(&mut self.buf));
     }
 }
 
