@@ -6,7 +6,7 @@
 //! or a `Promise<HashMap<HostId, T>>`.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::args::ToArg;
 use crate::batch::{self, MultiKey};
 use crate::cluster::{Cluster, Hosts, MapOptions};
-use crate::cmd::Cmd;
+use crate::cmd::{cmd, Call, Cmd, ScriptCall};
 use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::Session;
@@ -33,6 +33,10 @@ pub trait Execute {
 
     /// Sends `cmd`, converting its reply to `T`.
     fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Self::Output<T>;
+
+    /// Runs a Lua script (`EVALSHA`, loading it first where the host may
+    /// lack it), converting its reply to `T`.
+    fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Self::Output<T>;
 }
 
 /// Records the first failure of a session.
@@ -50,6 +54,8 @@ struct Dispatch<'s> {
     session: &'s mut Session,
     router: Arc<dyn Router>,
     failures: Failures,
+    /// Scripts whose `SCRIPT LOAD` this session already queued, per host.
+    loading: HashSet<(HostId, Arc<str>)>,
 }
 
 impl<'s> Dispatch<'s> {
@@ -59,6 +65,49 @@ impl<'s> Dispatch<'s> {
             session,
             router,
             failures,
+            loading: HashSet::new(),
+        }
+    }
+
+    /// Runs a script on `host`: `SCRIPT LOAD` first unless the host is known
+    /// to hold it, then `EVALSHA`. A `NOSCRIPT` answer makes the cluster
+    /// forget the pair, so the next call loads again.
+    fn script<T: FromValue + 'static>(&mut self, host: HostId, call: &ScriptCall) -> Promise<T> {
+        let memory = self.session.scripts().clone();
+        let sha: Arc<str> = call.script.sha1().into();
+        if !memory.knows(host, &sha) && self.loading.insert((host, sha.clone())) {
+            let load = cmd("SCRIPT").arg("LOAD").arg(call.script.source());
+            let loaded: Promise<String> = self.send(host, &load);
+            let (m, s) = (memory.clone(), sha.clone());
+            loaded.done(
+                move |got| {
+                    if **got == *s {
+                        m.remember(host, &s);
+                    }
+                },
+                |_| {},
+            );
+        }
+        let promise: Promise<T> = self.send(host, &call.evalsha());
+        promise.done(
+            |_| {},
+            move |e| {
+                if e.code() == Some("NOSCRIPT") {
+                    memory.forget(host, &sha);
+                }
+            },
+        );
+        promise
+    }
+
+    /// The host of a script call: that of its first key.
+    fn script_host(&self, call: &ScriptCall) -> Result<HostId> {
+        match call.keys.first() {
+            Some(key) => self.router.host_for_key(key),
+            None => Err(Error::unroutable(
+                b"EVALSHA",
+                "the script call has no key; use a fanout or a local client",
+            )),
         }
     }
 
@@ -112,6 +161,17 @@ impl<'s> Dispatch<'s> {
         })
     }
 
+    fn fan_script<T: FromValue + 'static>(
+        &mut self,
+        hosts: &[HostId],
+        call: &ScriptCall,
+    ) -> Promise<HashMap<HostId, T>> {
+        let promises: Vec<Promise<T>> = hosts.iter().map(|&h| self.script::<T>(h, call)).collect();
+        let ids = hosts.to_vec();
+        Promise::all_owned(promises)
+            .map_owned(move |values| Ok(ids.into_iter().zip(values).collect()))
+    }
+
     fn fan<T: FromValue + 'static>(
         &mut self,
         hosts: &[HostId],
@@ -145,6 +205,13 @@ impl Execute for MappingClient<'_> {
 
     fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
         self.dispatch.routed(cmd)
+    }
+
+    fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Promise<T> {
+        match self.dispatch.script_host(&call) {
+            Ok(host) => self.dispatch.script(host, &call),
+            Err(e) => self.dispatch.reject(e),
+        }
     }
 }
 
@@ -202,6 +269,14 @@ impl Execute for FanoutClient<'_> {
         self.targets = targets;
         p
     }
+
+    fn execute_script<T: FromValue + 'static>(
+        &mut self,
+        call: ScriptCall,
+    ) -> Promise<HashMap<HostId, T>> {
+        let targets = self.targets.clone();
+        self.dispatch.fan_script(&targets, &call)
+    }
 }
 
 /// A fanout narrowed to some hosts: see [`FanoutClient::target`].
@@ -215,6 +290,13 @@ impl Execute for TargetedClient<'_, '_> {
 
     fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<HashMap<HostId, T>> {
         self.dispatch.fan(&self.hosts, &cmd)
+    }
+
+    fn execute_script<T: FromValue + 'static>(
+        &mut self,
+        call: ScriptCall,
+    ) -> Promise<HashMap<HostId, T>> {
+        self.dispatch.fan_script(&self.hosts, &call)
     }
 }
 
@@ -233,6 +315,15 @@ impl Execute for KeyTargetedClient<'_, '_> {
             Err(e) => self
                 .dispatch
                 .reject(e.clone().with_context_command(&cmd.display_name())),
+        }
+    }
+
+    fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Promise<T> {
+        match &self.host {
+            Ok(host) => self.dispatch.script(*host, &call),
+            Err(e) => self
+                .dispatch
+                .reject(e.clone().with_context_command("EVALSHA")),
         }
     }
 }
@@ -334,6 +425,34 @@ impl Execute for RoutingClient {
         };
         run_now(&self.cluster, &hosts, self.auto_batch, |d| d.routed(cmd))
     }
+
+    fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Result<T> {
+        let host = match call.keys.first() {
+            Some(key) => self.cluster.router()?.host_for_key(key)?,
+            None => {
+                return Err(Error::unroutable(
+                    b"EVALSHA",
+                    "the script call has no key; use a fanout or a local client",
+                ))
+            }
+        };
+        script_now(&self.cluster, host, &call)
+    }
+}
+
+/// Runs a script on one host now; a `NOSCRIPT` (the script was flushed
+/// since it was last seen) reloads it and retries once.
+fn script_now<T: FromValue + 'static>(
+    cluster: &Cluster,
+    host: HostId,
+    call: &ScriptCall,
+) -> Result<T> {
+    match run_now(cluster, &[host], false, |d| d.script::<T>(host, call)) {
+        Err(e) if e.code() == Some("NOSCRIPT") => {
+            run_now(cluster, &[host], false, |d| d.script(host, call))
+        }
+        other => other,
+    }
 }
 
 /// A client for one host, immediate (rb's `get_local_client`). Commands are
@@ -362,4 +481,120 @@ impl Execute for LocalClient {
         let host = self.host;
         run_now(&self.cluster, &[host], false, |d| d.send(host, &cmd))
     }
+
+    fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Result<T> {
+        script_now(&self.cluster, self.host, &call)
+    }
+}
+
+/// [`Cluster::execute_commands`]: see there.
+pub(crate) fn execute_commands<K, I>(
+    cluster: &Cluster,
+    mapping: I,
+) -> Result<HashMap<K, Vec<Promise<Value>>>>
+where
+    I: IntoIterator<Item = (K, Vec<Call>)>,
+    K: ToArg + Eq + std::hash::Hash,
+{
+    let router = cluster.router()?;
+    let mut entries = Vec::new();
+    for (key, calls) in mapping {
+        let host = router.host_for_key(&crate::args::to_bytes(&key))?;
+        entries.push((key, host, calls));
+    }
+
+    // 1. Which hosts lack which scripts: one SCRIPT EXISTS per host, for
+    //    the scripts the cluster does not already know to be there.
+    let mut unknown: std::collections::BTreeMap<HostId, Vec<Arc<str>>> = Default::default();
+    let memory = cluster.script_memory();
+    for (_, host, calls) in &entries {
+        for call in calls {
+            if let Call::Script(sc) = call {
+                let sha = sc.script.sha1();
+                let list = unknown.entry(*host).or_default();
+                if !memory.knows(*host, sha) && !list.iter().any(|s| &**s == sha) {
+                    list.push(sha.into());
+                }
+            }
+        }
+    }
+    unknown.retain(|_, shas| !shas.is_empty());
+    if !unknown.is_empty() {
+        let mut session = cluster.session(&MapOptions::default())?;
+        {
+            let mut d = Dispatch::new(&mut session, router.clone());
+            for (host, shas) in &unknown {
+                let exists: Promise<Vec<bool>> =
+                    d.send(*host, &cmd("SCRIPT").arg("EXISTS").args_from(shas.iter()));
+                let (memory, host, shas) = (memory.clone(), *host, shas.clone());
+                exists.done(
+                    move |found| {
+                        for (sha, there) in shas.iter().zip(found) {
+                            if *there {
+                                memory.remember(host, sha);
+                            }
+                        }
+                    },
+                    |_| {},
+                );
+            }
+        }
+        session.join();
+        // A host that failed here fails again below, in its promises.
+        let _ = session.finish();
+    }
+
+    // 2. Every list, in order, each on its key's host; scripts loaded first
+    //    where missing. Calls answered NOSCRIPT are kept for a retry.
+    type Retry = (HostId, ScriptCall, Promise<Value>);
+    let retries: Rc<RefCell<Vec<Retry>>> = Rc::default();
+    let mut out = HashMap::new();
+    let mut session = cluster.session(&MapOptions::default())?;
+    {
+        let mut d = Dispatch::new(&mut session, router.clone());
+        for (key, host, calls) in entries {
+            let mut results = Vec::with_capacity(calls.len());
+            for call in calls {
+                let result = Promise::new();
+                match call {
+                    Call::Cmd(c) => {
+                        let p: Promise<Value> = d.send(host, &c);
+                        let r = result.clone();
+                        p.on_result(move |v| r.settle(v));
+                    }
+                    Call::Script(sc) => {
+                        let p: Promise<Value> = d.script(host, &sc);
+                        let (r, retries) = (result.clone(), retries.clone());
+                        p.on_result(move |v| match v {
+                            Err(e) if e.code() == Some("NOSCRIPT") => {
+                                retries.borrow_mut().push((host, sc, r))
+                            }
+                            v => r.settle(v),
+                        });
+                    }
+                }
+                results.push(result);
+            }
+            out.insert(key, results);
+        }
+    }
+    session.join();
+    let _ = session.finish();
+
+    // 3. Once more for the calls whose script vanished in between.
+    let retries = std::mem::take(&mut *retries.borrow_mut());
+    if !retries.is_empty() {
+        let mut session = cluster.session(&MapOptions::default())?;
+        {
+            let mut d = Dispatch::new(&mut session, router);
+            for (host, sc, result) in retries {
+                memory.forget(host, sc.script.sha1());
+                let p: Promise<Value> = d.script(host, &sc);
+                p.on_result(move |v| result.settle(v));
+            }
+        }
+        session.join();
+        let _ = session.finish();
+    }
+    Ok(out)
 }

@@ -12,6 +12,7 @@ use crate::conn::{HostEntry, HostTable, Pool};
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::{LoopOptions, Session};
 use crate::router::{self, Router, RouterKind};
+use crate::scripts::ScriptMemory;
 
 /// Options of a map or fanout (rb's `map(timeout=, max_concurrency=, auto_batch=)`).
 ///
@@ -178,6 +179,7 @@ impl ClusterBuilder {
                     router_choice: self.router,
                     router: None,
                 }),
+                scripts: Arc::default(),
             }),
         };
         cluster.router()?;
@@ -195,6 +197,7 @@ pub struct Cluster {
 
 struct ClusterInner {
     state: RwLock<ClusterState>,
+    scripts: Arc<ScriptMemory>,
 }
 
 struct ClusterState {
@@ -331,6 +334,7 @@ impl Cluster {
             return false;
         };
         removed.pool.clear();
+        self.inner.scripts.forget_host(id);
         let mut hosts = BTreeMap::new();
         for (hid, entry) in &state.table.hosts {
             if *hid != id {
@@ -364,9 +368,17 @@ impl Cluster {
             .map_or(0, |h| h.pool.idle_count())
     }
 
+    pub(crate) fn script_memory(&self) -> Arc<ScriptMemory> {
+        self.inner.scripts.clone()
+    }
+
     pub(crate) fn session(&self, opts: &MapOptions) -> Result<Session> {
         let table = self.read().table.clone();
-        Session::new(table, opts.to_loop(Instant::now()))
+        Session::new(
+            table,
+            self.inner.scripts.clone(),
+            opts.to_loop(Instant::now()),
+        )
     }
 
     /// A client that routes each command to its key's host and waits for
@@ -463,6 +475,36 @@ impl Cluster {
             Some(e) => Err(e),
             None => Ok(out),
         }
+    }
+
+    /// Runs lists of commands and script calls, each list on the host that
+    /// owns its key, all hosts at once (rb's `execute_commands`).
+    ///
+    /// Each list runs in order. A script a host may lack is checked with one
+    /// `SCRIPT EXISTS` per host and loaded before its `EVALSHA`; hosts known
+    /// to hold a script are remembered, so the next call skips both. A
+    /// `NOSCRIPT` reply (the script was flushed in between) reloads and
+    /// retries that call once. Each command's outcome is in its promise; the
+    /// call itself fails only when a key cannot be routed.
+    ///
+    /// ```no_run
+    /// # let cluster = rb::Cluster::from_urls(["redis://127.0.0.1:6379"])?;
+    /// let script = rb::Script::new("return {KEYS[1], ARGV[1]}");
+    /// let out = cluster.execute_commands([
+    ///     ("foo", vec![rb::cmd("SET").arg("foo").arg(1).into(), script.call(&["foo"], &["bar"]).into()]),
+    /// ])?;
+    /// let replies: Vec<rb::Value> = out["foo"].iter().map(|p| p.value()).collect::<Result<_, _>>()?;
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    pub fn execute_commands<K, I>(
+        &self,
+        mapping: I,
+    ) -> Result<std::collections::HashMap<K, Vec<crate::Promise<crate::Value>>>>
+    where
+        I: IntoIterator<Item = (K, Vec<crate::Call>)>,
+        K: ToArg + Eq + std::hash::Hash,
+    {
+        crate::client::execute_commands(self, mapping)
     }
 
     /// A fanout to every host (rb's `all`).

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::args::ToArg;
 use crate::client::Execute;
-use crate::cmd::{cmd, Cmd};
+use crate::cmd::{cmd, Cmd, Script};
 use crate::convert::FromValue;
 use crate::error::Result;
 use crate::resp::Value;
@@ -118,6 +118,17 @@ pub trait Commands: Execute + Sized {
     /// Any command, its reply converted to `T`.
     fn cmd<T: FromValue + 'static>(&mut self, command: Cmd) -> Self::Output<T> {
         self.execute(command)
+    }
+
+    /// Runs a Lua script with keys and arguments (`EVALSHA`, after a
+    /// `SCRIPT LOAD` where the host may lack it). Routed by its first key.
+    fn eval_script<K: ToArg, A: ToArg>(
+        &mut self,
+        script: &Script,
+        keys: &[K],
+        args: &[A],
+    ) -> Self::Output<Value> {
+        self.execute_script(script.call(keys, args))
     }
 
     // Strings and counters.

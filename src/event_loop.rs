@@ -30,6 +30,7 @@ use crate::config::HostInfo;
 use crate::conn::{Connection, HostTable};
 use crate::error::{Error, HostId, Phase, Result};
 use crate::promise::ReplyContext;
+use crate::scripts::ScriptMemory;
 
 /// A host's buffered bytes past which they are written while the caller
 /// is still enqueuing.
@@ -131,10 +132,15 @@ pub(crate) struct Session {
     /// The first failure of any request, in the order failures happened.
     failures: Rc<RefCell<Option<Error>>>,
     ready: Vec<(usize, bool, bool)>,
+    scripts: Arc<ScriptMemory>,
 }
 
 impl Session {
-    pub(crate) fn new(hosts: Arc<HostTable>, opts: LoopOptions) -> Result<Session> {
+    pub(crate) fn new(
+        hosts: Arc<HostTable>,
+        scripts: Arc<ScriptMemory>,
+        opts: LoopOptions,
+    ) -> Result<Session> {
         let poll = match IDLE_POLL.with(|p| p.borrow_mut().take()) {
             Some(p) => p,
             None => (
@@ -158,7 +164,13 @@ impl Session {
             opts,
             failures: Rc::default(),
             ready: Vec::new(),
+            scripts,
         })
+    }
+
+    /// The cluster's memory of loaded scripts.
+    pub(crate) fn scripts(&self) -> &Arc<ScriptMemory> {
+        &self.scripts
     }
 
     /// A shared record of the first failure; waiters write to it.

@@ -36,6 +36,7 @@ pub mod keyspec;
 pub mod promise;
 pub mod resp;
 pub mod router;
+mod scripts;
 pub mod testing;
 
 pub use args::ToArg;

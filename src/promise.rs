@@ -227,6 +227,11 @@ impl<T> Promise<T> {
         next
     }
 
+    /// Moves the settled result into `f` (the value leaves this promise).
+    pub(crate) fn on_result(&self, f: impl FnOnce(Result<T>) + 'static) {
+        self.on_take(f)
+    }
+
     /// Calls `on_ok` or `on_err` once settled (rb's `done`).
     pub fn done(&self, on_ok: impl FnOnce(&T) + 'static, on_err: impl FnOnce(&Error) + 'static)
     where

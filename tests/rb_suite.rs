@@ -766,45 +766,46 @@ fn test_batch_promise_all() {
 fn test_execute_commands() {
     let (_setup, cluster) = cluster(2, 2);
     let script = rb::Script::new("return {KEYS, ARGV}");
-    let mut noscript = 0;
-
-    let mut results: HashMap<&str, Vec<Value>> = HashMap::new();
-    for (key, first) in [
-        ("foo", rb::cmd("SET").arg("foo").arg("1")),
-        ("bar", rb::cmd("INCRBY").arg("bar").arg("2")),
-    ] {
-        let mut local = cluster.local_client_for_key(key).unwrap();
-        assert_eq!(local.host_id(), host_of(&cluster, key));
-        let mut out = vec![local.cmd::<Value>(first).unwrap()];
-        let call = script.call(&["key"], &["value"]);
-        let reply = match local.cmd::<Value>(call.evalsha()) {
-            Err(e) if e.code() == Some("NOSCRIPT") => {
-                noscript += 1;
-                let sha: String = local
-                    .cmd(rb::cmd("SCRIPT").arg("LOAD").arg(script.source()))
-                    .unwrap();
-                assert_eq!(sha, script.sha1());
-                local.cmd::<Value>(call.evalsha()).unwrap()
-            }
-            other => other.unwrap(),
-        };
-        out.push(reply);
-        out.push(local.cmd::<Value>(rb::cmd("GET").arg(key)).unwrap());
-        results.insert(key, out);
-    }
-    assert!(noscript >= 1, "fresh servers do not know the script");
-
+    let results = cluster
+        .execute_commands([
+            (
+                "foo",
+                vec![
+                    rb::cmd("SET").arg("foo").arg("1").into(),
+                    script.call(&["key"], &["value"]).into(),
+                    rb::cmd("GET").arg("foo").into(),
+                ],
+            ),
+            (
+                "bar",
+                vec![
+                    rb::cmd("INCRBY").arg("bar").arg("2").into(),
+                    script.call(&["key"], &["value"]).into(),
+                    rb::cmd("GET").arg("bar").into(),
+                ],
+            ),
+        ])
+        .unwrap();
+    let values =
+        |key: &str| -> Vec<Value> { results[key].iter().map(|p| p.value().unwrap()).collect() };
     let script_reply = Value::Array(vec![
         Value::Array(vec![bulk("key")]),
         Value::Array(vec![bulk("value")]),
     ]);
-    assert_eq!(results["foo"][0], Value::SimpleString("OK".into()));
-    assert_eq!(results["foo"][1], script_reply);
-    assert_eq!(results["foo"][2], bulk("1"));
-
-    assert_eq!(results["bar"][0], Value::Int(2));
-    assert_eq!(results["bar"][1], script_reply);
-    assert_eq!(results["bar"][2], bulk("2"));
+    assert_eq!(
+        values("foo"),
+        vec![
+            Value::SimpleString("OK".into()),
+            script_reply.clone(),
+            bulk("1")
+        ]
+    );
+    assert_eq!(values("bar"), vec![Value::Int(2), script_reply, bulk("2")]);
+    // The lists ran on their keys' hosts.
+    for key in ["foo", "bar"] {
+        let mut local = cluster.local_client(host_of(&cluster, key)).unwrap();
+        assert!(local.get(key).unwrap().is_some(), "{key} on its own host");
+    }
 }
 
 /// Waits (bounded) until every server of `setup` reports only the watcher's

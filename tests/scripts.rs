@@ -1,0 +1,161 @@
+//! Scripts: execute_commands remembers which hosts hold a script, survives
+//! SCRIPT FLUSH, and scripts run from maps, fanouts and the routing client.
+
+use std::collections::HashMap;
+
+use rb::testing::TestSetup;
+use rb::{Cluster, Commands, HostId, Value};
+
+/// `cmdstat_<name>` calls of one host, from INFO commandstats.
+fn calls(cluster: &Cluster, host: HostId, name: &str) -> i64 {
+    let mut local = cluster.local_client(host).unwrap();
+    let info = local.info(Some("commandstats")).unwrap();
+    info.get(&format!("cmdstat_{name}"))
+        .and_then(|v| v.split(',').next())
+        .and_then(|c| c.strip_prefix("calls="))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+fn reset_stats(cluster: &Cluster) {
+    cluster
+        .all(|c| c.cmd::<()>(rb::cmd("CONFIG").arg("RESETSTAT")))
+        .unwrap();
+}
+
+/// Calls summed over servers (stats are per server: 2 databases each here,
+/// so hosts 0 and 2 stand for the two servers).
+fn sum(cluster: &Cluster, name: &str) -> i64 {
+    cluster
+        .host_ids()
+        .into_iter()
+        .filter(|h| h % 2 == 0)
+        .map(|h| calls(cluster, h, name))
+        .sum()
+}
+
+fn run(cluster: &Cluster, script: &rb::Script, keys: &[&str]) -> HashMap<String, Vec<Value>> {
+    let out = cluster
+        .execute_commands(keys.iter().map(|k| {
+            (
+                k.to_string(),
+                vec![
+                    script.call(&[*k], &["arg"]).into(),
+                    rb::cmd("GET").arg(*k).into(),
+                ],
+            )
+        }))
+        .unwrap();
+    out.into_iter()
+        .map(|(k, ps)| (k, ps.iter().map(|p| p.value().unwrap()).collect()))
+        .collect()
+}
+
+#[test]
+fn second_call_sends_no_script_exists_and_flush_is_survived() {
+    let setup = TestSetup::new(2, 2).unwrap();
+    let cluster = setup.make_cluster().unwrap();
+    let script = rb::Script::new("redis.call('SET', KEYS[1], ARGV[1]) return KEYS[1]");
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+
+    reset_stats(&cluster);
+    let first = run(&cluster, &script, &keys);
+    for k in &keys {
+        assert_eq!(
+            first[*k],
+            vec![
+                Value::BulkString(k.as_bytes().to_vec()),
+                Value::BulkString(b"arg".to_vec())
+            ]
+        );
+    }
+    // One SCRIPT EXISTS per host (4 hosts, as rb), loads where missing.
+    assert_eq!(sum(&cluster, "script|exists"), 4);
+    assert!(sum(&cluster, "script|load") >= 2);
+    assert_eq!(sum(&cluster, "evalsha"), 40);
+
+    reset_stats(&cluster);
+    run(&cluster, &script, &keys);
+    assert_eq!(
+        sum(&cluster, "script|exists"),
+        0,
+        "the cluster remembers the script"
+    );
+    assert_eq!(sum(&cluster, "script|load"), 0);
+    assert_eq!(sum(&cluster, "evalsha"), 40);
+
+    // Flushed behind the cluster's back: NOSCRIPT, reload, retry once.
+    cluster
+        .all(|c| c.cmd::<()>(rb::cmd("SCRIPT").arg("FLUSH")))
+        .unwrap();
+    reset_stats(&cluster);
+    let again = run(&cluster, &script, &keys);
+    for k in &keys {
+        assert_eq!(again[*k][0], Value::BulkString(k.as_bytes().to_vec()));
+    }
+    assert_eq!(sum(&cluster, "script|exists"), 0);
+    assert!(
+        sum(&cluster, "script|load") >= 2,
+        "reloaded after the flush"
+    );
+    assert_eq!(sum(&cluster, "evalsha"), 80, "every call retried once");
+}
+
+#[test]
+fn scripts_from_map_fanout_and_routing_client() {
+    let setup = TestSetup::new(2, 2).unwrap();
+    let cluster = setup.make_cluster().unwrap();
+    let script = rb::Script::new("return redis.call('INCRBY', KEYS[1], ARGV[1])");
+
+    let mut ps = Vec::new();
+    cluster
+        .map(|c| {
+            for i in 0..20 {
+                ps.push(c.eval_script(&script, &[format!("n{i}")], &[i]));
+            }
+        })
+        .unwrap();
+    for (i, p) in ps.iter().enumerate() {
+        assert_eq!(p.value().unwrap(), Value::Int(i as i64));
+    }
+
+    let mut client = cluster.routing_client();
+    assert_eq!(
+        client.eval_script(&script, &["n5"], &[10]).unwrap(),
+        Value::Int(15)
+    );
+    // After a flush the routing client reloads and retries.
+    cluster
+        .all(|c| c.cmd::<()>(rb::cmd("SCRIPT").arg("FLUSH")))
+        .unwrap();
+    assert_eq!(
+        client.eval_script(&script, &["n5"], &[1]).unwrap(),
+        Value::Int(16)
+    );
+
+    let per_host = cluster
+        .all(|c| c.eval_script(&rb::Script::new("return 7"), &[] as &[&str], &[] as &[&str]))
+        .unwrap();
+    let per_host = per_host.value().unwrap();
+    assert_eq!(per_host.len(), 4);
+    assert!(per_host.values().all(|v| *v == Value::Int(7)));
+
+    // Keyless script calls cannot be routed.
+    let e = client
+        .eval_script(&script, &[] as &[&str], &[1])
+        .unwrap_err();
+    assert!(matches!(e, rb::Error::Unroutable { .. }), "{e}");
+}
+
+#[test]
+fn script_errors_are_server_errors_naming_the_host() {
+    let setup = TestSetup::new(1, 1).unwrap();
+    let cluster = setup.make_cluster().unwrap();
+    let mut client = cluster.routing_client();
+    let bad = rb::Script::new("return redis.call('NOSUCHCOMMAND')");
+    let e = client
+        .eval_script(&bad, &["k"], &[] as &[&str])
+        .unwrap_err();
+    assert!(e.to_string().contains("host 0"), "{e}");
+    assert!(matches!(e, rb::Error::Server { .. }), "{e}");
+}
