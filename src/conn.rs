@@ -27,6 +27,8 @@ const KEEP_READ_BUFFER: usize = 1024 * 1024;
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<crate::tls::TlsStream>),
 }
 
 impl Stream {
@@ -34,6 +36,8 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.read(buf),
         }
     }
 
@@ -41,6 +45,34 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    /// Sends bytes buffered below us (TLS records); true when none are left.
+    fn flush(&mut self) -> io::Result<bool> {
+        match self {
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.flush(),
+            _ => Ok(true),
+        }
+    }
+
+    fn wants_write(&self) -> bool {
+        match self {
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.wants_write(),
+            _ => false,
+        }
+    }
+
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Tcp(s) => Some(s),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Some(s.socket_ref()),
+            Stream::Unix(_) => None,
         }
     }
 
@@ -48,9 +80,18 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s,
             Stream::Unix(s) => s,
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.socket(),
         }
     }
 }
+
+/// TLS settings built once per host pool.
+#[cfg(feature = "tls")]
+pub(crate) type TlsConfig = Arc<rustls::ClientConfig>;
+/// Without the `tls` feature there is nothing to build.
+#[cfg(not(feature = "tls"))]
+pub(crate) type TlsConfig = ();
 
 /// A connection to one host.
 pub(crate) struct Connection {
@@ -78,6 +119,16 @@ pub(crate) struct Connection {
 }
 
 fn io_error(host: &HostName, e: &io::Error) -> Error {
+    #[cfg(feature = "tls")]
+    if let Some(failure) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<crate::tls::TlsFailure>())
+    {
+        return Error::Tls {
+            host: host.clone(),
+            reason: failure.0.as_str().into(),
+        };
+    }
     Error::Connection {
         host: host.clone(),
         command: None,
@@ -88,14 +139,8 @@ fn io_error(host: &HostName, e: &io::Error) -> Error {
 
 impl Connection {
     /// Starts a non-blocking connect; the handshake is queued to go first.
-    pub(crate) fn connect(host: Arc<HostInfo>) -> Result<Connection> {
+    pub(crate) fn connect(host: Arc<HostInfo>, tls: Option<TlsConfig>) -> Result<Connection> {
         let name = host.name().clone();
-        if host.tls {
-            return Err(Error::Tls {
-                host: name,
-                reason: "TLS is not available in this build of rb".into(),
-            });
-        }
         let (stream, connected) = match &host.unix_socket_path {
             Some(path) => (
                 Stream::Unix(UnixStream::connect(path).map_err(|e| io_error(&name, &e))?),
@@ -107,7 +152,20 @@ impl Connection {
                 // Latency matters more than packet count: requests are
                 // already coalesced in our own buffer.
                 let _ = stream.set_nodelay(true);
-                (Stream::Tcp(stream), false)
+                match (host.tls, tls) {
+                    (false, _) => (Stream::Tcp(stream), false),
+                    #[cfg(feature = "tls")]
+                    (true, Some(config)) => (
+                        Stream::Tls(Box::new(crate::tls::TlsStream::new(&host, config, stream)?)),
+                        false,
+                    ),
+                    (true, _) => {
+                        return Err(Error::Tls {
+                            host: name,
+                            reason: "TLS needs rb built with the `tls` feature".into(),
+                        })
+                    }
+                }
             }
         };
         let mut conn = Connection {
@@ -192,7 +250,7 @@ impl Connection {
         if self.connected {
             return Ok(true);
         }
-        let Stream::Tcp(stream) = &self.stream else {
+        let Some(stream) = self.stream.tcp() else {
             self.connected = true;
             return Ok(true);
         };
@@ -238,7 +296,14 @@ impl Connection {
                 Err(e) => return Err(io_error(self.host.name(), &e)),
             }
         }
-        Ok(true)
+        self.stream
+            .flush()
+            .map_err(|e| io_error(self.host.name(), &e))
+    }
+
+    /// Bytes below us (TLS records) are waiting for the socket.
+    pub(crate) fn wants_write(&self) -> bool {
+        self.stream.wants_write()
     }
 
     fn closed_error(&self) -> Error {
@@ -362,6 +427,8 @@ fn resolve(host: &HostInfo) -> Result<SocketAddr> {
 pub(crate) struct Pool {
     idle: Mutex<Vec<Connection>>,
     max_idle: usize,
+    /// Built on the first TLS connect, then shared by every connection.
+    tls: std::sync::OnceLock<std::result::Result<TlsConfig, Error>>,
 }
 
 impl Pool {
@@ -369,7 +436,25 @@ impl Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
             max_idle,
+            tls: std::sync::OnceLock::new(),
         }
+    }
+
+    /// A new connection to `host` (its TLS settings built once).
+    pub(crate) fn connect(&self, host: &Arc<HostInfo>) -> Result<Connection> {
+        if !host.tls {
+            return Connection::connect(host.clone(), None);
+        }
+        #[cfg(feature = "tls")]
+        let config = self
+            .tls
+            .get_or_init(|| crate::tls::client_config(host))
+            .clone()?;
+        #[cfg(not(feature = "tls"))]
+        let config = {
+            let _ = &self.tls;
+        };
+        Connection::connect(host.clone(), Some(config))
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
@@ -390,7 +475,7 @@ impl Pool {
                     }
                     // Stale: dropped (closed) here, try the next one.
                 }
-                None => return Connection::connect(host.clone()),
+                None => return self.connect(host),
             }
         }
     }

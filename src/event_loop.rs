@@ -399,6 +399,12 @@ impl Session {
             }
             if readable {
                 self.read_slot(i);
+                // Reading TLS records can leave records to send (handshake
+                // steps), and the socket may stay writable with no new event.
+                let slot = &self.slots[i];
+                if slot.conn.as_ref().is_some_and(|c| c.wants_write()) {
+                    self.write_slot(i);
+                }
             }
         }
         self.ready = ready;
@@ -496,7 +502,7 @@ impl Session {
             if stale && transport {
                 slot.retried = true;
                 slot.written = 0;
-                let fresh = Connection::connect(slot.host.clone());
+                let fresh = slot.pool.connect(&slot.host);
                 match fresh {
                     Ok(c) => return self.install(i, Ok(c)),
                     Err(e) => error = e,

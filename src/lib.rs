@@ -38,6 +38,8 @@ pub mod resp;
 pub mod router;
 mod scripts;
 pub mod testing;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use args::ToArg;
 pub use client::{Execute, FanoutClient, LocalClient, MappingClient, RoutingClient};
@@ -50,3 +52,8 @@ pub use error::{Error, HostId, HostName, Phase, Result};
 pub use promise::Promise;
 pub use resp::Value;
 pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};
+
+/// The README's examples, compiled (and run where no server is needed) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

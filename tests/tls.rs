@@ -1,0 +1,280 @@
+//! TLS against real redis-servers with a CA and certificates made here
+//! (openssl), on a TLS-only port (`port 0`).
+#![cfg(feature = "tls")]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use rb::{Cluster, Commands, HostConfig, TlsOptions};
+
+/// A CA, a server certificate for 127.0.0.1 signed by it, and a second,
+/// unrelated CA.
+struct Certs {
+    dir: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let dir = std::env::temp_dir().join(format!(
+            "rb-tls-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for ca in ["ca", "other-ca"] {
+            openssl(
+                &dir,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN=rb test {ca}"),
+                    "-keyout",
+                    &format!("{ca}.key"),
+                    "-out",
+                    &format!("{ca}.crt"),
+                ],
+            );
+        }
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+            ],
+        );
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                "server.crt",
+            ],
+        );
+        Certs { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A redis-server with only a TLS port.
+struct TlsServer {
+    child: Child,
+    port: u16,
+}
+
+impl TlsServer {
+    fn start(certs: &Certs) -> TlsServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--tls-cert-file",
+                certs.path("server.crt").to_str().unwrap(),
+            ])
+            .args(["--tls-key-file", certs.path("server.key").to_str().unwrap()])
+            .args(["--tls-ca-cert-file", certs.path("ca.crt").to_str().unwrap()])
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--databases",
+                "4",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let out = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(out).lines();
+        let mut log = String::new();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    log.push_str(&line);
+                    log.push('\n');
+                    if line
+                        .to_ascii_lowercase()
+                        .contains("ready to accept connections")
+                    {
+                        break;
+                    }
+                }
+                _ => panic!("TLS redis-server did not start:\n{log}"),
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        TlsServer { child, port }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_cluster(server: &TlsServer, options: TlsOptions, hosts: u32) -> Cluster {
+    Cluster::builder()
+        .host_defaults(
+            HostConfig::new()
+                .host("127.0.0.1")
+                .port(server.port)
+                .tls(true)
+                .tls_options(options),
+        )
+        .hosts((0..hosts).map(|db| HostConfig::new().db(i64::from(db))))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn map_over_tls_hosts() {
+    let certs = Certs::new();
+    let server = TlsServer::start(&certs);
+    let options = TlsOptions {
+        ca_file: Some(certs.path("ca.crt")),
+        ..TlsOptions::default()
+    };
+    let cluster = tls_cluster(&server, options, 4);
+    let mut promises = Vec::new();
+    cluster
+        .map(|c| {
+            for i in 0..2000 {
+                c.set(format!("k{i}"), i);
+            }
+            for i in 0..2000 {
+                promises.push(c.get(format!("k{i}")));
+            }
+        })
+        .unwrap();
+    for (i, p) in promises.iter().enumerate() {
+        assert_eq!(p.value().unwrap(), Some(i.to_string().into_bytes()));
+    }
+    let sizes = cluster.all(|c| c.dbsize()).unwrap().value().unwrap();
+    assert_eq!(sizes.values().sum::<i64>(), 2000);
+    assert_eq!(sizes.len(), 4);
+    // Pooled TLS connections are reused.
+    let mut client = cluster.routing_client();
+    assert_eq!(client.incr("counter").unwrap(), 1);
+    assert_eq!(client.incr("counter").unwrap(), 2);
+
+    // rediss:// URLs with a CA file given in code.
+    let url = format!("rediss://127.0.0.1:{}/1", server.port);
+    let cfg = HostConfig::from_url(&url).unwrap().tls_options(TlsOptions {
+        ca_file: Some(certs.path("ca.crt")),
+        ..TlsOptions::default()
+    });
+    let c = Cluster::builder().host(0, cfg).build().unwrap();
+    assert_eq!(c.local_client(0).unwrap().ping().unwrap(), "PONG");
+}
+
+#[test]
+fn wrong_ca_is_a_clear_tls_error_naming_the_host() {
+    let certs = Certs::new();
+    let server = TlsServer::start(&certs);
+    let wrong = TlsOptions {
+        ca_file: Some(certs.path("other-ca.crt")),
+        ..TlsOptions::default()
+    };
+    let cluster = tls_cluster(&server, wrong, 1);
+    let err = cluster.routing_client().set("k", 1).unwrap_err();
+    assert!(matches!(err, rb::Error::Tls { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("host 0"), "{text}");
+    assert!(
+        text.contains("TLS error") && text.to_lowercase().contains("certificate"),
+        "{text}"
+    );
+
+    // Skipping verification (tests only) gets through.
+    let insecure = TlsOptions {
+        insecure_skip_verify: true,
+        ..TlsOptions::default()
+    };
+    let cluster = tls_cluster(&server, insecure, 1);
+    assert_eq!(cluster.local_client(0).unwrap().ping().unwrap(), "PONG");
+}
+
+#[test]
+fn missing_ca_file_is_a_tls_error() {
+    let certs = Certs::new();
+    let server = TlsServer::start(&certs);
+    let options = TlsOptions {
+        ca_file: Some(certs.path("does-not-exist.crt")),
+        ..TlsOptions::default()
+    };
+    let err = tls_cluster(&server, options, 1)
+        .local_client(0)
+        .unwrap()
+        .ping()
+        .unwrap_err();
+    assert!(matches!(err, rb::Error::Tls { .. }), "{err}");
+    assert!(err.to_string().contains("does-not-exist.crt"), "{err}");
+}
