@@ -237,7 +237,10 @@ impl Batcher {
     /// `MSET`) and returns what its reply answers.
     pub(crate) fn flush(&mut self, out: &mut Vec<u8>) -> Option<Expect> {
         let kind = self.kind.take()?;
-        let waiters = std::mem::take(&mut self.waiters);
+        // The next run is likely as long as this one: size it once instead
+        // of growing it step by step (each large step costs the allocator).
+        let next = Vec::with_capacity(self.waiters.len());
+        let waiters = std::mem::replace(&mut self.waiters, next);
         let args_per = match kind {
             BatchKind::Get => 1,
             BatchKind::Set => 2,

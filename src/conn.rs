@@ -428,6 +428,7 @@ pub(crate) struct Pool {
     idle: Mutex<Vec<Connection>>,
     max_idle: usize,
     /// Built on the first TLS connect, then shared by every connection.
+    #[cfg(feature = "tls")]
     tls: std::sync::OnceLock<std::result::Result<TlsConfig, Error>>,
 }
 
@@ -436,6 +437,7 @@ impl Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
             max_idle,
+            #[cfg(feature = "tls")]
             tls: std::sync::OnceLock::new(),
         }
     }
@@ -450,11 +452,11 @@ impl Pool {
             .tls
             .get_or_init(|| crate::tls::client_config(host))
             .clone()?;
+        #[cfg(feature = "tls")]
+        return Connection::connect(host.clone(), Some(config));
+        // Without the feature, connect() refuses TLS hosts with a clear error.
         #[cfg(not(feature = "tls"))]
-        let config = {
-            let _ = &self.tls;
-        };
-        Connection::connect(host.clone(), Some(config))
+        Connection::connect(host.clone(), None)
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {

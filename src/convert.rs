@@ -270,6 +270,25 @@ fn pairs<K: FromValue, V: FromValue>(value: Value, expected: &'static str) -> Re
     let pairs = match value.strip_attributes() {
         Value::Map(pairs) => pairs,
         Value::Nil => Vec::new(),
+        // RESP3 sends some pair lists as an array of two-element arrays
+        // (`ZRANGE ... WITHSCORES`, `HRANDFIELD ... WITHVALUES`).
+        Value::Array(items)
+            if !items.is_empty()
+                && items
+                    .iter()
+                    .all(|i| matches!(i, Value::Array(p) if p.len() == 2)) =>
+        {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                if let Value::Array(pair) = item {
+                    let mut pair = pair.into_iter();
+                    if let (Some(k), Some(v)) = (pair.next(), pair.next()) {
+                        out.push((k, v));
+                    }
+                }
+            }
+            out
+        }
         Value::Array(items) => {
             if items.len() % 2 != 0 {
                 return Err(Error::type_mismatch(
@@ -394,6 +413,13 @@ mod tests {
         let m3: HashMap<String, i64> = from_value(resp3).unwrap();
         assert_eq!(m2, m3);
         assert_eq!(m2["b"], 2);
+
+        let nested = Value::Array(vec![
+            Value::Array(vec![bulk("a"), Value::Double(1.0)]),
+            Value::Array(vec![bulk("b"), Value::Double(2.0)]),
+        ]);
+        let m3: HashMap<String, f64> = from_value(nested).unwrap();
+        assert_eq!(m3["b"], 2.0);
 
         let flat: Vec<(String, f64)> = from_value(resp2).unwrap();
         assert_eq!(flat, vec![("a".into(), 1.0), ("b".into(), 2.0)]);

@@ -72,6 +72,8 @@ struct Slot {
     /// Set once the host failed; later requests to it fail at once.
     failed: Option<Error>,
     connect_deadline: Option<Instant>,
+    /// Counts the connections installed, to tell a replaced one apart.
+    generation: u64,
 }
 
 impl Slot {
@@ -199,6 +201,7 @@ impl Session {
             retried: false,
             failed: None,
             connect_deadline: None,
+            generation: 0,
         });
         self.index.insert(id, i);
         Ok(i)
@@ -238,6 +241,7 @@ impl Session {
         }
         slot.writable = conn.is_connected();
         slot.sent = false;
+        slot.generation += 1;
         slot.connect_deadline =
             (!conn.is_connected()).then(|| Instant::now() + slot.host.connect_timeout);
         slot.conn = Some(conn);
@@ -453,7 +457,15 @@ impl Session {
                 }
             }
             Ok(false) => slot.writable = false,
-            Err(e) => self.fail_slot(i, e),
+            Err(e) => {
+                // Replies that arrived before the failure still count.
+                let generation = self.slots[i].generation;
+                self.read_slot(i);
+                let slot = &self.slots[i];
+                if slot.conn.is_some() && slot.generation == generation {
+                    self.fail_slot(i, e);
+                }
+            }
         }
     }
 
