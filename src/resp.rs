@@ -312,6 +312,8 @@ struct Scanner {
 
 /// What one header line says.
 enum Head {
+    /// A null (`_`, `$-1`, `*-1`) that ends at the given offset.
+    Null(usize),
     /// A scalar that ends at the given offset.
     Done(usize),
     /// An aggregate expecting this many elements, its header ending at the offset.
@@ -342,7 +344,7 @@ impl Scanner {
                     self.open.push(count);
                     self.pos = end;
                 }
-                Head::Open(_, end) | Head::Done(end) => {
+                Head::Open(_, end) | Head::Done(end) | Head::Null(end) => {
                     self.pos = end;
                     // One element finished: close every aggregate it completes.
                     loop {
@@ -477,7 +479,7 @@ fn scan_one(buf: &[u8], pos: usize) -> Result<Option<Head>> {
             None => return Ok(None),
         },
         b'_' => match find_line(buf, start, MAX_NUMBER_LEN)? {
-            Some(end) if end == start => Head::Done(end + 2),
+            Some(end) if end == start => Head::Null(end + 2),
             Some(_) => return Err(Error::protocol("null with a body")),
             None => return Ok(None),
         },
@@ -486,7 +488,7 @@ fn scan_one(buf: &[u8], pos: usize) -> Result<Option<Head>> {
                 return Ok(None);
             };
             if n == -1 && kind == b'$' {
-                return Ok(Some(Head::Done(body)));
+                return Ok(Some(Head::Null(body)));
             }
             let len = blob_len(n, kind)?;
             if kind == b'=' && len < 4 {
@@ -517,7 +519,7 @@ fn scan_one(buf: &[u8], pos: usize) -> Result<Option<Head>> {
                 return Ok(None);
             };
             if n == -1 && kind == b'*' {
-                return Ok(Some(Head::Done(end)));
+                return Ok(Some(Head::Null(end)));
             }
             if n < 0 {
                 return Err(Error::protocol(format!(
@@ -593,6 +595,10 @@ fn build_at(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<Value>> 
     };
     let kind = buf[*pos];
     match head {
+        Head::Null(end) => {
+            *pos = end;
+            Ok(Some(Value::Nil))
+        }
         Head::Done(end) => {
             let v = scalar(kind, &buf[*pos + 1..end - 2])?;
             *pos = end;
@@ -648,13 +654,7 @@ fn scalar(kind: u8, body: &[u8]) -> Result<Value> {
         b',' => Value::Double(parse_double(body)?),
         b'#' => Value::Boolean(parse_bool(body)?),
         b':' => Value::Int(parse_int(body)?),
-        // `_`, and the RESP2 nulls `$-1` / `*-1`.
-        b'_' | b'*' => Value::Nil,
         b'$' | b'!' | b'=' => {
-            // `$-1` has no body, so no CRLF is left inside it.
-            if body == b"-1" {
-                return Ok(Value::Nil);
-            }
             let Some(crlf) = body.iter().position(|&b| b == b'\r') else {
                 return Err(Error::protocol("bulk header without CRLF"));
             };
@@ -887,6 +887,15 @@ mod tests {
             decode(b"%9223372036854775807\r\n").unwrap(),
             None.or(decode(b"%9223372036854775807\r\n").unwrap())
         );
+    }
+
+    #[test]
+    fn nulls_with_leading_zeros() {
+        // Found by fuzzing: `$-00000001` is a null like `$-1`, in one-shot
+        // decoding as in streaming.
+        let frame = b"*3\r\n$-00000001\r\n*-01\r\n_\r\n";
+        assert_eq!(one(frame), Value::Array(vec![Value::Nil, Value::Nil, Value::Nil]));
+        assert_eq!(decode(&frame[..frame.len() - 1]).unwrap(), None);
     }
 
     #[test]
