@@ -111,7 +111,7 @@ impl Expect {
                     }
                     (BatchKind::Set, ok) => {
                         for waiter in waiters {
-                            waiter.accept(Ok(ok.clone()), &ctx);
+                            waiter.accept_shared(&ok, &ctx);
                         }
                     }
                     (BatchKind::Get, other) => {
@@ -308,14 +308,15 @@ impl MultiKey {
         if cmd.arg_count() < 2 {
             return None;
         }
-        let kind = if cmd.is(b"MGET") {
-            MultiKey::Mget
-        } else if cmd.is(b"MSET") {
-            MultiKey::Mset
-        } else if cmd.is(b"DEL") || cmd.is(b"UNLINK") || cmd.is(b"EXISTS") || cmd.is(b"TOUCH") {
-            MultiKey::Count
-        } else {
-            return None;
+        // Most commands are none of these: tell by the first letter.
+        let kind = match cmd.name().first().map(u8::to_ascii_uppercase) {
+            Some(b'M') if cmd.is(b"MGET") => MultiKey::Mget,
+            Some(b'M') if cmd.is(b"MSET") => MultiKey::Mset,
+            Some(b'D') if cmd.is(b"DEL") => MultiKey::Count,
+            Some(b'U') if cmd.is(b"UNLINK") => MultiKey::Count,
+            Some(b'E') if cmd.is(b"EXISTS") => MultiKey::Count,
+            Some(b'T') if cmd.is(b"TOUCH") => MultiKey::Count,
+            _ => return None,
         };
         let keys = match kind {
             MultiKey::Mset => cmd.arg_count() / 2,

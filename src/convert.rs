@@ -23,6 +23,13 @@ pub trait FromValue: Sized {
         None
     }
 
+    /// Converts without taking the value, for types that need none of it
+    /// (`()`); `None` means "take a clone instead".
+    #[doc(hidden)]
+    fn from_shared(_value: &Value) -> Option<Result<Self>> {
+        None
+    }
+
     /// For tuples: their arity, so `Vec<(A, B)>` can read a flat RESP2 array
     /// (`ZRANGE ... WITHSCORES`) as well as a RESP3 array of pairs.
     #[doc(hidden)]
@@ -55,6 +62,13 @@ impl FromValue for () {
         match value.strip_attributes() {
             v @ Value::Error { .. } => mismatch("()", &v),
             _ => Ok(()),
+        }
+    }
+
+    fn from_shared(value: &Value) -> Option<Result<Self>> {
+        match value {
+            Value::Error { .. } | Value::Attribute { .. } => None,
+            _ => Some(Ok(())),
         }
     }
 }

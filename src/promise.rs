@@ -336,12 +336,25 @@ impl ReplyContext<'_> {
 pub(crate) trait ReplySink {
     /// Settles with the reply, converted.
     fn accept(&self, reply: Result<Value>, ctx: &ReplyContext<'_>);
+
+    /// Settles with one reply shared by many (the `OK` of a merged `MSET`),
+    /// cloning it only when the target type needs it.
+    fn accept_shared(&self, reply: &Value, ctx: &ReplyContext<'_>) {
+        self.accept(Ok(reply.clone()), ctx)
+    }
 }
 
 impl<T: FromValue> ReplySink for RefCell<State<T>> {
     fn accept(&self, reply: Result<Value>, ctx: &ReplyContext<'_>) {
         let result = reply.and_then(T::from_value).map_err(|e| ctx.failed(e));
         settle_cell(self, result)
+    }
+
+    fn accept_shared(&self, reply: &Value, ctx: &ReplyContext<'_>) {
+        match T::from_shared(reply) {
+            Some(result) => settle_cell(self, result.map_err(|e| ctx.failed(e))),
+            None => self.accept(Ok(reply.clone()), ctx),
+        }
     }
 }
 

@@ -201,6 +201,18 @@ pub(crate) fn itoa(n: i64) -> ItoaBuf {
         bytes: [0; 20],
         start: 20,
     };
+    // Lengths and counts are mostly one or two digits.
+    if (0..100).contains(&n) {
+        let n = n as u8;
+        if n >= 10 {
+            buf.start = 18;
+            buf.bytes[18] = b'0' + n / 10;
+        } else {
+            buf.start = 19;
+        }
+        buf.bytes[19] = b'0' + n % 10;
+        return buf;
+    }
     let negative = n < 0;
     let mut rest = n.unsigned_abs();
     loop {
@@ -590,6 +602,10 @@ fn check_big_number(text: &[u8]) -> Result<()> {
 /// by the bytes after its header, a bulk string's by its bytes, which are
 /// only copied once all there.
 fn build_at(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<Value>> {
+    if let Some((value, end)) = plain_bulk(buf, *pos) {
+        *pos = end;
+        return Ok(Some(value));
+    }
     let Some(head) = scan_one(buf, *pos)? else {
         return Ok(None);
     };
@@ -642,6 +658,40 @@ fn build_at(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<Value>> 
             }))
         }
     }
+}
+
+/// The common case of a whole, short-headed bulk string (`$<1-9 digits>\r\n`
+/// then the bytes and CRLF), decoded in one tight pass. Anything else
+/// (nulls, odd digits, incomplete input, errors) returns `None` and takes
+/// the general path, which validates and reports it.
+fn plain_bulk(buf: &[u8], pos: usize) -> Option<(Value, usize)> {
+    let rest = buf.get(pos..)?;
+    if rest.first() != Some(&b'$') {
+        return None;
+    }
+    let mut len = 0usize;
+    let mut i = 1;
+    loop {
+        let b = *rest.get(i)?;
+        if b == b'\r' {
+            break;
+        }
+        // At most 9 digits: no overflow, and 512 MiB is checked below.
+        if !b.is_ascii_digit() || i > 9 {
+            return None;
+        }
+        len = len * 10 + usize::from(b - b'0');
+        i += 1;
+    }
+    if i == 1 || len > MAX_BULK_LEN || rest.get(i + 1) != Some(&b'\n') {
+        return None;
+    }
+    let start = i + 2;
+    let end = start + len;
+    if rest.get(end..end + 2)? != b"\r\n" {
+        return None;
+    }
+    Some((Value::BulkString(rest[start..end].to_vec()), pos + end + 2))
 }
 
 /// The value of a whole scalar frame; `body` is what follows the type byte,
@@ -894,7 +944,10 @@ mod tests {
         // Found by fuzzing: `$-00000001` is a null like `$-1`, in one-shot
         // decoding as in streaming.
         let frame = b"*3\r\n$-00000001\r\n*-01\r\n_\r\n";
-        assert_eq!(one(frame), Value::Array(vec![Value::Nil, Value::Nil, Value::Nil]));
+        assert_eq!(
+            one(frame),
+            Value::Array(vec![Value::Nil, Value::Nil, Value::Nil])
+        );
         assert_eq!(decode(&frame[..frame.len() - 1]).unwrap(), None);
     }
 
