@@ -1,12 +1,14 @@
 //! RESP2 and RESP3: the [`Value`] type, its encoder, and an incremental
 //! decoder with limits.
 //!
-//! The decoder works in two passes over the bytes received so far. A
-//! [`Scanner`] walks the frame without allocating and reports whether a whole
-//! reply is there (`Ok(None)` = need more bytes); only then does the builder
-//! allocate the [`Value`], so no allocation is ever sized from a length whose
-//! bytes have not arrived. The scanner keeps its place between calls, so a
-//! large reply that arrives in many reads is scanned once, not once per read.
+//! [`decode`] builds a reply in one pass when all its bytes are there, and
+//! returns `Ok(None)` (need more bytes) otherwise. Allocations are bounded
+//! by the bytes received: an aggregate's capacity by the bytes behind its
+//! header, a bulk string's by its bytes, copied only once all arrived. The
+//! streaming [`Decoder`] adds a scanner that walks an incomplete reply
+//! without allocating and keeps its place between reads, so a large reply
+//! that arrives in many reads is scanned once, not once per read. Both share
+//! one validation routine, so they accept and refuse exactly the same bytes.
 //!
 //! Limits (each breach is an [`Error::Protocol`]):
 //! - a bulk string is at most [`MAX_BULK_LEN`] bytes (Redis' `proto-max-bulk-len`);

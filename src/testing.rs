@@ -174,6 +174,10 @@ impl TestSetup {
     }
 
     /// The unix socket of server `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= server_count()`, like slice indexing.
     pub fn socket(&self, i: usize) -> &Path {
         &self.servers[i].socket
     }
@@ -184,6 +188,10 @@ impl TestSetup {
     }
 
     /// The host config of server `i`, database `db`.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= server_count()`, like slice indexing.
     pub fn host_config(&self, i: usize, db: usize) -> HostConfig {
         HostConfig::new()
             .unix_socket_path(self.servers[i].socket.to_string_lossy().into_owned())
@@ -192,7 +200,7 @@ impl TestSetup {
 
     /// The TCP port of server `i`, for a setup made with [`TestSetup::with_tcp`].
     pub fn tcp_port(&self, i: usize) -> Option<u16> {
-        self.servers[i].tcp_port
+        self.servers.get(i).and_then(|s| s.tcp_port)
     }
 
     /// A builder with one host per server and database: host
@@ -215,7 +223,7 @@ impl TestSetup {
 
     /// The OS process id of server `i`, while it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
-        self.servers[i].child.as_ref().map(Child::id)
+        self.servers.get(i)?.child.as_ref().map(Child::id)
     }
 
     fn signal(&self, i: usize, signal: &str) -> Result<()> {
@@ -246,11 +254,16 @@ impl TestSetup {
 
     /// Kills server `i` (SIGKILL) and reaps it.
     pub fn kill(&mut self, i: usize) -> Result<()> {
-        if let Some(mut child) = self.servers[i].child.take() {
+        let count = self.servers.len();
+        let server = self
+            .servers
+            .get_mut(i)
+            .ok_or_else(|| testing_error(format!("no server {i} (there are {count})")))?;
+        if let Some(mut child) = server.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_file(&self.servers[i].socket);
+        let _ = std::fs::remove_file(&server.socket);
         Ok(())
     }
 
