@@ -15,16 +15,22 @@ use crate::convert::FromValue;
 use crate::error::{Error, HostName, Result};
 use crate::resp::Value;
 
-type Callback<T> = Box<dyn FnOnce(&Result<T>)>;
+type Callback<T> = Box<dyn FnOnce(Result<&T, &Error>)>;
 type Taker<T> = Box<dyn FnOnce(Result<T>)>;
 
+/// Who waits on a pending promise; allocated on the first subscription, so
+/// a promise nobody subscribes to (the common case in a map) stays small.
+struct Waiting<T> {
+    callbacks: Vec<Callback<T>>,
+    /// At most one subscriber that moves the value out once callbacks ran.
+    taker: Option<Taker<T>>,
+}
+
 enum State<T> {
-    Pending {
-        callbacks: Vec<Callback<T>>,
-        /// At most one subscriber that moves the value out once callbacks ran.
-        taker: Option<Taker<T>>,
-    },
-    Settled(Result<T>),
+    Pending(Option<Box<Waiting<T>>>),
+    /// The error is boxed: a pending promise stays small (a map holds
+    /// one per command), and errors are rare.
+    Settled(Result<T, Box<Error>>),
     /// Resolved, and the value moved out with [`Promise::take`].
     Taken,
 }
@@ -61,7 +67,7 @@ impl<T> Default for Promise<T> {
 impl<T> fmt::Debug for Promise<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state.try_borrow().as_deref() {
-            Ok(State::Pending { .. }) => "pending",
+            Ok(State::Pending(_)) => "pending",
             Ok(State::Settled(Ok(_)) | State::Taken) => "resolved",
             Ok(State::Settled(Err(_))) => "rejected",
             Err(_) => "settling",
@@ -76,6 +82,14 @@ fn pending_error() -> Error {
     }
 }
 
+/// A settled result as callbacks see it.
+fn view<T>(result: &Result<T, Box<Error>>) -> Result<&T, &Error> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(e) => Err(e),
+    }
+}
+
 fn taken_error() -> Error {
     Error::Pending {
         reason: "the promise's value was already taken".into(),
@@ -86,10 +100,7 @@ impl<T> Promise<T> {
     /// A pending promise.
     pub fn new() -> Promise<T> {
         Promise {
-            state: Rc::new(RefCell::new(State::Pending {
-                callbacks: Vec::new(),
-                taker: None,
-            })),
+            state: Rc::new(RefCell::new(State::Pending(None))),
         }
     }
 
@@ -103,16 +114,13 @@ impl<T> Promise<T> {
     /// A promise already rejected with `error`.
     pub fn rejected(error: Error) -> Promise<T> {
         Promise {
-            state: Rc::new(RefCell::new(State::Settled(Err(error)))),
+            state: Rc::new(RefCell::new(State::Settled(Err(Box::new(error))))),
         }
     }
 
     /// Still waiting.
     pub fn is_pending(&self) -> bool {
-        matches!(
-            self.state.try_borrow().as_deref(),
-            Ok(State::Pending { .. })
-        )
+        matches!(self.state.try_borrow().as_deref(), Ok(State::Pending(_)))
     }
 
     /// Settled with a value.
@@ -134,7 +142,7 @@ impl<T> Promise<T> {
     /// The error, if rejected.
     pub fn reason(&self) -> Option<Error> {
         match self.state.try_borrow().as_deref() {
-            Ok(State::Settled(Err(e))) => Some(e.clone()),
+            Ok(State::Settled(Err(e))) => Some((**e).clone()),
             _ => None,
         }
     }
@@ -161,16 +169,22 @@ impl<T> Promise<T> {
     }
 
     /// Runs `callback` with the result once settled (at once if it is).
-    fn on_settle(&self, callback: impl FnOnce(&Result<T>) + 'static) {
+    fn on_settle(&self, callback: impl FnOnce(Result<&T, &Error>) + 'static) {
         if let Ok(mut state) = self.state.try_borrow_mut() {
-            if let State::Pending { callbacks, .. } = &mut *state {
-                callbacks.push(Box::new(callback));
+            if let State::Pending(waiting) = &mut *state {
+                let waiting = waiting.get_or_insert_with(|| {
+                    Box::new(Waiting {
+                        callbacks: Vec::new(),
+                        taker: None,
+                    })
+                });
+                waiting.callbacks.push(Box::new(callback));
                 return;
             }
         }
         match self.state.try_borrow().as_deref() {
-            Ok(State::Settled(result)) => callback(result),
-            _ => callback(&Err(taken_error())),
+            Ok(State::Settled(result)) => callback(view(result)),
+            _ => callback(Err(&taken_error())),
         }
     }
 
@@ -178,9 +192,15 @@ impl<T> Promise<T> {
     /// for promises nobody else reads: the value leaves this promise.
     fn on_take(&self, taker: impl FnOnce(Result<T>) + 'static) {
         if let Ok(mut state) = self.state.try_borrow_mut() {
-            if let State::Pending { taker: slot, .. } = &mut *state {
-                if slot.is_none() {
-                    *slot = Some(Box::new(taker));
+            if let State::Pending(waiting) = &mut *state {
+                let waiting = waiting.get_or_insert_with(|| {
+                    Box::new(Waiting {
+                        callbacks: Vec::new(),
+                        taker: None,
+                    })
+                });
+                if waiting.taker.is_none() {
+                    waiting.taker = Some(Box::new(taker));
                     return;
                 }
             }
@@ -248,8 +268,9 @@ impl<T: Clone> Promise<T> {
     /// A clone of the value; the error if rejected; an error if still pending.
     pub fn value(&self) -> Result<T> {
         match self.state.try_borrow().as_deref() {
-            Ok(State::Settled(result)) => result.clone(),
-            Ok(State::Pending { .. }) => Err(pending_error()),
+            Ok(State::Settled(Ok(v))) => Ok(v.clone()),
+            Ok(State::Settled(Err(e))) => Err((**e).clone()),
+            Ok(State::Pending(_)) => Err(pending_error()),
             Ok(State::Taken) => Err(taken_error()),
             Err(_) => Err(pending_error()),
         }
@@ -257,27 +278,31 @@ impl<T: Clone> Promise<T> {
 }
 
 fn settle_cell<T>(cell: &RefCell<State<T>>, result: Result<T>) {
-    let (callbacks, taker) = {
+    let waiting = {
         // A promise being settled right now is borrowed by its callbacks:
         // it is settled already, so there is nothing to do.
         let Ok(mut state) = cell.try_borrow_mut() else {
             return;
         };
-        if !matches!(&*state, State::Pending { .. }) {
+        if !matches!(&*state, State::Pending(_)) {
             return;
         }
-        match std::mem::replace(&mut *state, State::Settled(result)) {
-            State::Pending { callbacks, taker } => (callbacks, taker),
-            _ => (Vec::new(), None),
+        match std::mem::replace(&mut *state, State::Settled(result.map_err(Box::new))) {
+            State::Pending(waiting) => waiting,
+            _ => None,
         }
     };
+    let Some(waiting) = waiting else {
+        return;
+    };
+    let Waiting { callbacks, taker } = *waiting;
     if !callbacks.is_empty() {
         // Callbacks get a shared view; they may read this promise (and
         // subscribe to it) but not move its value out.
         let state = cell.borrow();
         if let State::Settled(result) = &*state {
             for callback in callbacks {
-                callback(result);
+                callback(view(result));
             }
         }
     }
@@ -293,13 +318,13 @@ fn take_cell<T>(cell: &RefCell<State<T>>) -> Result<T> {
         });
     };
     match &*state {
-        State::Pending { .. } => return Err(pending_error()),
-        State::Settled(Err(e)) => return Err(e.clone()),
+        State::Pending(_) => return Err(pending_error()),
+        State::Settled(Err(e)) => return Err((**e).clone()),
         State::Taken => return Err(taken_error()),
         State::Settled(Ok(_)) => {}
     }
     match std::mem::replace(&mut *state, State::Taken) {
-        State::Settled(result) => result,
+        State::Settled(result) => result.map_err(|e| *e),
         _ => Err(pending_error()),
     }
 }
@@ -426,7 +451,7 @@ impl<T: Clone + 'static> Promise<T> {
     /// the first rejection. The given promises keep their values.
     pub fn all(promises: Vec<Promise<T>>) -> Promise<Vec<T>> {
         join(promises.len(), |i, deliver| {
-            promises[i].on_settle(move |result| deliver(result.clone()))
+            promises[i].on_settle(move |result| deliver(result.cloned().map_err(Clone::clone)))
         })
     }
 
