@@ -65,7 +65,16 @@ pub(crate) enum Expect {
 impl Expect {
     /// Hands a reply to its waiter(s). An error reply becomes
     /// [`Error::Server`] naming the host and the command.
-    pub(crate) fn deliver(self, reply: Value, host: &HostName, failures: &RefCell<Option<Error>>) {
+    ///
+    /// Returns an error when the reply cannot be the answer (a merged MGET
+    /// answered with the wrong shape): the stream is out of step, and the
+    /// connection must be closed.
+    pub(crate) fn deliver(
+        self,
+        reply: Value,
+        host: &HostName,
+        failures: &RefCell<Option<Error>>,
+    ) -> Option<Error> {
         match self {
             Expect::One { name, waiter } => {
                 let ctx = ReplyContext {
@@ -84,7 +93,8 @@ impl Expect {
                         v => Ok(v),
                     },
                     &ctx,
-                )
+                );
+                None
             }
             Expect::Batch { kind, waiters } => {
                 let ctx = ReplyContext {
@@ -127,8 +137,10 @@ impl Expect {
                         for waiter in waiters {
                             waiter.accept(Err(e.clone()), &ctx);
                         }
+                        return Some(e);
                     }
                 }
+                None
             }
         }
     }
@@ -159,6 +171,59 @@ impl Expect {
                     waiter.accept(Err(error.clone()), &ctx);
                 }
             }
+        }
+    }
+}
+
+/// What a command does to the connection it is sent on, beyond its reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnEffect {
+    /// Nothing: the connection can go back to the pool.
+    None,
+    /// It changes the connection's state (database, transaction, reply
+    /// mode, protocol, user): the connection is closed after the session,
+    /// never pooled, so the next user gets a clean one.
+    Dirty,
+    /// It turns the connection into a push stream (pub/sub, `MONITOR`):
+    /// replies would no longer match requests, so it is refused.
+    Refused,
+}
+
+impl ConnEffect {
+    pub(crate) fn of(cmd: &Cmd) -> ConnEffect {
+        let name = cmd.name();
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        if is(b"SUBSCRIBE") || is(b"PSUBSCRIBE") || is(b"SSUBSCRIBE") || is(b"MONITOR") {
+            return ConnEffect::Refused;
+        }
+        let dirty = is(b"SELECT")
+            || is(b"MULTI")
+            || is(b"WATCH")
+            || is(b"HELLO")
+            || is(b"AUTH")
+            || is(b"RESET")
+            || is(b"READONLY")
+            || is(b"READWRITE")
+            || is(b"UNSUBSCRIBE")
+            || is(b"PUNSUBSCRIBE")
+            || is(b"SUNSUBSCRIBE")
+            || (is(b"CLIENT")
+                && cmd.arg_at(0).is_some_and(|sub| {
+                    [
+                        &b"REPLY"[..],
+                        b"TRACKING",
+                        b"CACHING",
+                        b"SETNAME",
+                        b"NO-EVICT",
+                        b"NO-TOUCH",
+                    ]
+                    .iter()
+                    .any(|s| sub.eq_ignore_ascii_case(s))
+                }));
+        if dirty {
+            ConnEffect::Dirty
+        } else {
+            ConnEffect::None
         }
     }
 }

@@ -6,7 +6,7 @@
 //! or a `Promise<HashMap<HostId, T>>`.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +55,7 @@ struct Dispatch<'s> {
     router: Arc<dyn Router>,
     failures: Failures,
     /// Scripts whose `SCRIPT LOAD` this session already queued, per host.
-    loading: HashSet<(HostId, Arc<str>)>,
+    loading: HashMap<(HostId, Arc<str>), Promise<String>>,
 }
 
 impl<'s> Dispatch<'s> {
@@ -65,7 +65,7 @@ impl<'s> Dispatch<'s> {
             session,
             router,
             failures,
-            loading: HashSet::new(),
+            loading: HashMap::new(),
         }
     }
 
@@ -75,7 +75,8 @@ impl<'s> Dispatch<'s> {
     fn script<T: FromValue + 'static>(&mut self, host: HostId, call: &ScriptCall) -> Promise<T> {
         let memory = self.session.scripts().clone();
         let sha: Arc<str> = call.script.sha1().into();
-        if !memory.knows(host, &sha) && self.loading.insert((host, sha.clone())) {
+        let key = (host, sha.clone());
+        if !memory.knows(host, &sha) && !self.loading.contains_key(&key) {
             let load = cmd("SCRIPT").arg("LOAD").arg(call.script.source());
             let loaded: Promise<String> = self.send(host, &load);
             let (m, s) = (memory.clone(), sha.clone());
@@ -87,26 +88,42 @@ impl<'s> Dispatch<'s> {
                 },
                 |_| {},
             );
+            self.loading.insert(key.clone(), loaded);
         }
-        let promise: Promise<T> = self.send(host, &call.evalsha());
-        promise.done(
-            |_| {},
-            move |e| {
-                if e.code() == Some("NOSCRIPT") {
+        let load = self.loading.get(&key).cloned();
+        let evalsha: Promise<T> = self.send(host, &call.evalsha());
+        let result = Promise::new();
+        let out = result.clone();
+        evalsha.on_result(move |r| {
+            out.settle(match r {
+                Err(e) if e.code() == Some("NOSCRIPT") => {
                     memory.forget(host, &sha);
+                    // A script that failed to load (a Lua syntax error) is
+                    // reported as that failure, not as the NOSCRIPT after it.
+                    Err(load.and_then(|l| l.reason()).unwrap_or(e))
                 }
-            },
-        );
-        promise
+                other => other,
+            })
+        });
+        result
     }
 
-    /// The host of a script call: that of its first key.
+    /// The host of a script call: that of its one key. As with commands, a
+    /// script over several keys is refused whatever they hash to, and one
+    /// with no key needs a fanout or a local client.
     fn script_host(&self, call: &ScriptCall) -> Result<HostId> {
-        match call.keys.first() {
-            Some(key) => self.router.host_for_key(key),
-            None => Err(Error::unroutable(
+        match call.keys.as_slice() {
+            [key] => self.router.host_for_key(key),
+            [] => Err(Error::unroutable(
                 b"EVALSHA",
                 "the script call has no key; use a fanout or a local client",
+            )),
+            keys => Err(Error::unroutable(
+                b"EVALSHA",
+                format!(
+                    "the script call has {} keys, which cannot be routed to one host; use execute_commands with one routing key",
+                    keys.len()
+                ),
             )),
         }
     }
@@ -337,7 +354,11 @@ fn immediate_budget(cluster: &Cluster, hosts: &[HostId]) -> Option<Duration> {
         if info.read_timeout.is_none() && info.write_timeout.is_none() {
             return None;
         }
-        let total = info.read_timeout.unwrap_or_default() + info.write_timeout.unwrap_or_default();
+        // A budget too large to add up is no budget at all.
+        let total = info
+            .read_timeout
+            .unwrap_or_default()
+            .checked_add(info.write_timeout.unwrap_or_default())?;
         budget = budget.max(total);
     }
     Some(budget)
@@ -427,12 +448,21 @@ impl Execute for RoutingClient {
     }
 
     fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Result<T> {
-        let host = match call.keys.first() {
-            Some(key) => self.cluster.router()?.host_for_key(key)?,
-            None => {
+        let host = match call.keys.as_slice() {
+            [key] => self.cluster.router()?.host_for_key(key)?,
+            [] => {
                 return Err(Error::unroutable(
                     b"EVALSHA",
                     "the script call has no key; use a fanout or a local client",
+                ))
+            }
+            keys => {
+                return Err(Error::unroutable(
+                    b"EVALSHA",
+                    format!(
+                        "the script call has {} keys, which cannot be routed to one host; use execute_commands with one routing key",
+                        keys.len()
+                    ),
                 ))
             }
         };
@@ -575,7 +605,8 @@ where
                 }
                 results.push(result);
             }
-            out.insert(key, results);
+            // A key given twice: both lists ran; keep both lists' results.
+            out.entry(key).or_insert_with(Vec::new).extend(results);
         }
     }
     session.join();

@@ -76,7 +76,8 @@ impl MapOptions {
 
     fn to_loop(&self, start: Instant) -> LoopOptions {
         LoopOptions {
-            deadline: self.timeout.map(|t| start + t),
+            // A timeout too far away to represent means no deadline.
+            deadline: self.timeout.and_then(|t| start.checked_add(t)),
             budget: self.timeout,
             auto_batch: self.auto_batch,
             max_batch: self.max_batch_size,
@@ -137,7 +138,14 @@ impl ClusterBuilder {
     /// Adds hosts numbered from the next free id, in order.
     pub fn hosts(mut self, configs: impl IntoIterator<Item = HostConfig>) -> ClusterBuilder {
         for config in configs {
-            let id = self.hosts.iter().map(|(id, _)| id + 1).max().unwrap_or(0);
+            // Past id u32::MAX there is no next id: saturate, and `build`
+            // reports the duplicate.
+            let id = self
+                .hosts
+                .iter()
+                .map(|(id, _)| id.saturating_add(1))
+                .max()
+                .unwrap_or(0);
             self.hosts.push((id, config));
         }
         self
@@ -295,14 +303,15 @@ impl Cluster {
     /// the id. The router is rebuilt on next use.
     pub fn add_host(&self, id: Option<HostId>, config: HostConfig) -> Result<HostId> {
         let mut state = self.write();
-        let id = id.unwrap_or_else(|| {
-            state
-                .table
-                .hosts
-                .keys()
-                .next_back()
-                .map_or(0, |last| last + 1)
-        });
+        let id = match id {
+            Some(id) => id,
+            None => match state.table.hosts.keys().next_back() {
+                None => 0,
+                Some(last) => last.checked_add(1).ok_or_else(|| Error::BadHostSetup {
+                    reason: "no host id is left after u32::MAX".into(),
+                })?,
+            },
+        };
         if state.table.hosts.contains_key(&id) {
             return Err(Error::BadHostSetup {
                 reason: format!("host id {id} already exists").into(),

@@ -144,6 +144,16 @@ pub enum Error {
         reason: Arc<str>,
     },
 
+    /// A command rb cannot pipeline (it switches the connection into a
+    /// push mode: pub/sub, `MONITOR`).
+    #[error("command {command} is not supported: {reason}")]
+    Unsupported {
+        /// The command's name.
+        command: Arc<str>,
+        /// Why.
+        reason: Arc<str>,
+    },
+
     /// The cluster's hosts do not fit the router (e.g. a gap in the ids).
     #[error("bad host setup: {reason}")]
     BadHostSetup {

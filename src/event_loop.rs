@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use crate::batch::{BatchKind, Batcher, CmdName, Expect, Waiter};
+use crate::batch::{BatchKind, Batcher, CmdName, ConnEffect, Expect, Waiter};
 use crate::cmd::Cmd;
 use crate::config::HostInfo;
 use crate::conn::{Connection, HostTable};
@@ -74,6 +74,8 @@ struct Slot {
     connect_deadline: Option<Instant>,
     /// Counts the connections installed, to tell a replaced one apart.
     generation: u64,
+    /// A command changed the connection's state: close it, never pool it.
+    dirty: bool,
 }
 
 impl Slot {
@@ -202,6 +204,7 @@ impl Session {
             failed: None,
             connect_deadline: None,
             generation: 0,
+            dirty: false,
         });
         self.index.insert(id, i);
         Ok(i)
@@ -242,13 +245,22 @@ impl Session {
         slot.writable = conn.is_connected();
         slot.sent = false;
         slot.generation += 1;
-        slot.connect_deadline =
-            (!conn.is_connected()).then(|| Instant::now() + slot.host.connect_timeout);
+        slot.connect_deadline = (!conn.is_connected())
+            .then(|| Instant::now().checked_add(slot.host.connect_timeout))
+            .flatten();
         slot.conn = Some(conn);
     }
 
     /// Queues `cmd` for host `id`; `waiter` gets its reply or failure.
     pub(crate) fn enqueue(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter) {
+        let effect = ConnEffect::of(cmd);
+        if effect == ConnEffect::Refused {
+            let e = Error::Unsupported {
+                command: cmd.display_name().into(),
+                reason: "it turns the connection into a push stream (pub/sub, MONITOR), which rb's pipelines do not support".into(),
+            };
+            return self.refuse(&waiter, cmd, None, e);
+        }
         let i = match self.slot(id) {
             Ok(i) => i,
             Err(e) => return self.refuse(&waiter, cmd, None, e),
@@ -266,6 +278,9 @@ impl Session {
             return self.refuse(&waiter, cmd, Some(host.name()), e);
         }
         let slot = &mut self.slots[i];
+        if effect == ConnEffect::Dirty {
+            slot.dirty = true;
+        }
         match BatchKind::of(cmd).filter(|_| self.opts.auto_batch) {
             Some(kind) => {
                 if !slot.batcher.accepts(kind) {
@@ -481,16 +496,29 @@ impl Session {
         let Some(conn) = conn.as_mut() else {
             return;
         };
-        let mut unexpected = None;
-        let result = conn.read_replies(|reply| match expects.pop_front() {
-            Some(expect) => expect.deliver(reply, host.name(), failures),
-            None => unexpected = Some(reply.describe()),
+        let mut broken: Option<Error> = None;
+        let result = conn.read_replies(|reply| {
+            if broken.is_some() {
+                return;
+            }
+            match expects.pop_front() {
+                Some(expect) => broken = expect.deliver(reply, host.name(), failures),
+                None => {
+                    broken = Some(Error::Protocol {
+                        host: Some(host.name().clone()),
+                        reason: format!(
+                            "the server sent {} when no reply was due",
+                            reply.describe()
+                        )
+                        .into(),
+                    })
+                }
+            }
         });
-        if let Some(what) = unexpected {
-            let e = Error::Protocol {
-                host: Some(host.name().clone()),
-                reason: format!("the server sent {what} when no reply was due").into(),
-            };
+        if let Some(e) = broken {
+            // The reply stream is out of step with the requests: nothing
+            // after this point can be trusted, so the connection goes.
+            self.slots[i].retried = true;
             return self.fail_slot(i, e);
         }
         if let Err(e) = result {
@@ -592,7 +620,7 @@ impl Session {
     fn release(&mut self) {
         let registry = self.poll.as_ref().map(|(p, _)| p.registry());
         for slot in &mut self.slots {
-            let clean = slot.is_clean();
+            let clean = slot.is_clean() && !slot.dirty;
             if let Some(mut conn) = slot.conn.take() {
                 if let Some(registry) = registry {
                     conn.deregister(registry);
