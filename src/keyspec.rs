@@ -140,6 +140,15 @@ pub fn keys(cmd: &Cmd) -> Result<Vec<&[u8]>> {
 
 /// The one key `cmd` operates on, or [`Error::Unroutable`] saying why not.
 pub fn single_key(cmd: &Cmd) -> Result<&[u8]> {
+    // The everyday shape (GET, SET, HSET, INCR, ...): exactly the first
+    // argument is the key.
+    if let Some(spec) = spec_for(cmd) {
+        if !spec.movable && spec.first == 1 && spec.last == 1 {
+            if let Some(key) = cmd.args().next() {
+                return Ok(key);
+            }
+        }
+    }
     let mut first = None;
     let mut count = 0usize;
     for_each_key(cmd, |k| {
