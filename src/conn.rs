@@ -59,6 +59,15 @@ impl Stream {
         }
     }
 
+    /// A TLS handshake is still under way.
+    fn is_handshaking(&self) -> bool {
+        match self {
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.is_handshaking(),
+            _ => false,
+        }
+    }
+
     fn wants_write(&self) -> bool {
         match self {
             #[cfg(feature = "tls")]
@@ -224,7 +233,7 @@ impl Connection {
 
     /// Whether the handshake is done (written and every reply checked).
     pub(crate) fn is_ready(&self) -> bool {
-        self.connected && self.handshake_replies == 0
+        self.connected && self.handshake_replies == 0 && !self.stream.is_handshaking()
     }
 
     pub(crate) fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {

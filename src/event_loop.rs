@@ -245,7 +245,7 @@ impl Session {
         slot.writable = conn.is_connected();
         slot.sent = false;
         slot.generation += 1;
-        slot.connect_deadline = (!conn.is_connected())
+        slot.connect_deadline = (!conn.is_ready())
             .then(|| Instant::now().checked_add(slot.host.connect_timeout))
             .flatten();
         slot.conn = Some(conn);
@@ -418,6 +418,10 @@ impl Session {
             }
             if readable {
                 self.read_slot(i);
+                let slot = &mut self.slots[i];
+                if slot.conn.as_ref().is_some_and(|c| c.is_ready()) {
+                    slot.connect_deadline = None;
+                }
                 // Reading TLS records can leave records to send (handshake
                 // steps), and the socket may stay writable with no new event.
                 let slot = &self.slots[i];
@@ -436,7 +440,11 @@ impl Session {
         };
         match conn.finish_connect() {
             Ok(true) => {
-                slot.connect_deadline = None;
+                // The connect budget also covers the TLS and Redis
+                // handshakes: it ends once the connection is ready.
+                if conn.is_ready() {
+                    slot.connect_deadline = None;
+                }
                 slot.writable = true;
                 self.write_slot(i);
             }
@@ -571,7 +579,7 @@ impl Session {
         for i in 0..self.slots.len() {
             let slot = &self.slots[i];
             let late = slot.connect_deadline.is_some_and(|d| now >= d)
-                && slot.conn.as_ref().is_some_and(|c| !c.is_connected());
+                && slot.conn.as_ref().is_some_and(|c| !c.is_ready());
             if late {
                 let e = Error::Timeout {
                     host: slot.host.name().clone(),

@@ -112,6 +112,11 @@ impl TlsStream {
         &self.sock
     }
 
+    /// The TLS handshake is not finished yet.
+    pub(crate) fn is_handshaking(&self) -> bool {
+        self.tls.is_handshaking()
+    }
+
     /// TLS records are waiting to be written.
     pub(crate) fn wants_write(&self) -> bool {
         self.tls.wants_write()

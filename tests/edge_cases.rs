@@ -127,3 +127,38 @@ fn extreme_durations_do_not_panic() {
         "ids must be 0..n"
     );
 }
+
+#[test]
+fn connect_timeout_covers_the_handshake() {
+    let setup = TestSetup::new(1, 2).unwrap();
+    // Database 1 needs a SELECT in the handshake; the server is frozen, so
+    // the socket connects (the kernel accepts) but the handshake never ends.
+    setup.pause(0).unwrap();
+    let cluster = rb::Cluster::builder()
+        .host(
+            0,
+            setup
+                .host_config(0, 1)
+                .connect_timeout(Duration::from_millis(150)),
+        )
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let e = cluster.routing_client().get("k").unwrap_err();
+    let took = started.elapsed();
+    setup.resume(0).unwrap();
+    assert!(
+        matches!(
+            e,
+            rb::Error::Timeout {
+                phase: rb::Phase::Connect,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        took >= Duration::from_millis(150) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+}
