@@ -492,9 +492,12 @@ impl Cluster {
     /// Each list runs in order. A script a host may lack is checked with one
     /// `SCRIPT EXISTS` per host and loaded before its `EVALSHA`; hosts known
     /// to hold a script are remembered, so the next call skips both. A
-    /// `NOSCRIPT` reply (the script was flushed in between) reloads and
-    /// retries that call once. Each command's outcome is in its promise; the
-    /// call itself fails only when a key cannot be routed.
+    /// `NOSCRIPT` reply (the script was flushed since it was last seen)
+    /// reloads and retries that call once, after the rest of its list: the
+    /// one case where a list does not run strictly in order. Each command's
+    /// outcome is in its promise; the call itself fails only when a key
+    /// cannot be routed. A key given twice runs both lists and keeps both
+    /// lists' promises, in order.
     ///
     /// ```no_run
     /// # let cluster = rb::Cluster::from_urls(["redis://127.0.0.1:6379"])?;
