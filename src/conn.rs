@@ -421,10 +421,14 @@ fn resolve(host: &HostInfo) -> Result<SocketAddr> {
     if let Ok(ip) = host.host.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, host.port));
     }
-    let mut addrs = (host.host.as_str(), host.port)
+    let addrs: Vec<SocketAddr> = (host.host.as_str(), host.port)
         .to_socket_addrs()
-        .map_err(|e| io_error(name, &e))?;
-    addrs.next().ok_or_else(|| Error::Connection {
+        .map_err(|e| io_error(name, &e))?
+        .collect();
+    // Prefer IPv4 when a name has both: `localhost` often resolves to ::1
+    // first, while many Redis servers listen on 127.0.0.1 only.
+    let pick = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied();
+    pick.ok_or_else(|| Error::Connection {
         host: name.clone(),
         command: None,
         kind: io::ErrorKind::NotFound,
