@@ -2,8 +2,8 @@
 //! compare with the obvious hand-written client measured in the same run.
 //!
 //! ```text
-//! cargo run --release --example blast            # 4 servers, 1,000,000 keys
-//! cargo run --release --example blast -- 8 200000
+//! cargo run --release --example blast            # 4 servers, 1,000,000 keys, 3 rounds
+//! cargo run --release --example blast -- 8 200000 5
 //! ```
 //!
 //! What it does:
@@ -13,7 +13,8 @@
 //! 3. does the same with the baseline: one blocking pipeline per node over
 //!    plain `std::net::TcpStream`s, nodes one after another;
 //! 4. fans `INFO keyspace` out to every node with `Cluster::all`;
-//! 5. prints keys/s and client CPU ns/key for both, and their ratio.
+//! 5. prints keys/s and client CPU ns/key for both (medians of alternating
+//!    rounds), and their ratio.
 //!
 //! Client CPU is this thread's on-CPU time (`/proc/thread-self/schedstat`),
 //! so the servers' work is not counted.
@@ -113,8 +114,9 @@ fn main() -> Result<(), rb::Error> {
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
+    let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3).max(1);
 
-    println!("rb blast: {servers} local redis-servers, {count} keys");
+    println!("rb blast: {servers} local redis-servers, {count} keys, median of {rounds} rounds");
     let setup = TestSetup::with_tcp(servers, 1)?;
     let ports: Vec<u16> = (0..servers).filter_map(|i| setup.tcp_port(i)).collect();
     let cluster = Cluster::builder()
@@ -137,64 +139,63 @@ fn main() -> Result<(), rb::Error> {
         }
     })?;
 
-    let mut figures = Vec::new();
+    // Rounds alternate rb and the baseline, so both see the same machine;
+    // each figure is the median of its rounds (shared machines are noisy).
+    let mut runs: [Vec<(Duration, Duration)>; 4] = Default::default();
+    for _ in 0..rounds {
+        cluster.all(|c| c.flushdb())?;
+        let ((), wall, cpu) = measure(|| {
+            cluster
+                .map(|c| {
+                    for (k, v) in keys.iter().zip(&values) {
+                        c.set(k, v);
+                    }
+                })
+                .expect("map SET")
+        });
+        runs[0].push((wall, cpu));
 
-    // rb: SET then GET a million keys with map.
-    let ((), wall, cpu) = measure(|| {
-        cluster
-            .map(|c| {
-                for (k, v) in keys.iter().zip(&values) {
-                    c.set(k, v);
-                }
-            })
-            .expect("map SET")
-    });
-    figures.push(Figure {
-        what: "rb map SET",
-        wall,
-        cpu,
-    });
+        let mut promises = Vec::with_capacity(count);
+        let ((), wall, cpu) = measure(|| {
+            cluster
+                .map(|c| {
+                    for k in &keys {
+                        promises.push(c.get(k));
+                    }
+                })
+                .expect("map GET")
+        });
+        runs[1].push((wall, cpu));
+        let found = promises
+            .iter()
+            .zip(&values)
+            .filter(|(p, v)| p.value().ok().flatten().as_deref() == Some(v.as_bytes()))
+            .count();
+        assert_eq!(found, count, "every key read back with its value");
+        drop(promises);
 
-    let mut promises = Vec::with_capacity(count);
-    let ((), wall, cpu) = measure(|| {
-        cluster
-            .map(|c| {
-                for k in &keys {
-                    promises.push(c.get(k));
-                }
-            })
-            .expect("map GET")
-    });
-    let found = promises
+        cluster.all(|c| c.flushdb())?;
+        let (n, wall, cpu) = measure(|| baseline(&ports, &per_node, &keys, &values, true));
+        assert_eq!(n, count);
+        runs[2].push((wall, cpu));
+        let (n, wall, cpu) = measure(|| baseline(&ports, &per_node, &keys, &values, false));
+        assert_eq!(n, count);
+        runs[3].push((wall, cpu));
+    }
+    let median = |mut xs: Vec<Duration>| {
+        xs.sort();
+        xs[xs.len() / 2]
+    };
+    let names = ["rb map SET", "rb map GET", "baseline SET", "baseline GET"];
+    let figures: Vec<Figure> = runs
         .iter()
-        .zip(&values)
-        .filter(|(p, v)| p.value().ok().flatten().as_deref() == Some(v.as_bytes()))
-        .count();
-    assert_eq!(found, count, "every key read back with its value");
-    drop(promises);
-    figures.push(Figure {
-        what: "rb map GET",
-        wall,
-        cpu,
-    });
-
-    cluster.all(|c| c.flushdb())?;
-
-    // Baseline on the same servers, same keys.
-    let (n, wall, cpu) = measure(|| baseline(&ports, &per_node, &keys, &values, true));
-    assert_eq!(n, count);
-    figures.push(Figure {
-        what: "baseline SET",
-        wall,
-        cpu,
-    });
-    let (n, wall, cpu) = measure(|| baseline(&ports, &per_node, &keys, &values, false));
-    assert_eq!(n, count);
-    figures.push(Figure {
-        what: "baseline GET",
-        wall,
-        cpu,
-    });
+        .zip(names)
+        .map(|(r, what)| Figure {
+            what,
+            wall: median(r.iter().map(|x| x.0).collect()),
+            cpu: median(r.iter().map(|x| x.1).collect()),
+        })
+        .collect();
 
     println!();
     println!(

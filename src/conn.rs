@@ -378,11 +378,19 @@ impl Connection {
         if self.rstart == self.rend {
             self.rstart = 0;
             self.rend = 0;
-            if self.rbuf.len() > KEEP_READ_BUFFER {
-                self.rbuf = Vec::new();
-            }
         }
         Ok(())
+    }
+
+    /// Gives back a read buffer that one huge reply grew, before the
+    /// connection idles in the pool (not during a map, where it would only
+    /// grow again).
+    fn trim(&mut self) {
+        if self.rstart == self.rend && self.rbuf.len() > KEEP_READ_BUFFER {
+            self.rbuf = Vec::new();
+            self.rstart = 0;
+            self.rend = 0;
+        }
     }
 
     fn check_handshake_reply(&mut self, value: Value) -> Result<()> {
@@ -427,7 +435,11 @@ fn resolve(host: &HostInfo) -> Result<SocketAddr> {
         .collect();
     // Prefer IPv4 when a name has both: `localhost` often resolves to ::1
     // first, while many Redis servers listen on 127.0.0.1 only.
-    let pick = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied();
+    let pick = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied();
     pick.ok_or_else(|| Error::Connection {
         host: name.clone(),
         command: None,
@@ -496,7 +508,8 @@ impl Pool {
     }
 
     /// Takes back a healthy connection; beyond the bound it is closed.
-    pub(crate) fn checkin(&self, conn: Connection) {
+    pub(crate) fn checkin(&self, mut conn: Connection) {
+        conn.trim();
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
             idle.push(conn);

@@ -35,8 +35,6 @@ use crate::scripts::ScriptMemory;
 /// A host's buffered bytes past which they are written while the caller
 /// is still enqueuing.
 pub(crate) const WRITE_THRESHOLD: usize = 64 * 1024;
-/// A write buffer grown past this is released once drained.
-const KEEP_WRITE_BUFFER: usize = 4 * 1024 * 1024;
 
 /// How a session behaves.
 #[derive(Clone, Debug)]
@@ -472,11 +470,9 @@ impl Session {
                 if slot.written == slot.out.len() {
                     slot.written = 0;
                     slot.next_flush = WRITE_THRESHOLD;
-                    if slot.out.capacity() > KEEP_WRITE_BUFFER {
-                        slot.out = Vec::new();
-                    } else {
-                        slot.out.clear();
-                    }
+                    // Kept for the rest of the session (it would only grow
+                    // again); released with the session.
+                    slot.out.clear();
                 }
             }
             Ok(false) => slot.writable = false,
