@@ -193,33 +193,43 @@ impl ConnEffect {
     pub(crate) fn of(cmd: &Cmd) -> ConnEffect {
         let name = cmd.name();
         let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
-        if is(b"SUBSCRIBE") || is(b"PSUBSCRIBE") || is(b"SSUBSCRIBE") || is(b"MONITOR") {
+        // This runs for every command: the first letter rules most out.
+        let first = name.first().map_or(0, u8::to_ascii_uppercase);
+        let refused = match first {
+            b'S' => is(b"SUBSCRIBE") || is(b"SSUBSCRIBE"),
+            b'P' => is(b"PSUBSCRIBE"),
+            b'M' => is(b"MONITOR"),
+            _ => false,
+        };
+        if refused {
             return ConnEffect::Refused;
         }
-        let dirty = is(b"SELECT")
-            || is(b"MULTI")
-            || is(b"WATCH")
-            || is(b"HELLO")
-            || is(b"AUTH")
-            || is(b"RESET")
-            || is(b"READONLY")
-            || is(b"READWRITE")
-            || is(b"UNSUBSCRIBE")
-            || is(b"PUNSUBSCRIBE")
-            || is(b"SUNSUBSCRIBE")
-            || (is(b"CLIENT")
-                && cmd.arg_at(0).is_some_and(|sub| {
-                    [
-                        &b"REPLY"[..],
-                        b"TRACKING",
-                        b"CACHING",
-                        b"SETNAME",
-                        b"NO-EVICT",
-                        b"NO-TOUCH",
-                    ]
-                    .iter()
-                    .any(|s| sub.eq_ignore_ascii_case(s))
-                }));
+        let dirty = match first {
+            b'A' => is(b"AUTH"),
+            b'C' => {
+                is(b"CLIENT")
+                    && cmd.arg_at(0).is_some_and(|sub| {
+                        [
+                            &b"REPLY"[..],
+                            b"TRACKING",
+                            b"CACHING",
+                            b"SETNAME",
+                            b"NO-EVICT",
+                            b"NO-TOUCH",
+                        ]
+                        .iter()
+                        .any(|s| sub.eq_ignore_ascii_case(s))
+                    })
+            }
+            b'H' => is(b"HELLO"),
+            b'M' => is(b"MULTI"),
+            b'P' => is(b"PUNSUBSCRIBE"),
+            b'R' => is(b"RESET") || is(b"READONLY") || is(b"READWRITE"),
+            b'S' => is(b"SELECT") || is(b"SUNSUBSCRIBE"),
+            b'U' => is(b"UNSUBSCRIBE"),
+            b'W' => is(b"WATCH"),
+            _ => false,
+        };
         if dirty {
             ConnEffect::Dirty
         } else {
