@@ -35,6 +35,22 @@ enum State<T> {
     Taken,
 }
 
+impl<T> State<T> {
+    /// The subscriber list of a pending promise, made on first use; `None`
+    /// once settled.
+    fn waiting(&mut self) -> Option<&mut Waiting<T>> {
+        match self {
+            State::Pending(waiting) => Some(waiting.get_or_insert_with(|| {
+                Box::new(Waiting {
+                    callbacks: Vec::new(),
+                    taker: None,
+                })
+            })),
+            _ => None,
+        }
+    }
+}
+
 /// A value (or an error) that arrives later.
 ///
 /// ```
@@ -171,13 +187,7 @@ impl<T> Promise<T> {
     /// Runs `callback` with the result once settled (at once if it is).
     fn on_settle(&self, callback: impl FnOnce(Result<&T, &Error>) + 'static) {
         if let Ok(mut state) = self.state.try_borrow_mut() {
-            if let State::Pending(waiting) = &mut *state {
-                let waiting = waiting.get_or_insert_with(|| {
-                    Box::new(Waiting {
-                        callbacks: Vec::new(),
-                        taker: None,
-                    })
-                });
+            if let Some(waiting) = state.waiting() {
                 waiting.callbacks.push(Box::new(callback));
                 return;
             }
@@ -192,13 +202,7 @@ impl<T> Promise<T> {
     /// for promises nobody else reads: the value leaves this promise.
     fn on_take(&self, taker: impl FnOnce(Result<T>) + 'static) {
         if let Ok(mut state) = self.state.try_borrow_mut() {
-            if let State::Pending(waiting) = &mut *state {
-                let waiting = waiting.get_or_insert_with(|| {
-                    Box::new(Waiting {
-                        callbacks: Vec::new(),
-                        taker: None,
-                    })
-                });
+            if let Some(waiting) = state.waiting() {
                 if waiting.taker.is_none() {
                     waiting.taker = Some(Box::new(taker));
                     return;
