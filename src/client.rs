@@ -183,10 +183,8 @@ impl<'s> Dispatch<'s> {
         hosts: &[HostId],
         call: &ScriptCall,
     ) -> Promise<HashMap<HostId, T>> {
-        let promises: Vec<Promise<T>> = hosts.iter().map(|&h| self.script::<T>(h, call)).collect();
-        let ids = hosts.to_vec();
-        Promise::all_owned(promises)
-            .map_owned(move |values| Ok(ids.into_iter().zip(values).collect()))
+        let promises = hosts.iter().map(|&h| self.script::<T>(h, call)).collect();
+        by_host(hosts, promises)
     }
 
     fn fan<T: FromValue + 'static>(
@@ -194,11 +192,15 @@ impl<'s> Dispatch<'s> {
         hosts: &[HostId],
         cmd: &Cmd,
     ) -> Promise<HashMap<HostId, T>> {
-        let promises: Vec<Promise<T>> = hosts.iter().map(|&h| self.send::<T>(h, cmd)).collect();
-        let ids = hosts.to_vec();
-        Promise::all_owned(promises)
-            .map_owned(move |values| Ok(ids.into_iter().zip(values).collect()))
+        let promises = hosts.iter().map(|&h| self.send::<T>(h, cmd)).collect();
+        by_host(hosts, promises)
     }
+}
+
+/// One promise per host (in `hosts` order) joined into replies by host id.
+fn by_host<T: 'static>(hosts: &[HostId], promises: Vec<Promise<T>>) -> Promise<HashMap<HostId, T>> {
+    let ids = hosts.to_vec();
+    Promise::all_owned(promises).map_owned(move |values| Ok(ids.into_iter().zip(values).collect()))
 }
 
 /// The client inside [`Cluster::map`]: commands are routed by key, queued
@@ -439,12 +441,15 @@ impl Execute for RoutingClient {
     type Output<T: FromValue + 'static> = Result<T>;
 
     fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Result<T> {
-        let router = self.cluster.router()?;
-        let hosts: Vec<HostId> = match MultiKey::of(&cmd) {
-            Some(_) => self.cluster.host_ids(),
-            None => vec![router.host_for_command(&cmd)?],
-        };
-        run_now(&self.cluster, &hosts, self.auto_batch, |d| d.routed(cmd))
+        if MultiKey::of(&cmd).is_some() {
+            let hosts = self.cluster.host_ids();
+            return run_now(&self.cluster, &hosts, self.auto_batch, |d| d.routed(cmd));
+        }
+        // Routed once, here: the host also decides the time budget.
+        let host = self.cluster.router()?.host_for_command(&cmd)?;
+        run_now(&self.cluster, &[host], self.auto_batch, |d| {
+            d.send(host, &cmd)
+        })
     }
 
     fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Result<T> {

@@ -118,6 +118,20 @@ impl SlotIndex {
     }
 }
 
+/// A failure of the poll itself, which concerns no one host: it names the
+/// pseudo-host `poll`.
+fn poll_error(e: &std::io::Error, what: &str) -> Error {
+    Error::Connection {
+        host: crate::error::HostName {
+            id: 0,
+            addr: "poll".into(),
+        },
+        command: None,
+        kind: e.kind(),
+        reason: format!("{what}: {e}").into(),
+    }
+}
+
 thread_local! {
     /// One poll per thread, reused by its sessions (an `epoll` instance
     /// costs two syscalls to make and drop).
@@ -146,15 +160,7 @@ impl Session {
         let poll = match IDLE_POLL.with(|p| p.borrow_mut().take()) {
             Some(p) => p,
             None => (
-                Poll::new().map_err(|e| Error::Connection {
-                    host: crate::error::HostName {
-                        id: 0,
-                        addr: "poll".into(),
-                    },
-                    command: None,
-                    kind: e.kind(),
-                    reason: format!("cannot create a poll instance: {e}").into(),
-                })?,
+                Poll::new().map_err(|e| poll_error(&e, "cannot create a poll instance"))?,
                 Events::with_capacity(1024),
             ),
         };
@@ -385,15 +391,7 @@ impl Session {
         if let Err(e) = poll.poll(events, timeout) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 // A broken poll leaves no way to make progress: fail all.
-                let err = Error::Connection {
-                    host: crate::error::HostName {
-                        id: 0,
-                        addr: "poll".into(),
-                    },
-                    command: None,
-                    kind: e.kind(),
-                    reason: format!("poll failed: {e}").into(),
-                };
+                let err = poll_error(&e, "poll failed");
                 for i in 0..self.slots.len() {
                     self.fail_slot(i, err.clone());
                 }
