@@ -795,11 +795,13 @@ fn no_leaked_sockets() {
     let after_routing = open_fds();
 
     // Timed-out maps close their connection to the stopped server (a new
-    // one connects each time, into its backlog); none stays open.
+    // one connects each time, into its backlog); none stays open. Only the
+    // stopped host's keys: with a 10 ms budget on a loaded machine, the
+    // healthy host could time out too and be the first failure reported.
     setup.pause(1).unwrap();
     for i in 0..20 {
         let r = cluster.map_with(MapOptions::new().timeout(Duration::from_millis(10)), |c| {
-            for k in keys.iter().flatten() {
+            for k in &keys[1] {
                 c.get(k);
             }
         });
