@@ -12,6 +12,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rb::commands::{Condition, Expiry, SetOptions};
 use rb::testing::TestSetup;
+
+mod common;
+use common::{cluster, host_of};
 use rb::{Cluster, Commands, Error, HostConfig, HostId, Hosts, Promise, Protocol, Value};
 
 type Bytes = Vec<u8>;
@@ -26,20 +29,6 @@ fn sb(s: impl AsRef<str>) -> Option<Bytes> {
 
 fn bulk(s: impl AsRef<str>) -> Value {
     Value::BulkString(b(s))
-}
-
-fn start(servers: usize, dbs: usize) -> (TestSetup, Cluster) {
-    let setup = TestSetup::new(servers, dbs).expect("start redis-server");
-    let cluster = setup.make_cluster().expect("build the test cluster");
-    (setup, cluster)
-}
-
-fn host_of(cluster: &Cluster, key: &str) -> HostId {
-    cluster
-        .router()
-        .expect("router")
-        .host_for_key(key.as_bytes())
-        .expect("route")
 }
 
 /// The first key `prefix:N` that the cluster's router puts on `host`.
@@ -114,7 +103,7 @@ fn sorted(mut v: Vec<Bytes>) -> Vec<Bytes> {
 /// `src/commands.rs`).
 #[test]
 fn every_typed_helper_once() {
-    let (setup, cluster) = start(2, 2);
+    let (setup, cluster) = cluster(2, 2);
     let mut c = cluster.routing_client();
     let seen: RefCell<BTreeSet<&'static str>> = RefCell::default();
     macro_rules! call {
@@ -539,7 +528,7 @@ struct Writes {
 
 #[test]
 fn same_helpers_in_map_and_fanout() {
-    let (_setup, cluster) = start(2, 2);
+    let (_setup, cluster) = cluster(2, 2);
     let keys: Vec<String> = (0..4).map(|h| key_on(&cluster, h, "m")).collect();
     let other: Vec<String> = (0..4).map(|h| key_on(&cluster, h, "o")).collect();
     let hk = key_on(&cluster, 1, "mh");
@@ -765,7 +754,7 @@ fn assert_unroutable(result: rb::Result<impl std::fmt::Debug>, name: &str) {
 
 #[test]
 fn multi_key_commands_across_32_hosts() {
-    let (_setup, cluster) = start(4, 8);
+    let (_setup, cluster) = cluster(4, 8);
     assert_eq!(cluster.host_ids().len(), 32);
     let keys: Vec<String> = (0..200).map(|i| format!("mk:{i}")).collect();
     let absent: Vec<String> = (0..10).map(|i| format!("absent:{i}")).collect();
@@ -1377,7 +1366,7 @@ fn urls_reach_real_servers() {
 
 #[test]
 fn type_mismatch_is_a_clear_error() {
-    let (_setup, cluster) = start(2, 2);
+    let (_setup, cluster) = cluster(2, 2);
     let mut c = cluster.routing_client();
     let text = key_on(&cluster, 1, "text");
     let near = key_on(&cluster, 1, "near");

@@ -13,24 +13,11 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rb::testing::TestSetup;
+mod common;
+use common::{cluster, command_calls as calls, host_of};
 use rb::{Cluster, Commands, Error, HostId, MapOptions, Phase, Promise};
 
 type Bytes = Vec<u8>;
-
-fn cluster(servers: usize, dbs: usize) -> (TestSetup, Cluster) {
-    let setup = TestSetup::new(servers, dbs).expect("start redis-server");
-    let cluster = setup.make_cluster().expect("build the test cluster");
-    (setup, cluster)
-}
-
-fn host_of(cluster: &Cluster, key: &str) -> HostId {
-    cluster
-        .router()
-        .expect("router")
-        .host_for_key(key.as_bytes())
-        .expect("route")
-}
 
 /// `per_host` keys `{prefix}{n}` owned by each host, indexed by host id.
 fn keys_per_host(cluster: &Cluster, prefix: &str, per_host: usize) -> Vec<Vec<String>> {
@@ -83,24 +70,6 @@ fn isolated(test: &str) -> bool {
         "the isolated run did not run {test}:\n{stdout}"
     );
     false
-}
-
-/// One field of `INFO commandstats` for `command` (lower case): its calls.
-fn calls(cluster: &Cluster, host: HostId, command: &str) -> u64 {
-    let info = cluster
-        .local_client(host)
-        .expect("local client")
-        .info(Some("commandstats"))
-        .expect("INFO commandstats");
-    match info.get(&format!("cmdstat_{command}")) {
-        None => 0,
-        Some(stats) => stats
-            .split(',')
-            .find_map(|f| f.strip_prefix("calls="))
-            .expect("calls= field")
-            .parse()
-            .expect("calls is a number"),
-    }
 }
 
 fn reset_stats(cluster: &Cluster, host: HostId) {

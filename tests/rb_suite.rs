@@ -18,19 +18,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rb::testing::TestSetup;
+
+mod common;
+// `cluster` is conftest.py's `cluster` fixture: `servers * dbs` hosts on private servers.
+use common::{cluster, host_of};
 use rb::{
     Cluster, Commands, Error, HostConfig, HostId, Hosts, MapOptions, Promise, Router, RouterKind,
     Value,
 };
 
 type Bytes = Vec<u8>;
-
-/// conftest.py's `cluster` fixture: `servers * dbs` hosts on private servers.
-fn cluster(servers: usize, dbs: usize) -> (TestSetup, Cluster) {
-    let setup = TestSetup::new(servers, dbs).expect("start redis-server");
-    let cluster = setup.make_cluster().expect("build the test cluster");
-    (setup, cluster)
-}
 
 fn bytes(s: impl ToString) -> Option<Bytes> {
     Some(s.to_string().into_bytes())
@@ -76,33 +73,12 @@ fn idle_counts(cluster: &Cluster) -> Vec<usize> {
         .collect()
 }
 
-fn host_of(cluster: &Cluster, key: &str) -> HostId {
-    cluster
-        .router()
-        .expect("router")
-        .host_for_key(key.as_bytes())
-        .expect("route")
-}
-
 /// Calls of `command` (lower case) summed over every server of `setup`,
 /// from `INFO commandstats` (one host per server: its first database).
 fn command_calls(setup: &TestSetup, cluster: &Cluster, dbs: usize, command: &str) -> u64 {
-    let mut total = 0;
-    for server in 0..setup.server_count() {
-        let info = cluster
-            .local_client((server * dbs) as HostId)
-            .expect("local client")
-            .info(Some("commandstats"))
-            .expect("INFO commandstats");
-        if let Some(stats) = info.get(&format!("cmdstat_{command}")) {
-            let calls = stats
-                .split(',')
-                .find_map(|f| f.strip_prefix("calls="))
-                .expect("calls= field");
-            total += calls.parse::<u64>().expect("calls is a number");
-        }
-    }
-    total
+    (0..setup.server_count())
+        .map(|server| common::command_calls(cluster, (server * dbs) as HostId, command))
+        .sum()
 }
 
 // ---------------------------------------------------------------------------

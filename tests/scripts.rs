@@ -4,17 +4,9 @@
 use std::collections::HashMap;
 
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands, HostId, Value};
 
-/// `cmdstat_<name>` calls of one host, from INFO commandstats.
-fn calls(cluster: &Cluster, host: HostId, name: &str) -> i64 {
-    let mut local = cluster.local_client(host).unwrap();
-    let info = local.info(Some("commandstats")).unwrap();
-    info.get(&format!("cmdstat_{name}"))
-        .and_then(|v| v.split(',').next())
-        .and_then(|c| c.strip_prefix("calls="))
-        .map_or(0, |n| n.parse().unwrap())
-}
+mod common;
+use rb::{Cluster, Commands, Value};
 
 fn reset_stats(cluster: &Cluster) {
     cluster
@@ -24,12 +16,12 @@ fn reset_stats(cluster: &Cluster) {
 
 /// Calls summed over servers (stats are per server: 2 databases each here,
 /// so hosts 0 and 2 stand for the two servers).
-fn sum(cluster: &Cluster, name: &str) -> i64 {
+fn sum(cluster: &Cluster, name: &str) -> u64 {
     cluster
         .host_ids()
         .into_iter()
         .filter(|h| h % 2 == 0)
-        .map(|h| calls(cluster, h, name))
+        .map(|h| common::command_calls(cluster, h, name))
         .sum()
 }
 

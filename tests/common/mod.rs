@@ -1,0 +1,42 @@
+//! Helpers shared by the integration tests (each test file that needs them
+//! says `mod common;`; not every file uses every helper).
+#![allow(dead_code)]
+
+use rb::testing::TestSetup;
+use rb::{Cluster, Commands, HostId};
+
+/// Fresh servers and the cluster over them: `servers * dbs` hosts.
+pub fn cluster(servers: usize, dbs: usize) -> (TestSetup, Cluster) {
+    let setup = TestSetup::new(servers, dbs).expect("start redis-server");
+    let cluster = setup.make_cluster().expect("build the test cluster");
+    (setup, cluster)
+}
+
+/// The host the cluster's router gives `key`.
+pub fn host_of(cluster: &Cluster, key: &str) -> HostId {
+    cluster
+        .router()
+        .expect("router")
+        .host_for_key(key.as_bytes())
+        .expect("route")
+}
+
+/// Calls of `command` (lower case, `script|load` for subcommands) on the
+/// server behind `host`, from `INFO commandstats`; 0 when never called.
+/// The stats are per server, shared by all its databases.
+pub fn command_calls(cluster: &Cluster, host: HostId, command: &str) -> u64 {
+    let info = cluster
+        .local_client(host)
+        .expect("local client")
+        .info(Some("commandstats"))
+        .expect("INFO commandstats");
+    match info.get(&format!("cmdstat_{command}")) {
+        None => 0,
+        Some(stats) => stats
+            .split(',')
+            .find_map(|f| f.strip_prefix("calls="))
+            .expect("calls= field")
+            .parse()
+            .expect("calls is a number"),
+    }
+}
