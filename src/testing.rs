@@ -53,16 +53,32 @@ impl TestSetup {
     /// Starts `servers` servers, each with `databases_each` databases used
     /// as separate hosts.
     pub fn new(servers: usize, databases_each: usize) -> Result<TestSetup> {
-        Self::start(servers, databases_each, false)
+        Self::start(servers, databases_each, false, &|_| String::new())
     }
 
     /// Like [`TestSetup::new`], and each server also listens on a free TCP
     /// port of 127.0.0.1 (for benchmarks that compare with TCP clients).
     pub fn with_tcp(servers: usize, databases_each: usize) -> Result<TestSetup> {
-        Self::start(servers, databases_each, true)
+        Self::start(servers, databases_each, true, &|_| String::new())
     }
 
-    fn start(servers: usize, databases_each: usize, tcp: bool) -> Result<TestSetup> {
+    /// Like [`TestSetup::new`], with `extra(i)` appended to server `i`'s
+    /// config file (redis.conf lines; a later directive overrides an
+    /// earlier one), e.g. a `tls-port` and certificates.
+    pub fn with_config(
+        servers: usize,
+        databases_each: usize,
+        extra: impl Fn(usize) -> String,
+    ) -> Result<TestSetup> {
+        Self::start(servers, databases_each, false, &extra)
+    }
+
+    fn start(
+        servers: usize,
+        databases_each: usize,
+        tcp: bool,
+        extra: &dyn Fn(usize) -> String,
+    ) -> Result<TestSetup> {
         let databases_each = databases_each.max(1);
         let dir = make_private_dir()?;
         let mut setup = TestSetup {
@@ -80,10 +96,11 @@ impl TestSetup {
                 None => "port 0\n".to_owned(),
             };
             let text = format!(
-                "{listen}unixsocket {}\nunixsocketperm 700\nsave \"\"\nappendonly no\ndir {}\ndatabases {}\nlogfile \"\"\ndaemonize no\n",
+                "{listen}unixsocket {}\nunixsocketperm 700\nsave \"\"\nappendonly no\ndir {}\ndatabases {}\nlogfile \"\"\ndaemonize no\n{}\n",
                 socket.display(),
                 setup.dir.display(),
                 databases_each.max(16),
+                extra(i),
             );
             std::fs::write(&config, text)
                 .map_err(|e| testing_error(format!("cannot write {}: {e}", config.display())))?;

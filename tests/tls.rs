@@ -2,10 +2,10 @@
 //! (openssl), on a TLS-only port (`port 0`).
 #![cfg(feature = "tls")]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
+use rb::testing::TestSetup;
 use rb::{Cluster, Commands, HostConfig, TlsOptions};
 
 /// A CA, a server certificate for 127.0.0.1 signed by it, and a second,
@@ -108,9 +108,9 @@ impl Drop for Certs {
     }
 }
 
-/// A redis-server with only a TLS port.
+/// A redis-server (rb::testing) whose only TCP listener is a TLS port.
 struct TlsServer {
-    child: Child,
+    _setup: TestSetup,
     port: u16,
 }
 
@@ -121,62 +121,19 @@ impl TlsServer {
             .local_addr()
             .unwrap()
             .port();
-        let mut child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--tls-port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args([
-                "--tls-cert-file",
-                certs.path("server.crt").to_str().unwrap(),
-            ])
-            .args(["--tls-key-file", certs.path("server.key").to_str().unwrap()])
-            .args(["--tls-ca-cert-file", certs.path("ca.crt").to_str().unwrap()])
-            .args([
-                "--tls-auth-clients",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--databases",
-                "4",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        let out = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(out).lines();
-        let mut log = String::new();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    log.push_str(&line);
-                    log.push('\n');
-                    if line
-                        .to_ascii_lowercase()
-                        .contains("ready to accept connections")
-                    {
-                        break;
-                    }
-                }
-                _ => panic!("TLS redis-server did not start:\n{log}"),
-            }
+        let setup = TestSetup::with_config(1, 4, |_| {
+            format!(
+                "tls-port {port}\nbind 127.0.0.1\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\n",
+                certs.path("server.crt").display(),
+                certs.path("server.key").display(),
+                certs.path("ca.crt").display(),
+            )
+        })
+        .expect("TLS redis-server starts");
+        TlsServer {
+            _setup: setup,
+            port,
         }
-        std::thread::spawn(move || for _ in lines {});
-        TlsServer { child, port }
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
