@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use crate::cmd::{cmd, Cmd};
+use crate::cmd::{cmd, Cmd, Common};
 use crate::error::{Error, HostId, HostName, Result};
 use crate::promise::{ReplyContext, ReplySink};
 use crate::resp::{itoa, Value};
@@ -59,10 +59,60 @@ pub(crate) enum Expect {
     Batch {
         kind: BatchKind,
         waiters: Vec<Waiter>,
+        /// Waiters already answered by elements of a reply that arrives
+        /// element by element (see [`Expect::split_len`]).
+        delivered: usize,
     },
 }
 
 impl Expect {
+    /// For a merged `MGET` not yet answered: its number of keys, so the
+    /// reader can hand over the reply's elements one by one.
+    pub(crate) fn split_len(&self) -> Option<usize> {
+        match self {
+            Expect::Batch {
+                kind: BatchKind::Get,
+                waiters,
+                delivered: 0,
+            } => Some(waiters.len()),
+            _ => None,
+        }
+    }
+
+    /// Hands the next element of a split `MGET` reply to its waiter.
+    #[inline]
+    pub(crate) fn deliver_element(
+        &mut self,
+        value: Value,
+        host: &HostName,
+        failures: &RefCell<Option<Error>>,
+    ) {
+        if let Expect::Batch {
+            kind,
+            waiters,
+            delivered,
+        } = self
+        {
+            if let Some(waiter) = waiters.get(*delivered) {
+                let ctx = ReplyContext {
+                    host: Some(host),
+                    command: kind.single_name(),
+                    failures,
+                };
+                waiter.accept(Ok(value), &ctx);
+                *delivered += 1;
+            }
+        }
+    }
+
+    /// The waiter list of an answered batch, for reuse.
+    pub(crate) fn into_waiters(self) -> Option<Vec<Waiter>> {
+        match self {
+            Expect::Batch { waiters, .. } => Some(waiters),
+            Expect::One { .. } => None,
+        }
+    }
+
     /// Hands a reply to its waiter(s). An error reply becomes
     /// [`Error::Server`] naming the host and the command.
     ///
@@ -96,15 +146,22 @@ impl Expect {
                 );
                 None
             }
-            Expect::Batch { kind, waiters } => {
+            Expect::Batch {
+                kind,
+                waiters,
+                delivered,
+            } => {
                 let ctx = ReplyContext {
                     host: Some(host),
                     command: kind.single_name(),
                     failures,
                 };
-                match (kind, reply) {
+                // Whole replies come only for batches not split (nothing
+                // delivered yet); skip any answered waiters all the same.
+                let waiters = waiters.into_iter().skip(delivered);
+                match (kind, reply.strip_attributes()) {
                     (BatchKind::Get, Value::Array(items)) if items.len() == waiters.len() => {
-                        for (waiter, item) in waiters.into_iter().zip(items) {
+                        for (waiter, item) in waiters.zip(items) {
                             waiter.accept(Ok(item), &ctx);
                         }
                     }
@@ -161,13 +218,17 @@ impl Expect {
                 };
                 waiter.accept(Err(error.clone()), &ctx)
             }
-            Expect::Batch { kind, waiters } => {
+            Expect::Batch {
+                kind,
+                waiters,
+                delivered,
+            } => {
                 let ctx = ReplyContext {
                     host,
                     command: kind.single_name(),
                     failures,
                 };
-                for waiter in waiters {
+                for waiter in waiters.into_iter().skip(delivered) {
                     waiter.accept(Err(error.clone()), &ctx);
                 }
             }
@@ -191,6 +252,9 @@ pub(crate) enum ConnEffect {
 
 impl ConnEffect {
     pub(crate) fn of(cmd: &Cmd) -> ConnEffect {
+        if cmd.common() != Common::Other {
+            return ConnEffect::None;
+        }
         let name = cmd.name();
         let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
         // This runs for every command: the first letter rules most out.
@@ -265,9 +329,9 @@ impl BatchKind {
     /// The batchable kind of `cmd`: only the plain forms merge (a `SET`
     /// with options has its own semantics).
     pub(crate) fn of(cmd: &Cmd) -> Option<BatchKind> {
-        match cmd.arg_count() {
-            1 if cmd.is(b"GET") => Some(BatchKind::Get),
-            2 if cmd.is(b"SET") => Some(BatchKind::Set),
+        match (cmd.common(), cmd.arg_count()) {
+            (Common::Get, 1) => Some(BatchKind::Get),
+            (Common::Set, 2) => Some(BatchKind::Set),
             _ => None,
         }
     }
@@ -280,6 +344,8 @@ pub(crate) struct Batcher {
     /// The arguments, already RESP-encoded.
     body: Vec<u8>,
     waiters: Vec<Waiter>,
+    /// Emptied waiter lists of answered batches, reused by the next runs.
+    spare: Vec<Vec<Waiter>>,
 }
 
 fn write_bulk(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -312,9 +378,12 @@ impl Batcher {
     /// `MSET`) and returns what its reply answers.
     pub(crate) fn flush(&mut self, out: &mut Vec<u8>) -> Option<Expect> {
         let kind = self.kind.take()?;
-        // The next run is likely as long as this one: size it once instead
-        // of growing it step by step (each large step costs the allocator).
-        let next = Vec::with_capacity(self.waiters.len());
+        // The next run is likely as long as this one: reuse an answered
+        // batch's list or size one once, instead of growing it step by step.
+        let next = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.waiters.len()));
         let waiters = std::mem::replace(&mut self.waiters, next);
         let args_per = match kind {
             BatchKind::Get => 1,
@@ -343,8 +412,22 @@ impl Batcher {
                 None => return None,
             }
         } else {
-            Expect::Batch { kind, waiters }
+            Expect::Batch {
+                kind,
+                waiters,
+                delivered: 0,
+            }
         })
+    }
+
+    /// Takes back the waiter list of an answered batch for a later run.
+    pub(crate) fn recycle(&mut self, mut waiters: Vec<Waiter>) {
+        /// A few lists cover the batches in flight between two reads.
+        const KEEP: usize = 8;
+        waiters.clear();
+        if self.spare.len() < KEEP && waiters.capacity() > 0 {
+            self.spare.push(waiters);
+        }
     }
 
     /// Rejects everything in the run.
@@ -359,6 +442,7 @@ impl Batcher {
             Expect::Batch {
                 kind,
                 waiters: std::mem::take(&mut self.waiters),
+                delivered: 0,
             }
             .fail(error, host, failures);
         }
@@ -380,7 +464,7 @@ impl MultiKey {
     /// The emulated kind of `cmd`, when it has keys on more than one host
     /// potentially (more than one key).
     pub(crate) fn of(cmd: &Cmd) -> Option<MultiKey> {
-        if cmd.arg_count() < 2 {
+        if cmd.arg_count() < 2 || cmd.common() != Common::Other {
             return None;
         }
         // Most commands are none of these: tell by the first letter.

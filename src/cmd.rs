@@ -31,6 +31,48 @@ pub struct Cmd {
     name_end: usize,
     /// Parts, the name included.
     parts: usize,
+    /// The name when it is one of the everyday commands the map's hot
+    /// path checks for, found once here instead of by each check.
+    common: Common,
+}
+
+/// The everyday commands, told apart at construction (names ignore case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Common {
+    /// `GET`.
+    Get,
+    /// `SET`.
+    Set,
+    /// Any other name.
+    Other,
+}
+
+impl Common {
+    fn of(name: &[u8]) -> Common {
+        if name.eq_ignore_ascii_case(b"GET") {
+            Common::Get
+        } else if name.eq_ignore_ascii_case(b"SET") {
+            Common::Set
+        } else {
+            Common::Other
+        }
+    }
+}
+
+/// Appends the header of a bulk string of `len` bytes: `$<len>\r\n`.
+/// Short lengths (most keys and names) are written as one small array.
+#[inline]
+fn push_bulk_head(buf: &mut Vec<u8>, len: usize) {
+    if len < 10 {
+        buf.extend_from_slice(&[b'$', b'0' + len as u8, b'\r', b'\n']);
+    } else if len < 100 {
+        let (tens, ones) = ((len / 10) as u8, (len % 10) as u8);
+        buf.extend_from_slice(&[b'$', b'0' + tens, b'0' + ones, b'\r', b'\n']);
+    } else {
+        buf.push(b'$');
+        buf.extend_from_slice(itoa(len as i64).as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Room for the longest bulk header, `$` + 20 digits + CRLF.
@@ -134,6 +176,7 @@ impl Cmd {
             name_start: 0,
             name_end: 0,
             parts: 0,
+            common: Common::of(name.as_bytes()),
         };
         c.push_part(name);
         c.name_end = c.buf.len();
@@ -160,9 +203,7 @@ impl Cmd {
         let start = self.buf.len();
         if let Some(len) = arg.exact_len() {
             self.buf.reserve(MAX_HEAD + len + 2);
-            self.buf.push(b'$');
-            self.buf.extend_from_slice(itoa(len as i64).as_bytes());
-            self.buf.extend_from_slice(b"\r\n");
+            push_bulk_head(&mut self.buf, len);
             let body = self.buf.len();
             arg.write_arg(&mut self.buf);
             if self.buf.len() - body == len {
@@ -257,6 +298,11 @@ impl Cmd {
         out
     }
 
+    /// Which everyday command this is, if any.
+    pub(crate) fn common(&self) -> Common {
+        self.common
+    }
+
     /// Whether the name equals `upper` (given in upper case), ignoring case.
     pub(crate) fn is(&self, upper: &[u8]) -> bool {
         self.name().eq_ignore_ascii_case(upper)
@@ -272,6 +318,7 @@ impl Clone for Cmd {
             name_start: self.name_start,
             name_end: self.name_end,
             parts: self.parts,
+            common: self.common,
         }
     }
 }
@@ -396,6 +443,37 @@ impl From<ScriptCall> for Call {
 mod tests {
     use super::*;
     use crate::resp::{decode, Value};
+
+    #[test]
+    fn bulk_headers_at_every_digit_count() {
+        for len in [0usize, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 65_536] {
+            let arg = vec![b'x'; len];
+            let c = cmd("ECHO").arg(&arg);
+            let packed = c.to_packed();
+            assert_eq!(packed.len(), c.encoded_len(), "length {len}");
+            let (v, used) = decode(&packed).unwrap().unwrap();
+            assert_eq!(used, packed.len());
+            assert_eq!(
+                v,
+                Value::Array(vec![
+                    Value::BulkString(b"ECHO".to_vec()),
+                    Value::BulkString(arg.clone())
+                ]),
+                "length {len}"
+            );
+            assert_eq!(c.args().next(), Some(&arg[..]));
+        }
+    }
+
+    #[test]
+    fn everyday_names_are_recognised_in_any_case() {
+        assert_eq!(cmd("get").common(), Common::Get);
+        assert_eq!(cmd("GeT").common(), Common::Get);
+        assert_eq!(cmd("SET").common(), Common::Set);
+        assert_eq!(cmd("GETSET").common(), Common::Other);
+        assert_eq!(cmd("MGET").common(), Common::Other);
+        assert_eq!(cmd("").common(), Common::Other);
+    }
 
     #[test]
     fn encodes_exactly_sized() {

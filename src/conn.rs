@@ -120,11 +120,73 @@ pub(crate) struct Connection {
     rstart: usize,
     rend: usize,
     decoder: Decoder,
+    /// Elements still to come of an array reply being handed over element
+    /// by element (see [`ReplyTarget::split_next`]).
+    split_left: usize,
     /// Came from the pool (so a failure before sending anything may be a
     /// stale connection worth one transparent reconnect).
     pub(crate) reused: bool,
     /// Registered with a poll.
     registered: bool,
+}
+
+/// Where a connection's replies go: the session's queue of what each
+/// reply answers.
+pub(crate) trait ReplyTarget {
+    /// `Some(n)` when the next reply answers a merged `MGET` of `n` keys:
+    /// if it is an array of `n`, its elements are handed to
+    /// [`ReplyTarget::element`] one by one as they arrive, instead of
+    /// building the array first (one allocation and copy less per reply,
+    /// and no half-built array when a read ends mid-reply).
+    fn split_next(&self) -> Option<usize>;
+
+    /// The next element of the array announced by `split_next`; `last`
+    /// for its final element.
+    fn element(&mut self, value: Value, last: bool);
+
+    /// One whole reply.
+    fn reply(&mut self, value: Value);
+}
+
+/// The header of an array reply, read without the decoder.
+#[derive(Debug, PartialEq, Eq)]
+enum ArrayHead {
+    /// Not all of the header is here yet.
+    Incomplete,
+    /// `*<count>\r\n`, taking `.1` bytes.
+    Count(usize, usize),
+    /// Anything else, left to the decoder to judge.
+    Other,
+}
+
+/// Reads `*<count>\r\n` in its plain form only (digits, no sign, no
+/// leading zero, at most 9 digits); every other shape is
+/// [`ArrayHead::Other`] and goes to the decoder, which validates it.
+fn array_head(buf: &[u8]) -> ArrayHead {
+    if buf.first() != Some(&b'*') {
+        return if buf.is_empty() {
+            ArrayHead::Incomplete
+        } else {
+            ArrayHead::Other
+        };
+    }
+    let mut count = 0usize;
+    for (i, &b) in buf.iter().enumerate().skip(1) {
+        match b {
+            b'0'..=b'9' if i <= 9 && !(i == 2 && buf[1] == b'0') => {
+                count = count * 10 + usize::from(b - b'0');
+            }
+            b'\r' if i > 1 => {
+                return match buf.get(i + 1) {
+                    None => ArrayHead::Incomplete,
+                    Some(b'\n') => ArrayHead::Count(count, i + 2),
+                    Some(_) => ArrayHead::Other,
+                };
+            }
+            _ => return ArrayHead::Other,
+        }
+    }
+    ArrayHead::Incomplete
 }
 
 fn io_error(host: &HostName, e: &io::Error) -> Error {
@@ -189,6 +251,7 @@ impl Connection {
             rstart: 0,
             rend: 0,
             decoder: Decoder::new(),
+            split_left: 0,
             reused: false,
             registered: false,
         };
@@ -325,10 +388,10 @@ impl Connection {
     }
 
     /// Reads until the socket would block, handing each reply (handshake
-    /// replies excluded) to `on_reply`. Returns an error when the peer
+    /// replies excluded) to `target`. Returns an error when the peer
     /// closed or broke the protocol; replies decoded before that were
     /// already delivered.
-    pub(crate) fn read_replies(&mut self, mut on_reply: impl FnMut(Value)) -> Result<()> {
+    pub(crate) fn read_replies(&mut self, target: &mut impl ReplyTarget) -> Result<()> {
         loop {
             if self.rend == self.rbuf.len() {
                 if self.rstart > 0 {
@@ -344,12 +407,12 @@ impl Connection {
             }
             match self.stream.read(&mut self.rbuf[self.rend..]) {
                 Ok(0) => {
-                    self.decode_available(&mut on_reply)?;
+                    self.decode_available(target)?;
                     return Err(self.closed_error());
                 }
                 Ok(n) => {
                     self.rend += n;
-                    self.decode_available(&mut on_reply)?;
+                    self.decode_available(target)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -358,21 +421,41 @@ impl Connection {
         }
     }
 
-    fn decode_available(&mut self, on_reply: &mut impl FnMut(Value)) -> Result<()> {
+    fn decode_available(&mut self, target: &mut impl ReplyTarget) -> Result<()> {
         while self.rstart < self.rend {
-            let decoded = self
-                .decoder
-                .decode(&self.rbuf[self.rstart..self.rend])
-                .map_err(|e| e.with_context(self.host.name(), ""))?;
+            if self.split_left == 0 && self.handshake_replies == 0 {
+                if let Some(n) = target.split_next() {
+                    match array_head(&self.rbuf[self.rstart..self.rend]) {
+                        ArrayHead::Incomplete => break,
+                        ArrayHead::Count(count, used) if count == n && n > 0 => {
+                            self.rstart += used;
+                            self.split_left = n;
+                            continue;
+                        }
+                        // Another shape (an error reply, say): decoded whole.
+                        _ => {}
+                    }
+                }
+            }
+            let buf = &self.rbuf[self.rstart..self.rend];
+            let decoded = if self.split_left > 0 {
+                self.decoder.decode_element(buf)
+            } else {
+                self.decoder.decode(buf)
+            }
+            .map_err(|e| e.with_context(self.host.name(), ""))?;
             let Some((value, used)) = decoded else {
                 break;
             };
             self.rstart += used;
-            if self.handshake_replies > 0 {
+            if self.split_left > 0 {
+                self.split_left -= 1;
+                target.element(value, self.split_left == 0);
+            } else if self.handshake_replies > 0 {
                 self.check_handshake_reply(value)?;
             } else if !matches!(value, Value::Push(_)) {
                 // RESP3 pushes are out of band: no request waits for them.
-                on_reply(value);
+                target.reply(value);
             }
         }
         if self.rstart == self.rend {
@@ -416,7 +499,7 @@ impl Connection {
     /// the server closed it (e.g. its idle `timeout`), and unexpected bytes
     /// mean its state is unknown.
     pub(crate) fn is_alive(&mut self) -> bool {
-        if self.rstart != self.rend {
+        if self.rstart != self.rend || self.split_left > 0 {
             return false;
         }
         let mut probe = [0u8; 1];
@@ -538,4 +621,38 @@ pub(crate) struct HostEntry {
 #[derive(Default)]
 pub(crate) struct HostTable {
     pub(crate) hosts: std::collections::BTreeMap<crate::error::HostId, HostEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{array_head, ArrayHead};
+
+    #[test]
+    fn array_heads_in_plain_form_only() {
+        assert_eq!(array_head(b"*256\r\n$1\r\na"), ArrayHead::Count(256, 6));
+        assert_eq!(array_head(b"*2\r\n"), ArrayHead::Count(2, 4));
+        assert_eq!(array_head(b"*0\r\n"), ArrayHead::Count(0, 4));
+        assert_eq!(
+            array_head(b"*999999999\r\n"),
+            ArrayHead::Count(999_999_999, 12)
+        );
+        for partial in [&b""[..], b"*", b"*2", b"*25", b"*256\r"] {
+            assert_eq!(array_head(partial), ArrayHead::Incomplete, "{partial:?}");
+        }
+        // Everything else is the decoder's to judge.
+        for other in [
+            &b"-ERR no\r\n"[..],
+            b"$3\r\nfoo\r\n",
+            b"*-1\r\n",
+            b"*+2\r\n",
+            b"*02\r\n",
+            b"*\r\n",
+            b"*2x\r\n",
+            b"*2\rx",
+            b"*1000000000\r\n",
+            b"|1\r\n+a\r\n+b\r\n*2\r\n",
+        ] {
+            assert_eq!(array_head(other), ArrayHead::Other, "{other:?}");
+        }
+    }
 }

@@ -27,9 +27,10 @@ use mio::{Events, Poll, Token};
 use crate::batch::{BatchKind, Batcher, CmdName, ConnEffect, Expect, Waiter};
 use crate::cmd::Cmd;
 use crate::config::HostInfo;
-use crate::conn::{Connection, HostTable};
-use crate::error::{Error, HostId, Phase, Result};
+use crate::conn::{Connection, HostTable, ReplyTarget};
+use crate::error::{Error, HostId, HostName, Phase, Result};
 use crate::promise::ReplyContext;
+use crate::resp::Value;
 use crate::scripts::ScriptMemory;
 
 /// A host's buffered bytes past which they are written while the caller
@@ -114,6 +115,56 @@ impl SlotIndex {
             self.dense[i] = slot;
         } else {
             self.sparse.insert(id, slot);
+        }
+    }
+}
+
+/// Hands one host's replies to the requests waiting for them, in order.
+struct Delivery<'a> {
+    expects: &'a mut VecDeque<Expect>,
+    batcher: &'a mut Batcher,
+    host: &'a HostName,
+    failures: &'a RefCell<Option<Error>>,
+    /// Set when a reply cannot be the answer: the stream is out of step.
+    broken: Option<Error>,
+}
+
+impl ReplyTarget for Delivery<'_> {
+    fn split_next(&self) -> Option<usize> {
+        if self.broken.is_some() {
+            return None;
+        }
+        self.expects.front().and_then(Expect::split_len)
+    }
+
+    #[inline]
+    fn element(&mut self, value: Value, last: bool) {
+        if self.broken.is_some() {
+            return;
+        }
+        if let Some(expect) = self.expects.front_mut() {
+            expect.deliver_element(value, self.host, self.failures);
+        }
+        if last {
+            if let Some(waiters) = self.expects.pop_front().and_then(Expect::into_waiters) {
+                self.batcher.recycle(waiters);
+            }
+        }
+    }
+
+    fn reply(&mut self, value: Value) {
+        if self.broken.is_some() {
+            return;
+        }
+        match self.expects.pop_front() {
+            Some(expect) => self.broken = expect.deliver(value, self.host, self.failures),
+            None => {
+                self.broken = Some(Error::Protocol {
+                    host: Some(self.host.clone()),
+                    reason: format!("the server sent {} when no reply was due", value.describe())
+                        .into(),
+                })
+            }
         }
     }
 }
@@ -487,37 +538,26 @@ impl Session {
     }
 
     fn read_slot(&mut self, i: usize) {
-        let failures = &self.failures;
         let slot = &mut self.slots[i];
         let Slot {
             conn,
             expects,
             host,
+            batcher,
             ..
         } = slot;
         let Some(conn) = conn.as_mut() else {
             return;
         };
-        let mut broken: Option<Error> = None;
-        let result = conn.read_replies(|reply| {
-            if broken.is_some() {
-                return;
-            }
-            match expects.pop_front() {
-                Some(expect) => broken = expect.deliver(reply, host.name(), failures),
-                None => {
-                    broken = Some(Error::Protocol {
-                        host: Some(host.name().clone()),
-                        reason: format!(
-                            "the server sent {} when no reply was due",
-                            reply.describe()
-                        )
-                        .into(),
-                    })
-                }
-            }
-        });
-        if let Some(e) = broken {
+        let mut delivery = Delivery {
+            expects,
+            batcher,
+            host: host.name(),
+            failures: &self.failures,
+            broken: None,
+        };
+        let result = conn.read_replies(&mut delivery);
+        if let Some(e) = delivery.broken {
             // The reply stream is out of step with the requests: nothing
             // after this point can be trusted, so the connection goes.
             self.slots[i].retried = true;

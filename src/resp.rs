@@ -79,11 +79,14 @@ pub enum Value {
 
 impl Value {
     /// The reply without any attribute wrapped around it.
-    pub fn strip_attributes(self) -> Value {
-        match self {
-            Value::Attribute { value, .. } => value.strip_attributes(),
-            v => v,
+    #[inline]
+    pub fn strip_attributes(mut self) -> Value {
+        // Inlined: every conversion calls this, and almost no value has
+        // attributes, so it should cost one compare.
+        while let Value::Attribute { value, .. } = self {
+            self = *value;
         }
+        self
     }
 
     /// A short description for error messages: the kind and a prefix of the content.
@@ -307,6 +310,22 @@ impl Decoder {
                 Err(e)
             }
         }
+    }
+
+    /// Decodes one element of an array whose header the caller took off
+    /// (see the engine's split `MGET` replies): the plain bulk string or
+    /// nil that such arrays almost always hold is read in one tight step,
+    /// anything else as by [`Decoder::decode`].
+    pub(crate) fn decode_element(&mut self, buf: &[u8]) -> Result<Option<(Value, usize)>> {
+        if self.scanner.pos == 0 {
+            if let Some(plain) = plain_bulk(buf, 0) {
+                return Ok(Some(plain));
+            }
+            if buf.starts_with(b"$-1\r\n") {
+                return Ok(Some((Value::Nil, 5)));
+            }
+        }
+        self.decode(buf)
     }
 
     /// Forgets any partial progress (after the caller dropped its buffer).

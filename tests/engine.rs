@@ -984,3 +984,86 @@ fn unknown_host_and_unroutable_are_clear_errors() {
     ));
     assert_eq!(client.get("fine").unwrap(), Some(b"1".to_vec()));
 }
+
+/// Merged MGET replies are handed to their promises element by element as
+/// they arrive: values of every size, split over many reads at any byte,
+/// each reach their own promise, in batches of every length.
+#[test]
+fn merged_replies_split_over_many_reads_reach_each_promise() {
+    let (_setup, cluster) = cluster(2, 1);
+    // Sizes around the bulk header's digit steps and past the 64 KiB reads.
+    let sizes = [0usize, 1, 9, 10, 99, 100, 1000, 65_535, 65_536, 200_000];
+    let keys: Vec<String> = (0..300).map(|i| format!("split:{i}")).collect();
+    let value = |i: usize| -> Bytes {
+        let len = sizes[i % sizes.len()];
+        (0..len).map(|j| (i * 31 + j) as u8).collect()
+    };
+    cluster
+        .map(|c| {
+            for (i, k) in keys.iter().enumerate() {
+                // Every seventh key is left missing: a nil inside the MGET.
+                if i % 7 != 3 {
+                    c.set(k, value(i));
+                }
+            }
+        })
+        .unwrap();
+    for batch in [2, 3, 7, 64, 256] {
+        let gets = cluster
+            .map_with(MapOptions::new().max_batch_size(batch), |c| {
+                keys.iter()
+                    .map(|k| c.get(k))
+                    .collect::<Vec<Promise<Option<Bytes>>>>()
+            })
+            .unwrap();
+        for (i, p) in gets.iter().enumerate() {
+            let expected = (i % 7 != 3).then(|| value(i));
+            assert_eq!(p.value().unwrap(), expected, "key {i}, batches of {batch}");
+        }
+    }
+}
+
+/// A merged MGET answered with an error (here the server's ACL refuses
+/// MGET) rejects each of its promises with that error, naming the host and
+/// MGET; the other commands of the map, before and after it on the same
+/// connection, still get their own replies.
+#[test]
+fn merged_mget_answered_with_an_error() {
+    let (_setup, cluster) = cluster(1, 1);
+    let mut local = cluster.local_client(0).unwrap();
+    local.set("a", "1").unwrap();
+    local
+        .cmd::<()>(rb::cmd("ACL").arg("SETUSER").arg("default").arg("-mget"))
+        .unwrap();
+    let mut gets: Vec<Promise<Option<Bytes>>> = Vec::new();
+    let mut counts: Vec<Promise<i64>> = Vec::new();
+    let failure = cluster
+        .map(|c| {
+            counts.push(c.incr("counter"));
+            gets.extend((0..10).map(|_| c.get("a")));
+            counts.push(c.incr("counter"));
+        })
+        .expect_err("the map reports its first failure");
+    assert!(
+        matches!(&failure, Error::Server { code, .. } if &**code == "NOPERM"),
+        "{failure}"
+    );
+    let (before, after) = (&counts[0], &counts[1]);
+    assert_eq!(before.value().unwrap(), 1);
+    assert_eq!(after.value().unwrap(), 2);
+    for p in &gets {
+        match p.reason() {
+            Some(Error::Server {
+                host,
+                command,
+                code,
+                ..
+            }) => {
+                assert_eq!(host.map(|h| h.id), Some(0));
+                assert_eq!(&*command, "MGET");
+                assert_eq!(&*code, "NOPERM");
+            }
+            other => panic!("expected NOPERM for MGET, got {other:?}"),
+        }
+    }
+}
