@@ -184,6 +184,29 @@ impl Cmd {
         c
     }
 
+    /// `GET` with no arguments yet (the typed helpers' hot path).
+    pub(crate) fn get_command() -> Cmd {
+        Cmd::three_letter(b"$3\r\nGET\r\n", Common::Get)
+    }
+
+    /// `SET` with no arguments yet (the typed helpers' hot path).
+    pub(crate) fn set_command() -> Cmd {
+        Cmd::three_letter(b"$3\r\nSET\r\n", Common::Set)
+    }
+
+    /// A command whose three-letter name's encoding is copied in one piece.
+    fn three_letter(encoded: &'static [u8; 9], common: Common) -> Cmd {
+        let mut buf = recycle::take(64);
+        buf.extend_from_slice(encoded);
+        Cmd {
+            buf,
+            name_start: 4,
+            name_end: 9,
+            parts: 1,
+            common,
+        }
+    }
+
     /// Adds an argument (builder style).
     pub fn arg<T: ToArg>(mut self, arg: T) -> Cmd {
         self.push_arg(arg);
@@ -462,6 +485,21 @@ mod tests {
                 "length {len}"
             );
             assert_eq!(c.args().next(), Some(&arg[..]));
+        }
+    }
+
+    #[test]
+    fn everyday_commands_equal_their_plain_builds() {
+        for (fast, common, name) in [
+            (Cmd::get_command(), Common::Get, "GET"),
+            (Cmd::set_command(), Common::Set, "SET"),
+        ] {
+            let fast = fast.arg("k").arg("v");
+            let plain = cmd(name).arg("k").arg("v");
+            assert_eq!(fast, plain);
+            assert_eq!(fast.name(), name.as_bytes());
+            assert_eq!(fast.to_packed(), plain.to_packed());
+            assert_eq!(fast.common(), common);
         }
     }
 

@@ -135,11 +135,11 @@ pub trait Commands: Execute + Sized {
 
     /// `GET key`
     fn get<K: ToArg>(&mut self, key: K) -> Self::Output<Option<Bytes>> {
-        self.execute(cmd("GET").arg(key))
+        self.execute(Cmd::get_command().arg(key))
     }
     /// `SET key value`
     fn set<K: ToArg, V: ToArg>(&mut self, key: K, value: V) -> Self::Output<()> {
-        self.execute(cmd("SET").arg(key).arg(value))
+        self.execute(Cmd::set_command().arg(key).arg(value))
     }
     /// `SET key value [EX|PX|EXAT|PXAT|KEEPTTL] [NX|XX]`: true if it was set.
     fn set_with<K: ToArg, V: ToArg>(

@@ -764,6 +764,41 @@ fn error_value(text: &[u8]) -> Value {
 mod tests {
     use super::*;
 
+    /// `decode_element` is only a shortcut: on every input, and on every
+    /// prefix of it, it answers exactly what `decode` answers.
+    #[test]
+    fn decode_element_agrees_with_decode_on_every_prefix() {
+        let inputs: [&[u8]; 14] = [
+            b"$3\r\nfoo\r\n",
+            b"$0\r\n\r\n",
+            b"$-1\r\n",
+            b"$-1\r",
+            b"$-01\r\n",
+            b"$-2\r\n",
+            b"$3\r\nfoo\r\r",
+            b"$03\r\nfoo\r\n",
+            b"$+3\r\nfoo\r\n",
+            b"$10000000000\r\n",
+            b"_\r\n",
+            b"*2\r\n$1\r\na\r\n:1\r\n",
+            b"-ERR x\r\n",
+            b"|1\r\n+a\r\n+b\r\n$1\r\nz\r\n",
+        ];
+        for input in inputs {
+            for end in 0..=input.len() {
+                let buf = &input[..end];
+                let plain = Decoder::new().decode(buf);
+                let element = Decoder::new().decode_element(buf);
+                assert_eq!(
+                    format!("{element:?}"),
+                    format!("{plain:?}"),
+                    "{:?}",
+                    String::from_utf8_lossy(buf)
+                );
+            }
+        }
+    }
+
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
     }
