@@ -12,13 +12,11 @@ use std::fmt;
 
 use crate::cmd::{cmd, Cmd, Common};
 use crate::error::{Error, HostId, HostName, Result};
-use crate::promise::{ReplyContext, ReplySink};
+use crate::promise::ReplyContext;
+pub(crate) use crate::promise::Waiter;
 use crate::resp::{itoa, Value};
 use crate::router::Router;
 use std::cell::RefCell;
-
-/// Receives the reply (or failure) of one command.
-pub(crate) type Waiter = std::rc::Rc<dyn ReplySink>;
 
 /// A command name kept inline for error messages (no allocation per command).
 #[derive(Clone, Copy)]
@@ -569,6 +567,7 @@ impl Split {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::promise::ReplySink;
     use crate::resp::decode;
     use crate::router::PartitionRouter;
     use std::rc::Rc;
@@ -577,7 +576,7 @@ mod tests {
     struct Replies(RefCell<Vec<Result<Value>>>);
 
     impl ReplySink for Replies {
-        fn accept(&self, reply: Result<Value>, _ctx: &ReplyContext<'_>) {
+        fn accept(&self, _index: u32, reply: Result<Value>, _ctx: &ReplyContext<'_>) {
             self.0.borrow_mut().push(reply)
         }
     }
@@ -585,7 +584,7 @@ mod tests {
     type Log = Rc<Replies>;
 
     fn waiter(log: &Log) -> Waiter {
-        log.clone()
+        Waiter::new(log.clone(), 0)
     }
 
     fn no_failures() -> RefCell<Option<Error>> {

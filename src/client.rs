@@ -134,7 +134,7 @@ impl<'s> Dispatch<'s> {
         promise
     }
 
-    fn reject<T>(&self, e: Error) -> Promise<T> {
+    fn reject<T: 'static>(&self, e: Error) -> Promise<T> {
         note_failure(&self.failures, &e);
         Promise::rejected(e)
     }

@@ -1,9 +1,10 @@
 //! [`Promise<T>`]: a reply that will arrive, as in rb (and ES6).
 //!
-//! Promises are single-threaded handles (`Rc`) into a map's promise table:
-//! the event loop settles them as replies arrive, and their callbacks
-//! (`then`, `done`) run right there, on the thread that drives the map.
-//! After the map returns, every promise it handed out is settled.
+//! Promises are single-threaded handles into a promise table (blocks of
+//! entries, see `block`): the event loop settles them as replies arrive,
+//! and their callbacks (`then`, `done`) run right there, on the thread that
+//! drives the map. After the map returns, every promise it handed out is
+//! settled.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -14,6 +15,9 @@ use std::rc::Rc;
 use crate::convert::FromValue;
 use crate::error::{Error, HostName, Result};
 use crate::resp::Value;
+
+mod block;
+use block::Block;
 
 type Callback<T> = Box<dyn FnOnce(Result<&T, &Error>)>;
 type Taker<T> = Box<dyn FnOnce(Result<T>)>;
@@ -62,19 +66,28 @@ impl<T> State<T> {
 /// assert_eq!(doubled.value().unwrap(), 42);
 /// ```
 pub struct Promise<T> {
-    state: Rc<RefCell<State<T>>>,
+    block: Rc<Block<T>>,
+    index: u32,
 }
 
 impl<T> Clone for Promise<T> {
     /// Another handle to the same promise.
     fn clone(&self) -> Promise<T> {
+        self.block.retain(self.index);
         Promise {
-            state: self.state.clone(),
+            block: self.block.clone(),
+            index: self.index,
         }
     }
 }
 
-impl<T> Default for Promise<T> {
+impl<T> Drop for Promise<T> {
+    fn drop(&mut self) {
+        self.block.release(self.index);
+    }
+}
+
+impl<T: 'static> Default for Promise<T> {
     fn default() -> Self {
         Promise::new()
     }
@@ -82,7 +95,7 @@ impl<T> Default for Promise<T> {
 
 impl<T> fmt::Debug for Promise<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match self.state.try_borrow().as_deref() {
+        let state = match self.state().try_borrow().as_deref() {
             Ok(State::Pending(_)) => "pending",
             Ok(State::Settled(Ok(_)) | State::Taken) => "resolved",
             Ok(State::Settled(Err(_))) => "rejected",
@@ -112,37 +125,43 @@ fn taken_error() -> Error {
     }
 }
 
-impl<T> Promise<T> {
+impl<T: 'static> Promise<T> {
+    fn placed(state: State<T>) -> Promise<T> {
+        let (block, index) = block::place(state);
+        Promise { block, index }
+    }
+
     /// A pending promise.
     pub fn new() -> Promise<T> {
-        Promise {
-            state: Rc::new(RefCell::new(State::Pending(None))),
-        }
+        Promise::placed(State::Pending(None))
     }
 
     /// A promise already resolved with `value`.
     pub fn resolved(value: T) -> Promise<T> {
-        Promise {
-            state: Rc::new(RefCell::new(State::Settled(Ok(value)))),
-        }
+        Promise::placed(State::Settled(Ok(value)))
     }
 
     /// A promise already rejected with `error`.
     pub fn rejected(error: Error) -> Promise<T> {
-        Promise {
-            state: Rc::new(RefCell::new(State::Settled(Err(Box::new(error))))),
-        }
+        Promise::placed(State::Settled(Err(Box::new(error))))
+    }
+}
+
+impl<T> Promise<T> {
+    /// This promise's entry in the table.
+    fn state(&self) -> &RefCell<State<T>> {
+        &self.block.entry(self.index).state
     }
 
     /// Still waiting.
     pub fn is_pending(&self) -> bool {
-        matches!(self.state.try_borrow().as_deref(), Ok(State::Pending(_)))
+        matches!(self.state().try_borrow().as_deref(), Ok(State::Pending(_)))
     }
 
     /// Settled with a value.
     pub fn is_resolved(&self) -> bool {
         matches!(
-            self.state.try_borrow().as_deref(),
+            self.state().try_borrow().as_deref(),
             Ok(State::Settled(Ok(_)) | State::Taken)
         )
     }
@@ -150,14 +169,14 @@ impl<T> Promise<T> {
     /// Settled with an error.
     pub fn is_rejected(&self) -> bool {
         matches!(
-            self.state.try_borrow().as_deref(),
+            self.state().try_borrow().as_deref(),
             Ok(State::Settled(Err(_)))
         )
     }
 
     /// The error, if rejected.
     pub fn reason(&self) -> Option<Error> {
-        match self.state.try_borrow().as_deref() {
+        match self.state().try_borrow().as_deref() {
             Ok(State::Settled(Err(e))) => Some((**e).clone()),
             _ => None,
         }
@@ -175,24 +194,24 @@ impl<T> Promise<T> {
 
     /// Settles with a result and runs the callbacks waiting on it, in order.
     pub fn settle(&self, result: Result<T>) {
-        settle_cell(&self.state, result)
+        settle_cell(self.state(), result)
     }
 
     /// Moves the value out (errors are cloned). Later `value()`/`take()`
     /// calls on a taken promise are errors.
     pub fn take(&self) -> Result<T> {
-        take_cell(&self.state)
+        take_cell(self.state())
     }
 
     /// Runs `callback` with the result once settled (at once if it is).
     fn on_settle(&self, callback: impl FnOnce(Result<&T, &Error>) + 'static) {
-        if let Ok(mut state) = self.state.try_borrow_mut() {
+        if let Ok(mut state) = self.state().try_borrow_mut() {
             if let Some(waiting) = state.waiting() {
                 waiting.callbacks.push(Box::new(callback));
                 return;
             }
         }
-        match self.state.try_borrow().as_deref() {
+        match self.state().try_borrow().as_deref() {
             Ok(State::Settled(result)) => callback(view(result)),
             _ => callback(Err(&taken_error())),
         }
@@ -201,7 +220,7 @@ impl<T> Promise<T> {
     /// Moves the result into `taker` once settled (at once if it is). Only
     /// for promises nobody else reads: the value leaves this promise.
     fn on_take(&self, taker: impl FnOnce(Result<T>) + 'static) {
-        if let Ok(mut state) = self.state.try_borrow_mut() {
+        if let Ok(mut state) = self.state().try_borrow_mut() {
             if let Some(waiting) = state.waiting() {
                 if waiting.taker.is_none() {
                     waiting.taker = Some(Box::new(taker));
@@ -271,7 +290,7 @@ impl<T> Promise<T> {
 impl<T: Clone> Promise<T> {
     /// A clone of the value; the error if rejected; an error if still pending.
     pub fn value(&self) -> Result<T> {
-        match self.state.try_borrow().as_deref() {
+        match self.state().try_borrow().as_deref() {
             Ok(State::Settled(Ok(v))) => Ok(v.clone()),
             Ok(State::Settled(Err(e))) => Err((**e).clone()),
             Ok(State::Pending(_)) => Err(pending_error()),
@@ -359,38 +378,80 @@ impl ReplyContext<'_> {
     }
 }
 
-/// Takes one reply (or failure) off the wire: a pending promise that
-/// converts the reply to its type. Shared as `Rc<dyn ReplySink>`, so
-/// queueing a command costs no allocation beyond the promise itself.
+/// Takes replies (or failures) off the wire for the entries of one block:
+/// the promise table seen from the event loop, which knows no types.
 pub(crate) trait ReplySink {
-    /// Settles with the reply, converted.
-    fn accept(&self, reply: Result<Value>, ctx: &ReplyContext<'_>);
+    /// Settles entry `index` with the reply, converted.
+    fn accept(&self, index: u32, reply: Result<Value>, ctx: &ReplyContext<'_>);
 
-    /// Settles with one reply shared by many (the `OK` of a merged `MSET`),
-    /// cloning it only when the target type needs it.
-    fn accept_shared(&self, reply: &Value, ctx: &ReplyContext<'_>) {
-        self.accept(Ok(reply.clone()), ctx)
+    /// Settles entry `index` with one reply shared by many (the `OK` of a
+    /// merged `MSET`), cloning it only when the target type needs it.
+    fn accept_shared(&self, index: u32, reply: &Value, ctx: &ReplyContext<'_>) {
+        self.accept(index, Ok(reply.clone()), ctx)
+    }
+
+    /// The waiter for entry `index` is gone.
+    fn release(&self, index: u32) {
+        let _ = index;
     }
 }
 
-impl<T: FromValue> ReplySink for RefCell<State<T>> {
-    fn accept(&self, reply: Result<Value>, ctx: &ReplyContext<'_>) {
+impl<T: FromValue> ReplySink for Block<T> {
+    fn accept(&self, index: u32, reply: Result<Value>, ctx: &ReplyContext<'_>) {
         let result = reply.and_then(T::from_value).map_err(|e| ctx.failed(e));
-        settle_cell(self, result)
+        settle_cell(&self.entry(index).state, result)
     }
 
-    fn accept_shared(&self, reply: &Value, ctx: &ReplyContext<'_>) {
+    fn accept_shared(&self, index: u32, reply: &Value, ctx: &ReplyContext<'_>) {
         match T::from_shared(reply) {
-            Some(result) => settle_cell(self, result.map_err(|e| ctx.failed(e))),
-            None => self.accept(Ok(reply.clone()), ctx),
+            Some(result) => {
+                settle_cell(&self.entry(index).state, result.map_err(|e| ctx.failed(e)))
+            }
+            None => self.accept(index, Ok(reply.clone()), ctx),
         }
+    }
+
+    fn release(&self, index: u32) {
+        Block::release(self, index)
+    }
+}
+
+/// A request's claim on the promise its reply settles: a handle into the
+/// promise table, queued with the request (no allocation of its own).
+pub(crate) struct Waiter {
+    sink: Rc<dyn ReplySink>,
+    index: u32,
+}
+
+impl Waiter {
+    /// A waiter handing replies to `sink`'s entry `index` (the sink's own
+    /// handle counting is its business; see [`ReplySink::release`]).
+    pub(crate) fn new(sink: Rc<dyn ReplySink>, index: u32) -> Waiter {
+        Waiter { sink, index }
+    }
+
+    /// Settles the promise with the reply, converted.
+    pub(crate) fn accept(&self, reply: Result<Value>, ctx: &ReplyContext<'_>) {
+        self.sink.accept(self.index, reply, ctx)
+    }
+
+    /// Settles the promise with a reply shared by many.
+    pub(crate) fn accept_shared(&self, reply: &Value, ctx: &ReplyContext<'_>) {
+        self.sink.accept_shared(self.index, reply, ctx)
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.sink.release(self.index)
     }
 }
 
 impl<T: FromValue + 'static> Promise<T> {
     /// This promise as the receiver of a reply.
-    pub(crate) fn sink(&self) -> Rc<dyn ReplySink> {
-        self.state.clone()
+    pub(crate) fn sink(&self) -> Waiter {
+        self.block.retain(self.index);
+        Waiter::new(self.block.clone(), self.index)
     }
 }
 
@@ -593,6 +654,20 @@ mod tests {
         b.resolve(2);
         let got = joined.value().unwrap();
         assert_eq!((got["a"], got["b"]), (1, 2));
+    }
+
+    #[test]
+    fn a_value_lives_as_long_as_its_promise_handles() {
+        let value = Rc::new(());
+        let p = Promise::resolved(value.clone());
+        // Neighbours in the same block keep their own values only.
+        let neighbours: Vec<Promise<Rc<()>>> = (0..100).map(|_| Promise::new()).collect();
+        let waiter = p.clone();
+        drop(p);
+        assert_eq!(Rc::strong_count(&value), 2, "a handle is left");
+        drop(waiter);
+        assert_eq!(Rc::strong_count(&value), 1, "dropped with the last handle");
+        assert!(neighbours.iter().all(Promise::is_pending));
     }
 
     #[test]
