@@ -77,11 +77,12 @@ impl Expect {
         }
     }
 
-    /// Hands the next element of a split `MGET` reply to its waiter.
+    /// Hands the next element of a split `MGET` reply to its waiter: a
+    /// whole value, or (`Err`) a plain bulk string or nil still on the wire.
     #[inline]
     pub(crate) fn deliver_element(
         &mut self,
-        value: Value,
+        element: std::result::Result<Value, Option<&[u8]>>,
         host: &HostName,
         failures: &RefCell<Option<Error>>,
     ) {
@@ -97,7 +98,10 @@ impl Expect {
                     command: kind.single_name(),
                     failures,
                 };
-                waiter.accept(Ok(value), &ctx);
+                match element {
+                    Ok(value) => waiter.accept(Ok(value), &ctx),
+                    Err(bytes) => waiter.accept_bulk(bytes, &ctx),
+                }
                 *delivered += 1;
             }
         }

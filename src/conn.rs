@@ -17,7 +17,7 @@ use mio::{Interest, Registry, Token};
 use crate::cmd::{cmd, Cmd};
 use crate::config::{HostInfo, Protocol};
 use crate::error::{Error, HostName, Result};
-use crate::resp::{Decoder, Value};
+use crate::resp::{plain_bulk_or_nil, Decoder, Value};
 
 /// Bytes read per `read` call (and the read buffer's first size).
 const READ_CHUNK: usize = 64 * 1024;
@@ -143,6 +143,10 @@ pub(crate) trait ReplyTarget {
     /// The next element of the array announced by `split_next`; `last`
     /// for its final element.
     fn element(&mut self, value: Value, last: bool);
+
+    /// [`ReplyTarget::element`] for the usual element, a plain bulk string
+    /// (`None`: nil), handed over as the bytes in the read buffer.
+    fn element_bulk(&mut self, bytes: Option<&[u8]>, last: bool);
 
     /// One whole reply.
     fn reply(&mut self, value: Value);
@@ -438,12 +442,19 @@ impl Connection {
                 }
             }
             let buf = &self.rbuf[self.rstart..self.rend];
-            let decoded = if self.split_left > 0 {
-                self.decoder.decode_element(buf)
-            } else {
-                self.decoder.decode(buf)
+            if self.split_left > 0 && self.decoder.is_fresh() {
+                // The usual element, read in place: no value is built.
+                if let Some((bytes, used)) = plain_bulk_or_nil(buf) {
+                    self.split_left -= 1;
+                    target.element_bulk(bytes, self.split_left == 0);
+                    self.rstart += used;
+                    continue;
+                }
             }
-            .map_err(|e| e.with_context(self.host.name(), ""))?;
+            let decoded = self
+                .decoder
+                .decode(buf)
+                .map_err(|e| e.with_context(self.host.name(), ""))?;
             let Some((value, used)) = decoded else {
                 break;
             };

@@ -30,6 +30,14 @@ pub trait FromValue: Sized {
         None
     }
 
+    /// Converts a plain bulk string (`None` for nil) straight off the wire,
+    /// without building a [`Value`] first: the engine's path for the values
+    /// of merged `MGET`s. `None` means "build the value instead".
+    #[doc(hidden)]
+    fn from_bulk(_bytes: Option<&[u8]>) -> Option<Result<Self>> {
+        None
+    }
+
     /// For tuples: their arity, so `Vec<(A, B)>` can read a flat RESP2 array
     /// (`ZRANGE ... WITHSCORES`) as well as a RESP3 array of pairs.
     #[doc(hidden)]
@@ -53,6 +61,13 @@ fn mismatch<T>(expected: &'static str, value: &Value) -> Result<T> {
 impl FromValue for Value {
     fn from_value(value: Value) -> Result<Self> {
         Ok(value)
+    }
+
+    fn from_bulk(bytes: Option<&[u8]>) -> Option<Result<Self>> {
+        Some(Ok(match bytes {
+            Some(b) => Value::BulkString(b.to_vec()),
+            None => Value::Nil,
+        }))
     }
 }
 
@@ -164,20 +179,25 @@ impl FromValue for bool {
     }
 }
 
+fn utf8_string(bytes: Vec<u8>) -> Result<String> {
+    String::from_utf8(bytes)
+        .map_err(|e| Error::type_mismatch("String", format!("bulk string that is not UTF-8 ({e})")))
+}
+
 impl FromValue for String {
     fn from_value(value: Value) -> Result<Self> {
         let value = value.strip_attributes();
         match value {
-            Value::BulkString(b) | Value::Verbatim { text: b, .. } => {
-                String::from_utf8(b).map_err(|e| {
-                    Error::type_mismatch("String", format!("bulk string that is not UTF-8 ({e})"))
-                })
-            }
+            Value::BulkString(b) | Value::Verbatim { text: b, .. } => utf8_string(b),
             Value::SimpleString(s) | Value::BigNumber(s) => Ok(s),
             Value::Int(i) => Ok(i.to_string()),
             Value::Double(d) => Ok(crate::resp::format_double(d)),
             v => mismatch("String", &v),
         }
+    }
+
+    fn from_bulk(bytes: Option<&[u8]>) -> Option<Result<Self>> {
+        bytes.map(|b| utf8_string(b.to_vec()))
     }
 }
 
@@ -186,6 +206,13 @@ impl<T: FromValue> FromValue for Option<T> {
         match value.strip_attributes() {
             Value::Nil => Ok(None),
             v => T::from_value(v).map(Some),
+        }
+    }
+
+    fn from_bulk(bytes: Option<&[u8]>) -> Option<Result<Self>> {
+        match bytes {
+            None => Some(Ok(None)),
+            Some(_) => T::from_bulk(bytes).map(|r| r.map(Some)),
         }
     }
 }
@@ -263,6 +290,18 @@ impl<T: FromValue> FromValue for Vec<T> {
                 ),
             },
             v => collect(elements(v, "Vec")?),
+        }
+    }
+
+    fn from_bulk(bytes: Option<&[u8]>) -> Option<Result<Self>> {
+        match bytes {
+            // Only `Vec<u8>` takes a bulk string whole (the empty probe
+            // costs no allocation); others convert through the value.
+            Some(b) => {
+                T::from_byte_vec(Vec::new())?;
+                T::from_byte_vec(b.to_vec()).map(Ok)
+            }
+            None => Some(Ok(Vec::new())),
         }
     }
 }
@@ -376,6 +415,50 @@ pub fn from_value<T: FromValue>(value: Value) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `from_bulk` is a shortcut only: where it answers, it answers what
+    /// `from_value` answers for the same bulk string or nil.
+    #[test]
+    fn from_bulk_agrees_with_from_value() {
+        fn check<T: FromValue + std::fmt::Debug>(name: &str) {
+            for bytes in [
+                None,
+                Some(&b""[..]),
+                Some(b"abc"),
+                Some(b"12"),
+                Some(b"\xff\xfe"),
+            ] {
+                let value = match bytes {
+                    Some(b) => Value::BulkString(b.to_vec()),
+                    None => Value::Nil,
+                };
+                if let Some(fast) = T::from_bulk(bytes) {
+                    assert_eq!(
+                        format!("{fast:?}"),
+                        format!("{:?}", T::from_value(value)),
+                        "{name} from {bytes:?}"
+                    );
+                }
+            }
+        }
+        check::<Value>("Value");
+        check::<Vec<u8>>("Vec<u8>");
+        check::<Option<Vec<u8>>>("Option<Vec<u8>>");
+        check::<String>("String");
+        check::<Option<String>>("Option<String>");
+        check::<Option<Value>>("Option<Value>");
+        check::<Vec<String>>("Vec<String>");
+        check::<Option<i64>>("Option<i64>");
+        check::<i64>("i64");
+        assert!(
+            <Option<Vec<u8>>>::from_bulk(Some(b"x")).is_some(),
+            "the GET path is taken"
+        );
+        assert!(
+            <Vec<String>>::from_bulk(Some(b"x")).is_none(),
+            "others convert the value"
+        );
+    }
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())

@@ -129,6 +129,25 @@ struct Delivery<'a> {
     broken: Option<Error>,
 }
 
+impl Delivery<'_> {
+    /// Hands an element of a split `MGET` reply on; after its last one the
+    /// batch is done and its waiter list goes back to the batcher.
+    #[inline]
+    fn next_element(&mut self, element: std::result::Result<Value, Option<&[u8]>>, last: bool) {
+        if self.broken.is_some() {
+            return;
+        }
+        if let Some(expect) = self.expects.front_mut() {
+            expect.deliver_element(element, self.host, self.failures);
+        }
+        if last {
+            if let Some(waiters) = self.expects.pop_front().and_then(Expect::into_waiters) {
+                self.batcher.recycle(waiters);
+            }
+        }
+    }
+}
+
 impl ReplyTarget for Delivery<'_> {
     fn split_next(&self) -> Option<usize> {
         if self.broken.is_some() {
@@ -139,17 +158,12 @@ impl ReplyTarget for Delivery<'_> {
 
     #[inline]
     fn element(&mut self, value: Value, last: bool) {
-        if self.broken.is_some() {
-            return;
-        }
-        if let Some(expect) = self.expects.front_mut() {
-            expect.deliver_element(value, self.host, self.failures);
-        }
-        if last {
-            if let Some(waiters) = self.expects.pop_front().and_then(Expect::into_waiters) {
-                self.batcher.recycle(waiters);
-            }
-        }
+        self.next_element(Ok(value), last)
+    }
+
+    #[inline]
+    fn element_bulk(&mut self, bytes: Option<&[u8]>, last: bool) {
+        self.next_element(Err(bytes), last)
     }
 
     fn reply(&mut self, value: Value) {

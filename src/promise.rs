@@ -390,6 +390,17 @@ pub(crate) trait ReplySink {
         self.accept(index, Ok(reply.clone()), ctx)
     }
 
+    /// Settles entry `index` with a plain bulk string (`None`: nil) read
+    /// straight off the wire, converting without a [`Value`] where the
+    /// target type can.
+    fn accept_bulk(&self, index: u32, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
+        let value = match bytes {
+            Some(b) => Value::BulkString(b.to_vec()),
+            None => Value::Nil,
+        };
+        self.accept(index, Ok(value), ctx)
+    }
+
     /// The waiter for entry `index` is gone.
     fn release(&self, index: u32) {
         let _ = index;
@@ -408,6 +419,21 @@ impl<T: FromValue> ReplySink for Block<T> {
                 settle_cell(&self.entry(index).state, result.map_err(|e| ctx.failed(e)))
             }
             None => self.accept(index, Ok(reply.clone()), ctx),
+        }
+    }
+
+    fn accept_bulk(&self, index: u32, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
+        match T::from_bulk(bytes) {
+            Some(result) => {
+                settle_cell(&self.entry(index).state, result.map_err(|e| ctx.failed(e)))
+            }
+            None => {
+                let value = match bytes {
+                    Some(b) => Value::BulkString(b.to_vec()),
+                    None => Value::Nil,
+                };
+                self.accept(index, Ok(value), ctx)
+            }
         }
     }
 
@@ -433,6 +459,11 @@ impl Waiter {
     /// Settles the promise with the reply, converted.
     pub(crate) fn accept(&self, reply: Result<Value>, ctx: &ReplyContext<'_>) {
         self.sink.accept(self.index, reply, ctx)
+    }
+
+    /// Settles the promise with a plain bulk string (`None`: nil).
+    pub(crate) fn accept_bulk(&self, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
+        self.sink.accept_bulk(self.index, bytes, ctx)
     }
 
     /// Settles the promise with a reply shared by many.

@@ -312,20 +312,9 @@ impl Decoder {
         }
     }
 
-    /// Decodes one element of an array whose header the caller took off
-    /// (see the engine's split `MGET` replies): the plain bulk string or
-    /// nil that such arrays almost always hold is read in one tight step,
-    /// anything else as by [`Decoder::decode`].
-    pub(crate) fn decode_element(&mut self, buf: &[u8]) -> Result<Option<(Value, usize)>> {
-        if self.scanner.pos == 0 {
-            if let Some(plain) = plain_bulk(buf, 0) {
-                return Ok(Some(plain));
-            }
-            if buf.starts_with(b"$-1\r\n") {
-                return Ok(Some((Value::Nil, 5)));
-            }
-        }
-        self.decode(buf)
+    /// No reply is part-way decoded: the next call starts a new one.
+    pub(crate) fn is_fresh(&self) -> bool {
+        self.scanner.pos == 0
     }
 
     /// Forgets any partial progress (after the caller dropped its buffer).
@@ -686,14 +675,28 @@ fn build_at(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<Value>> 
 /// (nulls, odd digits, incomplete input, errors) returns `None` and takes
 /// the general path, which validates and reports it.
 fn plain_bulk(buf: &[u8], pos: usize) -> Option<(Value, usize)> {
-    let rest = buf.get(pos..)?;
-    if rest.first() != Some(&b'$') {
+    match plain_bulk_or_nil(buf.get(pos..)?)? {
+        (Some(bytes), used) => Some((Value::BulkString(bytes.to_vec()), pos + used)),
+        // Nulls take the general path, which knows every spelling.
+        (None, _) => None,
+    }
+}
+
+/// The plain bulk string (its bytes, in place) or the plain nil `$-1\r\n`
+/// (`None`) at the front of `buf`, with the bytes it takes; `None` for
+/// anything else, complete or not, which the general path decodes and
+/// validates. Accepts only what the general path decodes the same way.
+pub(crate) fn plain_bulk_or_nil(buf: &[u8]) -> Option<(Option<&[u8]>, usize)> {
+    if buf.first() != Some(&b'$') {
         return None;
+    }
+    if buf.starts_with(b"$-1\r\n") {
+        return Some((None, 5));
     }
     let mut len = 0usize;
     let mut i = 1;
     loop {
-        let b = *rest.get(i)?;
+        let b = *buf.get(i)?;
         if b == b'\r' {
             break;
         }
@@ -704,15 +707,15 @@ fn plain_bulk(buf: &[u8], pos: usize) -> Option<(Value, usize)> {
         len = len * 10 + usize::from(b - b'0');
         i += 1;
     }
-    if i == 1 || len > MAX_BULK_LEN || rest.get(i + 1) != Some(&b'\n') {
+    if i == 1 || len > MAX_BULK_LEN || buf.get(i + 1) != Some(&b'\n') {
         return None;
     }
     let start = i + 2;
     let end = start + len;
-    if rest.get(end..end + 2)? != b"\r\n" {
+    if buf.get(end..end + 2)? != b"\r\n" {
         return None;
     }
-    Some((Value::BulkString(rest[start..end].to_vec()), pos + end + 2))
+    Some((Some(&buf[start..end]), end + 2))
 }
 
 /// The value of a whole scalar frame; `body` is what follows the type byte,
@@ -764,11 +767,11 @@ fn error_value(text: &[u8]) -> Value {
 mod tests {
     use super::*;
 
-    /// `decode_element` is only a shortcut: on every input, and on every
-    /// prefix of it, it answers exactly what `decode` answers.
+    /// `plain_bulk_or_nil` is only a shortcut: on every input, and on
+    /// every prefix of it, where it answers, `decode` answers the same.
     #[test]
-    fn decode_element_agrees_with_decode_on_every_prefix() {
-        let inputs: [&[u8]; 14] = [
+    fn plain_bulk_or_nil_agrees_with_decode_on_every_prefix() {
+        let inputs: [&[u8]; 15] = [
             b"$3\r\nfoo\r\n",
             b"$0\r\n\r\n",
             b"$-1\r\n",
@@ -779,24 +782,33 @@ mod tests {
             b"$03\r\nfoo\r\n",
             b"$+3\r\nfoo\r\n",
             b"$10000000000\r\n",
+            b"$3\r\nf\r\n\r\n",
             b"_\r\n",
             b"*2\r\n$1\r\na\r\n:1\r\n",
             b"-ERR x\r\n",
             b"|1\r\n+a\r\n+b\r\n$1\r\nz\r\n",
         ];
+        let mut answered = 0;
         for input in inputs {
             for end in 0..=input.len() {
                 let buf = &input[..end];
-                let plain = Decoder::new().decode(buf);
-                let element = Decoder::new().decode_element(buf);
+                let Some((bytes, used)) = plain_bulk_or_nil(buf) else {
+                    continue;
+                };
+                answered += 1;
+                let expected = match bytes {
+                    Some(b) => Value::BulkString(b.to_vec()),
+                    None => Value::Nil,
+                };
                 assert_eq!(
-                    format!("{element:?}"),
-                    format!("{plain:?}"),
+                    decode(buf).unwrap(),
+                    Some((expected, used)),
                     "{:?}",
                     String::from_utf8_lossy(buf)
                 );
             }
         }
+        assert_eq!(answered, 5, "the plain spellings, complete");
     }
 
     fn bulk(s: &str) -> Value {
