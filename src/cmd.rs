@@ -208,12 +208,14 @@ impl Cmd {
     }
 
     /// Adds an argument (builder style).
+    #[inline]
     pub fn arg<T: ToArg>(mut self, arg: T) -> Cmd {
         self.push_arg(arg);
         self
     }
 
     /// Adds an argument in place.
+    #[inline]
     pub fn push_arg<T: ToArg>(&mut self, arg: T) -> &mut Cmd {
         self.push_part(&arg);
         self
