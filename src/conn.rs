@@ -17,7 +17,7 @@ use mio::{Interest, Registry, Token};
 use crate::cmd::{cmd, Cmd};
 use crate::config::{HostInfo, Protocol};
 use crate::error::{Error, HostName, Result};
-use crate::resp::{plain_bulk_or_nil, Decoder, Value};
+use crate::resp::{Frame, ReplyStream, Value};
 
 /// Bytes read per `read` call (and the read buffer's first size).
 const READ_CHUNK: usize = 64 * 1024;
@@ -119,10 +119,9 @@ pub(crate) struct Connection {
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
-    decoder: Decoder,
-    /// Elements still to come of an array reply being handed over element
-    /// by element (see [`ReplyTarget::split_next`]).
-    split_left: usize,
+    /// Decodes replies, splitting merged `MGET` replies (see
+    /// [`ReplyTarget::split_next`]).
+    replies: ReplyStream,
     /// Came from the pool (so a failure before sending anything may be a
     /// stale connection worth one transparent reconnect).
     pub(crate) reused: bool,
@@ -150,47 +149,6 @@ pub(crate) trait ReplyTarget {
 
     /// One whole reply.
     fn reply(&mut self, value: Value);
-}
-
-/// The header of an array reply, read without the decoder.
-#[derive(Debug, PartialEq, Eq)]
-enum ArrayHead {
-    /// Not all of the header is here yet.
-    Incomplete,
-    /// `*<count>\r\n`, taking `.1` bytes.
-    Count(usize, usize),
-    /// Anything else, left to the decoder to judge.
-    Other,
-}
-
-/// Reads `*<count>\r\n` in its plain form only (digits, no sign, no
-/// leading zero, at most 9 digits); every other shape is
-/// [`ArrayHead::Other`] and goes to the decoder, which validates it.
-fn array_head(buf: &[u8]) -> ArrayHead {
-    if buf.first() != Some(&b'*') {
-        return if buf.is_empty() {
-            ArrayHead::Incomplete
-        } else {
-            ArrayHead::Other
-        };
-    }
-    let mut count = 0usize;
-    for (i, &b) in buf.iter().enumerate().skip(1) {
-        match b {
-            b'0'..=b'9' if i <= 9 && !(i == 2 && buf[1] == b'0') => {
-                count = count * 10 + usize::from(b - b'0');
-            }
-            b'\r' if i > 1 => {
-                return match buf.get(i + 1) {
-                    None => ArrayHead::Incomplete,
-                    Some(b'\n') => ArrayHead::Count(count, i + 2),
-                    Some(_) => ArrayHead::Other,
-                };
-            }
-            _ => return ArrayHead::Other,
-        }
-    }
-    ArrayHead::Incomplete
 }
 
 fn io_error(host: &HostName, e: &io::Error) -> Error {
@@ -254,8 +212,7 @@ impl Connection {
             rbuf: Vec::new(),
             rstart: 0,
             rend: 0,
-            decoder: Decoder::new(),
-            split_left: 0,
+            replies: ReplyStream::new(),
             reused: false,
             registered: false,
         };
@@ -427,47 +384,32 @@ impl Connection {
 
     fn decode_available(&mut self, target: &mut impl ReplyTarget) -> Result<()> {
         while self.rstart < self.rend {
-            if self.split_left == 0 && self.handshake_replies == 0 {
-                if let Some(n) = target.split_next() {
-                    match array_head(&self.rbuf[self.rstart..self.rend]) {
-                        ArrayHead::Incomplete => break,
-                        ArrayHead::Count(count, used) if count == n && n > 0 => {
-                            self.rstart += used;
-                            self.split_left = n;
-                            continue;
-                        }
-                        // Another shape (an error reply, say): decoded whole.
-                        _ => {}
+            let split = if self.handshake_replies == 0 {
+                target.split_next()
+            } else {
+                None
+            };
+            let next = self
+                .replies
+                .next(&self.rbuf[self.rstart..self.rend], split)
+                .map_err(|e| e.with_context(self.host.name(), ""))?;
+            let Some((frame, used)) = next else {
+                break;
+            };
+            match frame {
+                Frame::Split { .. } => {}
+                Frame::Bulk { bytes, last } => target.element_bulk(bytes, last),
+                Frame::Element { value, last } => target.element(value, last),
+                Frame::Reply(value) => {
+                    if self.handshake_replies > 0 {
+                        self.check_handshake_reply(value)?;
+                    } else if !matches!(value, Value::Push(_)) {
+                        // RESP3 pushes are out of band: no request waits for them.
+                        target.reply(value);
                     }
                 }
             }
-            let buf = &self.rbuf[self.rstart..self.rend];
-            if self.split_left > 0 && self.decoder.is_fresh() {
-                // The usual element, read in place: no value is built.
-                if let Some((bytes, used)) = plain_bulk_or_nil(buf) {
-                    self.split_left -= 1;
-                    target.element_bulk(bytes, self.split_left == 0);
-                    self.rstart += used;
-                    continue;
-                }
-            }
-            let decoded = self
-                .decoder
-                .decode(buf)
-                .map_err(|e| e.with_context(self.host.name(), ""))?;
-            let Some((value, used)) = decoded else {
-                break;
-            };
             self.rstart += used;
-            if self.split_left > 0 {
-                self.split_left -= 1;
-                target.element(value, self.split_left == 0);
-            } else if self.handshake_replies > 0 {
-                self.check_handshake_reply(value)?;
-            } else if !matches!(value, Value::Push(_)) {
-                // RESP3 pushes are out of band: no request waits for them.
-                target.reply(value);
-            }
         }
         if self.rstart == self.rend {
             self.rstart = 0;
@@ -510,7 +452,7 @@ impl Connection {
     /// the server closed it (e.g. its idle `timeout`), and unexpected bytes
     /// mean its state is unknown.
     pub(crate) fn is_alive(&mut self) -> bool {
-        if self.rstart != self.rend || self.split_left > 0 {
+        if self.rstart != self.rend || self.replies.is_mid_reply() {
             return false;
         }
         let mut probe = [0u8; 1];
@@ -632,38 +574,4 @@ pub(crate) struct HostEntry {
 #[derive(Default)]
 pub(crate) struct HostTable {
     pub(crate) hosts: std::collections::BTreeMap<crate::error::HostId, HostEntry>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{array_head, ArrayHead};
-
-    #[test]
-    fn array_heads_in_plain_form_only() {
-        assert_eq!(array_head(b"*256\r\n$1\r\na"), ArrayHead::Count(256, 6));
-        assert_eq!(array_head(b"*2\r\n"), ArrayHead::Count(2, 4));
-        assert_eq!(array_head(b"*0\r\n"), ArrayHead::Count(0, 4));
-        assert_eq!(
-            array_head(b"*999999999\r\n"),
-            ArrayHead::Count(999_999_999, 12)
-        );
-        for partial in [&b""[..], b"*", b"*2", b"*25", b"*256\r"] {
-            assert_eq!(array_head(partial), ArrayHead::Incomplete, "{partial:?}");
-        }
-        // Everything else is the decoder's to judge.
-        for other in [
-            &b"-ERR no\r\n"[..],
-            b"$3\r\nfoo\r\n",
-            b"*-1\r\n",
-            b"*+2\r\n",
-            b"*02\r\n",
-            b"*\r\n",
-            b"*2x\r\n",
-            b"*2\rx",
-            b"*1000000000\r\n",
-            b"|1\r\n+a\r\n+b\r\n*2\r\n",
-        ] {
-            assert_eq!(array_head(other), ArrayHead::Other, "{other:?}");
-        }
-    }
 }

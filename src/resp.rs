@@ -19,6 +19,10 @@
 
 use crate::error::{Error, Result};
 
+mod split;
+use split::plain_bulk_or_nil;
+pub use split::{Frame, ReplyStream};
+
 /// Longest bulk string accepted: 512 MiB, Redis' default `proto-max-bulk-len`.
 pub const MAX_BULK_LEN: usize = 512 * 1024 * 1024;
 /// Deepest nesting of aggregates accepted.
@@ -682,42 +686,6 @@ fn plain_bulk(buf: &[u8], pos: usize) -> Option<(Value, usize)> {
     }
 }
 
-/// The plain bulk string (its bytes, in place) or the plain nil `$-1\r\n`
-/// (`None`) at the front of `buf`, with the bytes it takes; `None` for
-/// anything else, complete or not, which the general path decodes and
-/// validates. Accepts only what the general path decodes the same way.
-pub(crate) fn plain_bulk_or_nil(buf: &[u8]) -> Option<(Option<&[u8]>, usize)> {
-    if buf.first() != Some(&b'$') {
-        return None;
-    }
-    if buf.starts_with(b"$-1\r\n") {
-        return Some((None, 5));
-    }
-    let mut len = 0usize;
-    let mut i = 1;
-    loop {
-        let b = *buf.get(i)?;
-        if b == b'\r' {
-            break;
-        }
-        // At most 9 digits: no overflow, and 512 MiB is checked below.
-        if !b.is_ascii_digit() || i > 9 {
-            return None;
-        }
-        len = len * 10 + usize::from(b - b'0');
-        i += 1;
-    }
-    if i == 1 || len > MAX_BULK_LEN || buf.get(i + 1) != Some(&b'\n') {
-        return None;
-    }
-    let start = i + 2;
-    let end = start + len;
-    if buf.get(end..end + 2)? != b"\r\n" {
-        return None;
-    }
-    Some((Some(&buf[start..end]), end + 2))
-}
-
 /// The value of a whole scalar frame; `body` is what follows the type byte,
 /// without the final CRLF.
 fn scalar(kind: u8, body: &[u8]) -> Result<Value> {
@@ -766,50 +734,6 @@ fn error_value(text: &[u8]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `plain_bulk_or_nil` is only a shortcut: on every input, and on
-    /// every prefix of it, where it answers, `decode` answers the same.
-    #[test]
-    fn plain_bulk_or_nil_agrees_with_decode_on_every_prefix() {
-        let inputs: [&[u8]; 15] = [
-            b"$3\r\nfoo\r\n",
-            b"$0\r\n\r\n",
-            b"$-1\r\n",
-            b"$-1\r",
-            b"$-01\r\n",
-            b"$-2\r\n",
-            b"$3\r\nfoo\r\r",
-            b"$03\r\nfoo\r\n",
-            b"$+3\r\nfoo\r\n",
-            b"$10000000000\r\n",
-            b"$3\r\nf\r\n\r\n",
-            b"_\r\n",
-            b"*2\r\n$1\r\na\r\n:1\r\n",
-            b"-ERR x\r\n",
-            b"|1\r\n+a\r\n+b\r\n$1\r\nz\r\n",
-        ];
-        let mut answered = 0;
-        for input in inputs {
-            for end in 0..=input.len() {
-                let buf = &input[..end];
-                let Some((bytes, used)) = plain_bulk_or_nil(buf) else {
-                    continue;
-                };
-                answered += 1;
-                let expected = match bytes {
-                    Some(b) => Value::BulkString(b.to_vec()),
-                    None => Value::Nil,
-                };
-                assert_eq!(
-                    decode(buf).unwrap(),
-                    Some((expected, used)),
-                    "{:?}",
-                    String::from_utf8_lossy(buf)
-                );
-            }
-        }
-        assert_eq!(answered, 5, "the plain spellings, complete");
-    }
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())

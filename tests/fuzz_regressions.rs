@@ -1,8 +1,9 @@
 //! Replays every input under `fuzz/regressions/*/` on stable Rust through the
 //! fuzz targets' own checks (`fuzz/fuzz_targets/common/mod.rs`): one-shot
-//! decode plus re-encode round trip, and streaming decode in 1-byte and 7-byte
-//! chunks agreeing with one-shot decoding. Inputs of `decode_stream` are also
-//! replayed exactly as that target reads them (chunk sizes from the header).
+//! decode plus re-encode round trip, and streaming decode (plain and with
+//! arrays split) in 1-byte and 7-byte chunks agreeing with one-shot
+//! decoding. Inputs of `decode_stream` and `decode_split` are also replayed
+//! exactly as those targets read them (chunk sizes from the header).
 
 use std::fs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -12,7 +13,12 @@ use std::path::{Path, PathBuf};
 mod common;
 
 /// Targets whose folders must exist and hold at least one input each.
-const TARGETS: [&str; 3] = ["decode_oneshot", "decode_stream", "roundtrip"];
+const TARGETS: [&str; 4] = [
+    "decode_oneshot",
+    "decode_stream",
+    "decode_split",
+    "roundtrip",
+];
 
 fn regressions_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions")
@@ -44,10 +50,13 @@ fn replay(target: &str, data: &[u8]) {
     common::check_oneshot(data);
     common::check_stream(data, &[1]);
     common::check_stream(data, &[7]);
-    if target == "decode_stream" {
+    common::check_split(data, &[1]);
+    common::check_split(data, &[7]);
+    if target == "decode_stream" || target == "decode_split" {
         let (sizes, body) = common::split_stream_input(data);
         common::check_oneshot(body);
         common::check_stream(body, &sizes);
+        common::check_split(body, &sizes);
     }
 }
 

@@ -3,7 +3,7 @@
 //! module. Depends on nothing but `rb`.
 #![allow(dead_code)]
 
-use rb::resp::{decode, Decoder};
+use rb::resp::{decode, Decoder, Frame, ReplyStream};
 use rb::Value;
 
 /// `Value` equality that takes any NaN as equal to any NaN (`Value`'s own
@@ -140,6 +140,95 @@ pub fn check_stream(data: &[u8], sizes: &[usize]) {
         "chunks {sizes:?}: one-shot gave {whole:?}, streaming gave {streamed:?}"
     );
     assert_eq!(whole_end, streamed_end, "chunks {sizes:?}: ends differ");
+}
+
+/// Replies of `data` through one `ReplyStream` fed chunks of `sizes` (as
+/// [`stream_all`]), asking before each reply to split it as an array of
+/// `announce(reply number)` elements; split arrays are put back together.
+pub fn split_all(
+    data: &[u8],
+    sizes: &[usize],
+    announce: impl Fn(usize) -> Option<usize>,
+) -> (Vec<Value>, End) {
+    assert!(sizes.iter().all(|&s| s > 0), "chunk sizes must be positive");
+    let mut sizes = sizes.iter().cycle();
+    let mut stream = ReplyStream::new();
+    let mut pending = data;
+    let mut buf = Vec::new();
+    let mut values = Vec::new();
+    // The split array being put back together: elements still due, and so far.
+    let mut open: Option<(usize, Vec<Value>)> = None;
+    loop {
+        loop {
+            let split = announce(values.len());
+            let (frame, n) = match stream.next(&buf, split) {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(_) => return (values, End::Error),
+            };
+            assert!(n > 0 && n <= buf.len(), "consumed {n} of {}", buf.len());
+            let element = match frame {
+                Frame::Reply(v) => {
+                    assert!(open.is_none(), "a whole reply inside a split array");
+                    values.push(v);
+                    None
+                }
+                Frame::Split { count } => {
+                    assert!(open.is_none(), "a split inside a split array");
+                    assert_eq!(Some(count), split, "split without being asked");
+                    open = Some((count, Vec::new()));
+                    None
+                }
+                Frame::Bulk { bytes, last } => Some((
+                    bytes.map_or(Value::Nil, |b| Value::BulkString(b.to_vec())),
+                    last,
+                )),
+                Frame::Element { value, last } => Some((value, last)),
+            };
+            buf.drain(..n);
+            if let Some((value, last)) = element {
+                let Some((due, items)) = open.as_mut() else {
+                    panic!("an element outside a split array");
+                };
+                items.push(value);
+                assert_eq!(last, items.len() == *due, "`last` on the wrong element");
+                if last {
+                    let (_, items) = open.take().unwrap();
+                    values.push(Value::Array(items));
+                }
+            }
+        }
+        if pending.is_empty() {
+            return (values, End::Incomplete(buf.len()));
+        }
+        let take = (*sizes.next().unwrap()).min(pending.len());
+        buf.extend_from_slice(&pending[..take]);
+        pending = &pending[take..];
+    }
+}
+
+/// Splitting announced arrays, in chunks of `sizes`, yields the same
+/// replies as one-shot decoding, and fails where it fails. Announcements
+/// are right for every other array, off by one for the rest, and arbitrary
+/// for other replies.
+pub fn check_split(data: &[u8], sizes: &[usize]) {
+    let (whole, whole_end) = oneshot_all(data);
+    let announce = |i: usize| match whole.get(i) {
+        Some(Value::Array(items)) => Some(items.len() + i % 2),
+        _ => Some(i % 3),
+    };
+    let (split, split_end) = split_all(data, sizes, announce);
+    assert!(
+        same_all(&whole, &split),
+        "chunks {sizes:?}: one-shot gave {whole:?}, split gave {split:?}"
+    );
+    // A split array's elements leave the buffer as they come, so only the
+    // kind of ending is compared, not the bytes left over.
+    assert_eq!(
+        matches!(whole_end, End::Error),
+        matches!(split_end, End::Error),
+        "chunks {sizes:?}: one-shot ended {whole_end:?}, split {split_end:?}"
+    );
 }
 
 /// Chunk sizes a nibble of a `decode_stream` input picks.
