@@ -277,12 +277,25 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Value, usize)>> {
 #[derive(Debug, Default)]
 pub struct Decoder {
     scanner: Scanner,
+    /// Aggregates already open around the replies this decoder reads: 1
+    /// for the elements of a split array, so the nesting limit counts the
+    /// array they came in.
+    outer_depth: usize,
 }
 
 impl Decoder {
     /// A decoder at the start of a reply.
     pub fn new() -> Decoder {
         Decoder::default()
+    }
+
+    /// A decoder for the elements of an array whose header was read
+    /// elsewhere: the same limits, the array counted in the nesting.
+    pub(crate) fn for_elements() -> Decoder {
+        Decoder {
+            outer_depth: 1,
+            ..Decoder::default()
+        }
     }
 
     /// Decodes the reply at the front of `buf`, which must begin where the
@@ -293,17 +306,17 @@ impl Decoder {
         if fresh {
             // The usual case: the whole reply is there, build it in one pass.
             let mut pos = 0;
-            if let Some(v) = build_at(buf, &mut pos, 0)? {
+            if let Some(v) = build_at(buf, &mut pos, self.outer_depth)? {
                 return Ok(Some((v, pos)));
             }
         }
         // Incomplete: scan (without allocating) and remember how far, so the
         // next read resumes there instead of starting over.
-        match self.scanner.scan(buf) {
+        match self.scanner.scan(buf, self.outer_depth) {
             Ok(Some(len)) => {
                 self.scanner.reset();
                 let mut pos = 0;
-                match build_at(&buf[..len], &mut pos, 0)? {
+                match build_at(&buf[..len], &mut pos, self.outer_depth)? {
                     Some(v) if pos == len => Ok(Some((v, len))),
                     _ => Err(Error::protocol("frame length mismatch")),
                 }
@@ -354,7 +367,8 @@ impl Scanner {
     }
 
     /// `Ok(Some(len))` once the frame at the front of `buf` is whole.
-    fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>> {
+    /// `outer` aggregates are open around the frame (see [`Decoder`]).
+    fn scan(&mut self, buf: &[u8], outer: usize) -> Result<Option<usize>> {
         loop {
             let head = match scan_one(buf, self.pos)? {
                 Some(head) => head,
@@ -362,7 +376,7 @@ impl Scanner {
             };
             match head {
                 Head::Open(count, end) if count > 0 => {
-                    if self.open.len() >= MAX_DEPTH {
+                    if outer + self.open.len() >= MAX_DEPTH {
                         return Err(Error::protocol(format!(
                             "aggregates nested deeper than {MAX_DEPTH}"
                         )));

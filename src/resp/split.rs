@@ -61,23 +61,36 @@ pub enum Frame<'a> {
 /// let (frame, _) = stream.next(&buf[16..], None).unwrap().unwrap();
 /// assert_eq!(frame, Frame::Reply(Value::SimpleString("OK".into())));
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ReplyStream {
+    /// Whole replies.
     decoder: Decoder,
+    /// Elements of the array being split (the array counts for nesting).
+    elements: Decoder,
     /// Elements still to come of the array being split.
     split_left: usize,
+}
+
+impl Default for ReplyStream {
+    fn default() -> ReplyStream {
+        ReplyStream::new()
+    }
 }
 
 impl ReplyStream {
     /// A stream at the start of a reply.
     pub fn new() -> ReplyStream {
-        ReplyStream::default()
+        ReplyStream {
+            decoder: Decoder::new(),
+            elements: Decoder::for_elements(),
+            split_left: 0,
+        }
     }
 
     /// Whether the stream is inside a reply (a split array, or a reply
     /// part-way decoded): then the connection cannot be reused as is.
     pub fn is_mid_reply(&self) -> bool {
-        self.split_left > 0 || !self.decoder.is_fresh()
+        self.split_left > 0 || !self.decoder.is_fresh() || !self.elements.is_fresh()
     }
 
     /// The next frame at the front of `buf` and the bytes it takes, or
@@ -114,7 +127,7 @@ impl ReplyStream {
     }
 
     fn next_element<'a>(&mut self, buf: &'a [u8]) -> Result<Option<(Frame<'a>, usize)>> {
-        if self.decoder.is_fresh() {
+        if self.elements.is_fresh() {
             // The usual element, read in place: no value is built.
             if let Some((bytes, used)) = plain_bulk_or_nil(buf) {
                 self.split_left -= 1;
@@ -122,7 +135,7 @@ impl ReplyStream {
                 return Ok(Some((Frame::Bulk { bytes, last }, used)));
             }
         }
-        let Some((value, used)) = self.decoder.decode(buf)? else {
+        let Some((value, used)) = self.elements.decode(buf)? else {
             return Ok(None);
         };
         self.split_left -= 1;
@@ -212,6 +225,27 @@ pub(super) fn plain_bulk_or_nil(buf: &[u8]) -> Option<(Option<&[u8]>, usize)> {
 mod tests {
     use super::*;
     use crate::resp::decode;
+
+    /// Splitting an array does not lift the nesting limit: its elements
+    /// are decoded one level down.
+    #[test]
+    fn nesting_limit_counts_the_split_array() {
+        use crate::resp::MAX_DEPTH;
+        for depth in [MAX_DEPTH, MAX_DEPTH + 1] {
+            let mut buf = b"*1\r\n".repeat(depth);
+            buf.extend_from_slice(b":1\r\n");
+            let whole = decode(&buf).map(|v| v.is_some());
+            let mut stream = ReplyStream::new();
+            let (frame, used) = stream.next(&buf, Some(1)).unwrap().unwrap();
+            assert_eq!(frame, Frame::Split { count: 1 });
+            let split = stream.next(&buf[used..], None).map(|v| v.is_some());
+            assert_eq!(
+                format!("{split:?}"),
+                format!("{whole:?}"),
+                "nested {depth} deep"
+            );
+        }
+    }
 
     #[test]
     fn array_heads_in_plain_form_only() {
