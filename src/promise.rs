@@ -1,10 +1,15 @@
 //! [`Promise<T>`]: a reply that will arrive, as in rb (and ES6).
 //!
-//! Promises are single-threaded handles into a promise table (blocks of
-//! entries, see `block`): the event loop settles them as replies arrive,
-//! and their callbacks (`then`, `done`) run right there, on the thread that
-//! drives the map. After the map returns, every promise it handed out is
-//! settled.
+//! Promises are single-threaded handles into a promise table: the event
+//! loop settles them as replies arrive, and their callbacks (`then`,
+//! `done`) run right there, on the thread that drives the map. After the
+//! map returns, every promise it handed out is settled.
+//!
+//! The table hands out entries in blocks of 32 per type and thread (one
+//! allocation per block, not per promise). A value is dropped with the
+//! last handle to its promise; a promise kept long keeps its block's
+//! memory (about a kilobyte for a GET's promise), never its neighbours'
+//! values.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
