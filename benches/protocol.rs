@@ -103,6 +103,9 @@ fn decode_replies(c: &mut Criterion) {
             while let Some((frame, used)) = stream.next(&buf[at..], Some(1000)).unwrap() {
                 match frame {
                     Frame::Bulk { bytes, .. } => values.push(bytes.map(<[u8]>::to_vec)),
+                    Frame::Element {
+                        value: Value::Nil, ..
+                    } => values.push(None),
                     Frame::Split { .. } => {}
                     other => panic!("unexpected {other:?}"),
                 }

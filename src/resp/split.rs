@@ -101,6 +101,7 @@ impl ReplyStream {
     /// `split`, read only at the start of a reply: `Some(n)` when the next
     /// reply, if it is an array of exactly `n` (more than 0) elements,
     /// should come as [`Frame::Split`] and then its elements.
+    #[inline]
     pub fn next<'a>(
         &mut self,
         buf: &'a [u8],
@@ -126,6 +127,7 @@ impl ReplyStream {
             .map(|(value, used)| (Frame::Reply(value), used)))
     }
 
+    #[inline]
     fn next_element<'a>(&mut self, buf: &'a [u8]) -> Result<Option<(Frame<'a>, usize)>> {
         if self.elements.is_fresh() {
             // The usual element, read in place: no value is built.
@@ -185,13 +187,14 @@ fn array_head(buf: &[u8]) -> ArrayHead {
     ArrayHead::Incomplete
 }
 
-/// The plain bulk string (its bytes, in place) or the plain nil `$-1\r\n`
-/// (`None`) at the front of `buf`, with the bytes it takes; `None` for
+/// The plain bulk string (its bytes, in place) or the plain nil (`$-1\r\n`,
+/// or RESP3's `_\r\n`; `None`) at the front of `buf`, with the bytes it takes; `None` for
 /// anything else, complete or not, which the general path decodes and
 /// validates. Accepts only what the general path decodes the same way.
+#[inline]
 pub(super) fn plain_bulk_or_nil(buf: &[u8]) -> Option<(Option<&[u8]>, usize)> {
     if buf.first() != Some(&b'$') {
-        return None;
+        return buf.starts_with(b"_\r\n").then_some((None, 3));
     }
     if buf.starts_with(b"$-1\r\n") {
         return Some((None, 5));
@@ -317,6 +320,6 @@ mod tests {
                 );
             }
         }
-        assert_eq!(answered, 5, "the plain spellings, complete");
+        assert_eq!(answered, 6, "the plain spellings, complete");
     }
 }
