@@ -49,6 +49,14 @@ impl fmt::Display for CmdName {
     }
 }
 
+/// One element of a split `MGET` reply.
+pub(crate) enum Element<'a> {
+    /// Decoded whole (anything but a plain bulk string or nil).
+    Value(Value),
+    /// A plain bulk string (`None`: nil), as the bytes in the read buffer.
+    Bulk(Option<&'a [u8]>),
+}
+
 /// What the next reply from a host answers.
 pub(crate) enum Expect {
     /// One command, one waiter.
@@ -77,12 +85,11 @@ impl Expect {
         }
     }
 
-    /// Hands the next element of a split `MGET` reply to its waiter: a
-    /// whole value, or (`Err`) a plain bulk string or nil still on the wire.
+    /// Hands the next element of a split `MGET` reply to its waiter.
     #[inline]
     pub(crate) fn deliver_element(
         &mut self,
-        element: std::result::Result<Value, Option<&[u8]>>,
+        element: Element<'_>,
         host: &HostName,
         failures: &RefCell<Option<Error>>,
     ) {
@@ -99,8 +106,8 @@ impl Expect {
                     failures,
                 };
                 match element {
-                    Ok(value) => waiter.accept(Ok(value), &ctx),
-                    Err(bytes) => waiter.accept_bulk(bytes, &ctx),
+                    Element::Value(value) => waiter.accept(Ok(value), &ctx),
+                    Element::Bulk(bytes) => waiter.accept_bulk(bytes, &ctx),
                 }
                 *delivered += 1;
             }
@@ -583,6 +590,8 @@ mod tests {
         fn accept(&self, _index: u32, reply: Result<Value>, _ctx: &ReplyContext<'_>) {
             self.0.borrow_mut().push(reply)
         }
+
+        fn release(&self, _index: u32) {}
     }
 
     type Log = Rc<Replies>;

@@ -128,6 +128,7 @@ impl<'s> Dispatch<'s> {
         }
     }
 
+    #[inline]
     fn send<T: FromValue + 'static>(&mut self, host: HostId, cmd: &Cmd) -> Promise<T> {
         let promise = Promise::new();
         self.session.enqueue(host, cmd, promise.sink());

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use crate::batch::{BatchKind, Batcher, CmdName, ConnEffect, Expect, Waiter};
+use crate::batch::{BatchKind, Batcher, CmdName, ConnEffect, Element, Expect, Waiter};
 use crate::cmd::Cmd;
 use crate::config::HostInfo;
 use crate::conn::{Connection, HostTable, ReplyTarget};
@@ -120,6 +120,11 @@ impl SlotIndex {
 }
 
 /// Hands one host's replies to the requests waiting for them, in order.
+///
+/// A merged `MGET` reply is handed over element by element as it arrives,
+/// so when the connection fails part-way through one (closed, timed out,
+/// a malformed element), the keys already answered keep their values and
+/// only the rest are rejected.
 struct Delivery<'a> {
     expects: &'a mut VecDeque<Expect>,
     batcher: &'a mut Batcher,
@@ -133,7 +138,7 @@ impl Delivery<'_> {
     /// Hands an element of a split `MGET` reply on; after its last one the
     /// batch is done and its waiter list goes back to the batcher.
     #[inline]
-    fn next_element(&mut self, element: std::result::Result<Value, Option<&[u8]>>, last: bool) {
+    fn next_element(&mut self, element: Element<'_>, last: bool) {
         if self.broken.is_some() {
             return;
         }
@@ -158,12 +163,12 @@ impl ReplyTarget for Delivery<'_> {
 
     #[inline]
     fn element(&mut self, value: Value, last: bool) {
-        self.next_element(Ok(value), last)
+        self.next_element(Element::Value(value), last)
     }
 
     #[inline]
     fn element_bulk(&mut self, bytes: Option<&[u8]>, last: bool) {
-        self.next_element(Err(bytes), last)
+        self.next_element(Element::Bulk(bytes), last)
     }
 
     fn reply(&mut self, value: Value) {

@@ -406,10 +406,9 @@ pub(crate) trait ReplySink {
         self.accept(index, Ok(value), ctx)
     }
 
-    /// The waiter for entry `index` is gone.
-    fn release(&self, index: u32) {
-        let _ = index;
-    }
+    /// The waiter for entry `index` is gone (each sink counts its own
+    /// handles; one that forgot would keep values alive).
+    fn release(&self, index: u32);
 }
 
 impl<T: FromValue> ReplySink for Block<T> {

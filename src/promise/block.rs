@@ -2,11 +2,15 @@
 //! map that hands out a million promises makes one allocation per block
 //! instead of one per promise, and its promises sit next to each other.
 //!
-//! Each entry counts its own handles (promises and waiting replies): when
-//! the last one goes, the entry's value is dropped at once, as it would be
-//! with one allocation per promise; the block's memory goes when the last
-//! handle to any of its entries does. A long-lived promise can so keep at
-//! most one block (about 1 KiB) alive, never the values of its neighbours.
+//! Each thread keeps one block with free entries per promise type (the
+//! type's latest block); a block leaves the table when its last entry is
+//! handed out. Each entry counts its own handles (promises and waiting
+//! replies): when the last one goes, the entry's value is dropped at once,
+//! as it would be with one allocation per promise; the block's memory goes
+//! when it has left the table and the last handle to any of its entries is
+//! gone. A long-lived promise can so keep at most one block (about 1 KiB for
+//! a GET's promise) alive, never the values of its neighbours. Promises of
+//! large types (see [`LARGE_STATE`]) get a block of their own.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
@@ -17,9 +21,9 @@ use super::State;
 /// Entries per block.
 pub(super) const BLOCK: usize = 32;
 
-/// Block types kept open per thread: a map usually makes promises of a few
-/// types, each filling its own block.
-const OPEN_TYPES: usize = 8;
+/// Promise states larger than this many bytes are not pooled: a block of
+/// them would hold 32 times a large value's room for one live promise.
+const LARGE_STATE: usize = 256;
 
 /// One promise's place in a block.
 pub(super) struct Entry<T> {
@@ -30,24 +34,32 @@ pub(super) struct Entry<T> {
 
 /// A run of entries of one type, handed out in order and never reused.
 pub(super) struct Block<T> {
-    entries: [Entry<T>; BLOCK],
+    /// Never empty; built on the heap, one entry at a time.
+    entries: Box<[Entry<T>]>,
     /// Entries handed out so far.
     used: Cell<usize>,
 }
 
 thread_local! {
-    /// Blocks with entries still free, one per promise type recently made
-    /// on this thread (each an `Rc<Block<T>>`), the latest first.
+    /// The blocks with entries still free, one per promise type made on
+    /// this thread (each an `Rc<Block<T>>`), the type used last first.
     static OPEN: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Whether promises of `T` are made in shared blocks (small states).
+fn pooled<T>() -> bool {
+    std::mem::size_of::<State<T>>() <= LARGE_STATE
+}
+
 impl<T> Block<T> {
-    fn new() -> Block<T> {
+    fn new(entries: usize) -> Block<T> {
         Block {
-            entries: std::array::from_fn(|_| Entry {
-                state: RefCell::new(State::Taken),
-                handles: Cell::new(0),
-            }),
+            entries: (0..entries.max(1))
+                .map(|_| Entry {
+                    state: RefCell::new(State::Taken),
+                    handles: Cell::new(0),
+                })
+                .collect(),
             used: Cell::new(0),
         }
     }
@@ -70,13 +82,12 @@ impl<T> Block<T> {
     }
 
     fn is_full(&self) -> bool {
-        self.used.get() >= BLOCK
+        self.used.get() >= self.entries.len()
     }
 
-    /// The entry at `index`, which this block handed out (so below
-    /// [`BLOCK`]; the modulo only spares a bounds check).
+    /// The entry at `index`, which this block handed out (so in range).
     pub(super) fn entry(&self, index: u32) -> &Entry<T> {
-        &self.entries[index as usize % BLOCK]
+        &self.entries[index as usize]
     }
 
     /// One more handle to entry `index`.
@@ -106,6 +117,9 @@ impl<T> Block<T> {
 /// Places a new promise in this thread's open block for `T`, opening a
 /// block when there is none or it is full. Returns the block and index.
 pub(super) fn place<T: 'static>(state: State<T>) -> (Rc<Block<T>>, u32) {
+    if !pooled::<T>() {
+        return alone(state);
+    }
     let Some(block) = open_block::<T>() else {
         return alone(state);
     };
@@ -120,26 +134,46 @@ pub(super) fn place<T: 'static>(state: State<T>) -> (Rc<Block<T>>, u32) {
     (block, index as u32)
 }
 
-/// This thread's block for `T` with entries free, made when missing.
+/// This thread's block for `T` with entries free, made when missing; moved
+/// to the front, so a map making promises of a few types finds each at once.
 fn open_block<T: 'static>() -> Option<Rc<Block<T>>> {
-    let mut evicted = None;
+    let mut replaced = None;
     let block = OPEN
         .try_with(|open| {
             let mut open = open.try_borrow_mut().ok()?;
-            if let Some(block) = open.iter().find_map(|b| b.downcast_ref::<Rc<Block<T>>>()) {
-                return Some(block.clone());
+            // The usual case: the same type as last time, with room.
+            if let Some(block) = open.first().and_then(|b| b.downcast_ref::<Rc<Block<T>>>()) {
+                if !block.is_full() {
+                    return Some(block.clone());
+                }
             }
-            if open.len() >= OPEN_TYPES {
-                evicted = open.pop();
+            let found = open
+                .iter()
+                .position(|b| b.downcast_ref::<Rc<Block<T>>>().is_some());
+            match found {
+                Some(pos) => {
+                    open.swap(0, pos);
+                    let block = open[0].downcast_ref::<Rc<Block<T>>>()?.clone();
+                    if !block.is_full() {
+                        return Some(block);
+                    }
+                    // Full but still here (its closing found the table
+                    // busy): replaced by a fresh one below.
+                    let fresh = Rc::new(Block::<T>::new(BLOCK));
+                    replaced = Some(std::mem::replace(&mut open[0], Box::new(fresh.clone())));
+                    Some(fresh)
+                }
+                None => {
+                    let fresh = Rc::new(Block::<T>::new(BLOCK));
+                    open.insert(0, Box::new(fresh.clone()));
+                    Some(fresh)
+                }
             }
-            let fresh = Rc::new(Block::<T>::new());
-            open.insert(0, Box::new(fresh.clone()));
-            Some(fresh)
         })
         .ok()
         .flatten();
     // Dropped outside the borrow: a block's drop runs its values' drops.
-    drop(evicted);
+    drop(replaced);
     block
 }
 
@@ -152,7 +186,7 @@ fn close_block<T: 'static>(block: &Rc<Block<T>>) {
                 b.downcast_ref::<Rc<Block<T>>>()
                     .is_some_and(|b| Rc::ptr_eq(b, block))
             })?;
-            Some(open.remove(pos))
+            Some(open.swap_remove(pos))
         })
         .ok()
         .flatten();
@@ -162,7 +196,7 @@ fn close_block<T: 'static>(block: &Rc<Block<T>>) {
 /// A block of its own, for when the thread's table cannot be used (the
 /// thread is exiting, or a value's drop makes promises while it is busy).
 fn alone<T>(state: State<T>) -> (Rc<Block<T>>, u32) {
-    let block = Rc::new(Block::new());
+    let block = Rc::new(Block::new(1));
     let index = block.claim(state).unwrap_or(0);
     (block, index as u32)
 }
@@ -213,5 +247,60 @@ mod tests {
             1,
             "value dropped with the last handle"
         );
+    }
+
+    /// A distinct promise type per `N`.
+    struct Kind<const N: usize>;
+
+    /// Many promise types made in turn (a map doing GET, TTL, HGETALL, ...
+    /// per key) still fill shared blocks, however many types there are.
+    #[test]
+    fn many_types_in_turn_still_share_blocks() {
+        fn one<const N: usize>(keep: &mut Vec<Box<dyn Any>>) {
+            keep.push(Box::new(place::<Kind<N>>(State::Taken)));
+        }
+        let mut keep: Vec<Box<dyn Any>> = Vec::new();
+        let (mut blocks, mut last) = (0, None::<Rc<Block<Kind<0>>>>);
+        for _ in 0..1000 {
+            let (b0, _) = place::<Kind<0>>(State::Taken);
+            one::<1>(&mut keep);
+            one::<2>(&mut keep);
+            one::<3>(&mut keep);
+            one::<4>(&mut keep);
+            one::<5>(&mut keep);
+            one::<6>(&mut keep);
+            one::<7>(&mut keep);
+            one::<8>(&mut keep);
+            one::<9>(&mut keep);
+            one::<10>(&mut keep);
+            one::<11>(&mut keep);
+            one::<12>(&mut keep);
+            if !last.as_ref().is_some_and(|l| Rc::ptr_eq(l, &b0)) {
+                blocks += 1;
+            }
+            last = Some(b0.clone());
+            keep.push(Box::new(b0));
+        }
+        assert!(
+            blocks <= 1000 / BLOCK + 2,
+            "1000 promises of one type took {blocks} blocks"
+        );
+    }
+
+    /// A promise of a large type gets a block of one entry, built on the
+    /// heap (not 32 of them on the stack).
+    #[test]
+    fn large_types_are_not_pooled() {
+        let run = || {
+            let (block, i) = place::<[u8; 100_000]>(State::Taken);
+            assert_eq!((block.entries.len(), i), (1, 0));
+        };
+        // A small stack, where 32 such entries would overflow.
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(run)
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }
