@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use mio::net::{TcpStream, UnixStream};
 use mio::{Interest, Registry, Token};
 
+use crate::batch::Element;
 use crate::cmd::{cmd, Cmd};
 use crate::config::{HostInfo, Protocol};
 use crate::error::{Error, HostName, Result};
@@ -141,11 +142,7 @@ pub(crate) trait ReplyTarget {
 
     /// The next element of the array announced by `split_next`; `last`
     /// for its final element.
-    fn element(&mut self, value: Value, last: bool);
-
-    /// [`ReplyTarget::element`] for the usual element, a plain bulk string
-    /// (`None`: nil), handed over as the bytes in the read buffer.
-    fn element_bulk(&mut self, bytes: Option<&[u8]>, last: bool);
+    fn element(&mut self, element: Element<'_>, last: bool);
 
     /// One whole reply.
     fn reply(&mut self, value: Value);
@@ -398,8 +395,8 @@ impl Connection {
             };
             match frame {
                 Frame::Split { .. } => {}
-                Frame::Bulk { bytes, last } => target.element_bulk(bytes, last),
-                Frame::Element { value, last } => target.element(value, last),
+                Frame::Bulk { bytes, last } => target.element(Element::Bulk(bytes), last),
+                Frame::Element { value, last } => target.element(Element::Value(value), last),
                 Frame::Reply(value) => {
                     if self.handshake_replies > 0 {
                         self.check_handshake_reply(value)?;

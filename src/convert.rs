@@ -64,10 +64,7 @@ impl FromValue for Value {
     }
 
     fn from_bulk(bytes: Option<&[u8]>) -> Option<Result<Self>> {
-        Some(Ok(match bytes {
-            Some(b) => Value::BulkString(b.to_vec()),
-            None => Value::Nil,
-        }))
+        Some(Ok(Value::from_bulk_bytes(bytes)))
     }
 }
 
@@ -428,10 +425,7 @@ mod tests {
                 Some(b"12"),
                 Some(b"\xff\xfe"),
             ] {
-                let value = match bytes {
-                    Some(b) => Value::BulkString(b.to_vec()),
-                    None => Value::Nil,
-                };
+                let value = Value::from_bulk_bytes(bytes);
                 if let Some(fast) = T::from_bulk(bytes) {
                     assert_eq!(
                         format!("{fast:?}"),

@@ -134,11 +134,18 @@ struct Delivery<'a> {
     broken: Option<Error>,
 }
 
-impl Delivery<'_> {
-    /// Hands an element of a split `MGET` reply on; after its last one the
-    /// batch is done and its waiter list goes back to the batcher.
+impl ReplyTarget for Delivery<'_> {
+    fn split_next(&self) -> Option<usize> {
+        if self.broken.is_some() {
+            return None;
+        }
+        self.expects.front().and_then(Expect::split_len)
+    }
+
+    /// After the last element the batch is done and its waiter list goes
+    /// back to the batcher.
     #[inline]
-    fn next_element(&mut self, element: Element<'_>, last: bool) {
+    fn element(&mut self, element: Element<'_>, last: bool) {
         if self.broken.is_some() {
             return;
         }
@@ -150,25 +157,6 @@ impl Delivery<'_> {
                 self.batcher.recycle(waiters);
             }
         }
-    }
-}
-
-impl ReplyTarget for Delivery<'_> {
-    fn split_next(&self) -> Option<usize> {
-        if self.broken.is_some() {
-            return None;
-        }
-        self.expects.front().and_then(Expect::split_len)
-    }
-
-    #[inline]
-    fn element(&mut self, value: Value, last: bool) {
-        self.next_element(Element::Value(value), last)
-    }
-
-    #[inline]
-    fn element_bulk(&mut self, bytes: Option<&[u8]>, last: bool) {
-        self.next_element(Element::Bulk(bytes), last)
     }
 
     fn reply(&mut self, value: Value) {

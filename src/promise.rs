@@ -399,11 +399,7 @@ pub(crate) trait ReplySink {
     /// straight off the wire, converting without a [`Value`] where the
     /// target type can.
     fn accept_bulk(&self, index: u32, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
-        let value = match bytes {
-            Some(b) => Value::BulkString(b.to_vec()),
-            None => Value::Nil,
-        };
-        self.accept(index, Ok(value), ctx)
+        self.accept(index, Ok(Value::from_bulk_bytes(bytes)), ctx)
     }
 
     /// The waiter for entry `index` is gone (each sink counts its own
@@ -431,13 +427,7 @@ impl<T: FromValue> ReplySink for Block<T> {
             Some(result) => {
                 settle_cell(&self.entry(index).state, result.map_err(|e| ctx.failed(e)))
             }
-            None => {
-                let value = match bytes {
-                    Some(b) => Value::BulkString(b.to_vec()),
-                    None => Value::Nil,
-                };
-                self.accept(index, Ok(value), ctx)
-            }
+            None => self.accept(index, Ok(Value::from_bulk_bytes(bytes)), ctx),
         }
     }
 

@@ -82,6 +82,14 @@ pub enum Value {
 }
 
 impl Value {
+    /// The value of a bulk string read in place (`None`: nil).
+    pub(crate) fn from_bulk_bytes(bytes: Option<&[u8]>) -> Value {
+        match bytes {
+            Some(b) => Value::BulkString(b.to_vec()),
+            None => Value::Nil,
+        }
+    }
+
     /// The reply without any attribute wrapped around it.
     #[inline]
     pub fn strip_attributes(mut self) -> Value {
@@ -887,7 +895,8 @@ mod tests {
         assert_eq!(d.decode(&value[n..]).unwrap(), Some((Value::Int(7), 4)));
     }
 
-    fn nested(depth: usize) -> Vec<u8> {
+    /// `depth` arrays of one, each inside the last, around `:1`.
+    pub(super) fn nested(depth: usize) -> Vec<u8> {
         let mut buf = b"*1\r\n".repeat(depth);
         buf.extend_from_slice(b":1\r\n");
         buf

@@ -233,10 +233,9 @@ mod tests {
     /// are decoded one level down.
     #[test]
     fn nesting_limit_counts_the_split_array() {
-        use crate::resp::MAX_DEPTH;
+        use crate::resp::{tests::nested, MAX_DEPTH};
         for depth in [MAX_DEPTH, MAX_DEPTH + 1] {
-            let mut buf = b"*1\r\n".repeat(depth);
-            buf.extend_from_slice(b":1\r\n");
+            let buf = nested(depth);
             let whole = decode(&buf).map(|v| v.is_some());
             let mut stream = ReplyStream::new();
             let (frame, used) = stream.next(&buf, Some(1)).unwrap().unwrap();
@@ -308,10 +307,7 @@ mod tests {
                     continue;
                 };
                 answered += 1;
-                let expected = match bytes {
-                    Some(b) => Value::BulkString(b.to_vec()),
-                    None => Value::Nil,
-                };
+                let expected = Value::from_bulk_bytes(bytes);
                 assert_eq!(
                     decode(buf).unwrap(),
                     Some((expected, used)),
