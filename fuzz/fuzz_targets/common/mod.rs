@@ -98,36 +98,46 @@ pub fn oneshot_all(data: &[u8]) -> (Vec<Value>, End) {
     }
 }
 
-/// Replies of `data` through one `Decoder` fed a read buffer that grows by
-/// `sizes` (cycled; `usize::MAX` = all the rest) and drops each reply as
-/// soon as it is decoded, as a connection's read loop does.
-pub fn stream_all(data: &[u8], sizes: &[usize]) -> (Vec<Value>, End) {
+/// Feeds `data` through a read buffer that grows by `sizes` (cycled;
+/// `usize::MAX` = all the rest), as a connection's read loop does: after
+/// each read `take` consumes what it can from the front of the buffer
+/// (`Err` = a protocol error, which ends the feed).
+fn feed(data: &[u8], sizes: &[usize], mut take: impl FnMut(&mut Vec<u8>) -> Result<(), ()>) -> End {
     assert!(sizes.iter().all(|&s| s > 0), "chunk sizes must be positive");
     let mut sizes = sizes.iter().cycle();
-    let mut decoder = Decoder::new();
     let mut pending = data;
     let mut buf = Vec::new();
-    let mut values = Vec::new();
     loop {
-        // Take every reply already whole before reading more.
-        loop {
-            match decoder.decode(&buf) {
-                Ok(Some((v, n))) => {
-                    assert!(n > 0 && n <= buf.len(), "consumed {n} of {}", buf.len());
-                    values.push(v);
-                    buf.drain(..n);
-                }
-                Ok(None) => break,
-                Err(_) => return (values, End::Error),
-            }
+        if take(&mut buf).is_err() {
+            return End::Error;
         }
         if pending.is_empty() {
-            return (values, End::Incomplete(buf.len()));
+            return End::Incomplete(buf.len());
         }
-        let take = (*sizes.next().unwrap()).min(pending.len());
-        buf.extend_from_slice(&pending[..take]);
-        pending = &pending[take..];
+        let n = (*sizes.next().unwrap()).min(pending.len());
+        buf.extend_from_slice(&pending[..n]);
+        pending = &pending[n..];
     }
+}
+
+/// Replies of `data` through one `Decoder` fed in chunks of `sizes` (see
+/// [`feed`]), each reply dropped from the buffer as soon as it is decoded.
+pub fn stream_all(data: &[u8], sizes: &[usize]) -> (Vec<Value>, End) {
+    let mut decoder = Decoder::new();
+    let mut values = Vec::new();
+    let end = feed(data, sizes, |buf| loop {
+        // Take every reply already whole before reading more.
+        match decoder.decode(buf) {
+            Ok(Some((v, n))) => {
+                assert!(n > 0 && n <= buf.len(), "consumed {n} of {}", buf.len());
+                values.push(v);
+                buf.drain(..n);
+            }
+            Ok(None) => return Ok(()),
+            Err(_) => return Err(()),
+        }
+    });
+    (values, end)
 }
 
 /// Streaming in chunks of `sizes` yields the same replies, and ends the same
@@ -150,61 +160,50 @@ pub fn split_all(
     sizes: &[usize],
     announce: impl Fn(usize) -> Option<usize>,
 ) -> (Vec<Value>, End) {
-    assert!(sizes.iter().all(|&s| s > 0), "chunk sizes must be positive");
-    let mut sizes = sizes.iter().cycle();
     let mut stream = ReplyStream::new();
-    let mut pending = data;
-    let mut buf = Vec::new();
     let mut values = Vec::new();
     // The split array being put back together: elements still due, and so far.
     let mut open: Option<(usize, Vec<Value>)> = None;
-    loop {
-        loop {
-            let split = announce(values.len());
-            let (frame, n) = match stream.next(&buf, split) {
-                Ok(Some(next)) => next,
-                Ok(None) => break,
-                Err(_) => return (values, End::Error),
+    let end = feed(data, sizes, |buf| loop {
+        let split = announce(values.len());
+        let (frame, n) = match stream.next(buf, split) {
+            Ok(Some(next)) => next,
+            Ok(None) => return Ok(()),
+            Err(_) => return Err(()),
+        };
+        assert!(n > 0 && n <= buf.len(), "consumed {n} of {}", buf.len());
+        let element = match frame {
+            Frame::Reply(v) => {
+                assert!(open.is_none(), "a whole reply inside a split array");
+                values.push(v);
+                None
+            }
+            Frame::Split { count } => {
+                assert!(open.is_none(), "a split inside a split array");
+                assert_eq!(Some(count), split, "split without being asked");
+                open = Some((count, Vec::new()));
+                None
+            }
+            Frame::Bulk { bytes, last } => Some((
+                bytes.map_or(Value::Nil, |b| Value::BulkString(b.to_vec())),
+                last,
+            )),
+            Frame::Element { value, last } => Some((value, last)),
+        };
+        buf.drain(..n);
+        if let Some((value, last)) = element {
+            let Some((due, items)) = open.as_mut() else {
+                panic!("an element outside a split array");
             };
-            assert!(n > 0 && n <= buf.len(), "consumed {n} of {}", buf.len());
-            let element = match frame {
-                Frame::Reply(v) => {
-                    assert!(open.is_none(), "a whole reply inside a split array");
-                    values.push(v);
-                    None
-                }
-                Frame::Split { count } => {
-                    assert!(open.is_none(), "a split inside a split array");
-                    assert_eq!(Some(count), split, "split without being asked");
-                    open = Some((count, Vec::new()));
-                    None
-                }
-                Frame::Bulk { bytes, last } => Some((
-                    bytes.map_or(Value::Nil, |b| Value::BulkString(b.to_vec())),
-                    last,
-                )),
-                Frame::Element { value, last } => Some((value, last)),
-            };
-            buf.drain(..n);
-            if let Some((value, last)) = element {
-                let Some((due, items)) = open.as_mut() else {
-                    panic!("an element outside a split array");
-                };
-                items.push(value);
-                assert_eq!(last, items.len() == *due, "`last` on the wrong element");
-                if last {
-                    let (_, items) = open.take().unwrap();
-                    values.push(Value::Array(items));
-                }
+            items.push(value);
+            assert_eq!(last, items.len() == *due, "`last` on the wrong element");
+            if last {
+                let (_, items) = open.take().unwrap();
+                values.push(Value::Array(items));
             }
         }
-        if pending.is_empty() {
-            return (values, End::Incomplete(buf.len()));
-        }
-        let take = (*sizes.next().unwrap()).min(pending.len());
-        buf.extend_from_slice(&pending[..take]);
-        pending = &pending[take..];
-    }
+    });
+    (values, end)
 }
 
 /// Splitting announced arrays, in chunks of `sizes`, yields the same
