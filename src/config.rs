@@ -11,6 +11,15 @@ use crate::error::{Error, HostId, HostName, Result};
 /// Default connect timeout: 5 s.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Default bound on the bytes of one reply: 1 GiB, twice the largest bulk
+/// string Redis accepts (`proto-max-bulk-len`, 512 MiB), so any real reply
+/// fits while a peer that streams without end is refused.
+pub const DEFAULT_MAX_REPLY_BYTES: usize = 1 << 30;
+
+/// Default bound on the elements of one reply, nested ones included:
+/// 32 Mi (an `HGETALL` of a 16-million-field hash).
+pub const DEFAULT_MAX_REPLY_ELEMENTS: usize = 32 << 20;
+
 /// The protocol spoken with a host.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -65,6 +74,8 @@ pub struct HostConfig {
     read_timeout: Option<Option<Duration>>,
     write_timeout: Option<Option<Duration>>,
     pool_size: Option<usize>,
+    max_reply_bytes: Option<usize>,
+    max_reply_elements: Option<usize>,
 }
 
 impl HostConfig {
@@ -152,6 +163,22 @@ impl HostConfig {
         self
     }
 
+    /// Most bytes one reply may take; a longer reply is refused with
+    /// [`Error::Protocol`] and the connection closed. Default
+    /// [`DEFAULT_MAX_REPLY_BYTES`] (1 GiB).
+    pub fn max_reply_bytes(mut self, bytes: usize) -> HostConfig {
+        self.max_reply_bytes = Some(bytes);
+        self
+    }
+
+    /// Most elements one reply may hold, counting nested ones; more is
+    /// refused with [`Error::Protocol`] and the connection closed. Default
+    /// [`DEFAULT_MAX_REPLY_ELEMENTS`] (32 Mi).
+    pub fn max_reply_elements(mut self, elements: usize) -> HostConfig {
+        self.max_reply_elements = Some(elements);
+        self
+    }
+
     /// `self`, with every unset value taken from `defaults`.
     pub fn or(self, defaults: &HostConfig) -> HostConfig {
         fn pick<T: Clone>(a: Option<T>, b: &Option<T>) -> Option<T> {
@@ -171,6 +198,8 @@ impl HostConfig {
             read_timeout: pick(self.read_timeout, &defaults.read_timeout),
             write_timeout: pick(self.write_timeout, &defaults.write_timeout),
             pool_size: pick(self.pool_size, &defaults.pool_size),
+            max_reply_bytes: pick(self.max_reply_bytes, &defaults.max_reply_bytes),
+            max_reply_elements: pick(self.max_reply_elements, &defaults.max_reply_elements),
         }
     }
 
@@ -192,6 +221,10 @@ impl HostConfig {
             read_timeout: self.read_timeout.unwrap_or(None),
             write_timeout: self.write_timeout.unwrap_or(None),
             pool_size: self.pool_size.unwrap_or(16),
+            max_reply_bytes: self.max_reply_bytes.unwrap_or(DEFAULT_MAX_REPLY_BYTES),
+            max_reply_elements: self
+                .max_reply_elements
+                .unwrap_or(DEFAULT_MAX_REPLY_ELEMENTS),
             name: HostName {
                 id: host_id,
                 addr: "".into(),
@@ -397,6 +430,10 @@ pub struct HostInfo {
     pub write_timeout: Option<Duration>,
     /// Idle connections kept in the pool.
     pub pool_size: usize,
+    /// Most bytes of one reply.
+    pub max_reply_bytes: usize,
+    /// Most elements of one reply, nested ones included.
+    pub max_reply_elements: usize,
     name: HostName,
 }
 
