@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::args::ToArg;
-use crate::batch::{self, MultiKey};
 use crate::cluster::{Cluster, Hosts, MapOptions};
 use crate::cmd::{cmd, Call, Cmd, ScriptCall};
 use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::Session;
+use crate::multikey::{self, MultiKey};
 use crate::promise::Promise;
 use crate::resp::Value;
 use crate::router::Router;
@@ -152,7 +152,7 @@ impl<'s> Dispatch<'s> {
     }
 
     fn split<T: FromValue + 'static>(&mut self, kind: MultiKey, cmd: Cmd) -> Promise<T> {
-        let split = match batch::split(kind, &cmd, &*self.router) {
+        let split = match multikey::split(kind, &cmd, &*self.router) {
             Ok(s) => s,
             Err(e) => return self.reject(e),
         };
@@ -375,13 +375,7 @@ fn run_now<T: FromValue + 'static>(
     submit: impl FnOnce(&mut Dispatch<'_>) -> Promise<T>,
 ) -> Result<T> {
     let budget = immediate_budget(cluster, hosts_hint);
-    let opts = MapOptions {
-        timeout: budget,
-        max_concurrency: usize::MAX,
-        auto_batch,
-        ..MapOptions::default()
-    };
-    let mut session = cluster.session(&opts)?;
+    let mut session = cluster.immediate_session(auto_batch, budget);
     let promise = {
         let mut dispatch = Dispatch::new(&mut session, cluster.router()?);
         submit(&mut dispatch)
@@ -556,7 +550,7 @@ where
     }
     unknown.retain(|_, shas| !shas.is_empty());
     if !unknown.is_empty() {
-        let mut session = cluster.session(&MapOptions::default())?;
+        let mut session = cluster.session(&MapOptions::default());
         {
             let mut d = Dispatch::new(&mut session, router.clone());
             for (host, shas) in &unknown {
@@ -585,7 +579,7 @@ where
     type Retry = (HostId, ScriptCall, Promise<Value>);
     let retries: Rc<RefCell<Vec<Retry>>> = Rc::default();
     let mut out = HashMap::new();
-    let mut session = cluster.session(&MapOptions::default())?;
+    let mut session = cluster.session(&MapOptions::default());
     {
         let mut d = Dispatch::new(&mut session, router.clone());
         for (key, host, calls) in entries {
@@ -621,7 +615,7 @@ where
     // 3. Once more for the calls whose script vanished in between.
     let retries = std::mem::take(&mut *retries.borrow_mut());
     if !retries.is_empty() {
-        let mut session = cluster.session(&MapOptions::default())?;
+        let mut session = cluster.session(&MapOptions::default());
         {
             let mut d = Dispatch::new(&mut session, router);
             for (host, sc, result) in retries {

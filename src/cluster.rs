@@ -8,9 +8,9 @@ use crate::args::ToArg;
 use crate::client::{FanoutClient, LocalClient, MappingClient, RoutingClient};
 use crate::config::HostConfig;
 use crate::config::HostInfo;
-use crate::conn::{HostEntry, HostTable, Pool};
+use crate::conn::{HostEntry, Pool};
 use crate::error::{Error, HostId, Result};
-use crate::event_loop::{LoopOptions, Session};
+use crate::event_loop::{HostMap, LoopOptions, Session};
 use crate::router::{self, Router, RouterKind};
 use crate::scripts::ScriptMemory;
 
@@ -79,6 +79,7 @@ impl MapOptions {
             // A timeout too far away to represent means no deadline.
             deadline: self.timeout.and_then(|t| start.checked_add(t)),
             budget: self.timeout,
+            request_budget: None,
             auto_batch: self.auto_batch,
             max_batch: self.max_batch_size,
             max_concurrency: self.max_concurrency,
@@ -183,7 +184,7 @@ impl ClusterBuilder {
             inner: Arc::new(ClusterInner {
                 state: RwLock::new(ClusterState {
                     defaults: self.defaults,
-                    table: Arc::new(HostTable { hosts }),
+                    table: Arc::new(hosts),
                     router_choice: self.router,
                     router: None,
                 }),
@@ -211,7 +212,7 @@ struct ClusterInner {
 struct ClusterState {
     defaults: HostConfig,
     /// Replaced whole when hosts change; running maps keep the old one.
-    table: Arc<HostTable>,
+    table: Arc<HostMap>,
     router_choice: RouterChoice,
     /// Built on first use and dropped whenever the hosts change.
     router: Option<Arc<dyn Router>>,
@@ -261,8 +262,7 @@ impl Cluster {
         if let Some(router) = &state.router {
             return Ok(router.clone());
         }
-        let hosts: Vec<Arc<HostInfo>> =
-            state.table.hosts.values().map(|h| h.info.clone()).collect();
+        let hosts: Vec<Arc<HostInfo>> = state.table.values().map(|h| h.info.clone()).collect();
         let router = match &state.router_choice {
             RouterChoice::Partition => router::build(RouterKind::Partition, &hosts)?,
             RouterChoice::ConsistentHashing => {
@@ -276,24 +276,18 @@ impl Cluster {
 
     /// Every host, by id.
     pub fn hosts(&self) -> Vec<Arc<HostInfo>> {
-        self.read()
-            .table
-            .hosts
-            .values()
-            .map(|h| h.info.clone())
-            .collect()
+        self.read().table.values().map(|h| h.info.clone()).collect()
     }
 
     /// Every host id, ascending.
     pub fn host_ids(&self) -> Vec<HostId> {
-        self.read().table.hosts.keys().copied().collect()
+        self.read().table.keys().copied().collect()
     }
 
     /// One host.
     pub fn host(&self, id: HostId) -> Result<Arc<HostInfo>> {
         self.read()
             .table
-            .hosts
             .get(&id)
             .map(|h| h.info.clone())
             .ok_or(Error::NoSuchHost { id })
@@ -305,14 +299,14 @@ impl Cluster {
         let mut state = self.write();
         let id = match id {
             Some(id) => id,
-            None => match state.table.hosts.keys().next_back() {
+            None => match state.table.keys().next_back() {
                 None => 0,
                 Some(last) => last.checked_add(1).ok_or_else(|| Error::BadHostSetup {
                     reason: "no host id is left after u32::MAX".into(),
                 })?,
             },
         };
-        if state.table.hosts.contains_key(&id) {
+        if state.table.contains_key(&id) {
             return Err(Error::BadHostSetup {
                 reason: format!("host id {id} already exists").into(),
             });
@@ -320,7 +314,7 @@ impl Cluster {
         let info = Arc::new(config.or(&state.defaults).resolve(id));
         let pool = Arc::new(Pool::new(info.pool_size));
         let mut hosts = BTreeMap::new();
-        for (hid, entry) in &state.table.hosts {
+        for (hid, entry) in state.table.iter() {
             hosts.insert(
                 *hid,
                 HostEntry {
@@ -330,7 +324,7 @@ impl Cluster {
             );
         }
         hosts.insert(id, HostEntry { info, pool });
-        state.table = Arc::new(HostTable { hosts });
+        state.table = Arc::new(hosts);
         state.router = None;
         Ok(id)
     }
@@ -339,13 +333,13 @@ impl Cluster {
     /// connections are closed; the router is rebuilt on next use.
     pub fn remove_host(&self, id: HostId) -> bool {
         let mut state = self.write();
-        let Some(removed) = state.table.hosts.get(&id) else {
+        let Some(removed) = state.table.get(&id) else {
             return false;
         };
         removed.pool.clear();
         self.inner.scripts.forget_host(id);
         let mut hosts = BTreeMap::new();
-        for (hid, entry) in &state.table.hosts {
+        for (hid, entry) in state.table.iter() {
             if *hid != id {
                 hosts.insert(
                     *hid,
@@ -356,14 +350,14 @@ impl Cluster {
                 );
             }
         }
-        state.table = Arc::new(HostTable { hosts });
+        state.table = Arc::new(hosts);
         state.router = None;
         true
     }
 
     /// Closes every idle pooled connection (rb's `disconnect_pools`).
     pub fn disconnect_pools(&self) {
-        for entry in self.read().table.hosts.values() {
+        for entry in self.read().table.values() {
             entry.pool.clear();
         }
     }
@@ -372,7 +366,6 @@ impl Cluster {
     pub fn idle_connections(&self, id: HostId) -> usize {
         self.read()
             .table
-            .hosts
             .get(&id)
             .map_or(0, |h| h.pool.idle_count())
     }
@@ -381,13 +374,27 @@ impl Cluster {
         self.inner.scripts.clone()
     }
 
-    pub(crate) fn session(&self, opts: &MapOptions) -> Result<Session> {
+    pub(crate) fn session(&self, opts: &MapOptions) -> Session {
+        self.session_with(opts.to_loop(Instant::now()))
+    }
+
+    /// A session for immediate commands: no overall deadline, but each
+    /// host's `budget` (its write and read timeouts) from the moment its
+    /// connection is ready.
+    pub(crate) fn immediate_session(&self, auto_batch: bool, budget: Option<Duration>) -> Session {
+        let opts = MapOptions {
+            auto_batch,
+            max_concurrency: usize::MAX,
+            ..MapOptions::default()
+        };
+        let mut lopts = opts.to_loop(Instant::now());
+        lopts.request_budget = budget;
+        self.session_with(lopts)
+    }
+
+    fn session_with(&self, opts: LoopOptions) -> Session {
         let table = self.read().table.clone();
-        Session::new(
-            table,
-            self.inner.scripts.clone(),
-            opts.to_loop(Instant::now()),
-        )
+        Session::new(table, self.inner.scripts.clone(), opts)
     }
 
     /// A client that routes each command to its key's host and waits for
@@ -439,7 +446,7 @@ impl Cluster {
         f: impl FnOnce(&mut MappingClient<'_>) -> R,
     ) -> Result<R> {
         let router = self.router()?;
-        let mut session = self.session(&opts)?;
+        let mut session = self.session(&opts);
         let out = {
             let mut client = MappingClient::new(&mut session, router);
             f(&mut client)
@@ -474,7 +481,7 @@ impl Cluster {
                 ids
             }
         };
-        let mut session = self.session(&opts)?;
+        let mut session = self.session(&opts);
         let out = {
             let mut client = FanoutClient::new(&mut session, router, targets);
             f(&mut client)

@@ -1,29 +1,21 @@
-//! One non-blocking connection (TCP or unix socket) with its read buffer,
-//! streaming decoder and handshake; and [`Pool`], the idle connections of
-//! one host.
+//! Transport only: one non-blocking connection (TCP, unix socket or TLS)
+//! that moves bytes, and [`Pool`], the idle connections of one host.
 //!
-//! A connection knows nothing of routing or promises: it writes bytes it is
-//! given, and hands back decoded replies. The handshake (AUTH, HELLO, SELECT)
-//! is queued ahead of the first request so it goes out in the same write,
-//! and its replies are checked and dropped here.
+//! A connection knows nothing of requests, replies or routing: the
+//! [`crate::pipeline`] decides what to write and what each reply answers.
+//! Host names are resolved on a helper thread within the connect budget,
+//! and every address is tried in turn (IPv4 first) until one connects.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use mio::net::{TcpStream, UnixStream};
 use mio::{Interest, Registry, Token};
 
-use crate::batch::Element;
-use crate::cmd::{cmd, Cmd};
-use crate::config::{HostInfo, Protocol};
+use crate::config::HostInfo;
 use crate::error::{Error, HostName, Result};
-use crate::resp::{Frame, ReplyStream, Value};
-
-/// Bytes read per `read` call (and the read buffer's first size).
-const READ_CHUNK: usize = 64 * 1024;
-/// A read buffer grown past this for one huge reply is shrunk back after.
-const KEEP_READ_BUFFER: usize = 1024 * 1024;
 
 enum Stream {
     Tcp(TcpStream),
@@ -107,48 +99,23 @@ pub(crate) type TlsConfig = ();
 pub(crate) struct Connection {
     host: Arc<HostInfo>,
     stream: Stream,
+    tls: Option<TlsConfig>,
     /// Connect finished (always true for unix sockets, which connect at once).
     connected: bool,
-    /// The handshake bytes not yet written.
-    handshake: Vec<u8>,
-    handshake_written: usize,
-    /// Handshake replies still to be checked and dropped.
-    handshake_replies: usize,
-    /// Commands of the handshake, for error messages.
-    handshake_names: Vec<&'static str>,
-    /// Read buffer: `rbuf[rstart..rend]` holds bytes not yet decoded.
-    rbuf: Vec<u8>,
-    rstart: usize,
-    rend: usize,
-    /// Decodes replies, splitting merged `MGET` replies (see
-    /// [`ReplyTarget::split_next`]).
-    replies: ReplyStream,
+    /// Addresses still to try when the current connect fails.
+    next_addrs: Vec<SocketAddr>,
+    /// Its handshake was answered (AUTH, SELECT): it serves requests as is.
+    pub(crate) ready: bool,
     /// Came from the pool (so a failure before sending anything may be a
     /// stale connection worth one transparent reconnect).
     pub(crate) reused: bool,
     /// Registered with a poll.
     registered: bool,
+    /// A read buffer kept with the connection while it idles in the pool.
+    pub(crate) spare: Vec<u8>,
 }
 
-/// Where a connection's replies go: the session's queue of what each
-/// reply answers.
-pub(crate) trait ReplyTarget {
-    /// `Some(n)` when the next reply answers a merged `MGET` of `n` keys:
-    /// if it is an array of `n`, its elements are handed to
-    /// [`ReplyTarget::element`] one by one as they arrive, instead of
-    /// building the array first (one allocation and copy less per reply,
-    /// and no half-built array when a read ends mid-reply).
-    fn split_next(&self) -> Option<usize>;
-
-    /// The next element of the array announced by `split_next`; `last`
-    /// for its final element.
-    fn element(&mut self, element: Element<'_>, last: bool);
-
-    /// One whole reply.
-    fn reply(&mut self, value: Value);
-}
-
-fn io_error(host: &HostName, e: &io::Error) -> Error {
+pub(crate) fn io_error(host: &HostName, e: &io::Error) -> Error {
     #[cfg(feature = "tls")]
     if let Some(failure) = e
         .get_ref()
@@ -167,94 +134,87 @@ fn io_error(host: &HostName, e: &io::Error) -> Error {
     }
 }
 
+/// The peer closed the connection (a read of 0 bytes).
+pub(crate) fn closed_error(host: &HostName) -> Error {
+    Error::Connection {
+        host: host.clone(),
+        command: None,
+        kind: io::ErrorKind::UnexpectedEof,
+        reason: "the server closed the connection".into(),
+    }
+}
+
+fn connect_timeout(host: &HostInfo) -> Error {
+    Error::Timeout {
+        host: host.name().clone(),
+        phase: crate::error::Phase::Connect,
+        budget: host.connect_timeout,
+        command: None,
+    }
+}
+
+/// Connects a unix socket, retrying while the server's accept queue is
+/// full (`EAGAIN`) until `deadline`.
+fn connect_unix(host: &HostInfo, path: &str, deadline: Instant) -> Result<UnixStream> {
+    let mut pause = Duration::from_micros(100);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(connect_timeout(host));
+                }
+                std::thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_millis(10));
+            }
+            Err(e) => return Err(io_error(host.name(), &e)),
+        }
+    }
+}
+
 impl Connection {
-    /// Starts a non-blocking connect; the handshake is queued to go first.
+    /// Starts a non-blocking connect, within the host's connect budget from
+    /// `started` (name resolution included).
     pub(crate) fn connect(host: Arc<HostInfo>, tls: Option<TlsConfig>) -> Result<Connection> {
-        let name = host.name().clone();
-        let (stream, connected) = match &host.unix_socket_path {
+        let deadline = Instant::now()
+            .checked_add(host.connect_timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+        let (stream, connected, next_addrs) = match &host.unix_socket_path {
             Some(path) => (
-                Stream::Unix(UnixStream::connect(path).map_err(|e| io_error(&name, &e))?),
+                Stream::Unix(connect_unix(&host, path, deadline)?),
                 true,
+                Vec::new(),
             ),
             None => {
-                let addr = resolve(&host)?;
-                let stream = TcpStream::connect(addr).map_err(|e| io_error(&name, &e))?;
-                // Latency matters more than packet count: requests are
-                // already coalesced in our own buffer.
-                let _ = stream.set_nodelay(true);
-                match (host.tls, tls) {
-                    (false, _) => (Stream::Tcp(stream), false),
-                    #[cfg(feature = "tls")]
-                    (true, Some(config)) => (
-                        Stream::Tls(Box::new(crate::tls::TlsStream::new(&host, config, stream)?)),
-                        false,
-                    ),
-                    (true, _) => {
-                        return Err(Error::Tls {
-                            host: name,
-                            reason: "TLS needs rb built with the `tls` feature".into(),
-                        })
-                    }
-                }
+                let mut addrs = resolve(&host, deadline)?;
+                addrs.reverse();
+                let (stream, rest) = connect_first(&host, &tls, addrs)?;
+                (stream, false, rest)
             }
         };
-        let mut conn = Connection {
+        Ok(Connection {
             host,
             stream,
+            tls,
             connected,
-            handshake: Vec::new(),
-            handshake_written: 0,
-            handshake_replies: 0,
-            handshake_names: Vec::new(),
-            rbuf: Vec::new(),
-            rstart: 0,
-            rend: 0,
-            replies: ReplyStream::new(),
+            next_addrs,
+            ready: false,
             reused: false,
             registered: false,
-        };
-        conn.queue_handshake();
-        Ok(conn)
+            spare: Vec::new(),
+        })
     }
 
-    fn queue_handshake(&mut self) {
-        let host = self.host.clone();
-        let mut push = |c: Cmd, name: &'static str| {
-            c.write_packed(&mut self.handshake);
-            self.handshake_replies += 1;
-            self.handshake_names.push(name);
-        };
-        match host.protocol {
-            Protocol::Resp3 => {
-                let mut hello = cmd("HELLO").arg(3);
-                if let Some(password) = &host.password {
-                    let user = host.username.as_deref().unwrap_or("default");
-                    hello = hello.arg("AUTH").arg(user).arg(password);
-                }
-                push(hello, "HELLO");
-            }
-            Protocol::Resp2 => {
-                if let Some(password) = &host.password {
-                    let auth = match &host.username {
-                        Some(user) => cmd("AUTH").arg(user).arg(password),
-                        None => cmd("AUTH").arg(password),
-                    };
-                    push(auth, "AUTH");
-                }
-            }
-        }
-        if host.db != 0 {
-            push(cmd("SELECT").arg(host.db), "SELECT");
-        }
-    }
-
+    /// The transport connect finished: bytes can be written (TLS buffers
+    /// them until its handshake is done).
     pub(crate) fn is_connected(&self) -> bool {
         self.connected
     }
 
-    /// Whether the handshake is done (written and every reply checked).
-    pub(crate) fn is_ready(&self) -> bool {
-        self.connected && self.handshake_replies == 0 && !self.stream.is_handshaking()
+    /// Connected, and any TLS handshake done.
+    pub(crate) fn is_established(&self) -> bool {
+        self.connected && !self.stream.is_handshaking()
     }
 
     pub(crate) fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
@@ -276,6 +236,12 @@ impl Connection {
     }
 
     /// After a writable event on a connecting TCP socket: did it connect?
+    ///
+    /// # Errors
+    ///
+    /// The connect failed and no address is left to try. When another
+    /// address is left, its connect starts instead (`Ok(false)`), and the
+    /// connection must be registered again.
     pub(crate) fn finish_connect(&mut self) -> Result<bool> {
         if self.connected {
             return Ok(true);
@@ -284,51 +250,63 @@ impl Connection {
             self.connected = true;
             return Ok(true);
         };
-        if let Ok(Some(e)) | Err(e) = stream.take_error() {
-            return Err(io_error(self.host.name(), &e));
-        }
-        match stream.peer_addr() {
-            Ok(_) => {
+        let failure = match stream.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e),
+            Ok(None) => match stream.peer_addr() {
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(115) => return Ok(false), // EINPROGRESS
+                Err(e) => Some(e),
+            },
+        };
+        match failure {
+            None => {
                 self.connected = true;
                 Ok(true)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-            Err(e) if e.raw_os_error() == Some(115) => Ok(false), // EINPROGRESS
-            Err(e) => Err(io_error(self.host.name(), &e)),
+            Some(e) if self.next_addrs.is_empty() => Err(io_error(self.host.name(), &e)),
+            Some(_) => {
+                let addrs = std::mem::take(&mut self.next_addrs);
+                let (stream, rest) = connect_first(&self.host, &self.tls, addrs)?;
+                self.stream = stream;
+                self.next_addrs = rest;
+                self.registered = false;
+                Ok(false)
+            }
         }
     }
 
-    /// Writes handshake bytes, then `out[*written..]`, until done or the
-    /// socket would block. Returns whether everything went out.
-    pub(crate) fn write_from(&mut self, out: &[u8], written: &mut usize) -> Result<bool> {
-        if !self.connected {
-            return Ok(false);
-        }
-        while self.handshake_written < self.handshake.len() {
-            match self.stream.write(&self.handshake[self.handshake_written..]) {
-                Ok(0) => return Err(self.closed_error()),
-                Ok(n) => self.handshake_written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+    /// Whether a connect failed and the next address was started: the
+    /// socket changed, and must be registered again.
+    pub(crate) fn needs_register(&self) -> bool {
+        !self.registered
+    }
+
+    /// Writes `buf`; the bytes taken (TLS: handed to the TLS layer, which
+    /// counts as sent), or `WouldBlock`.
+    pub(crate) fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.write(buf) {
+                Ok(0) if !buf.is_empty() => return Err(io::ErrorKind::WriteZero.into()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error(self.host.name(), &e)),
+                other => return other,
             }
         }
-        if self.handshake_written > 0 && self.handshake_written == self.handshake.len() {
-            self.handshake = Vec::new();
-            self.handshake_written = 0;
-        }
-        while *written < out.len() {
-            match self.stream.write(&out[*written..]) {
-                Ok(0) => return Err(self.closed_error()),
-                Ok(n) => *written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+    }
+
+    /// Sends bytes buffered below us (TLS records); true when none are left.
+    pub(crate) fn flush(&mut self) -> io::Result<bool> {
+        self.stream.flush()
+    }
+
+    /// Reads into `buf`: the bytes read (0: the peer closed), or `WouldBlock`.
+    pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error(self.host.name(), &e)),
+                other => return other,
             }
         }
-        self.stream
-            .flush()
-            .map_err(|e| io_error(self.host.name(), &e))
     }
 
     /// Bytes below us (TLS records) are waiting for the socket.
@@ -336,149 +314,90 @@ impl Connection {
         self.stream.wants_write()
     }
 
-    fn closed_error(&self) -> Error {
-        Error::Connection {
-            host: self.host.name().clone(),
-            command: None,
-            kind: io::ErrorKind::UnexpectedEof,
-            reason: "the server closed the connection".into(),
-        }
-    }
-
-    /// Reads until the socket would block, handing each reply (handshake
-    /// replies excluded) to `target`. Returns an error when the peer
-    /// closed or broke the protocol; replies decoded before that were
-    /// already delivered.
-    pub(crate) fn read_replies(&mut self, target: &mut impl ReplyTarget) -> Result<()> {
-        loop {
-            if self.rend == self.rbuf.len() {
-                if self.rstart > 0 {
-                    self.rbuf.copy_within(self.rstart..self.rend, 0);
-                    self.rend -= self.rstart;
-                    self.rstart = 0;
-                    // The decoder's place is relative to `rstart`: still valid.
-                }
-                if self.rend == self.rbuf.len() {
-                    let grow = self.rbuf.len().max(READ_CHUNK);
-                    self.rbuf.resize(self.rbuf.len() + grow, 0);
-                }
-            }
-            match self.stream.read(&mut self.rbuf[self.rend..]) {
-                Ok(0) => {
-                    self.decode_available(target)?;
-                    return Err(self.closed_error());
-                }
-                Ok(n) => {
-                    self.rend += n;
-                    self.decode_available(target)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error(self.host.name(), &e)),
-            }
-        }
-    }
-
-    fn decode_available(&mut self, target: &mut impl ReplyTarget) -> Result<()> {
-        while self.rstart < self.rend {
-            let split = if self.handshake_replies == 0 {
-                target.split_next()
-            } else {
-                None
-            };
-            let next = self
-                .replies
-                .next(&self.rbuf[self.rstart..self.rend], split)
-                .map_err(|e| e.with_context(self.host.name(), ""))?;
-            let Some((frame, used)) = next else {
-                break;
-            };
-            match frame {
-                Frame::Split { .. } => {}
-                Frame::Bulk { bytes, last } => target.element(Element::Bulk(bytes), last),
-                Frame::Element { value, last } => target.element(Element::Value(value), last),
-                Frame::Reply(value) => {
-                    if self.handshake_replies > 0 {
-                        self.check_handshake_reply(value)?;
-                    } else if !matches!(value, Value::Push(_)) {
-                        // RESP3 pushes are out of band: no request waits for them.
-                        target.reply(value);
-                    }
-                }
-            }
-            self.rstart += used;
-        }
-        if self.rstart == self.rend {
-            self.rstart = 0;
-            self.rend = 0;
-        }
-        Ok(())
-    }
-
-    /// Gives back a read buffer that one huge reply grew, before the
-    /// connection idles in the pool (not during a map, where it would only
-    /// grow again).
-    fn trim(&mut self) {
-        if self.rstart == self.rend && self.rbuf.len() > KEEP_READ_BUFFER {
-            self.rbuf = Vec::new();
-            self.rstart = 0;
-            self.rend = 0;
-        }
-    }
-
-    fn check_handshake_reply(&mut self, value: Value) -> Result<()> {
-        let index = self.handshake_names.len() - self.handshake_replies;
-        let name = self
-            .handshake_names
-            .get(index)
-            .copied()
-            .unwrap_or("handshake");
-        self.handshake_replies -= 1;
-        if let Value::Error { code, message } = value {
-            return Err(Error::Server {
-                host: Some(self.host.name().clone()),
-                command: name.into(),
-                code: code.into(),
-                message: message.into(),
-            });
-        }
-        Ok(())
-    }
-
     /// A pooled connection is alive when a read would block: 0 bytes means
     /// the server closed it (e.g. its idle `timeout`), and unexpected bytes
     /// mean its state is unknown.
     pub(crate) fn is_alive(&mut self) -> bool {
-        if self.rstart != self.rend || self.replies.is_mid_reply() {
-            return false;
-        }
         let mut probe = [0u8; 1];
         matches!(self.stream.read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
-fn resolve(host: &HostInfo) -> Result<SocketAddr> {
+/// Starts a connect to the first address of `addrs` (in reverse order: the
+/// last is first) that accepts one; returns the stream and the addresses
+/// left.
+fn connect_first(
+    host: &Arc<HostInfo>,
+    tls: &Option<TlsConfig>,
+    mut addrs: Vec<SocketAddr>,
+) -> Result<(Stream, Vec<SocketAddr>)> {
     let name = host.name();
-    if let Ok(ip) = host.host.parse::<std::net::IpAddr>() {
-        return Ok(SocketAddr::new(ip, host.port));
+    let mut last = None;
+    while let Some(addr) = addrs.pop() {
+        match TcpStream::connect(addr) {
+            Ok(stream) => {
+                // Latency matters more than packet count: requests are
+                // already coalesced in the pipeline's buffer.
+                let _ = stream.set_nodelay(true);
+                return Ok((wrap(host, tls, stream)?, addrs));
+            }
+            Err(e) => last = Some(io_error(name, &e)),
+        }
     }
-    let addrs: Vec<SocketAddr> = (host.host.as_str(), host.port)
-        .to_socket_addrs()
-        .map_err(|e| io_error(name, &e))?
-        .collect();
-    // Prefer IPv4 when a name has both: `localhost` often resolves to ::1
-    // first, while many Redis servers listen on 127.0.0.1 only.
-    let pick = addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied();
-    pick.ok_or_else(|| Error::Connection {
+    Err(last.unwrap_or_else(|| Error::Connection {
         host: name.clone(),
         command: None,
         kind: io::ErrorKind::NotFound,
         reason: format!("{:?} resolved to no address", host.host).into(),
-    })
+    }))
+}
+
+fn wrap(host: &Arc<HostInfo>, tls: &Option<TlsConfig>, stream: TcpStream) -> Result<Stream> {
+    match (host.tls, tls) {
+        (false, _) => Ok(Stream::Tcp(stream)),
+        #[cfg(feature = "tls")]
+        (true, Some(config)) => Ok(Stream::Tls(Box::new(crate::tls::TlsStream::new(
+            host,
+            config.clone(),
+            stream,
+        )?))),
+        (true, _) => Err(Error::Tls {
+            host: host.name().clone(),
+            reason: "TLS needs rb built with the `tls` feature".into(),
+        }),
+    }
+}
+
+/// Every address of the host, IPv4 first (`localhost` often resolves to
+/// ::1 first, while many Redis servers listen on 127.0.0.1 only). Names
+/// are resolved on a helper thread, so a slow resolver costs at most the
+/// connect budget.
+fn resolve(host: &HostInfo, deadline: Instant) -> Result<Vec<SocketAddr>> {
+    let name = host.name();
+    if let Ok(ip) = host.host.parse::<std::net::IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, host.port)]);
+    }
+    let (tx, rx) = mpsc::channel();
+    let target = (host.host.clone(), host.port);
+    let spawned = std::thread::Builder::new()
+        .name("rb-resolve".into())
+        .spawn(move || {
+            let result = target
+                .to_socket_addrs()
+                .map(|addrs| addrs.collect::<Vec<_>>());
+            let _ = tx.send(result);
+        });
+    if let Err(e) = spawned {
+        return Err(io_error(name, &e));
+    }
+    let wait = deadline.saturating_duration_since(Instant::now());
+    let mut addrs = match rx.recv_timeout(wait) {
+        Ok(Ok(addrs)) => addrs,
+        Ok(Err(e)) => return Err(io_error(name, &e)),
+        Err(_) => return Err(connect_timeout(host)),
+    };
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    Ok(addrs)
 }
 
 /// The idle connections of one host, shared by every thread.
@@ -541,8 +460,7 @@ impl Pool {
     }
 
     /// Takes back a healthy connection; beyond the bound it is closed.
-    pub(crate) fn checkin(&self, mut conn: Connection) {
-        conn.trim();
+    pub(crate) fn checkin(&self, conn: Connection) {
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
             idle.push(conn);
@@ -564,11 +482,4 @@ impl Pool {
 pub(crate) struct HostEntry {
     pub(crate) info: Arc<HostInfo>,
     pub(crate) pool: Arc<Pool>,
-}
-
-/// The cluster's hosts at one moment: replaced whole when hosts change, so
-/// a running map keeps a consistent view.
-#[derive(Default)]
-pub(crate) struct HostTable {
-    pub(crate) hosts: std::collections::BTreeMap<crate::error::HostId, HostEntry>,
 }

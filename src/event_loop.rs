@@ -1,5 +1,7 @@
 //! One `mio::Poll` driving a connection per host until every request is
-//! answered or a deadline passes.
+//! answered or a deadline passes. It only moves bytes and watches
+//! deadlines: each host's [`Pipeline`] decides what to write and which
+//! request each reply answers.
 //!
 //! The rules (from DESIGN.md "The event loop"):
 //! - connects are non-blocking and start the moment a host gets its first
@@ -10,40 +12,49 @@
 //!   so a huge map never deadlocks on full kernel buffers;
 //! - at most `max_concurrency` hosts have requests in flight; a request for
 //!   one more host first waits for one to finish (an implicit join);
+//! - reads come in bounded steps, and deadlines are checked between them,
+//!   so a peer sending at full speed cannot hold a caller past its deadline;
 //! - join waits until nothing is outstanding or the deadline passes; then
 //!   what is left is rejected with a timeout and those connections closed;
+//!   a host with nothing outstanding gives its connection back to the pool
+//!   at once, for other threads to use;
 //! - a pooled connection that fails before any byte of a request went out is
 //!   replaced once, transparently; after that, failures reject the affected
 //!   requests (writes are not idempotent, so nothing is retried).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use crate::batch::{BatchKind, Batcher, CmdName, ConnEffect, Element, Expect, Waiter};
 use crate::cmd::Cmd;
-use crate::config::HostInfo;
-use crate::conn::{Connection, HostTable, ReplyTarget};
+use crate::conn::{closed_error, io_error, Connection, HostEntry, Pool};
 use crate::error::{Error, HostId, HostName, Phase, Result};
+use crate::pipeline::{BatchKind, CmdName, ConnEffect, Pipeline, Waiter};
 use crate::promise::ReplyContext;
-use crate::resp::Value;
 use crate::scripts::ScriptMemory;
 
-/// A host's buffered bytes past which they are written while the caller
-/// is still enqueuing.
-pub(crate) const WRITE_THRESHOLD: usize = 64 * 1024;
+/// Read steps one host gets per turn of the loop before the others (and
+/// the deadlines) get theirs.
+const READ_STEPS_PER_TURN: usize = 16;
+
+/// The hosts a session may reach, by id.
+pub(crate) type HostMap = BTreeMap<HostId, HostEntry>;
 
 /// How a session behaves.
 #[derive(Clone, Debug)]
 pub(crate) struct LoopOptions {
-    /// Join gives up at this instant.
+    /// Join gives up at this instant (a map's timeout).
     pub(crate) deadline: Option<Instant>,
     /// The budget the deadline came from, for timeout errors.
     pub(crate) budget: Option<Duration>,
+    /// A budget per host that starts once its connection is ready (an
+    /// immediate command's write and read timeouts), so a slow connect is
+    /// charged to the connect budget alone.
+    pub(crate) request_budget: Option<Duration>,
     pub(crate) auto_batch: bool,
     pub(crate) max_batch: usize,
     pub(crate) max_concurrency: usize,
@@ -51,50 +62,44 @@ pub(crate) struct LoopOptions {
 
 /// One host's part of a session.
 struct Slot {
-    host: Arc<HostInfo>,
-    pool: Arc<crate::conn::Pool>,
+    pipeline: Pipeline,
+    pool: Arc<Pool>,
     conn: Option<Connection>,
-    /// Encoded requests; `out[written..]` is not yet sent.
-    out: Vec<u8>,
-    written: usize,
-    /// What each reply still to come answers, in order.
-    expects: VecDeque<Expect>,
-    batcher: Batcher,
     /// The socket took everything last time (no `WouldBlock` since).
     writable: bool,
-    /// `out.len()` at which the next write-while-enqueuing happens.
-    next_flush: usize,
-    /// Some byte of a request went out on the current connection.
-    sent: bool,
+    /// The last read turn ended before the socket was drained.
+    more_to_read: bool,
     /// The one transparent reconnect was used.
     retried: bool,
     /// Set once the host failed; later requests to it fail at once.
     failed: Option<Error>,
     connect_deadline: Option<Instant>,
-    /// Counts the connections installed, to tell a replaced one apart.
-    generation: u64,
+    /// When the request budget runs out (see [`LoopOptions::request_budget`]).
+    request_deadline: Option<Instant>,
     /// A command changed the connection's state: close it, never pool it.
     dirty: bool,
 }
 
 impl Slot {
     fn is_active(&self) -> bool {
-        !self.expects.is_empty() || self.batcher.len() > 0 || self.written < self.out.len()
+        self.pipeline.is_active()
     }
 
-    fn is_clean(&self) -> bool {
-        self.failed.is_none() && !self.is_active()
+    fn name(&self) -> &HostName {
+        self.pipeline.name()
     }
 }
 
-/// Finds slots by host id: a vector for the usual small ids, a map beyond.
+/// Finds slots by host id: a vector for small ids, a map beyond (a
+/// sparse id costs no memory up to it).
 #[derive(Default)]
 struct SlotIndex {
     dense: Vec<usize>,
     sparse: HashMap<HostId, usize>,
 }
 
-const DENSE_IDS: usize = 1 << 16;
+/// Ids below this are found through a vector.
+const DENSE_IDS: usize = 1024;
 
 impl SlotIndex {
     fn get(&self, id: HostId) -> Option<usize> {
@@ -119,77 +124,6 @@ impl SlotIndex {
     }
 }
 
-/// Hands one host's replies to the requests waiting for them, in order.
-///
-/// A merged `MGET` reply is handed over element by element as it arrives,
-/// so when the connection fails part-way through one (closed, timed out,
-/// a malformed element), the keys already answered keep their values and
-/// only the rest are rejected.
-struct Delivery<'a> {
-    expects: &'a mut VecDeque<Expect>,
-    batcher: &'a mut Batcher,
-    host: &'a HostName,
-    failures: &'a RefCell<Option<Error>>,
-    /// Set when a reply cannot be the answer: the stream is out of step.
-    broken: Option<Error>,
-}
-
-impl ReplyTarget for Delivery<'_> {
-    fn split_next(&self) -> Option<usize> {
-        if self.broken.is_some() {
-            return None;
-        }
-        self.expects.front().and_then(Expect::split_len)
-    }
-
-    /// After the last element the batch is done and its waiter list goes
-    /// back to the batcher.
-    #[inline]
-    fn element(&mut self, element: Element<'_>, last: bool) {
-        if self.broken.is_some() {
-            return;
-        }
-        if let Some(expect) = self.expects.front_mut() {
-            expect.deliver_element(element, self.host, self.failures);
-        }
-        if last {
-            if let Some(waiters) = self.expects.pop_front().and_then(Expect::into_waiters) {
-                self.batcher.recycle(waiters);
-            }
-        }
-    }
-
-    fn reply(&mut self, value: Value) {
-        if self.broken.is_some() {
-            return;
-        }
-        match self.expects.pop_front() {
-            Some(expect) => self.broken = expect.deliver(value, self.host, self.failures),
-            None => {
-                self.broken = Some(Error::Protocol {
-                    host: Some(self.host.clone()),
-                    reason: format!("the server sent {} when no reply was due", value.describe())
-                        .into(),
-                })
-            }
-        }
-    }
-}
-
-/// A failure of the poll itself, which concerns no one host: it names the
-/// pseudo-host `poll`.
-fn poll_error(e: &std::io::Error, what: &str) -> Error {
-    Error::Connection {
-        host: crate::error::HostName {
-            id: 0,
-            addr: "poll".into(),
-        },
-        command: None,
-        kind: e.kind(),
-        reason: format!("{what}: {e}").into(),
-    }
-}
-
 thread_local! {
     /// One poll per thread, reused by its sessions (an `epoll` instance
     /// costs two syscalls to make and drop).
@@ -198,8 +132,10 @@ thread_local! {
 
 /// One map, fanout or immediate command in flight.
 pub(crate) struct Session {
+    /// Made on the first host's first request (a failure to make it then
+    /// names that host).
     poll: Option<(Poll, Events)>,
-    hosts: Arc<HostTable>,
+    hosts: Arc<HostMap>,
     slots: Vec<Slot>,
     index: SlotIndex,
     opts: LoopOptions,
@@ -211,19 +147,12 @@ pub(crate) struct Session {
 
 impl Session {
     pub(crate) fn new(
-        hosts: Arc<HostTable>,
+        hosts: Arc<HostMap>,
         scripts: Arc<ScriptMemory>,
         opts: LoopOptions,
-    ) -> Result<Session> {
-        let poll = match IDLE_POLL.with(|p| p.borrow_mut().take()) {
-            Some(p) => p,
-            None => (
-                Poll::new().map_err(|e| poll_error(&e, "cannot create a poll instance"))?,
-                Events::with_capacity(1024),
-            ),
-        };
-        Ok(Session {
-            poll: Some(poll),
+    ) -> Session {
+        Session {
+            poll: IDLE_POLL.with(|p| p.borrow_mut().take()),
             hosts,
             slots: Vec::new(),
             index: SlotIndex::default(),
@@ -231,7 +160,7 @@ impl Session {
             failures: Rc::default(),
             ready: Vec::new(),
             scripts,
-        })
+        }
     }
 
     /// The cluster's memory of loaded scripts.
@@ -244,28 +173,40 @@ impl Session {
         self.failures.clone()
     }
 
-    /// The slot of `id`, created (and its connection started) on first use.
+    /// The poll, made on first use.
+    fn poll(&mut self, host: &HostName) -> Result<&mut (Poll, Events)> {
+        if self.poll.is_none() {
+            let poll =
+                Poll::new().map_err(|e| poll_error(host, &e, "cannot create a poll instance"))?;
+            self.poll = Some((poll, Events::with_capacity(1024)));
+        }
+        match self.poll.as_mut() {
+            Some(p) => Ok(p),
+            None => Err(poll_error(
+                host,
+                &std::io::ErrorKind::Other.into(),
+                "no poll",
+            )),
+        }
+    }
+
+    /// The slot of `id`, created on first use.
     fn slot(&mut self, id: HostId) -> Result<usize> {
         if let Some(i) = self.index.get(id) {
             return Ok(i);
         }
-        let entry = self.hosts.hosts.get(&id).ok_or(Error::NoSuchHost { id })?;
+        let entry = self.hosts.get(&id).ok_or(Error::NoSuchHost { id })?;
         let i = self.slots.len();
         self.slots.push(Slot {
-            host: entry.info.clone(),
+            pipeline: Pipeline::new(entry.info.clone()),
             pool: entry.pool.clone(),
             conn: None,
-            out: Vec::new(),
-            written: 0,
-            expects: VecDeque::new(),
-            batcher: Batcher::default(),
             writable: false,
-            next_flush: WRITE_THRESHOLD,
-            sent: false,
+            more_to_read: false,
             retried: false,
             failed: None,
             connect_deadline: None,
-            generation: 0,
+            request_deadline: None,
             dirty: false,
         });
         self.index.insert(id, i);
@@ -278,48 +219,63 @@ impl Session {
             return;
         }
         let slot = &mut self.slots[i];
-        let conn = slot.pool.checkout(&slot.host);
+        let conn = slot.pool.checkout(slot.pipeline.host());
         self.install(i, conn);
     }
 
     fn install(&mut self, i: usize, conn: Result<Connection>) {
-        let registry = self.poll.as_ref().map(|(p, _)| p.registry());
-        let slot = &mut self.slots[i];
         let mut conn = match conn {
             Ok(c) => c,
-            Err(e) => {
-                Self::reject_slot(slot, e, &self.failures);
-                return;
-            }
+            Err(e) => return self.reject_slot(i, e),
         };
-        if let Some(registry) = registry {
-            if let Err(e) = conn.register(registry, Token(i)) {
-                let e = Error::Connection {
-                    host: slot.host.name().clone(),
+        let name = self.slots[i].name().clone();
+        let registered = self.poll(&name).and_then(|(poll, _)| {
+            conn.register(poll.registry(), Token(i))
+                .map_err(|e| Error::Connection {
+                    host: name.clone(),
                     command: None,
                     kind: e.kind(),
                     reason: format!("cannot register with the poll: {e}").into(),
-                };
-                Self::reject_slot(slot, e, &self.failures);
-                return;
+                })
+        });
+        if let Err(e) = registered {
+            return self.reject_slot(i, e);
+        }
+        let slot = &mut self.slots[i];
+        let fresh = !conn.ready;
+        slot.pipeline
+            .connection_started(fresh, std::mem::take(&mut conn.spare));
+        slot.writable = conn.is_connected();
+        slot.more_to_read = false;
+        slot.dirty = false;
+        slot.connect_deadline = (!conn.ready)
+            .then(|| Instant::now().checked_add(slot.pipeline.host().connect_timeout))
+            .flatten();
+        slot.request_deadline = None;
+        slot.conn = Some(conn);
+        self.start_request_budget(i);
+    }
+
+    /// Starts slot `i`'s request budget once its connection is ready.
+    fn start_request_budget(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let ready =
+            slot.pipeline.is_ready() && slot.conn.as_ref().is_some_and(Connection::is_established);
+        if ready {
+            slot.connect_deadline = None;
+            if let (None, Some(budget)) = (slot.request_deadline, self.opts.request_budget) {
+                slot.request_deadline = Instant::now().checked_add(budget);
             }
         }
-        slot.writable = conn.is_connected();
-        slot.sent = false;
-        slot.generation += 1;
-        slot.connect_deadline = (!conn.is_ready())
-            .then(|| Instant::now().checked_add(slot.host.connect_timeout))
-            .flatten();
-        slot.conn = Some(conn);
     }
 
     /// Queues `cmd` for host `id`; `waiter` gets its reply or failure.
     pub(crate) fn enqueue(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter) {
         let effect = ConnEffect::of(cmd);
-        if effect == ConnEffect::Refused {
+        if let ConnEffect::Refused(reason) = effect {
             let e = Error::Unsupported {
                 command: cmd.display_name().into(),
-                reason: "it turns the connection into a push stream (pub/sub, MONITOR), which rb's pipelines do not support".into(),
+                reason: reason.into(),
             };
             return self.refuse(&waiter, cmd, None, e);
         }
@@ -327,48 +283,23 @@ impl Session {
             Ok(i) => i,
             Err(e) => return self.refuse(&waiter, cmd, None, e),
         };
-        if let Some(e) = self.slots[i].failed.clone() {
-            let host = self.slots[i].host.clone();
-            return self.refuse(&waiter, cmd, Some(host.name()), e);
-        }
         if !self.slots[i].is_active() {
             self.wait_for_capacity();
         }
         self.ensure_connection(i);
         if let Some(e) = self.slots[i].failed.clone() {
-            let host = self.slots[i].host.clone();
-            return self.refuse(&waiter, cmd, Some(host.name()), e);
+            let name = self.slots[i].name().clone();
+            return self.refuse(&waiter, cmd, Some(&name), e);
         }
+        let auto_batch = self.opts.auto_batch;
+        let max_batch = self.opts.max_batch;
         let slot = &mut self.slots[i];
         if effect == ConnEffect::Dirty {
             slot.dirty = true;
         }
-        match BatchKind::of(cmd).filter(|_| self.opts.auto_batch) {
-            Some(kind) => {
-                if !slot.batcher.accepts(kind) {
-                    if let Some(expect) = slot.batcher.flush(&mut slot.out) {
-                        slot.expects.push_back(expect);
-                    }
-                }
-                slot.batcher.push(kind, cmd, waiter);
-                if slot.batcher.len() >= self.opts.max_batch {
-                    if let Some(expect) = slot.batcher.flush(&mut slot.out) {
-                        slot.expects.push_back(expect);
-                    }
-                }
-            }
-            None => {
-                if let Some(expect) = slot.batcher.flush(&mut slot.out) {
-                    slot.expects.push_back(expect);
-                }
-                cmd.write_packed(&mut slot.out);
-                slot.expects.push_back(Expect::One {
-                    name: CmdName::of(cmd.name()),
-                    waiter,
-                });
-            }
-        }
-        if slot.out.len() >= slot.next_flush {
+        let batch = BatchKind::of(cmd).filter(|_| auto_batch);
+        slot.pipeline.push(cmd, waiter, batch, max_batch);
+        if slot.pipeline.wants_early_write() {
             // Send while the caller is still enqueuing, and take in what
             // the servers have answered so far: once per threshold's worth
             // of new bytes, so a socket that is full costs no extra syscalls.
@@ -376,13 +307,12 @@ impl Session {
                 self.write_slot(i);
             }
             self.pump(Some(Duration::ZERO));
-            let slot = &mut self.slots[i];
-            slot.next_flush = slot.out.len() + WRITE_THRESHOLD;
+            self.slots[i].pipeline.flushed_early();
         }
     }
 
     /// Rejects a request that cannot be queued.
-    fn refuse(&self, waiter: &Waiter, cmd: &Cmd, host: Option<&crate::error::HostName>, e: Error) {
+    fn refuse(&self, waiter: &Waiter, cmd: &Cmd, host: Option<&HostName>, e: Error) {
         let name = CmdName::of(cmd.name());
         let ctx = ReplyContext {
             host,
@@ -413,14 +343,12 @@ impl Session {
     fn drive(&mut self, done: impl Fn(&Session) -> bool) {
         loop {
             for i in 0..self.slots.len() {
-                let slot = &mut self.slots[i];
-                if let Some(expect) = slot.batcher.flush(&mut slot.out) {
-                    slot.expects.push_back(expect);
-                }
-                if slot.written < slot.out.len() && slot.writable {
+                self.slots[i].pipeline.flush_batch();
+                if self.slots[i].writable {
                     self.write_slot(i);
                 }
             }
+            self.release_idle();
             if done(self) {
                 return;
             }
@@ -430,28 +358,41 @@ impl Session {
                 continue;
             }
             let mut wake = self.opts.deadline;
+            let mut more_to_read = false;
             for slot in &self.slots {
-                if let (Some(d), true) = (slot.connect_deadline, slot.conn.is_some()) {
-                    wake = Some(wake.map_or(d, |w| w.min(d)));
+                if slot.conn.is_some() {
+                    for d in [slot.connect_deadline, slot.request_deadline]
+                        .into_iter()
+                        .flatten()
+                    {
+                        wake = Some(wake.map_or(d, |w| w.min(d)));
+                    }
+                    more_to_read |= slot.more_to_read;
                 }
             }
-            let timeout = wake.map(|w| w.saturating_duration_since(now));
+            let timeout = if more_to_read {
+                Some(Duration::ZERO)
+            } else {
+                wake.map(|w| w.saturating_duration_since(now))
+            };
             self.pump(timeout);
-            self.expire_connects();
+            self.expire_hosts();
         }
     }
 
-    /// Polls once (up to `timeout`) and handles what is ready.
+    /// Polls once (up to `timeout`) and handles what is ready, and the
+    /// hosts whose last read turn left bytes unread.
     fn pump(&mut self, timeout: Option<Duration>) {
         let Some((poll, events)) = self.poll.as_mut() else {
             return;
         };
         if let Err(e) = poll.poll(events, timeout) {
             if e.kind() != std::io::ErrorKind::Interrupted {
-                // A broken poll leaves no way to make progress: fail all.
-                let err = poll_error(&e, "poll failed");
+                // A broken poll leaves no way to make progress: fail every
+                // host, each error naming its own.
                 for i in 0..self.slots.len() {
-                    self.fail_slot(i, err.clone());
+                    let err = poll_error(self.slots[i].name(), &e, "poll failed");
+                    self.fail_slot(i, err);
                 }
             }
             return;
@@ -461,6 +402,11 @@ impl Session {
             let readable = event.is_readable() || event.is_read_closed() || event.is_error();
             let writable = event.is_writable() || event.is_write_closed() || event.is_error();
             self.ready.push((event.token().0, readable, writable));
+        }
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.more_to_read && !self.ready.iter().any(|r| r.0 == i) {
+                self.ready.push((i, true, false));
+            }
         }
         let ready = std::mem::take(&mut self.ready);
         for &(i, readable, writable) in &ready {
@@ -472,14 +418,13 @@ impl Session {
             }
             if readable {
                 self.read_slot(i);
-                let slot = &mut self.slots[i];
-                if slot.conn.as_ref().is_some_and(|c| c.is_ready()) {
-                    slot.connect_deadline = None;
-                }
                 // Reading TLS records can leave records to send (handshake
-                // steps), and the socket may stay writable with no new event.
+                // steps), and a finished Redis handshake releases the held
+                // requests: write while the socket may stay writable.
                 let slot = &self.slots[i];
-                if slot.conn.as_ref().is_some_and(|c| c.wants_write()) {
+                let wants = slot.conn.as_ref().is_some_and(|c| c.wants_write())
+                    || (slot.writable && !slot.pipeline.output().is_empty());
+                if wants {
                     self.write_slot(i);
                 }
             }
@@ -489,20 +434,33 @@ impl Session {
 
     fn on_writable(&mut self, i: usize) {
         let slot = &mut self.slots[i];
+        let name = slot.pipeline.name().clone();
         let Some(conn) = slot.conn.as_mut() else {
             return;
         };
         match conn.finish_connect() {
             Ok(true) => {
-                // The connect budget also covers the TLS and Redis
-                // handshakes: it ends once the connection is ready.
-                if conn.is_ready() {
-                    slot.connect_deadline = None;
-                }
                 slot.writable = true;
                 self.write_slot(i);
             }
-            Ok(false) => {}
+            Ok(false) => {
+                if conn.needs_register() {
+                    // The next address's connect started on a new socket.
+                    let registered = match self.poll.as_ref() {
+                        Some((poll, _)) => conn
+                            .register(poll.registry(), Token(i))
+                            .map_err(|e| io_error(&name, &e)),
+                        None => Err(poll_error(
+                            &name,
+                            &std::io::ErrorKind::Other.into(),
+                            "no poll",
+                        )),
+                    };
+                    if let Err(e) = registered {
+                        self.fail_slot(i, e);
+                    }
+                }
+            }
             Err(e) => self.fail_slot(i, e),
         }
     }
@@ -515,122 +473,159 @@ impl Session {
         if !conn.is_connected() {
             return;
         }
-        let before = slot.written;
-        let result = conn.write_from(&slot.out, &mut slot.written);
-        if slot.written > before {
-            slot.sent = true;
-        }
-        match result {
-            Ok(true) => {
-                slot.writable = true;
-                if slot.written == slot.out.len() {
-                    slot.written = 0;
-                    slot.next_flush = WRITE_THRESHOLD;
-                    // Kept for the rest of the session (it would only grow
-                    // again); released with the session.
-                    slot.out.clear();
+        let mut result = Ok(());
+        loop {
+            let out = slot.pipeline.output();
+            if out.is_empty() {
+                break;
+            }
+            match conn.write(out) {
+                Ok(n) => slot.pipeline.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    slot.writable = false;
+                    return;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
                 }
             }
+        }
+        let result = result.and_then(|()| conn.flush());
+        match result {
+            Ok(true) => slot.writable = true,
             Ok(false) => slot.writable = false,
             Err(e) => {
-                // Replies that arrived before the failure still count.
-                let generation = self.slots[i].generation;
-                self.read_slot(i);
-                let slot = &self.slots[i];
-                if slot.conn.is_some() && slot.generation == generation {
-                    self.fail_slot(i, e);
-                }
+                // Replies that arrived before the failure still count; the
+                // real cause is the write's, unless the read saw one.
+                let e = io_error(slot.name(), &e);
+                self.read_slot_then_fail(i, e);
             }
+        }
+    }
+
+    /// Reads what arrived before a write failed, then fails the slot with
+    /// the read's error when it saw one (a reset), else the write's.
+    fn read_slot_then_fail(&mut self, i: usize, write_error: Error) {
+        let error = match self.read_turn(i) {
+            Err(e) if !matches!(&e, Error::Connection { kind, .. } if *kind == std::io::ErrorKind::UnexpectedEof) => {
+                e
+            }
+            _ => write_error,
+        };
+        if self.slots[i].conn.is_some() {
+            self.fail_slot(i, error);
         }
     }
 
     fn read_slot(&mut self, i: usize) {
-        let slot = &mut self.slots[i];
-        let Slot {
-            conn,
-            expects,
-            host,
-            batcher,
-            ..
-        } = slot;
-        let Some(conn) = conn.as_mut() else {
-            return;
-        };
-        let mut delivery = Delivery {
-            expects,
-            batcher,
-            host: host.name(),
-            failures: &self.failures,
-            broken: None,
-        };
-        let result = conn.read_replies(&mut delivery);
-        if let Some(e) = delivery.broken {
-            // The reply stream is out of step with the requests: nothing
-            // after this point can be trusted, so the connection goes.
-            self.slots[i].retried = true;
-            return self.fail_slot(i, e);
-        }
-        if let Err(e) = result {
+        if let Err(e) = self.read_turn(i) {
             self.fail_slot(i, e);
         }
+        self.start_request_budget(i);
+    }
+
+    /// Reads up to [`READ_STEPS_PER_TURN`] bounded steps from slot `i`,
+    /// handing replies to their waiters as they complete.
+    fn read_turn(&mut self, i: usize) -> Result<()> {
+        let Slot {
+            pipeline,
+            conn,
+            more_to_read,
+            retried,
+            ..
+        } = &mut self.slots[i];
+        let Some(conn) = conn.as_mut() else {
+            return Ok(());
+        };
+        *more_to_read = false;
+        // A stream out of step (or past a limit) cannot be trusted: no
+        // transparent retry for it.
+        let mut out_of_step = |e: Error| {
+            *retried = true;
+            e
+        };
+        for _ in 0..READ_STEPS_PER_TURN {
+            let read = conn.read(pipeline.read_buffer());
+            match read {
+                Ok(0) => {
+                    pipeline.receive(&self.failures).map_err(&mut out_of_step)?;
+                    return Err(closed_error(pipeline.name()));
+                }
+                Ok(n) => {
+                    pipeline.filled(n);
+                    pipeline.receive(&self.failures).map_err(&mut out_of_step)?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(io_error(pipeline.name(), &e)),
+            }
+        }
+        *more_to_read = true;
+        Ok(())
     }
 
     /// Rejects everything outstanding on slot `i` and closes its
     /// connection, except for one transparent reconnect of a pooled
-    /// connection that failed before sending anything.
+    /// connection that failed before sending any byte of a request.
     fn fail_slot(&mut self, i: usize, mut error: Error) {
-        let registry = self.poll.as_ref().map(|(p, _)| p.registry());
         let slot = &mut self.slots[i];
         if let Some(mut conn) = slot.conn.take() {
-            if let Some(registry) = registry {
-                conn.deregister(registry);
+            if let Some((poll, _)) = self.poll.as_ref() {
+                conn.deregister(poll.registry());
             }
-            let stale = conn.reused && !slot.sent && !slot.retried;
+            let stale = conn.reused && !slot.pipeline.has_sent() && !slot.retried;
             let transport = matches!(error, Error::Connection { .. });
             drop(conn);
             if stale && transport {
                 slot.retried = true;
-                slot.written = 0;
-                let fresh = slot.pool.connect(&slot.host);
+                let fresh = slot.pool.connect(slot.pipeline.host());
                 match fresh {
                     Ok(c) => return self.install(i, Ok(c)),
                     Err(e) => error = e,
                 }
             }
         }
-        Self::reject_slot(&mut self.slots[i], error, &self.failures);
+        self.reject_slot(i, error);
     }
 
-    fn reject_slot(slot: &mut Slot, error: Error, failures: &RefCell<Option<Error>>) {
+    fn reject_slot(&mut self, i: usize, error: Error) {
+        let slot = &mut self.slots[i];
         slot.conn = None;
         slot.connect_deadline = None;
-        let host = slot.host.clone();
-        slot.batcher.fail(&error, Some(host.name()), failures);
-        for expect in slot.expects.drain(..) {
-            expect.fail(&error, Some(host.name()), failures);
-        }
-        slot.out.clear();
-        slot.written = 0;
+        slot.request_deadline = None;
+        slot.more_to_read = false;
+        slot.pipeline.fail(&error, &self.failures);
         slot.failed = Some(error);
     }
 
-    /// Fails hosts whose connect budget ran out.
-    fn expire_connects(&mut self) {
+    /// Fails hosts whose connect or request budget ran out.
+    fn expire_hosts(&mut self) {
         let now = Instant::now();
         for i in 0..self.slots.len() {
             let slot = &self.slots[i];
-            let late = slot.connect_deadline.is_some_and(|d| now >= d)
-                && slot.conn.as_ref().is_some_and(|c| !c.is_ready());
-            if late {
-                let e = Error::Timeout {
-                    host: slot.host.name().clone(),
-                    phase: Phase::Connect,
-                    budget: slot.host.connect_timeout,
-                    command: None,
-                };
-                self.slots[i].retried = true;
-                self.fail_slot(i, e);
+            if slot.conn.is_none() {
+                continue;
             }
+            let host = slot.pipeline.host();
+            let e = if slot.connect_deadline.is_some_and(|d| now >= d) {
+                Error::Timeout {
+                    host: host.name().clone(),
+                    phase: Phase::Connect,
+                    budget: host.connect_timeout,
+                    command: None,
+                }
+            } else if slot.request_deadline.is_some_and(|d| now >= d) && slot.is_active() {
+                Error::Timeout {
+                    host: host.name().clone(),
+                    phase: slot.pipeline.phase(),
+                    budget: self.opts.request_budget.unwrap_or_default(),
+                    command: None,
+                }
+            } else {
+                continue;
+            };
+            self.slots[i].retried = true;
+            self.fail_slot(i, e);
         }
     }
 
@@ -643,13 +638,11 @@ impl Session {
                 continue;
             }
             let phase = match &slot.conn {
-                Some(c) if !c.is_connected() => Phase::Connect,
-                Some(_) if slot.written < slot.out.len() || slot.batcher.len() > 0 => Phase::Write,
-                Some(_) => Phase::Read,
-                None => Phase::Connect,
+                Some(c) if c.is_established() => slot.pipeline.phase(),
+                _ => Phase::Connect,
             };
             let e = Error::Timeout {
-                host: slot.host.name().clone(),
+                host: slot.name().clone(),
                 phase,
                 budget,
                 command: None,
@@ -659,25 +652,49 @@ impl Session {
         }
     }
 
+    /// Gives the connections of hosts with nothing outstanding back to
+    /// their pools (as Python rb does), so other threads can use them; a
+    /// later request to the host checks one out again.
+    fn release_idle(&mut self) {
+        for i in 0..self.slots.len() {
+            let slot = &self.slots[i];
+            if slot.conn.is_some() && !slot.dirty && slot.pipeline.is_idle() {
+                self.release_slot(i);
+            }
+        }
+    }
+
+    /// Slot `i`'s connection goes back to its pool when it is clean, else
+    /// it is closed.
+    fn release_slot(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let Some(mut conn) = slot.conn.take() else {
+            return;
+        };
+        if let Some((poll, _)) = self.poll.as_ref() {
+            conn.deregister(poll.registry());
+        }
+        let clean = slot.failed.is_none()
+            && !slot.dirty
+            && slot.pipeline.is_idle()
+            && conn.is_established();
+        conn.spare = slot.pipeline.connection_ended();
+        slot.connect_deadline = None;
+        slot.request_deadline = None;
+        slot.more_to_read = false;
+        slot.retried = false;
+        if clean {
+            conn.ready = true;
+            conn.reused = false;
+            slot.pool.checkin(conn);
+        }
+    }
+
     /// Ends the session: healthy connections go back to their pools, the
     /// rest are closed. Returns the first failure.
     pub(crate) fn finish(mut self) -> Option<Error> {
-        self.release();
-        self.failures.borrow_mut().take()
-    }
-
-    fn release(&mut self) {
-        let registry = self.poll.as_ref().map(|(p, _)| p.registry());
-        for slot in &mut self.slots {
-            let clean = slot.is_clean() && !slot.dirty;
-            if let Some(mut conn) = slot.conn.take() {
-                if let Some(registry) = registry {
-                    conn.deregister(registry);
-                }
-                if clean && conn.is_ready() {
-                    slot.pool.checkin(conn);
-                }
-            }
+        for i in 0..self.slots.len() {
+            self.release_slot(i);
         }
         self.slots.clear();
         if let Some(poll) = self.poll.take() {
@@ -689,6 +706,17 @@ impl Session {
                 }
             });
         }
+        self.failures.borrow_mut().take()
+    }
+}
+
+/// A failure of the poll itself, reported against each host it stops.
+fn poll_error(host: &HostName, e: &std::io::Error, what: &str) -> Error {
+    Error::Connection {
+        host: host.clone(),
+        command: None,
+        kind: e.kind(),
+        reason: format!("{what}: {e}").into(),
     }
 }
 
@@ -697,14 +725,10 @@ impl Drop for Session {
     /// closes its connections instead of pooling them: their state is
     /// unknown.
     fn drop(&mut self) {
-        if self.slots.is_empty() {
-            return;
-        }
-        let registry = self.poll.as_ref().map(|(p, _)| p.registry());
         for slot in &mut self.slots {
             if let Some(mut conn) = slot.conn.take() {
-                if let Some(registry) = registry {
-                    conn.deregister(registry);
+                if let Some((poll, _)) = self.poll.as_ref() {
+                    conn.deregister(poll.registry());
                 }
             }
         }

@@ -21,7 +21,6 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
-mod batch;
 pub mod client;
 pub mod cluster;
 pub mod cmd;
@@ -33,6 +32,8 @@ pub mod digest;
 pub mod error;
 mod event_loop;
 pub mod keyspec;
+mod multikey;
+mod pipeline;
 pub mod promise;
 pub mod resp;
 pub mod router;

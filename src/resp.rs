@@ -20,7 +20,7 @@
 use crate::error::{Error, Result};
 
 mod split;
-use split::plain_bulk_or_nil;
+pub(crate) use split::plain_bulk_or_nil;
 pub use split::{Frame, ReplyStream};
 
 /// Longest bulk string accepted: 512 MiB, Redis' default `proto-max-bulk-len`.
@@ -274,21 +274,33 @@ impl ItoaBuf {
 /// assert!(decode(b"$-5\r\n").is_err());
 /// ```
 pub fn decode(buf: &[u8]) -> Result<Option<(Value, usize)>> {
-    let mut pos = 0;
-    Ok(build_at(buf, &mut pos, 0)?.map(|v| (v, pos)))
+    let (mut pos, mut budget) = (0, u64::MAX);
+    Ok(build_at(buf, &mut pos, 0, &mut budget)?.map(|v| (v, pos)))
 }
 
 /// A streaming decoder: feed it the connection's read buffer after each read.
 ///
 /// It remembers how far into the current reply it has checked, so the bytes
 /// of a large reply are scanned once however many reads it takes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decoder {
     scanner: Scanner,
     /// Aggregates already open around the replies this decoder reads: 1
     /// for the elements of a split array, so the nesting limit counts the
     /// array they came in.
     outer_depth: usize,
+    /// Most elements one reply may hold, nested ones included.
+    max_elements: u64,
+}
+
+impl Default for Decoder {
+    fn default() -> Decoder {
+        Decoder {
+            scanner: Scanner::default(),
+            outer_depth: 0,
+            max_elements: u64::MAX,
+        }
+    }
 }
 
 impl Decoder {
@@ -306,6 +318,20 @@ impl Decoder {
         }
     }
 
+    /// Refuses replies of more than `max` elements, nested ones included,
+    /// as soon as a header announces them (nothing is allocated for them).
+    pub(crate) fn with_max_elements(mut self, max: usize) -> Decoder {
+        self.max_elements = max as u64;
+        self
+    }
+
+    /// The bytes the reply being decoded needs in all, as far as its headers
+    /// tell so far (at least what was passed last time, plus one): a reader
+    /// grows its buffer to this, not by doubling past it.
+    pub(crate) fn need(&self) -> usize {
+        self.scanner.need
+    }
+
     /// Decodes the reply at the front of `buf`, which must begin where the
     /// previous complete reply ended and hold at least the bytes passed
     /// before (a read buffer that is only appended to between calls).
@@ -314,17 +340,19 @@ impl Decoder {
         if fresh {
             // The usual case: the whole reply is there, build it in one pass.
             let mut pos = 0;
-            if let Some(v) = build_at(buf, &mut pos, self.outer_depth)? {
+            let mut budget = self.max_elements;
+            if let Some(v) = build_at(buf, &mut pos, self.outer_depth, &mut budget)? {
                 return Ok(Some((v, pos)));
             }
         }
         // Incomplete: scan (without allocating) and remember how far, so the
         // next read resumes there instead of starting over.
-        match self.scanner.scan(buf, self.outer_depth) {
+        match self.scanner.scan(buf, self.outer_depth, self.max_elements) {
             Ok(Some(len)) => {
                 self.scanner.reset();
                 let mut pos = 0;
-                match build_at(&buf[..len], &mut pos, self.outer_depth)? {
+                let mut budget = self.max_elements;
+                match build_at(&buf[..len], &mut pos, self.outer_depth, &mut budget)? {
                     Some(v) if pos == len => Ok(Some((v, len))),
                     _ => Err(Error::protocol("frame length mismatch")),
                 }
@@ -355,6 +383,10 @@ struct Scanner {
     pos: usize,
     /// Elements still expected by each open aggregate, innermost last.
     open: Vec<u64>,
+    /// Elements announced by the frame's headers so far.
+    elements: u64,
+    /// Bytes the frame needs in all, as far as its headers tell.
+    need: usize,
 }
 
 /// What one header line says.
@@ -372,18 +404,28 @@ impl Scanner {
     fn reset(&mut self) {
         self.pos = 0;
         self.open.clear();
+        self.elements = 0;
+        self.need = 0;
     }
 
     /// `Ok(Some(len))` once the frame at the front of `buf` is whole.
-    /// `outer` aggregates are open around the frame (see [`Decoder`]).
-    fn scan(&mut self, buf: &[u8], outer: usize) -> Result<Option<usize>> {
+    /// `outer` aggregates are open around the frame (see [`Decoder`]); at
+    /// most `max_elements` elements may be announced in it.
+    fn scan(&mut self, buf: &[u8], outer: usize, max_elements: u64) -> Result<Option<usize>> {
         loop {
             let head = match scan_one(buf, self.pos)? {
                 Some(head) => head,
-                None => return Ok(None),
+                None => {
+                    self.need = blob_need(buf, self.pos).max(buf.len() + 1);
+                    return Ok(None);
+                }
             };
             match head {
                 Head::Open(count, end) if count > 0 => {
+                    self.elements = self.elements.saturating_add(count);
+                    if self.elements > max_elements {
+                        return Err(too_many_elements(max_elements));
+                    }
                     if outer + self.open.len() >= MAX_DEPTH {
                         return Err(Error::protocol(format!(
                             "aggregates nested deeper than {MAX_DEPTH}"
@@ -410,6 +452,23 @@ impl Scanner {
                 }
             }
         }
+    }
+}
+
+fn too_many_elements(max: u64) -> Error {
+    Error::protocol(format!(
+        "reply of more than {max} elements (the host's max_reply_elements)"
+    ))
+}
+
+/// Where the bulk-like frame at `pos` ends, when its header is whole
+/// (0 otherwise): what a reader must hold to finish it.
+fn blob_need(buf: &[u8], pos: usize) -> usize {
+    match (buf.get(pos), number_line(buf, pos + 1)) {
+        (Some(b'$' | b'!' | b'='), Ok(Some((n, body)))) if n >= 0 => {
+            body.saturating_add(n as usize).saturating_add(2)
+        }
+        _ => 0,
     }
 }
 
@@ -637,7 +696,8 @@ fn check_big_number(text: &[u8]) -> Result<()> {
 /// Allocations are bounded by the bytes present: an aggregate's capacity
 /// by the bytes after its header, a bulk string's by its bytes, which are
 /// only copied once all there.
-fn build_at(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<Value>> {
+/// `budget` is the elements the reply may still announce.
+fn build_at(buf: &[u8], pos: &mut usize, depth: usize, budget: &mut u64) -> Result<Option<Value>> {
     if let Some((value, end)) = plain_bulk(buf, *pos) {
         *pos = end;
         return Ok(Some(value));
@@ -662,12 +722,17 @@ fn build_at(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<Value>> 
                     "aggregates nested deeper than {MAX_DEPTH}"
                 )));
             }
+            *budget = budget.checked_sub(count).ok_or_else(|| {
+                Error::protocol(format!(
+                    "reply announces {count} elements, past the host's max_reply_elements"
+                ))
+            })?;
             let room = (buf.len() - end) / 3;
             *pos = end;
             let mut items: Vec<Value> =
                 Vec::with_capacity(usize::try_from(count).unwrap_or(usize::MAX).min(room));
             for _ in 0..count {
-                match build_at(buf, pos, depth + 1)? {
+                match build_at(buf, pos, depth + 1, budget)? {
                     Some(v) => items.push(v),
                     None => return Ok(None),
                 }

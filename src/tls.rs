@@ -140,7 +140,10 @@ impl TlsStream {
     /// what it can.
     pub(crate) fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.tls.writer().write(buf)?;
-        self.flush()?;
+        // Taken is sent: once rustls holds the bytes, they may reach the
+        // server, so they must not be resent on another connection. A
+        // socket failure now shows on the next flush.
+        let _ = self.flush();
         Ok(n)
     }
 

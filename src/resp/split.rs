@@ -69,6 +69,8 @@ pub struct ReplyStream {
     elements: Decoder,
     /// Elements still to come of the array being split.
     split_left: usize,
+    /// Most elements of one reply (see [`Decoder::with_max_elements`]).
+    max_elements: usize,
 }
 
 impl Default for ReplyStream {
@@ -84,7 +86,39 @@ impl ReplyStream {
             decoder: Decoder::new(),
             elements: Decoder::for_elements(),
             split_left: 0,
+            max_elements: usize::MAX,
         }
+    }
+
+    /// A stream refusing replies of more than `max` elements, nested ones
+    /// included, as soon as a header announces them.
+    pub(crate) fn with_max_elements(max: usize) -> ReplyStream {
+        ReplyStream {
+            decoder: Decoder::new().with_max_elements(max),
+            elements: Decoder::for_elements().with_max_elements(max),
+            split_left: 0,
+            max_elements: max,
+        }
+    }
+
+    /// The bytes the frame being decoded needs in all, from its first byte,
+    /// as far as its headers tell (see [`Decoder::need`]).
+    pub(crate) fn need(&self) -> usize {
+        if self.split_left > 0 {
+            self.elements.need()
+        } else {
+            self.decoder.need()
+        }
+    }
+
+    /// Forgets a reply part-way decoded (its bytes were taken elsewhere).
+    pub(crate) fn reset(&mut self) {
+        self.decoder.reset();
+    }
+
+    /// Inside a split array: its elements are handed over one by one.
+    pub(crate) fn is_splitting(&self) -> bool {
+        self.split_left > 0
     }
 
     /// Whether the stream is inside a reply (a split array, or a reply
@@ -113,7 +147,7 @@ impl ReplyStream {
         if let (Some(n), true) = (split, self.decoder.is_fresh()) {
             match array_head(buf) {
                 ArrayHead::Incomplete => return Ok(None),
-                ArrayHead::Count(count, used) if count == n && n > 0 => {
+                ArrayHead::Count(count, used) if count == n && n > 0 && n <= self.max_elements => {
                     self.split_left = n;
                     return Ok(Some((Frame::Split { count: n }, used)));
                 }
@@ -192,7 +226,7 @@ fn array_head(buf: &[u8]) -> ArrayHead {
 /// anything else, complete or not, which the general path decodes and
 /// validates. Accepts only what the general path decodes the same way.
 #[inline]
-pub(super) fn plain_bulk_or_nil(buf: &[u8]) -> Option<(Option<&[u8]>, usize)> {
+pub(crate) fn plain_bulk_or_nil(buf: &[u8]) -> Option<(Option<&[u8]>, usize)> {
     if buf.first() != Some(&b'$') {
         return buf.starts_with(b"_\r\n").then_some((None, 3));
     }

@@ -1,0 +1,607 @@
+//! One host's request/reply accounting, sans I/O: what to write next, and
+//! which request each reply answers. Bytes in, bytes out, no sockets.
+//!
+//! The rules (DESIGN.md, "Sequencing rules"):
+//! - a reply answers exactly one request, in order; a reply that cannot be
+//!   the answer (none was due, or a merged `MGET` answered with another
+//!   shape) puts the stream out of step: [`Pipeline::receive`] fails, and
+//!   the caller closes the connection and rejects what was waiting;
+//! - a new connection's handshake (AUTH or HELLO, then SELECT) goes out
+//!   first, and requests are held until every handshake reply came back
+//!   good: a failed AUTH or SELECT never lets a request run as another user
+//!   or in another database. Pooled connections skip it;
+//! - commands that do not answer exactly once (subscriptions, `MONITOR`,
+//!   `CLIENT REPLY OFF|SKIP`, replication) are refused before they are
+//!   queued ([`ConnEffect::Refused`]); RESP3 pushes are out of band and
+//!   dropped, since no command that rb sends is answered by one;
+//! - reads come in bounded steps ([`Pipeline::read_buffer`]), and the read
+//!   buffer grows to what the pending reply needs, never by doubling past
+//!   it; a reply past the host's `max_reply_bytes` or `max_reply_elements`
+//!   is refused.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::cmd::{cmd, Cmd, Common};
+use crate::config::{HostInfo, Protocol};
+use crate::error::{Error, HostName, Phase, Result};
+use crate::resp::plain_bulk_or_nil;
+use crate::resp::{Frame, ReplyStream, Value};
+
+mod batch;
+use batch::Batcher;
+pub(crate) use batch::{BatchKind, CmdName, Element, Expect, Waiter};
+
+/// Buffered request bytes past which they are written while the caller is
+/// still enqueuing.
+pub(crate) const WRITE_THRESHOLD: usize = 64 * 1024;
+/// The read buffer's first size, and the least it asks a read for.
+const READ_CHUNK: usize = 64 * 1024;
+/// Most bytes one read step takes, so deadlines are checked between steps
+/// even while a peer sends at full speed.
+pub(crate) const READ_STEP: usize = 256 * 1024;
+/// A read buffer grown past this for one huge reply is given back after.
+const KEEP_READ_BUFFER: usize = 1024 * 1024;
+
+/// A connection's handshake: its bytes, and the replies still to check.
+#[derive(Default)]
+struct Handshake {
+    bytes: Vec<u8>,
+    written: usize,
+    /// The handshake commands whose replies are still to come, in order.
+    waiting: VecDeque<&'static str>,
+}
+
+impl Handshake {
+    /// AUTH (or HELLO 3 with AUTH) and SELECT, as the host needs them.
+    fn for_host(host: &HostInfo) -> Handshake {
+        let mut hs = Handshake::default();
+        let mut push = |c: Cmd, name: &'static str| {
+            c.write_packed(&mut hs.bytes);
+            hs.waiting.push_back(name);
+        };
+        match host.protocol {
+            Protocol::Resp3 => {
+                let mut hello = cmd("HELLO").arg(3);
+                if let Some(password) = &host.password {
+                    let user = host.username.as_deref().unwrap_or("default");
+                    hello = hello.arg("AUTH").arg(user).arg(password);
+                }
+                push(hello, "HELLO");
+            }
+            Protocol::Resp2 => {
+                if let Some(password) = &host.password {
+                    let auth = match &host.username {
+                        Some(user) => cmd("AUTH").arg(user).arg(password),
+                        None => cmd("AUTH").arg(password),
+                    };
+                    push(auth, "AUTH");
+                }
+            }
+        }
+        if host.db != 0 {
+            push(cmd("SELECT").arg(host.db), "SELECT");
+        }
+        hs
+    }
+
+    fn unwritten(&self) -> &[u8] {
+        &self.bytes[self.written..]
+    }
+
+    fn is_done(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+/// One host's requests and replies on its current connection.
+pub(crate) struct Pipeline {
+    host: Arc<HostInfo>,
+    /// Encoded requests; `out[written..]` is not yet sent.
+    out: Vec<u8>,
+    written: usize,
+    /// `out.len()` at which the next write-while-enqueuing happens.
+    next_flush: usize,
+    batcher: Batcher,
+    /// What each reply still to come answers, in order.
+    expects: VecDeque<Expect>,
+    handshake: Handshake,
+    /// Read buffer: `rbuf[rstart..rend]` holds bytes not yet decoded.
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    replies: ReplyStream,
+    /// Bytes of the reply being decoded already handed over (the elements
+    /// of a split `MGET` reply), for `max_reply_bytes`.
+    reply_taken: usize,
+    /// Some byte of a request went out on the current connection.
+    sent: bool,
+}
+
+impl Pipeline {
+    /// An empty pipeline for `host`; [`Pipeline::connection_started`] says
+    /// whether its connection needs the handshake.
+    pub(crate) fn new(host: Arc<HostInfo>) -> Pipeline {
+        let replies = ReplyStream::with_max_elements(host.max_reply_elements);
+        Pipeline {
+            host,
+            out: Vec::new(),
+            written: 0,
+            next_flush: WRITE_THRESHOLD,
+            batcher: Batcher::default(),
+            expects: VecDeque::new(),
+            handshake: Handshake::default(),
+            rbuf: Vec::new(),
+            rstart: 0,
+            rend: 0,
+            replies,
+            reply_taken: 0,
+            sent: false,
+        }
+    }
+
+    /// The host this pipeline talks to.
+    pub(crate) fn host(&self) -> &Arc<HostInfo> {
+        &self.host
+    }
+
+    /// How errors name the host.
+    pub(crate) fn name(&self) -> &HostName {
+        self.host.name()
+    }
+
+    /// A connection takes over: `fresh` ones get the handshake first.
+    /// Queued requests are (re)sent from their start, so this is only for
+    /// the first connection or one replacing a connection that sent no
+    /// byte of a request ([`Pipeline::has_sent`]). `rbuf` is a spare read
+    /// buffer (the connection's, when pooled).
+    pub(crate) fn connection_started(&mut self, fresh: bool, rbuf: Vec<u8>) {
+        debug_assert!(!self.sent, "requests were sent on the old connection");
+        self.written = 0;
+        self.sent = false;
+        self.handshake = if fresh {
+            Handshake::for_host(&self.host)
+        } else {
+            Handshake::default()
+        };
+        self.rbuf = rbuf;
+        self.rstart = 0;
+        self.rend = 0;
+        self.replies = ReplyStream::with_max_elements(self.host.max_reply_elements);
+        self.reply_taken = 0;
+    }
+
+    /// The connection goes (back to its pool, or closed): its read buffer,
+    /// emptied, to keep with it. Only a connection with nothing
+    /// outstanding ([`Pipeline::is_idle`]) may be pooled.
+    pub(crate) fn connection_ended(&mut self) -> Vec<u8> {
+        let mut rbuf = std::mem::take(&mut self.rbuf);
+        if rbuf.len() > KEEP_READ_BUFFER {
+            rbuf = Vec::new();
+        }
+        self.rstart = 0;
+        self.rend = 0;
+        self.sent = false;
+        self.handshake = Handshake::default();
+        rbuf
+    }
+
+    /// Queues `cmd`; `waiter` gets its reply or failure. `batch`: the
+    /// command may merge into an `MGET`/`MSET` of at most `max_batch` keys.
+    #[inline]
+    pub(crate) fn push(
+        &mut self,
+        cmd: &Cmd,
+        waiter: Waiter,
+        batch: Option<BatchKind>,
+        max_batch: usize,
+    ) {
+        match batch {
+            Some(kind) => {
+                if !self.batcher.accepts(kind) {
+                    self.flush_batch();
+                }
+                self.batcher.push(kind, cmd, waiter);
+                if self.batcher.len() >= max_batch {
+                    self.flush_batch();
+                }
+            }
+            None => {
+                self.flush_batch();
+                cmd.write_packed(&mut self.out);
+                self.expects.push_back(Expect::One {
+                    name: CmdName::of(cmd.name()),
+                    waiter,
+                });
+            }
+        }
+    }
+
+    /// Writes the batch being collected, if any, to the output.
+    pub(crate) fn flush_batch(&mut self) {
+        if let Some(expect) = self.batcher.flush(&mut self.out) {
+            self.expects.push_back(expect);
+        }
+    }
+
+    /// A threshold's worth of requests was queued since the last
+    /// write-while-enqueuing; [`Pipeline::flushed_early`] starts the next.
+    pub(crate) fn wants_early_write(&self) -> bool {
+        self.out.len() >= self.next_flush
+    }
+
+    /// See [`Pipeline::wants_early_write`].
+    pub(crate) fn flushed_early(&mut self) {
+        self.next_flush = self.out.len() + WRITE_THRESHOLD;
+    }
+
+    /// The bytes to write now: the handshake's first, then the requests,
+    /// which are held while handshake replies are still to come.
+    pub(crate) fn output(&self) -> &[u8] {
+        let handshake = self.handshake.unwritten();
+        if !handshake.is_empty() {
+            handshake
+        } else if !self.handshake.is_done() {
+            &[]
+        } else {
+            &self.out[self.written..]
+        }
+    }
+
+    /// `n` bytes of [`Pipeline::output`] were written.
+    pub(crate) fn advance(&mut self, n: usize) {
+        let to_handshake = n.min(self.handshake.unwritten().len());
+        self.handshake.written += to_handshake;
+        let n = n - to_handshake;
+        if n == 0 {
+            return;
+        }
+        self.sent = true;
+        self.written = (self.written + n).min(self.out.len());
+        if self.written == self.out.len() {
+            // Kept (it would only grow again); released with the pipeline.
+            self.out.clear();
+            self.written = 0;
+            self.next_flush = WRITE_THRESHOLD;
+        }
+    }
+
+    /// The handshake is done: written, and every reply came back good.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.handshake.is_done()
+    }
+
+    /// Some byte of a request went out on the current connection: from
+    /// now on a failure rejects the requests; they are never resent.
+    pub(crate) fn has_sent(&self) -> bool {
+        self.sent
+    }
+
+    /// Requests are queued, unsent or unanswered.
+    pub(crate) fn is_active(&self) -> bool {
+        !self.expects.is_empty() || self.batcher.len() > 0 || self.written < self.out.len()
+    }
+
+    /// Nothing is outstanding and no reply is part-way read: the
+    /// connection can serve someone else as it is.
+    pub(crate) fn is_idle(&self) -> bool {
+        !self.is_active()
+            && self.is_ready()
+            && self.rstart == self.rend
+            && !self.replies.is_mid_reply()
+    }
+
+    /// What a deadline passing now interrupts.
+    pub(crate) fn phase(&self) -> Phase {
+        if !self.is_ready() {
+            Phase::Connect
+        } else if self.written < self.out.len() || self.batcher.len() > 0 {
+            Phase::Write
+        } else {
+            Phase::Read
+        }
+    }
+
+    /// Where the next read goes: at most [`READ_STEP`] bytes, at least
+    /// one. The buffer grows to what the reply under way needs (as far as
+    /// its headers tell), at most doubling per step, so memory follows the
+    /// bytes that arrived and one huge bulk gets a buffer of its size, not
+    /// the next power of two.
+    pub(crate) fn read_buffer(&mut self) -> &mut [u8] {
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+        let pending = self.rend - self.rstart;
+        let want = self.replies.need().saturating_sub(pending).max(READ_CHUNK);
+        if self.rbuf.len() - self.rend < want {
+            if self.rstart > 0 {
+                self.rbuf.copy_within(self.rstart..self.rend, 0);
+                self.rend = pending;
+                self.rstart = 0;
+            }
+            let len = self.rbuf.len();
+            if len - self.rend < READ_CHUNK.min(want) || len < self.rend + want {
+                let target = (self.rend + want).min(len.saturating_mul(2).max(READ_CHUNK));
+                let target = target.max(self.rend + READ_CHUNK.min(want));
+                self.rbuf.reserve_exact(target - len);
+                self.rbuf.resize(target, 0);
+            }
+        }
+        let end = self.rbuf.len().min(self.rend + READ_STEP);
+        &mut self.rbuf[self.rend..end]
+    }
+
+    /// `n` bytes were read into [`Pipeline::read_buffer`].
+    pub(crate) fn filled(&mut self, n: usize) {
+        self.rend = (self.rend + n).min(self.rbuf.len());
+    }
+
+    /// Decodes what was read, handing each reply to its waiter(s).
+    ///
+    /// # Errors
+    ///
+    /// The stream cannot go on: a protocol error, a reply when none was
+    /// due or of the wrong shape, a failed handshake, or a reply past the
+    /// host's limits. Replies decoded before it were delivered; the caller
+    /// closes the connection and calls [`Pipeline::fail`].
+    pub(crate) fn receive(&mut self, failures: &RefCell<Option<Error>>) -> Result<()> {
+        let host = self.host.clone();
+        let name = host.name();
+        while self.rstart < self.rend {
+            let big = if self.rend - self.rstart > KEEP_READ_BUFFER && self.handshake.is_done() {
+                self.take_big_bulk()
+            } else {
+                None
+            };
+            let next = match big {
+                Some(value) => Some((Frame::Reply(Value::BulkString(value)), 0)),
+                None => {
+                    let split = if self.handshake.is_done() {
+                        self.expects.front().and_then(Expect::split_len)
+                    } else {
+                        None
+                    };
+                    self.replies
+                        .next(&self.rbuf[self.rstart..self.rend], split)
+                        .map_err(|e| e.with_context(name, ""))?
+                }
+            };
+            let Some((frame, used)) = next else {
+                break;
+            };
+            match frame {
+                Frame::Split { .. } => {}
+                Frame::Bulk { bytes, last } => deliver_element(
+                    &mut self.expects,
+                    &mut self.batcher,
+                    Element::Bulk(bytes),
+                    last,
+                    name,
+                    failures,
+                ),
+                Frame::Element { value, last } => deliver_element(
+                    &mut self.expects,
+                    &mut self.batcher,
+                    Element::Value(value),
+                    last,
+                    name,
+                    failures,
+                ),
+                Frame::Reply(value) => {
+                    if let Some(command) = self.handshake.waiting.pop_front() {
+                        if let Value::Error { code, message } = value {
+                            return Err(Error::Server {
+                                host: Some(name.clone()),
+                                command: command.into(),
+                                code: code.into(),
+                                message: message.into(),
+                            });
+                        }
+                    } else if matches!(value, Value::Push(_)) {
+                        // Out of band (client tracking, say): no request
+                        // that rb sends is answered by a push.
+                    } else {
+                        match self.expects.pop_front() {
+                            Some(expect) => {
+                                if let Some(e) = expect.deliver(value, name, failures) {
+                                    return Err(e);
+                                }
+                            }
+                            None => {
+                                return Err(Error::Protocol {
+                                    host: Some(name.clone()),
+                                    reason: format!(
+                                        "the server sent {} when no reply was due",
+                                        value.describe()
+                                    )
+                                    .into(),
+                                })
+                            }
+                        }
+                    }
+                }
+            }
+            self.rstart += used;
+            self.reply_taken = if self.replies.is_splitting() {
+                self.reply_taken + used
+            } else {
+                0
+            };
+        }
+        let pending = self.rend - self.rstart;
+        let reply_bytes = (self.reply_taken + pending).max(self.replies.need());
+        if reply_bytes > self.host.max_reply_bytes {
+            return Err(Error::Protocol {
+                host: Some(name.clone()),
+                reason: format!(
+                    "a reply of more than {} bytes (the host's max_reply_bytes)",
+                    self.host.max_reply_bytes
+                )
+                .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Rejects everything queued or outstanding with `error`, and forgets
+    /// the connection's state: the caller closes it.
+    pub(crate) fn fail(&mut self, error: &Error, failures: &RefCell<Option<Error>>) {
+        let host = self.host.clone();
+        self.batcher.fail(error, Some(host.name()), failures);
+        for expect in self.expects.drain(..) {
+            expect.fail(error, Some(host.name()), failures);
+        }
+        self.out.clear();
+        self.written = 0;
+        self.next_flush = WRITE_THRESHOLD;
+        self.handshake = Handshake::default();
+        self.rstart = 0;
+        self.rend = 0;
+        self.replies = ReplyStream::with_max_elements(self.host.max_reply_elements);
+        self.reply_taken = 0;
+        self.sent = false;
+    }
+
+    /// A whole bulk string of over a megabyte at the front of the buffer,
+    /// as a reply (not an `MGET` element): the read buffer itself becomes
+    /// the value, less its header, instead of copying it. The bytes after
+    /// it move to a new buffer. So one huge bulk costs its size in memory
+    /// once, not twice.
+    fn take_big_bulk(&mut self) -> Option<Vec<u8>> {
+        if self.replies.is_splitting() || self.expects.front().and_then(Expect::split_len).is_some()
+        {
+            return None;
+        }
+        let (Some(body), used) = plain_bulk_or_nil(&self.rbuf[self.rstart..self.rend])? else {
+            return None;
+        };
+        if body.len() <= KEEP_READ_BUFFER {
+            return None;
+        }
+        let header = used - body.len() - 2;
+        let end = self.rstart + used;
+        let tail = &self.rbuf[end..self.rend];
+        let mut next = vec![0u8; tail.len().max(READ_CHUNK)];
+        next[..tail.len()].copy_from_slice(tail);
+        let tail_len = tail.len();
+        let mut value = std::mem::replace(&mut self.rbuf, next);
+        value.truncate(end - 2);
+        value.drain(..self.rstart + header);
+        self.rstart = 0;
+        self.rend = tail_len;
+        self.replies.reset();
+        Some(value)
+    }
+}
+
+/// Hands the next element of a split `MGET` reply to its waiter; after the
+/// last one, the batch is done and its waiter list goes back for reuse.
+///
+/// Elements are handed over as they arrive, so when the connection fails
+/// part-way through such a reply (closed, timed out, a malformed element),
+/// the keys already answered keep their values and only the rest are
+/// rejected.
+#[inline]
+fn deliver_element(
+    expects: &mut VecDeque<Expect>,
+    batcher: &mut Batcher,
+    element: Element<'_>,
+    last: bool,
+    host: &HostName,
+    failures: &RefCell<Option<Error>>,
+) {
+    if let Some(expect) = expects.front_mut() {
+        expect.deliver_element(element, host, failures);
+    }
+    if last {
+        if let Some(waiters) = expects.pop_front().and_then(Expect::into_waiters) {
+            batcher.recycle(waiters);
+        }
+    }
+}
+
+/// What a command does to the connection it is sent on, beyond its reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnEffect {
+    /// Nothing: the connection can go back to the pool.
+    None,
+    /// It changes the connection's state (database, transaction, reply
+    /// mode, protocol, user): the connection is closed after use, never
+    /// pooled, so the next user gets a clean one.
+    Dirty,
+    /// It is not answered exactly once (subscriptions and their
+    /// unsubscribe replies, `MONITOR`, `CLIENT REPLY OFF|SKIP`, the
+    /// replication stream): replies would no longer match requests, so it
+    /// is refused.
+    Refused(&'static str),
+}
+
+impl ConnEffect {
+    /// The effect of `cmd` on its connection.
+    pub(crate) fn of(cmd: &Cmd) -> ConnEffect {
+        if cmd.common() != Common::Other {
+            return ConnEffect::None;
+        }
+        let name = cmd.name();
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        let sub_is = |n: &[u8]| cmd.arg_at(0).is_some_and(|s| s.eq_ignore_ascii_case(n));
+        const PUSH: &str = "its replies come as a push stream (pub/sub), not one per call, which rb's pipelines do not support";
+        // This runs for every command: the first letter rules most out.
+        let first = name.first().map_or(0, u8::to_ascii_uppercase);
+        let refused = match first {
+            b'S' if is(b"SUBSCRIBE") || is(b"SSUBSCRIBE") || is(b"SUNSUBSCRIBE") => Some(PUSH),
+            b'S' if is(b"SYNC") => Some("it turns the connection into a replication stream"),
+            b'P' if is(b"PSUBSCRIBE") || is(b"PUNSUBSCRIBE") => Some(PUSH),
+            b'P' if is(b"PSYNC") => Some("it turns the connection into a replication stream"),
+            b'U' if is(b"UNSUBSCRIBE") => Some(PUSH),
+            b'M' if is(b"MONITOR") => {
+                Some("it turns the connection into a stream of every command the server runs")
+            }
+            b'C' if is(b"CLIENT")
+                && sub_is(b"REPLY")
+                && cmd
+                    .arg_at(1)
+                    .is_some_and(|m| !m.eq_ignore_ascii_case(b"ON")) =>
+            {
+                Some("with replies off or skipped, later replies would answer the wrong requests")
+            }
+            _ => None,
+        };
+        if let Some(reason) = refused {
+            return ConnEffect::Refused(reason);
+        }
+        let dirty = match first {
+            b'A' => is(b"AUTH"),
+            b'C' => {
+                is(b"CLIENT")
+                    && [
+                        &b"REPLY"[..],
+                        b"TRACKING",
+                        b"CACHING",
+                        b"SETNAME",
+                        b"NO-EVICT",
+                        b"NO-TOUCH",
+                    ]
+                    .iter()
+                    .any(|s| sub_is(s))
+            }
+            b'D' => is(b"DISCARD"),
+            b'E' => is(b"EXEC"),
+            b'H' => is(b"HELLO"),
+            b'M' => is(b"MULTI"),
+            b'Q' => is(b"QUIT"),
+            b'R' => is(b"RESET") || is(b"READONLY") || is(b"READWRITE"),
+            b'S' => is(b"SELECT"),
+            b'U' => is(b"UNWATCH"),
+            b'W' => is(b"WATCH"),
+            _ => false,
+        };
+        if dirty {
+            ConnEffect::Dirty
+        } else {
+            ConnEffect::None
+        }
+    }
+}
