@@ -73,10 +73,23 @@ impl<'s> Dispatch<'s> {
     /// to hold it, then `EVALSHA`. A `NOSCRIPT` answer makes the cluster
     /// forget the pair, so the next call loads again.
     fn script<T: FromValue + 'static>(&mut self, host: HostId, call: &ScriptCall) -> Promise<T> {
+        self.script_loading(host, call, false)
+    }
+
+    /// [`Dispatch::script`]; with `always_load`, `SCRIPT LOAD` goes ahead
+    /// of the `EVALSHA` (once per host in this session) even where the
+    /// host is known to hold the script, so a script flushed since cannot
+    /// answer `NOSCRIPT` while the commands queued after it run.
+    fn script_loading<T: FromValue + 'static>(
+        &mut self,
+        host: HostId,
+        call: &ScriptCall,
+        always_load: bool,
+    ) -> Promise<T> {
         let memory = self.session.scripts().clone();
         let sha: Arc<str> = call.script.sha1().into();
         let key = (host, sha.clone());
-        if !memory.knows(host, &sha) && !self.loading.contains_key(&key) {
+        if (always_load || !memory.knows(host, &sha)) && !self.loading.contains_key(&key) {
             let load = cmd("SCRIPT").arg("LOAD").arg(call.script.source());
             let loaded: Promise<String> = self.send(host, &load);
             let (m, s) = (memory.clone(), sha.clone());
@@ -517,83 +530,58 @@ impl Execute for LocalClient {
     }
 }
 
-/// [`Cluster::execute_commands`]: see there.
+/// [`Cluster::execute_commands_with`]: see there.
 pub(crate) fn execute_commands<K, I>(
     cluster: &Cluster,
+    opts: MapOptions,
     mapping: I,
 ) -> Result<HashMap<K, Vec<Promise<Value>>>>
 where
     I: IntoIterator<Item = (K, Vec<Call>)>,
     K: ToArg + Eq + std::hash::Hash,
 {
+    let started = std::time::Instant::now();
     let router = cluster.router()?;
     let mut entries = Vec::new();
-    for (key, calls) in mapping {
-        let host = router.host_for_key(&crate::args::to_bytes(&key))?;
+    // The last call of each key's list(s): a script call before it keeps
+    // the list's order only if its script is loaded ahead, whatever the
+    // cluster remembers (a `SCRIPT FLUSH` or a restart since then would
+    // answer NOSCRIPT while the calls after it run).
+    let mut last_call: HashMap<Vec<u8>, (usize, usize)> = HashMap::new();
+    for (e, (key, calls)) in mapping.into_iter().enumerate() {
+        let key_bytes = crate::args::to_bytes(&key);
+        let host = router.host_for_key(&key_bytes)?;
+        if !calls.is_empty() {
+            last_call.insert(key_bytes, (e, calls.len() - 1));
+        }
         entries.push((key, host, calls));
     }
 
-    // 1. Which hosts lack which scripts: one SCRIPT EXISTS per host, for
-    //    the scripts the cluster does not already know to be there.
-    let mut unknown: std::collections::BTreeMap<HostId, Vec<Arc<str>>> = Default::default();
-    let memory = cluster.script_memory();
-    for (_, host, calls) in &entries {
-        for call in calls {
-            if let Call::Script(sc) = call {
-                let sha = sc.script.sha1();
-                let list = unknown.entry(*host).or_default();
-                if !memory.knows(*host, sha) && !list.iter().any(|s| &**s == sha) {
-                    list.push(sha.into());
-                }
-            }
-        }
-    }
-    unknown.retain(|_, shas| !shas.is_empty());
-    if !unknown.is_empty() {
-        let mut session = cluster.session(&MapOptions::default());
-        {
-            let mut d = Dispatch::new(&mut session, router.clone());
-            for (host, shas) in &unknown {
-                let exists: Promise<Vec<bool>> =
-                    d.send(*host, &cmd("SCRIPT").arg("EXISTS").args_from(shas.iter()));
-                let (memory, host, shas) = (memory.clone(), *host, shas.clone());
-                exists.done(
-                    move |found| {
-                        for (sha, there) in shas.iter().zip(found) {
-                            if *there {
-                                memory.remember(host, sha);
-                            }
-                        }
-                    },
-                    |_| {},
-                );
-            }
-        }
-        session.join();
-        // A host that failed here fails again below, in its promises.
-        let _ = session.finish();
-    }
-
-    // 2. Every list, in order, each on its key's host; scripts loaded first
-    //    where missing. Calls answered NOSCRIPT are kept for a retry.
+    // Every list, in order, each on its key's host; scripts loaded first
+    // where the host may lack them or where calls follow them. A script
+    // call answered NOSCRIPT can only be its key's last call: it is kept
+    // for a retry.
     type Retry = (HostId, ScriptCall, Promise<Value>);
     let retries: Rc<RefCell<Vec<Retry>>> = Rc::default();
+    let memory = cluster.script_memory();
     let mut out = HashMap::new();
-    let mut session = cluster.session(&MapOptions::default());
+    let mut session = cluster.session(&opts);
     {
         let mut d = Dispatch::new(&mut session, router.clone());
-        for (key, host, calls) in entries {
+        for (e, (key, host, calls)) in entries.into_iter().enumerate() {
+            let last = last_call.get(&crate::args::to_bytes(&key)).copied();
             let mut results = Vec::with_capacity(calls.len());
-            for call in calls {
+            for (c, call) in calls.into_iter().enumerate() {
                 let result = Promise::new();
                 match call {
-                    Call::Cmd(c) => {
-                        let p: Promise<Value> = d.send(host, &c);
+                    Call::Cmd(cmd) => {
+                        let p: Promise<Value> = d.send(host, &cmd);
                         let r = result.clone();
                         p.on_result(move |v| r.settle(v));
                     }
                     Call::Script(sc) => {
-                        let p: Promise<Value> = d.script(host, &sc);
+                        let followed = last != Some((e, c));
+                        let p: Promise<Value> = d.script_loading(host, &sc, followed);
                         let (r, retries) = (result.clone(), retries.clone());
                         p.on_result(move |v| match v {
                             Err(e) if e.code() == Some("NOSCRIPT") => {
@@ -612,10 +600,15 @@ where
     session.join();
     let _ = session.finish();
 
-    // 3. Once more for the calls whose script vanished in between.
+    // Once more for the calls whose script vanished in between, within
+    // what is left of the timeout.
     let retries = std::mem::take(&mut *retries.borrow_mut());
     if !retries.is_empty() {
-        let mut session = cluster.session(&MapOptions::default());
+        let mut opts = opts;
+        if let Some(t) = opts.timeout {
+            opts.timeout = Some(t.saturating_sub(started.elapsed()));
+        }
+        let mut session = cluster.session(&opts);
         {
             let mut d = Dispatch::new(&mut session, router);
             for (host, sc, result) in retries {

@@ -496,15 +496,22 @@ impl Cluster {
     /// Runs lists of commands and script calls, each list on the host that
     /// owns its key, all hosts at once (rb's `execute_commands`).
     ///
-    /// Each list runs in order. A script a host may lack is checked with one
-    /// `SCRIPT EXISTS` per host and loaded before its `EVALSHA`; hosts known
-    /// to hold a script are remembered, so the next call skips both. A
-    /// `NOSCRIPT` reply (the script was flushed since it was last seen)
-    /// reloads and retries that call once, after the rest of its list: the
-    /// one case where a list does not run strictly in order. Each command's
-    /// outcome is in its promise; the call itself fails only when a key
-    /// cannot be routed. A key given twice runs both lists and keeps both
-    /// lists' promises, in order.
+    /// Each list runs in order, scripts included: a script call followed by
+    /// more calls to its host gets a `SCRIPT LOAD` pipelined ahead of its
+    /// `EVALSHA` (no extra round trip), so the calls after it see its
+    /// effects even after a `SCRIPT FLUSH` or a server restart. A script
+    /// that is its host's last call is loaded first only where the cluster
+    /// does not know the host to hold it; a `NOSCRIPT` then (the script was
+    /// flushed since it was last seen) reloads and retries it once, with
+    /// nothing after it to reorder. Each command's outcome is in its
+    /// promise. A key given twice runs both lists and keeps both lists'
+    /// promises, in order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unroutable`] (or the router's error) when a key cannot be
+    /// routed, or [`Error::BadHostSetup`] when the router cannot be built;
+    /// nothing is sent then.
     ///
     /// ```no_run
     /// # let cluster = rb::Cluster::from_urls(["redis://127.0.0.1:6379"])?;
@@ -523,7 +530,34 @@ impl Cluster {
         I: IntoIterator<Item = (K, Vec<crate::Call>)>,
         K: ToArg + Eq + std::hash::Hash,
     {
-        crate::client::execute_commands(self, mapping)
+        self.execute_commands_with(MapOptions::default(), mapping)
+    }
+
+    /// [`Cluster::execute_commands`] with options: a timeout (what is still
+    /// outstanding then is rejected with [`Error::Timeout`]), concurrency
+    /// and batching as in a map.
+    ///
+    /// # Errors
+    ///
+    /// As [`Cluster::execute_commands`].
+    ///
+    /// ```no_run
+    /// # let cluster = rb::Cluster::from_urls(["redis://127.0.0.1:6379"])?;
+    /// use std::time::Duration;
+    /// let opts = rb::MapOptions::new().timeout(Duration::from_millis(100));
+    /// let out = cluster.execute_commands_with(opts, [("foo", vec![rb::cmd("GET").arg("foo").into()])])?;
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    pub fn execute_commands_with<K, I>(
+        &self,
+        opts: MapOptions,
+        mapping: I,
+    ) -> Result<std::collections::HashMap<K, Vec<crate::Promise<crate::Value>>>>
+    where
+        I: IntoIterator<Item = (K, Vec<crate::Call>)>,
+        K: ToArg + Eq + std::hash::Hash,
+    {
+        crate::client::execute_commands(self, opts, mapping)
     }
 
     /// A fanout to every host (rb's `all`).
