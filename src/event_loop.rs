@@ -734,3 +734,22 @@ impl Drop for Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A large host id costs no dense vector up to it.
+    #[test]
+    fn sparse_ids_allocate_nothing_dense() {
+        let mut index = SlotIndex::default();
+        index.insert(65_535, 0);
+        index.insert(u32::MAX, 1);
+        index.insert(3, 2);
+        assert_eq!(index.get(65_535), Some(0));
+        assert_eq!(index.get(u32::MAX), Some(1));
+        assert_eq!(index.get(3), Some(2));
+        assert_eq!(index.get(4), None);
+        assert!(index.dense.len() <= 4, "dense part: {}", index.dense.len());
+    }
+}

@@ -390,8 +390,9 @@ impl Pipeline {
                     failures,
                 ),
                 Frame::Reply(value) => {
-                    if let Some(command) = self.handshake.waiting.pop_front() {
+                    if let Some(&command) = self.handshake.waiting.front() {
                         if let Value::Error { code, message } = value {
+                            // Left waiting: the held requests stay held.
                             return Err(Error::Server {
                                 host: Some(name.clone()),
                                 command: command.into(),
@@ -399,6 +400,7 @@ impl Pipeline {
                                 message: message.into(),
                             });
                         }
+                        self.handshake.waiting.pop_front();
                     } else if matches!(value, Value::Push(_)) {
                         // Out of band (client tracking, say): no request
                         // that rb sends is answered by a push.
@@ -605,3 +607,6 @@ impl ConnEffect {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,519 @@
+//! The pipeline in memory: scripted server bytes split at every byte,
+//! handshake failures, faults, and a property test that every promise gets
+//! its own reply or an error, never another request's.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::cmd::cmd;
+use crate::config::HostConfig;
+use crate::conn::closed_error;
+use crate::promise::Promise;
+use crate::resp::{decode, Value};
+
+fn host(config: HostConfig) -> Arc<HostInfo> {
+    Arc::new(config.resolve(1))
+}
+
+type Failures = RefCell<Option<Error>>;
+
+/// Queues `c`, batched as a map would, and returns its promise.
+fn push(p: &mut Pipeline, c: &Cmd) -> Promise<Value> {
+    let promise = Promise::new();
+    p.push(c, promise.sink(), BatchKind::of(c), 256);
+    promise
+}
+
+/// Takes everything the pipeline wants written now.
+fn drain_output(p: &mut Pipeline) -> Vec<u8> {
+    let mut all = Vec::new();
+    loop {
+        let out = p.output().to_vec();
+        if out.is_empty() {
+            return all;
+        }
+        p.advance(out.len());
+        all.extend_from_slice(&out);
+    }
+}
+
+/// Feeds `bytes` as the server's, in reads of at most `chunk` bytes.
+fn feed(p: &mut Pipeline, bytes: &[u8], chunk: usize, failures: &Failures) -> Result<()> {
+    for piece in bytes.chunks(chunk.max(1)) {
+        let mut rest = piece;
+        while !rest.is_empty() {
+            let buf = p.read_buffer();
+            let n = buf.len().min(rest.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            p.filled(n);
+            rest = &rest[n..];
+            p.receive(failures)?;
+        }
+    }
+    Ok(())
+}
+
+/// The commands in `bytes`, as argument lists.
+fn commands(mut bytes: &[u8]) -> Vec<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while let Some((v, used)) = decode(bytes).unwrap() {
+        let Value::Array(items) = v else {
+            panic!("a command is an array")
+        };
+        out.push(
+            items
+                .into_iter()
+                .map(|i| match i {
+                    Value::BulkString(b) => b,
+                    other => panic!("argument {other:?}"),
+                })
+                .collect(),
+        );
+        bytes = &bytes[used..];
+    }
+    out
+}
+
+fn bulk(s: &str) -> Value {
+    Value::BulkString(s.as_bytes().to_vec())
+}
+
+#[test]
+fn requests_wait_for_the_handshake_and_replies_split_at_every_byte() {
+    let replies: &[u8] = b"+OK\r\n+OK\r\n*2\r\n$2\r\nva\r\n$-1\r\n+OK\r\n:7\r\n$2\r\nhi\r\n";
+    for split in 0..=replies.len() {
+        let failures = Failures::default();
+        let mut p = Pipeline::new(host(HostConfig::new().db(2).password("pw")));
+        p.connection_started(true, Vec::new());
+        let a = push(&mut p, &cmd("GET").arg("a"));
+        let b = push(&mut p, &cmd("GET").arg("b"));
+        let s = push(&mut p, &cmd("SET").arg("x").arg(1).arg("NX"));
+        let n = push(&mut p, &cmd("INCR").arg("n"));
+        let e = push(&mut p, &cmd("ECHO").arg("hi"));
+        p.flush_batch();
+        let first = drain_output(&mut p);
+        assert_eq!(
+            commands(&first),
+            vec![
+                vec![b"AUTH".to_vec(), b"pw".to_vec()],
+                vec![b"SELECT".to_vec(), b"2".to_vec()]
+            ],
+            "only the handshake goes out before its replies"
+        );
+        assert!(!p.is_ready());
+        let (head, tail) = replies.split_at(split);
+        feed(&mut p, head, 1, &failures).unwrap();
+        if split >= 10 {
+            let requests = drain_output(&mut p);
+            assert_eq!(commands(&requests).len(), 4, "MGET a b, SET NX, INCR, ECHO");
+        }
+        feed(&mut p, tail, 3, &failures).unwrap();
+        drain_output(&mut p);
+        assert_eq!(a.value().unwrap(), bulk("va"));
+        assert_eq!(b.value().unwrap(), Value::Nil);
+        assert_eq!(s.value().unwrap(), Value::SimpleString("OK".into()));
+        assert_eq!(n.value().unwrap(), Value::Int(7));
+        assert_eq!(e.value().unwrap(), bulk("hi"));
+        assert!(p.is_idle());
+        assert!(failures.borrow().is_none());
+    }
+}
+
+#[test]
+fn a_failed_select_rejects_every_request_and_none_is_written() {
+    for (config, failing, reply) in [
+        (
+            HostConfig::new().db(100),
+            "SELECT",
+            &b"-ERR DB index is out of range\r\n"[..],
+        ),
+        (
+            HostConfig::new().username("u").password("bad"),
+            "AUTH",
+            b"-WRONGPASS invalid username-password pair\r\n",
+        ),
+        (
+            HostConfig::new()
+                .password("bad")
+                .protocol(crate::config::Protocol::Resp3)
+                .db(3),
+            "HELLO",
+            b"-WRONGPASS invalid username-password pair\r\n",
+        ),
+    ] {
+        let failures = Failures::default();
+        let mut p = Pipeline::new(host(config));
+        p.connection_started(true, Vec::new());
+        let w = push(&mut p, &cmd("SET").arg("k").arg("v"));
+        let g = push(&mut p, &cmd("GET").arg("k"));
+        p.flush_batch();
+        let mut written = drain_output(&mut p);
+        let e = feed(&mut p, reply, 1, &failures).unwrap_err();
+        written.extend(drain_output(&mut p));
+        assert!(
+            !commands(&written)
+                .iter()
+                .any(|c| c[0] == b"SET" || c[0] == b"MSET"),
+            "no request may be written before the handshake succeeded"
+        );
+        assert_eq!(
+            e.code().map(str::to_owned),
+            Some(
+                reply[1..]
+                    .split(|&b| b == b' ')
+                    .next()
+                    .map(|c| String::from_utf8_lossy(c).into_owned())
+                    .unwrap_or_default()
+            )
+        );
+        assert!(e.to_string().contains(failing), "{e}");
+        p.fail(&e, &failures);
+        for promise in [&w, &g] {
+            let err = promise.value().unwrap_err();
+            assert!(err.to_string().contains(failing), "{err}");
+        }
+    }
+}
+
+#[test]
+fn pooled_connections_skip_the_handshake() {
+    let failures = Failures::default();
+    let mut p = Pipeline::new(host(HostConfig::new().db(2).password("pw")));
+    p.connection_started(false, Vec::new());
+    let g = push(&mut p, &cmd("ECHO").arg("x"));
+    assert_eq!(
+        commands(&drain_output(&mut p)),
+        vec![vec![b"ECHO".to_vec(), b"x".to_vec()]]
+    );
+    feed(&mut p, b"$1\r\nx\r\n", 64, &failures).unwrap();
+    assert_eq!(g.value().unwrap(), bulk("x"));
+}
+
+#[test]
+fn out_of_step_and_bad_bytes_fail_the_stream() {
+    // A server answering twice; garbage; an MGET answered with a scalar.
+    for (setup, bytes, want) in [
+        (0, &b"+OK\r\n+OK\r\n"[..], "no reply was due"),
+        (0, b"?garbage\r\n", "unknown reply type"),
+        (1, b":3\r\n", "MGET of 2 keys answered with"),
+    ] {
+        let failures = Failures::default();
+        let mut p = Pipeline::new(host(HostConfig::new()));
+        p.connection_started(false, Vec::new());
+        let first = if setup == 0 {
+            push(&mut p, &cmd("PING"))
+        } else {
+            let first = push(&mut p, &cmd("GET").arg("a"));
+            push(&mut p, &cmd("GET").arg("b"));
+            first
+        };
+        p.flush_batch();
+        drain_output(&mut p);
+        let e = feed(&mut p, bytes, 1, &failures).unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+        p.fail(&e, &failures);
+        assert!(!first.is_pending());
+        if setup == 0 && want == "no reply was due" {
+            assert_eq!(first.value().unwrap(), Value::SimpleString("OK".into()));
+        } else {
+            assert!(first.value().is_err());
+        }
+    }
+}
+
+#[test]
+fn resp3_pushes_are_out_of_band() {
+    let failures = Failures::default();
+    let mut p = Pipeline::new(host(HostConfig::new()));
+    p.connection_started(false, Vec::new());
+    let a = push(&mut p, &cmd("ECHO").arg("a"));
+    let b = push(&mut p, &cmd("ECHO").arg("b"));
+    drain_output(&mut p);
+    let bytes =
+        b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n$1\r\na\r\n>1\r\n$1\r\nx\r\n$1\r\nb\r\n";
+    feed(&mut p, bytes, 1, &failures).unwrap();
+    assert_eq!(a.value().unwrap(), bulk("a"));
+    assert_eq!(b.value().unwrap(), bulk("b"));
+}
+
+#[test]
+fn commands_not_answered_once_are_refused() {
+    for c in [
+        cmd("UNSUBSCRIBE").arg("a").arg("b"),
+        cmd("punsubscribe"),
+        cmd("SUNSUBSCRIBE"),
+        cmd("SUBSCRIBE").arg("a"),
+        cmd("MONITOR"),
+        cmd("CLIENT").arg("REPLY").arg("OFF"),
+        cmd("client").arg("reply").arg("skip"),
+        cmd("SYNC"),
+        cmd("PSYNC").arg("?").arg(-1),
+    ] {
+        assert!(
+            matches!(ConnEffect::of(&c), ConnEffect::Refused(_)),
+            "{}",
+            c.display_name()
+        );
+    }
+    assert_eq!(
+        ConnEffect::of(&cmd("CLIENT").arg("REPLY").arg("ON")),
+        ConnEffect::Dirty
+    );
+    assert_eq!(ConnEffect::of(&cmd("SELECT").arg(1)), ConnEffect::Dirty);
+    assert_eq!(ConnEffect::of(&cmd("GET").arg("k")), ConnEffect::None);
+    assert_eq!(ConnEffect::of(&cmd("CLIENT").arg("ID")), ConnEffect::None);
+}
+
+#[test]
+fn reply_limits_refuse_before_buffering() {
+    let failures = Failures::default();
+    let mut p = Pipeline::new(host(
+        HostConfig::new()
+            .max_reply_elements(1000)
+            .max_reply_bytes(1 << 20),
+    ));
+    p.connection_started(false, Vec::new());
+    let a = push(&mut p, &cmd("LRANGE").arg("k").arg(0).arg(-1));
+    drain_output(&mut p);
+    let e = feed(
+        &mut p,
+        b"*9223372036854775807\r\n:1\r\n:1\r\n",
+        7,
+        &failures,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("max_reply_elements"), "{e}");
+    p.fail(&e, &failures);
+    assert!(a.value().is_err());
+
+    let mut p = Pipeline::new(host(HostConfig::new().max_reply_bytes(1 << 20)));
+    p.connection_started(false, Vec::new());
+    push(&mut p, &cmd("GET").arg("k"));
+    drain_output(&mut p);
+    let e = feed(&mut p, b"$2000000\r\nabc", 64, &failures).unwrap_err();
+    assert!(e.to_string().contains("max_reply_bytes"), "{e}");
+    assert!(p.rbuf.len() < 1 << 20, "refused before growing the buffer");
+
+    // Endless small elements: the byte limit stops them.
+    let mut p = Pipeline::new(host(HostConfig::new().max_reply_bytes(1 << 16)));
+    p.connection_started(false, Vec::new());
+    push(&mut p, &cmd("LRANGE").arg("k").arg(0).arg(-1));
+    drain_output(&mut p);
+    let mut endless = b"*10000000\r\n".to_vec();
+    endless.extend(b":1\r\n".repeat(20_000));
+    let e = feed(&mut p, &endless, 4096, &failures).unwrap_err();
+    assert!(e.to_string().contains("max_reply_bytes"), "{e}");
+}
+
+#[test]
+fn the_read_buffer_grows_to_the_reply_not_past_it() {
+    let failures = Failures::default();
+    let mut p = Pipeline::new(host(HostConfig::new()));
+    p.connection_started(false, Vec::new());
+    let big = push(&mut p, &cmd("GET").arg("k"));
+    let after = push(&mut p, &cmd("ECHO").arg("z"));
+    drain_output(&mut p);
+    let len = 3 << 20;
+    let mut bytes = format!("${len}\r\n").into_bytes();
+    bytes.extend(std::iter::repeat(b'x').take(len));
+    bytes.extend(b"\r\n$1\r\nz\r\n");
+    let mut most = 0;
+    for piece in bytes.chunks(100_000) {
+        let mut rest = piece;
+        while !rest.is_empty() {
+            let buf = p.read_buffer();
+            let n = buf.len().min(rest.len());
+            assert!(buf.len() <= READ_STEP);
+            buf[..n].copy_from_slice(&rest[..n]);
+            p.filled(n);
+            rest = &rest[n..];
+            most = most.max(p.rbuf.len());
+            p.receive(&failures).unwrap();
+        }
+    }
+    assert!(
+        most <= len + 64 * 1024,
+        "grew to {most} for a {len}-byte bulk"
+    );
+    assert_eq!(big.value().unwrap(), Value::BulkString(vec![b'x'; len]));
+    assert_eq!(after.value().unwrap(), bulk("z"));
+}
+
+/// One request of the property test, and the reply it must get.
+#[derive(Clone, Debug)]
+enum Req {
+    Get(u32),
+    Set(u32),
+    Incr(u32),
+    Echo(u32),
+}
+
+impl Req {
+    fn command(&self) -> Cmd {
+        match self {
+            Req::Get(i) => cmd("GET").arg(format!("k{i}")),
+            Req::Set(i) => cmd("SET").arg(format!("k{i}")).arg(format!("v{i}")),
+            Req::Incr(i) => cmd("INCR").arg(format!("c{i}")),
+            Req::Echo(i) => cmd("ECHO").arg(format!("e{i}")),
+        }
+    }
+
+    fn reply(&self) -> Value {
+        match self {
+            Req::Get(i) => bulk(&format!("v{i}")),
+            Req::Set(_) => Value::SimpleString("OK".into()),
+            Req::Incr(i) => Value::Int(i64::from(*i)),
+            Req::Echo(i) => bulk(&format!("e{i}")),
+        }
+    }
+}
+
+/// The server's answer to one command, as the [`Req`] model says.
+fn answer(command: &[Vec<u8>]) -> Value {
+    let arg = |a: &[u8]| String::from_utf8_lossy(a).into_owned();
+    let index = |a: &[u8]| arg(&a[1..]).parse::<u32>().unwrap();
+    match command[0].as_slice() {
+        b"GET" => bulk(&format!("v{}", index(&command[1]))),
+        b"MGET" => Value::Array(
+            command[1..]
+                .iter()
+                .map(|k| bulk(&format!("v{}", index(k))))
+                .collect(),
+        ),
+        b"SET" | b"MSET" => Value::SimpleString("OK".into()),
+        b"INCR" => Value::Int(i64::from(index(&command[1]))),
+        b"ECHO" => bulk(&arg(&command[1])),
+        b"SELECT" => Value::SimpleString("OK".into()),
+        other => panic!("unexpected command {}", arg(other)),
+    }
+}
+
+fn req() -> impl Strategy<Value = Req> {
+    prop_oneof![
+        (0u32..1000).prop_map(Req::Get),
+        (0u32..1000).prop_map(Req::Set),
+        (0u32..1000).prop_map(Req::Incr),
+        (0u32..1000).prop_map(Req::Echo),
+    ]
+}
+
+#[derive(Clone, Debug)]
+enum Fault {
+    None,
+    /// The connection closes after this many reply bytes.
+    Close(usize),
+    /// Garbage replaces the bytes from here on.
+    Garbage(usize),
+    /// The server answers the last request twice.
+    Twice,
+}
+
+fn fault() -> impl Strategy<Value = Fault> {
+    prop_oneof![
+        Just(Fault::None),
+        (0usize..4000).prop_map(Fault::Close),
+        (0usize..4000).prop_map(Fault::Garbage),
+        Just(Fault::Twice),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// For random requests (batched as maps batch them), random reply
+    /// splits and random faults, every promise gets its own reply or an
+    /// error, never another's, and every reply that fully arrived before a
+    /// fault reached its promise.
+    #[test]
+    fn every_promise_gets_its_own_reply_or_an_error(
+        reqs in proptest::collection::vec(req(), 1..60),
+        max_batch in 1usize..8,
+        chunk in 1usize..64,
+        handshake in any::<bool>(),
+        fault in fault(),
+    ) {
+        let failures = Failures::default();
+        let config = if handshake { HostConfig::new().db(1) } else { HostConfig::new() };
+        let mut p = Pipeline::new(host(config));
+        p.connection_started(handshake, Vec::new());
+        let mut promises = Vec::new();
+        for r in &reqs {
+            let c = r.command();
+            let promise: Promise<Value> = Promise::new();
+            p.push(&c, promise.sink(), BatchKind::of(&c), max_batch);
+            promises.push(promise);
+        }
+        p.flush_batch();
+        // The server: answers the handshake, then what it was sent.
+        let mut sent = drain_output(&mut p);
+        let mut replies = Vec::new();
+        if handshake {
+            prop_assert_eq!(commands(&sent), vec![vec![b"SELECT".to_vec(), b"1".to_vec()]]);
+            feed(&mut p, b"+OK\r\n", chunk, &failures).unwrap();
+            sent = drain_output(&mut p);
+        }
+        let mut ends = Vec::new();
+        for c in commands(&sent) {
+            answer(&c).encode(&mut replies);
+            ends.push(replies.len());
+        }
+        let cut = match fault {
+            Fault::Close(at) => at.min(replies.len()),
+            // Garbage in place of whole replies (inside one, it could be a
+            // well-formed but wrong value for that very request, which is
+            // the server's word, not a mix-up).
+            Fault::Garbage(at) => ends.iter().copied().filter(|&e| e <= at).max().unwrap_or(0),
+            _ => replies.len(),
+        };
+        let mut stream = replies[..cut].to_vec();
+        if let Fault::Garbage(_) = fault {
+            stream.extend_from_slice(b"?nonsense\r\n");
+        }
+        if let Fault::Twice = fault {
+            if let Some(c) = commands(&sent).last() {
+                answer(c).encode(&mut stream);
+            }
+        }
+        let result = feed(&mut p, &stream, chunk, &failures);
+        let failed = match (&fault, result) {
+            (Fault::None, r) => { prop_assert!(r.is_ok()); false }
+            (Fault::Close(_), Ok(())) => {
+                let e = closed_error(p.name());
+                p.fail(&e, &failures);
+                true
+            }
+            (_, Err(e)) => { p.fail(&e, &failures); true }
+            (_, Ok(())) => false,
+        };
+        // Replies that fully arrived: every command whose reply ended by `cut`.
+        let answered_commands = ends.iter().filter(|&&e| e <= cut).count();
+        let mut answered_requests = 0;
+        {
+            // Map commands back to requests: a merged MGET/MSET answers several.
+            let mut left = answered_commands;
+            for c in commands(&sent) {
+                if left == 0 { break; }
+                left -= 1;
+                answered_requests += match c[0].as_slice() {
+                    b"MGET" => c.len() - 1,
+                    b"MSET" => (c.len() - 1) / 2,
+                    _ => 1,
+                };
+            }
+        }
+        for (i, (r, promise)) in reqs.iter().zip(&promises).enumerate() {
+            prop_assert!(!promise.is_pending(), "request {} pending", i);
+            match promise.value() {
+                Ok(v) => prop_assert_eq!(v, r.reply(), "request {} got another's reply", i),
+                Err(e) => {
+                    prop_assert!(failed, "request {} failed without a fault: {}", i, e);
+                    prop_assert!(i >= answered_requests || matches!(r, Req::Get(_)),
+                        "request {} was answered before the fault but rejected: {}", i, e);
+                }
+            }
+        }
+    }
+}
