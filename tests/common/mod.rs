@@ -2,6 +2,9 @@
 //! says `mod common;`; not every file uses every helper).
 #![allow(dead_code)]
 
+pub mod proxy;
+pub mod watch;
+
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, HostId};
 
