@@ -107,7 +107,7 @@ fn baseline(
     answered
 }
 
-fn main() -> Result<(), rb::Error> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let servers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
     let count: usize = args

@@ -194,13 +194,6 @@ pub enum Error {
         /// Which of the two.
         reason: Arc<str>,
     },
-
-    /// `rb::testing` could not start or reach its servers.
-    #[error("test setup: {reason}")]
-    Testing {
-        /// What went wrong, with the server's log when there is one.
-        reason: Arc<str>,
-    },
 }
 
 impl Error {
