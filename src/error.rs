@@ -241,7 +241,7 @@ impl Error {
     ///
     /// The codec and the conversions do not know which host or command they
     /// serve; the engine calls this before handing an error to the user.
-    pub fn with_context(mut self, who: &HostName, what: &str) -> Error {
+    pub(crate) fn with_context(mut self, who: &HostName, what: &str) -> Error {
         match &mut self {
             Error::Server { host, command, .. } => {
                 host.get_or_insert_with(|| who.clone());

@@ -33,7 +33,7 @@ pub mod commands;
 pub mod config;
 mod conn;
 pub mod convert;
-pub mod digest;
+mod digest;
 pub mod error;
 mod event_loop;
 pub mod keyspec;
@@ -44,6 +44,22 @@ mod scripts;
 pub mod testing;
 #[cfg(feature = "tls")]
 mod tls;
+
+/// Internals for the fuzz targets (`fuzz/`) and the internal benches, with
+/// the `fuzzing` feature: the engine's reply stream and the hand-written
+/// digests. Not part of the API: no semver promise.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::digest::{md5, sha1};
+    pub use crate::resp::split::{Frame, ReplyStream};
+}
+
+// The fuzz targets' checks, replayed as a unit test, name the crate `rb`.
+#[cfg(test)]
+extern crate self as rb;
+#[cfg(test)]
+mod fuzz_replay;
 
 pub use args::ToArg;
 pub use client::{Execute, FanoutClient, LocalClient, MappingClient, RoutingClient};

@@ -19,9 +19,9 @@
 
 use crate::error::{Error, Result};
 
-mod split;
+pub(crate) mod split;
 use split::plain_bulk_or_nil;
-pub use split::{Frame, ReplyStream};
+pub(crate) use split::{Frame, ReplyStream};
 
 /// Longest bulk string accepted: 512 MiB, Redis' default `proto-max-bulk-len`.
 pub const MAX_BULK_LEN: usize = 512 * 1024 * 1024;

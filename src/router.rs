@@ -164,7 +164,7 @@ impl Router for ConsistentHashingRouter {
 }
 
 /// Builds the router of `kind` over `hosts`.
-pub fn build(kind: RouterKind, hosts: &[Arc<HostInfo>]) -> Result<Arc<dyn Router>> {
+pub(crate) fn build(kind: RouterKind, hosts: &[Arc<HostInfo>]) -> Result<Arc<dyn Router>> {
     Ok(match kind {
         RouterKind::Partition => Arc::new(PartitionRouter::new(hosts)?),
         RouterKind::ConsistentHashing => Arc::new(ConsistentHashingRouter::new(hosts)?),
