@@ -123,6 +123,7 @@ mod recycle {
 }
 
 /// Starts a command: `rb::cmd("INCRBY").arg("counter").arg(2)`.
+#[must_use]
 pub fn cmd(name: &str) -> Cmd {
     Cmd::new(name)
 }
@@ -170,6 +171,7 @@ impl ExactSizeIterator for Parts<'_> {}
 
 impl Cmd {
     /// A command with no arguments yet.
+    #[must_use]
     pub fn new(name: &str) -> Cmd {
         let mut c = Cmd {
             buf: recycle::take(name.len() + 32),
@@ -209,6 +211,7 @@ impl Cmd {
 
     /// Adds an argument (builder style).
     #[inline]
+    #[must_use]
     pub fn arg<T: ToArg>(mut self, arg: T) -> Cmd {
         self.push_arg(arg);
         self
@@ -255,6 +258,7 @@ impl Cmd {
     }
 
     /// Adds every argument of an iterator.
+    #[must_use]
     pub fn args_from<I>(mut self, args: I) -> Cmd
     where
         I: IntoIterator,
@@ -432,6 +436,7 @@ pub struct Script {
 
 impl Script {
     /// Wraps a script's source and computes its hash.
+    #[must_use]
     pub fn new(source: &str) -> Script {
         Script {
             sha1: digest::hex(&digest::sha1(source.as_bytes())).into(),
@@ -451,6 +456,7 @@ impl Script {
 
     /// A call of this script with keys and arguments (sent as `EVALSHA`,
     /// loading the script first where a host lacks it).
+    #[must_use]
     pub fn call<K: ToArg, A: ToArg>(&self, keys: &[K], args: &[A]) -> ScriptCall {
         ScriptCall {
             script: self.clone(),
@@ -479,11 +485,13 @@ pub struct ScriptCall {
 
 impl ScriptCall {
     /// `EVALSHA sha numkeys keys... args...`
+    #[must_use]
     pub fn evalsha(&self) -> Cmd {
         self.with_head("EVALSHA", self.script.sha1())
     }
 
     /// `EVAL source numkeys keys... args...`
+    #[must_use]
     pub fn eval(&self) -> Cmd {
         self.with_head("EVAL", self.script.source())
     }

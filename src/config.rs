@@ -83,65 +83,76 @@ pub struct HostConfig {
 
 impl HostConfig {
     /// Nothing set: every value comes from the defaults.
+    #[must_use]
     pub fn new() -> HostConfig {
         HostConfig::default()
     }
 
     /// Host name or IP address. Default `localhost`.
+    #[must_use]
     pub fn host(mut self, host: impl Into<String>) -> HostConfig {
         self.host = Some(host.into());
         self
     }
 
     /// TCP port. Default 6379.
+    #[must_use]
     pub fn port(mut self, port: u16) -> HostConfig {
         self.port = Some(port);
         self
     }
 
     /// Connect over this unix socket instead of TCP. Default: none (TCP).
+    #[must_use]
     pub fn unix_socket_path(mut self, path: impl Into<String>) -> HostConfig {
         self.unix_socket_path = Some(path.into());
         self
     }
 
     /// Database number, selected in the handshake. Default 0.
+    #[must_use]
     pub fn db(mut self, db: i64) -> HostConfig {
         self.db = Some(db);
         self
     }
 
     /// ACL user name (Redis 6+), sent with the password. Default: none.
+    #[must_use]
     pub fn username(mut self, username: impl Into<String>) -> HostConfig {
         self.username = Some(username.into());
         self
     }
 
     /// Password, sent with `AUTH` in the handshake. Default: none.
+    #[must_use]
     pub fn password(mut self, password: impl Into<String>) -> HostConfig {
         self.password = Some(password.into());
         self
     }
 
     /// Use TLS (needs the `tls` feature). Default false.
+    #[must_use]
     pub fn tls(mut self, on: bool) -> HostConfig {
         self.tls = Some(on);
         self
     }
 
     /// TLS settings (CA file, client certificate, server name). Default: web roots.
+    #[must_use]
     pub fn tls_options(mut self, options: TlsOptions) -> HostConfig {
         self.tls_options = Some(options);
         self
     }
 
     /// RESP version. Default [`Protocol::Resp2`].
+    #[must_use]
     pub fn protocol(mut self, protocol: Protocol) -> HostConfig {
         self.protocol = Some(protocol);
         self
     }
 
     /// Budget for establishing a connection. Default 5 s.
+    #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> HostConfig {
         self.connect_timeout = Some(timeout);
         self
@@ -149,18 +160,21 @@ impl HostConfig {
 
     /// Budget for a reply to an immediate command (routing and local
     /// clients; maps use their own `timeout`). Default: none (wait), as redis-py.
+    #[must_use]
     pub fn read_timeout(mut self, timeout: Option<Duration>) -> HostConfig {
         self.read_timeout = Some(timeout);
         self
     }
 
     /// Budget for sending a request. Default: none (wait), as redis-py.
+    #[must_use]
     pub fn write_timeout(mut self, timeout: Option<Duration>) -> HostConfig {
         self.write_timeout = Some(timeout);
         self
     }
 
     /// Idle connections kept per host; more are closed when returned. Default 16.
+    #[must_use]
     pub fn pool_size(mut self, size: usize) -> HostConfig {
         self.pool_size = Some(size);
         self
@@ -169,6 +183,7 @@ impl HostConfig {
     /// Most bytes one reply may take; a longer reply is refused with
     /// [`Error::Protocol`] and the connection closed. Default
     /// [`DEFAULT_MAX_REPLY_BYTES`] (1 GiB).
+    #[must_use]
     pub fn max_reply_bytes(mut self, bytes: usize) -> HostConfig {
         self.max_reply_bytes = Some(bytes);
         self
@@ -177,12 +192,14 @@ impl HostConfig {
     /// Most elements one reply may hold, counting nested ones; more is
     /// refused with [`Error::Protocol`] and the connection closed. Default
     /// [`DEFAULT_MAX_REPLY_ELEMENTS`] (32 Mi).
+    #[must_use]
     pub fn max_reply_elements(mut self, elements: usize) -> HostConfig {
         self.max_reply_elements = Some(elements);
         self
     }
 
     /// `self`, with every unset value taken from `defaults`.
+    #[must_use]
     pub fn or(self, defaults: &HostConfig) -> HostConfig {
         fn pick<T: Clone>(a: Option<T>, b: &Option<T>) -> Option<T> {
             a.or_else(|| b.clone())
@@ -207,6 +224,7 @@ impl HostConfig {
     }
 
     /// The resolved host, with rb's defaults for anything still unset.
+    #[must_use]
     pub fn resolve(&self, host_id: HostId) -> HostInfo {
         let tls_options = self.tls_options.clone().unwrap_or_default();
         let info = HostInfo {
@@ -268,6 +286,12 @@ impl HostConfig {
     /// assert_eq!(cfg.resolve(0).port, 7000);
     /// assert!(rb::HostConfig::from_url("redis://host:notaport").is_err());
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the bad part (scheme, host, port, database,
+    /// percent-escape, query parameter), with the URL shown with every
+    /// credential replaced by `***`.
     pub fn from_url(url: &str) -> Result<HostConfig> {
         parse_url(url).map_err(|reason| Error::config(format!("URL {:?}: {reason}", redact(url))))
     }

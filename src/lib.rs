@@ -65,7 +65,7 @@ pub use args::ToArg;
 pub use client::{Execute, FanoutClient, LocalClient, MappingClient, RoutingClient};
 pub use cluster::{Cluster, ClusterBuilder, Hosts, MapOptions};
 pub use cmd::{cmd, Call, Cmd, Script, ScriptCall};
-pub use commands::{Commands, InfoDict};
+pub use commands::{Commands, Condition, Expiry, InfoDict, SetOptions};
 pub use config::{HostConfig, HostInfo, Protocol, TlsOptions};
 pub use convert::FromValue;
 pub use error::{Error, HostId, HostName, Phase, Result};

@@ -13,11 +13,21 @@ use crate::keyspec;
 /// Decides which host a key (and so a single-key command) goes to.
 pub trait Router: Send + Sync {
     /// The host that owns `key`.
+    ///
+    /// # Errors
+    ///
+    /// When the router cannot place the key. The built-in routers place
+    /// every key once built; a ring made empty with
+    /// [`ConsistentHashingRouter::from_node_names`] is [`Error::Unroutable`].
     fn host_for_key(&self, key: &[u8]) -> Result<HostId>;
 
     /// The host for a command: its one key by the key table, then
     /// [`Router::host_for_key`]. Commands with no key, several keys, movable
     /// keys, or unknown to the table are [`Error::Unroutable`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unroutable`] as said, else as [`Router::host_for_key`].
     fn host_for_command(&self, cmd: &Cmd) -> Result<HostId> {
         self.host_for_key(keyspec::single_key(cmd)?)
     }
@@ -66,11 +76,20 @@ pub struct PartitionRouter {
 
 impl PartitionRouter {
     /// A router over the given hosts (only their ids matter).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadHostSetup`] when there are no hosts or their ids are not
+    /// `0..n` (naming the first missing id).
     pub fn new(hosts: &[Arc<HostInfo>]) -> Result<PartitionRouter> {
         Self::with_ids(hosts.iter().map(|h| h.host_id))
     }
 
     /// A router over hosts with these ids, which must be `0..n`.
+    ///
+    /// # Errors
+    ///
+    /// As [`PartitionRouter::new`].
     pub fn with_ids(ids: impl IntoIterator<Item = HostId>) -> Result<PartitionRouter> {
         Ok(PartitionRouter {
             hosts: check_gapless(ids)? as i64,
@@ -97,7 +116,7 @@ impl Router for PartitionRouter {
 /// host config shapes the ring. A key goes to the first point after the
 /// first four bytes of its own MD5 (little-endian), wrapping to the start.
 /// Requires host ids `0..n`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConsistentHashingRouter {
     /// Sorted points and their hosts.
     ring: Vec<(u32, HostId)>,
@@ -105,6 +124,11 @@ pub struct ConsistentHashingRouter {
 
 impl ConsistentHashingRouter {
     /// A ring over the given hosts.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadHostSetup`] when there are no hosts or their ids are not
+    /// `0..n` (naming the first missing id).
     pub fn new(hosts: &[Arc<HostInfo>]) -> Result<ConsistentHashingRouter> {
         check_gapless(hosts.iter().map(|h| h.host_id))?;
         Ok(Self::from_node_names(
@@ -143,6 +167,19 @@ impl ConsistentHashingRouter {
             }
         }
         ConsistentHashingRouter { ring: deduped }
+    }
+}
+
+/// The ring's size, not its thousands of points.
+impl std::fmt::Debug for ConsistentHashingRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut hosts: Vec<HostId> = self.ring.iter().map(|(_, id)| *id).collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        f.debug_struct("ConsistentHashingRouter")
+            .field("hosts", &hosts.len())
+            .field("points", &self.ring.len())
+            .finish()
     }
 }
 
