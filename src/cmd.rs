@@ -429,6 +429,7 @@ impl fmt::Debug for Cmd {
 /// assert_eq!(s.sha1(), "e0e1f9fabfc9d4800c877a703b823ac0578ff8db");
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
+#[doc(alias = "register_script")]
 pub struct Script {
     source: Arc<str>,
     sha1: Arc<str>,

@@ -32,6 +32,7 @@ pub enum Protocol {
 
 /// TLS settings of a host (used with the `tls` feature).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[doc(alias = "ssl_options")]
 pub struct TlsOptions {
     /// PEM file of the CA(s) to trust instead of the built-in web roots.
     pub ca_file: Option<PathBuf>,
@@ -63,6 +64,7 @@ impl TlsOptions {
 /// Its `Debug` shows `***` for the password (and for a user name set
 /// without one: it may be a misplaced password).
 #[derive(Clone, Default, PartialEq)]
+#[doc(alias("add_host", "host_defaults"))]
 pub struct HostConfig {
     host: Option<String>,
     port: Option<u16>,
@@ -132,6 +134,7 @@ impl HostConfig {
 
     /// Use TLS (needs the `tls` feature). Default false.
     #[must_use]
+    #[doc(alias = "ssl")]
     pub fn tls(mut self, on: bool) -> HostConfig {
         self.tls = Some(on);
         self
@@ -139,6 +142,7 @@ impl HostConfig {
 
     /// TLS settings (CA file, client certificate, server name). Default: web roots.
     #[must_use]
+    #[doc(alias = "ssl_options")]
     pub fn tls_options(mut self, options: TlsOptions) -> HostConfig {
         self.tls_options = Some(options);
         self
@@ -643,8 +647,10 @@ pub struct HostInfo {
     /// Password.
     pub password: Option<String>,
     /// TLS on or off.
+    #[doc(alias = "ssl")]
     pub tls: bool,
     /// TLS settings.
+    #[doc(alias = "ssl_options")]
     pub tls_options: TlsOptions,
     /// RESP version.
     pub protocol: Protocol,

@@ -137,6 +137,7 @@ pub enum Error {
 
     /// A command cannot be sent to exactly one host.
     #[error("command {command} cannot be routed: {reason}")]
+    #[doc(alias = "UnroutableCommand")]
     Unroutable {
         /// The command's name.
         command: Arc<str>,

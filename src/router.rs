@@ -11,6 +11,7 @@ use crate::error::{Error, HostId, Result};
 use crate::keyspec;
 
 /// Decides which host a key (and so a single-key command) goes to.
+#[doc(alias = "BaseRouter")]
 pub trait Router: Send + Sync {
     /// The host that owns `key`.
     ///
@@ -19,6 +20,7 @@ pub trait Router: Send + Sync {
     /// When the router cannot place the key. The built-in routers place
     /// every key once built; a ring made empty with
     /// [`ConsistentHashingRouter::from_node_names`] is [`Error::Unroutable`].
+    #[doc(alias = "get_host_for_key")]
     fn host_for_key(&self, key: &[u8]) -> Result<HostId>;
 
     /// The host for a command: its one key by the key table, then
@@ -28,6 +30,7 @@ pub trait Router: Send + Sync {
     /// # Errors
     ///
     /// [`Error::Unroutable`] as said, else as [`Router::host_for_key`].
+    #[doc(alias = "get_host_for_command")]
     fn host_for_command(&self, cmd: &Cmd) -> Result<HostId> {
         self.host_for_key(keyspec::single_key(cmd)?)
     }
@@ -35,6 +38,7 @@ pub trait Router: Send + Sync {
 
 /// Which built-in router a cluster uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[doc(alias = "router_cls")]
 pub enum RouterKind {
     /// [`PartitionRouter`], the default.
     #[default]
@@ -117,6 +121,7 @@ impl Router for PartitionRouter {
 /// first four bytes of its own MD5 (little-endian), wrapping to the start.
 /// Requires host ids `0..n`.
 #[derive(Clone)]
+#[doc(alias = "Ketama")]
 pub struct ConsistentHashingRouter {
     /// Sorted points and their hosts.
     ring: Vec<(u32, HostId)>,
