@@ -1,22 +1,5 @@
-//! # rb, the redis blaster
-//!
-//! Talk to many independent Redis nodes as one: rb routes single-key commands
-//! to the node that owns the key, pipelines and auto-batches them per node,
-//! and sends to every node at once from one `mio` event loop. It is the Rust
-//! port of Sentry's Python [`rb`](https://github.com/getsentry/rb) and places
-//! every key on the same node as Python rb does.
-//!
-//! ```
-//! use rb::{Cluster, HostConfig};
-//! let cluster = Cluster::builder()
-//!     .host_defaults(HostConfig::new().host("127.0.0.1"))
-//!     .host(0, HostConfig::new().port(6379))
-//!     .host(1, HostConfig::new().port(6380))
-//!     .build()?;
-//! let owner = cluster.router()?.host_for_key(b"user:42")?;
-//! # let _ = owner;
-//! # Ok::<(), rb::Error>(())
-//! ```
+// The crate's front page is the README: its examples run as doctests.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 #![forbid(unsafe_code)]
@@ -72,8 +55,3 @@ pub use error::{Error, HostId, HostName, Phase, Result};
 pub use promise::Promise;
 pub use resp::Value;
 pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};
-
-/// The README's examples, compiled (and run where no server is needed) as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-struct ReadmeDoctests;
