@@ -118,7 +118,10 @@ impl HostConfig {
         self
     }
 
-    /// ACL user name (Redis 6+), sent with the password. Default: none.
+    /// ACL user name (Redis 6+), sent with the password, which it needs:
+    /// a user name without a password is refused with [`Error::Config`]
+    /// when the cluster is built (a `nopass` ACL user takes any password).
+    /// Default: none.
     #[must_use]
     pub fn username(mut self, username: impl Into<String>) -> HostConfig {
         self.username = Some(username.into());
