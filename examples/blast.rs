@@ -12,9 +12,11 @@
 //!    auto-batched into MSET/MGET, all nodes at once);
 //! 3. does the same with the baseline: one blocking pipeline per node over
 //!    plain `std::net::TcpStream`s, nodes one after another;
-//! 4. fans `INFO keyspace` out to every node with `Cluster::all`;
-//! 5. prints keys/s and client CPU ns/key for both (medians of alternating
-//!    rounds), and their ratio.
+//! 4. prints keys/s and client CPU ns/key for both (medians of alternating
+//!    rounds), and their ratio;
+//! 5. fans `INFO` out to every node with `Cluster::all` and prints, per
+//!    node, its keys, the MGET/MSET calls rb sent it and the GET/SET calls
+//!    the baseline sent it, and its memory.
 //!
 //! Client CPU is this thread's on-CPU time (`/proc/thread-self/schedstat`),
 //! so the servers' work is not counted.
@@ -24,7 +26,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands, HostConfig, Value};
+use rb::{Cluster, Commands, HostConfig};
 
 /// This thread's CPU time so far.
 fn thread_cpu() -> Duration {
@@ -107,7 +109,7 @@ fn baseline(
     answered
 }
 
-fn main() -> Result<(), rb::Error> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let servers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
     let count: usize = args
@@ -116,7 +118,18 @@ fn main() -> Result<(), rb::Error> {
         .unwrap_or(1_000_000);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3).max(1);
 
-    println!("rb blast: {servers} local redis-servers, {count} keys, median of {rounds} rounds");
+    let rounds_text = if rounds == 1 {
+        "1 round".to_owned()
+    } else {
+        format!("median of {rounds} rounds")
+    };
+    println!("rb blast: {servers} local redis-servers on 127.0.0.1, {count} keys, {rounds_text}");
+    println!("  rb:       Cluster::map, every node at once, runs of GET/SET auto-batched");
+    println!("            into MGET/MSET of up to 256 keys");
+    println!("  baseline: one blocking pipeline per node over a plain std::net::TcpStream,");
+    println!("            nodes one after another, one GET/SET per key (no batching)");
+    println!("  client CPU: this thread's on-CPU time (user + kernel) per key; the");
+    println!("            servers' work is not in it");
     let setup = TestSetup::with_tcp(servers, 1)?;
     let ports: Vec<u16> = (0..servers).filter_map(|i| setup.tcp_port(i)).collect();
     let cluster = Cluster::builder()
@@ -213,27 +226,73 @@ fn main() -> Result<(), rb::Error> {
     }
     let ratio =
         |a: usize, b: usize| figures[a].keys_per_sec(count) / figures[b].keys_per_sec(count);
+    let cpu_ratio =
+        |a: usize, b: usize| figures[a].cpu_ns_per_key(count) / figures[b].cpu_ns_per_key(count);
     println!();
-    println!("map SET vs baseline SET: {:.2}x keys/s", ratio(0, 2));
-    println!("map GET vs baseline GET: {:.2}x keys/s", ratio(1, 3));
+    println!(
+        "rb map SET vs baseline SET: {:.2}x the keys/s, {:.2}x the client CPU per key",
+        ratio(0, 2),
+        cpu_ratio(0, 2)
+    );
+    println!(
+        "rb map GET vs baseline GET: {:.2}x the keys/s, {:.2}x the client CPU per key",
+        ratio(1, 3),
+        cpu_ratio(1, 3)
+    );
 
-    // Fan INFO out to every node.
-    let infos = cluster.all(|c| c.info(Some("keyspace")))?;
+    // Fan INFO out to every node, and say what is on each in words.
+    let infos = cluster.all(|c| c.info(Some("everything")))?;
     let mut infos: Vec<_> = infos.value()?.into_iter().collect();
     infos.sort_by_key(|(id, _)| *id);
-    println!();
-    for (id, info) in infos {
-        println!("host {id}: {}", info.get("db0").unwrap_or("empty"));
+    /// `calls=` of a command in `INFO commandstats`; 0 when never called.
+    fn calls(info: &rb::InfoDict, command: &str) -> u64 {
+        info.get(&format!("cmdstat_{command}"))
+            .and_then(|s| s.split(',').find_map(|f| f.strip_prefix("calls=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
     }
-    let total: i64 = cluster
-        .all(|c| c.cmd::<Value>(rb::cmd("DBSIZE")))?
-        .value()?
-        .values()
-        .map(|v| match v {
-            Value::Int(n) => *n,
-            _ => 0,
-        })
-        .sum();
-    println!("keys on all nodes: {total}");
+    let with_commas = |n: u64| {
+        let digits = n.to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    };
+    println!();
+    println!("Per node, after the last round (calls counted over all rounds and the warm-up):");
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9}",
+        "", "keys", "rb MSET", "rb MGET", "baseline SET", "baseline GET", "memory"
+    );
+    let mut total = 0;
+    for (id, info) in &infos {
+        // `db0:keys=250123,expires=0,avg_ttl=0`
+        let keys: u64 = info
+            .get("db0")
+            .and_then(|s| s.split(',').find_map(|f| f.strip_prefix("keys=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        total += keys;
+        let port = ports.get(*id as usize).copied().unwrap_or(0);
+        println!(
+            "{:<24} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9}",
+            format!("host {id} (127.0.0.1:{port})"),
+            with_commas(keys),
+            with_commas(calls(info, "mset")),
+            with_commas(calls(info, "mget")),
+            with_commas(calls(info, "set")),
+            with_commas(calls(info, "get")),
+            info.get("used_memory_human").unwrap_or("?"),
+        );
+    }
+    println!(
+        "keys on all nodes: {} (of {})",
+        with_commas(total),
+        with_commas(count as u64)
+    );
     Ok(())
 }

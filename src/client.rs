@@ -433,12 +433,20 @@ impl RoutingClient {
     }
 
     /// A map through this client's cluster (as rb's `client.map()`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Cluster::map_with`].
     pub fn map<R>(&self, f: impl FnOnce(&mut MappingClient<'_>) -> R) -> Result<R> {
         let opts = MapOptions::new().auto_batch(self.auto_batch);
         self.cluster.map_with(opts, f)
     }
 
     /// A fanout through this client's cluster (as rb's `client.fanout()`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Cluster::fanout_with`].
     pub fn fanout<R>(&self, hosts: Hosts, f: impl FnOnce(&mut FanoutClient<'_>) -> R) -> Result<R> {
         let opts = MapOptions::new().auto_batch(self.auto_batch);
         self.cluster.fanout_with(opts, hosts, f)
@@ -621,4 +629,51 @@ where
         let _ = session.finish();
     }
     Ok(out)
+}
+
+impl std::fmt::Debug for MappingClient<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappingClient").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for FanoutClient<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FanoutClient")
+            .field("targets", &self.targets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for TargetedClient<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetedClient")
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for KeyTargetedClient<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyTargetedClient")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RoutingClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoutingClient")
+            .field("cluster", &self.cluster)
+            .field("auto_batch", &self.auto_batch)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for LocalClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalClient")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
 }

@@ -49,6 +49,7 @@ impl MapOptions {
 
     /// Budget for the whole map, from its start: when it passes, what is
     /// still outstanding is rejected with [`Error::Timeout`]. Default: none.
+    #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> MapOptions {
         self.timeout = Some(timeout);
         self
@@ -56,6 +57,7 @@ impl MapOptions {
 
     /// Hosts with requests in flight at once; a request for one more host
     /// first waits for one to finish. Default 64 (as rb).
+    #[must_use]
     pub fn max_concurrency(mut self, hosts: usize) -> MapOptions {
         self.max_concurrency = hosts.max(1);
         self
@@ -63,12 +65,14 @@ impl MapOptions {
 
     /// Merge runs of plain GETs (SETs) to one host into MGET (MSET).
     /// Default true.
+    #[must_use]
     pub fn auto_batch(mut self, on: bool) -> MapOptions {
         self.auto_batch = on;
         self
     }
 
     /// Most keys in one merged MGET/MSET. Default 256.
+    #[must_use]
     pub fn max_batch_size(mut self, keys: usize) -> MapOptions {
         self.max_batch_size = keys.max(1);
         self
@@ -125,18 +129,22 @@ enum RouterChoice {
 
 impl ClusterBuilder {
     /// Settings every host inherits unless it sets its own (rb's `host_defaults`).
+    #[must_use]
     pub fn host_defaults(mut self, defaults: HostConfig) -> ClusterBuilder {
         self.defaults = defaults;
         self
     }
 
     /// Adds a host with an explicit id.
+    #[must_use]
+    #[doc(alias = "add_host")]
     pub fn host(mut self, id: HostId, config: HostConfig) -> ClusterBuilder {
         self.hosts.push((id, config));
         self
     }
 
     /// Adds hosts numbered from the next free id, in order.
+    #[must_use]
     pub fn hosts(mut self, configs: impl IntoIterator<Item = HostConfig>) -> ClusterBuilder {
         for config in configs {
             // Past id u32::MAX there is no next id: saturate, and `build`
@@ -153,6 +161,8 @@ impl ClusterBuilder {
     }
 
     /// Which built-in router to use. Default [`RouterKind::Partition`].
+    #[must_use]
+    #[doc(alias = "router_cls")]
     pub fn router(mut self, kind: RouterKind) -> ClusterBuilder {
         self.router = match kind {
             RouterKind::Partition => RouterChoice::Partition,
@@ -162,6 +172,8 @@ impl ClusterBuilder {
     }
 
     /// Routes with a router of your own.
+    #[must_use]
+    #[doc(alias = "router_cls")]
     pub fn custom_router(mut self, router: Arc<dyn Router>) -> ClusterBuilder {
         self.router = RouterChoice::Custom(router);
         self
@@ -169,10 +181,14 @@ impl ClusterBuilder {
 
     /// Checks the hosts (no duplicate ids, the router accepts them) and builds
     /// the cluster. Nothing connects until a command is sent.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadHostSetup`] for a duplicate id or hosts the router cannot use (a gap in the ids), [`Error::Config`] for a host with a user name but no password.
     pub fn build(self) -> Result<Cluster> {
         let mut hosts = BTreeMap::new();
         for (id, config) in self.hosts {
-            let info = Arc::new(config.or(&self.defaults).resolve(id));
+            let info = Arc::new(config.or(&self.defaults).resolve_checked(id)?);
             let pool = Arc::new(Pool::new(info.pool_size));
             if hosts.insert(id, HostEntry { info, pool }).is_some() {
                 return Err(Error::BadHostSetup {
@@ -226,6 +242,10 @@ impl Cluster {
 
     /// A cluster with one host per URL, ids `0..n` in order (see
     /// [`HostConfig::from_url`] for the forms).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a bad URL (naming the bad part, never the password); as [`ClusterBuilder::build`].
     pub fn from_urls<I>(urls: I) -> Result<Cluster>
     where
         I: IntoIterator,
@@ -254,6 +274,11 @@ impl Cluster {
 
     /// The current router (rb's `get_router`): built over the current hosts,
     /// cached until they change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadHostSetup`] when the hosts do not fit the router (e.g. a missing id).
+    #[doc(alias = "get_router")]
     pub fn router(&self) -> Result<Arc<dyn Router>> {
         if let Some(router) = &self.read().router {
             return Ok(router.clone());
@@ -285,6 +310,10 @@ impl Cluster {
     }
 
     /// One host.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSuchHost`] for an unknown id.
     pub fn host(&self, id: HostId) -> Result<Arc<HostInfo>> {
         self.read()
             .table
@@ -295,6 +324,10 @@ impl Cluster {
 
     /// Adds a host (rb's `add_host`); `None` picks the next free id. Returns
     /// the id. The router is rebuilt on next use.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadHostSetup`] for an id that exists (or none left), [`Error::Config`] for a bad host config.
     pub fn add_host(&self, id: Option<HostId>, config: HostConfig) -> Result<HostId> {
         let mut state = self.write();
         let id = match id {
@@ -311,7 +344,7 @@ impl Cluster {
                 reason: format!("host id {id} already exists").into(),
             });
         }
-        let info = Arc::new(config.or(&state.defaults).resolve(id));
+        let info = Arc::new(config.or(&state.defaults).resolve_checked(id)?);
         let pool = Arc::new(Pool::new(info.pool_size));
         let mut hosts = BTreeMap::new();
         for (hid, entry) in state.table.iter() {
@@ -399,17 +432,28 @@ impl Cluster {
 
     /// A client that routes each command to its key's host and waits for
     /// the reply. Auto-batching applies to its `map()`.
+    #[doc(alias = "get_routing_client")]
     pub fn routing_client(&self) -> RoutingClient {
         RoutingClient::new(self.clone(), true)
     }
 
     /// A client for one host (rb's `get_local_client`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSuchHost`] for an unknown id.
+    #[doc(alias = "get_local_client")]
     pub fn local_client(&self, id: HostId) -> Result<LocalClient> {
         self.host(id)?;
         Ok(LocalClient::new(self.clone(), id))
     }
 
     /// A client for the host that owns `key` (rb's `get_local_client_for_key`).
+    ///
+    /// # Errors
+    ///
+    /// The router's error ([`Error::BadHostSetup`]).
+    #[doc(alias = "get_local_client_for_key")]
     pub fn local_client_for_key<K: ToArg>(&self, key: K) -> Result<LocalClient> {
         let id = self.router()?.host_for_key(&crate::args::to_bytes(&key))?;
         self.local_client(id)
@@ -435,11 +479,19 @@ impl Cluster {
     /// }
     /// # Ok::<(), rb::Error>(())
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// The first failure of any command (every promise is settled all the same), or the router's error before anything is sent.
     pub fn map<R>(&self, f: impl FnOnce(&mut MappingClient<'_>) -> R) -> Result<R> {
         self.map_with(MapOptions::default(), f)
     }
 
     /// [`Cluster::map`] with options (timeout, concurrency, batching).
+    ///
+    /// # Errors
+    ///
+    /// As [`Cluster::map`].
     pub fn map_with<R>(
         &self,
         opts: MapOptions,
@@ -460,11 +512,19 @@ impl Cluster {
 
     /// Runs `f` with a [`FanoutClient`] whose commands go to every host of
     /// `hosts`, then waits for every reply (rb's `fanout`).
+    ///
+    /// # Errors
+    ///
+    /// The first failure of any command, [`Error::NoSuchHost`] for an unknown target, or the router's error.
     pub fn fanout<R>(&self, hosts: Hosts, f: impl FnOnce(&mut FanoutClient<'_>) -> R) -> Result<R> {
         self.fanout_with(MapOptions::default(), hosts, f)
     }
 
     /// [`Cluster::fanout`] with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`Cluster::fanout`].
     pub fn fanout_with<R>(
         &self,
         opts: MapOptions,
@@ -569,7 +629,36 @@ impl Cluster {
     /// # use rb::Commands;
     /// # Ok::<(), rb::Error>(())
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Cluster::fanout`].
     pub fn all<R>(&self, f: impl FnOnce(&mut FanoutClient<'_>) -> R) -> Result<R> {
         self.fanout(Hosts::All, f)
+    }
+}
+
+impl std::fmt::Debug for ClusterBuilder {
+    /// Hosts as their (redacted) configs; the router by kind.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let router = match &self.router {
+            RouterChoice::Partition => "Partition",
+            RouterChoice::ConsistentHashing => "ConsistentHashing",
+            RouterChoice::Custom(_) => "Custom",
+        };
+        f.debug_struct("ClusterBuilder")
+            .field("defaults", &self.defaults)
+            .field("hosts", &self.hosts)
+            .field("router", &router)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    /// The hosts (passwords redacted).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("hosts", &self.hosts())
+            .finish_non_exhaustive()
     }
 }

@@ -123,6 +123,7 @@ mod recycle {
 }
 
 /// Starts a command: `rb::cmd("INCRBY").arg("counter").arg(2)`.
+#[must_use]
 pub fn cmd(name: &str) -> Cmd {
     Cmd::new(name)
 }
@@ -170,6 +171,7 @@ impl ExactSizeIterator for Parts<'_> {}
 
 impl Cmd {
     /// A command with no arguments yet.
+    #[must_use]
     pub fn new(name: &str) -> Cmd {
         let mut c = Cmd {
             buf: recycle::take(name.len() + 32),
@@ -209,6 +211,7 @@ impl Cmd {
 
     /// Adds an argument (builder style).
     #[inline]
+    #[must_use]
     pub fn arg<T: ToArg>(mut self, arg: T) -> Cmd {
         self.push_arg(arg);
         self
@@ -255,6 +258,7 @@ impl Cmd {
     }
 
     /// Adds every argument of an iterator.
+    #[must_use]
     pub fn args_from<I>(mut self, args: I) -> Cmd
     where
         I: IntoIterator,
@@ -354,11 +358,65 @@ impl Drop for Cmd {
     }
 }
 
+/// Which arguments of `cmd` are passwords, for `Debug`: `AUTH`'s last,
+/// the password after `HELLO ... AUTH user`, `MIGRATE ... AUTH pw` and
+/// `AUTH2 user pw`, `CONFIG SET requirepass|masterauth pw`, and
+/// `ACL SETUSER`'s `>pw` / `<pw` rules.
+fn secret_args(cmd: &Cmd) -> Vec<bool> {
+    let args: Vec<&[u8]> = cmd.args().collect();
+    let mut secret = vec![false; args.len()];
+    let upper = |a: &[u8]| a.to_ascii_uppercase();
+    if cmd.is(b"AUTH") {
+        if let Some(last) = secret.last_mut() {
+            *last = true;
+        }
+    } else if cmd.is(b"HELLO") || cmd.is(b"MIGRATE") {
+        let mut i = 0;
+        while i < args.len() {
+            match upper(args[i]).as_slice() {
+                b"AUTH" if cmd.is(b"MIGRATE") => {
+                    if let Some(s) = secret.get_mut(i + 1) {
+                        *s = true;
+                    }
+                    i += 2;
+                }
+                b"AUTH" | b"AUTH2" => {
+                    if let Some(s) = secret.get_mut(i + 2) {
+                        *s = true;
+                    }
+                    i += 3;
+                }
+                _ => i += 1,
+            }
+        }
+    } else if cmd.is(b"CONFIG") && args.first().is_some_and(|a| upper(a) == b"SET") {
+        for i in (1..args.len()).step_by(2) {
+            let name = upper(args[i]);
+            if name == b"REQUIREPASS" || name == b"MASTERAUTH" {
+                if let Some(s) = secret.get_mut(i + 1) {
+                    *s = true;
+                }
+            }
+        }
+    } else if cmd.is(b"ACL") && args.first().is_some_and(|a| upper(a) == b"SETUSER") {
+        for (i, a) in args.iter().enumerate().skip(2) {
+            secret[i] = a.starts_with(b">") || a.starts_with(b"<");
+        }
+    }
+    secret
+}
+
+/// The name and the arguments; passwords (of `AUTH`, `HELLO ... AUTH`,
+/// `MIGRATE`, `CONFIG SET requirepass`, `ACL SETUSER`) show as `***`.
 impl fmt::Debug for Cmd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.display_name())?;
-        for a in self.args() {
-            write!(f, " {:?}", String::from_utf8_lossy(a))?;
+        for (a, secret) in self.args().zip(secret_args(self)) {
+            if secret {
+                f.write_str(" ***")?;
+            } else {
+                write!(f, " {:?}", String::from_utf8_lossy(a))?;
+            }
         }
         Ok(())
     }
@@ -371,6 +429,7 @@ impl fmt::Debug for Cmd {
 /// assert_eq!(s.sha1(), "e0e1f9fabfc9d4800c877a703b823ac0578ff8db");
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
+#[doc(alias = "register_script")]
 pub struct Script {
     source: Arc<str>,
     sha1: Arc<str>,
@@ -378,6 +437,7 @@ pub struct Script {
 
 impl Script {
     /// Wraps a script's source and computes its hash.
+    #[must_use]
     pub fn new(source: &str) -> Script {
         Script {
             sha1: digest::hex(&digest::sha1(source.as_bytes())).into(),
@@ -397,6 +457,7 @@ impl Script {
 
     /// A call of this script with keys and arguments (sent as `EVALSHA`,
     /// loading the script first where a host lacks it).
+    #[must_use]
     pub fn call<K: ToArg, A: ToArg>(&self, keys: &[K], args: &[A]) -> ScriptCall {
         ScriptCall {
             script: self.clone(),
@@ -425,11 +486,13 @@ pub struct ScriptCall {
 
 impl ScriptCall {
     /// `EVALSHA sha numkeys keys... args...`
+    #[must_use]
     pub fn evalsha(&self) -> Cmd {
         self.with_head("EVALSHA", self.script.sha1())
     }
 
     /// `EVAL source numkeys keys... args...`
+    #[must_use]
     pub fn eval(&self) -> Cmd {
         self.with_head("EVAL", self.script.source())
     }
@@ -468,6 +531,44 @@ impl From<ScriptCall> for Call {
 mod tests {
     use super::*;
     use crate::resp::{decode, Value};
+
+    #[test]
+    fn debug_hides_passwords() {
+        let cases = [
+            (cmd("AUTH").arg("S3cr3tQ"), "AUTH ***"),
+            (cmd("auth").arg("ann").arg("S3cr3tQ"), "AUTH \"ann\" ***"),
+            (
+                cmd("HELLO")
+                    .arg(3)
+                    .arg("AUTH")
+                    .arg("ann")
+                    .arg("S3cr3tQ")
+                    .arg("SETNAME")
+                    .arg("x"),
+                "HELLO \"3\" \"AUTH\" \"ann\" *** \"SETNAME\" \"x\"",
+            ),
+            (
+                cmd("MIGRATE").args_from(["h", "1", "k", "0", "5", "AUTH", "S3cr3tQ", "KEYS", "a"]),
+                "MIGRATE \"h\" \"1\" \"k\" \"0\" \"5\" \"AUTH\" *** \"KEYS\" \"a\"",
+            ),
+            (
+                cmd("MIGRATE").args_from(["h", "1", "k", "0", "5", "AUTH2", "ann", "S3cr3tQ"]),
+                "MIGRATE \"h\" \"1\" \"k\" \"0\" \"5\" \"AUTH2\" \"ann\" ***",
+            ),
+            (
+                cmd("CONFIG").args_from(["SET", "maxmemory", "1mb", "requirepass", "S3cr3tQ"]),
+                "CONFIG \"SET\" \"maxmemory\" \"1mb\" \"requirepass\" ***",
+            ),
+            (
+                cmd("ACL").args_from(["SETUSER", "ann", "on", ">S3cr3tQ", "~*"]),
+                "ACL \"SETUSER\" \"ann\" \"on\" *** \"~*\"",
+            ),
+            (cmd("GET").arg("k"), "GET \"k\""),
+        ];
+        for (c, want) in cases {
+            assert_eq!(format!("{c:?}"), want);
+        }
+    }
 
     #[test]
     fn bulk_headers_at_every_digit_count() {

@@ -84,17 +84,20 @@ pub struct SetOptions {
 
 impl SetOptions {
     /// No expiry, no condition.
+    #[must_use]
     pub fn new() -> SetOptions {
         SetOptions::default()
     }
 
     /// Sets the expiry.
+    #[must_use]
     pub fn expiry(mut self, expiry: Expiry) -> SetOptions {
         self.expiry = Some(expiry);
         self
     }
 
     /// Sets the condition.
+    #[must_use]
     pub fn condition(mut self, condition: Condition) -> SetOptions {
         self.condition = Some(condition);
         self

@@ -32,6 +32,7 @@ pub enum Protocol {
 
 /// TLS settings of a host (used with the `tls` feature).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[doc(alias = "ssl_options")]
 pub struct TlsOptions {
     /// PEM file of the CA(s) to trust instead of the built-in web roots.
     pub ca_file: Option<PathBuf>,
@@ -59,7 +60,11 @@ impl TlsOptions {
 /// let cfg = HostConfig::new().host("10.0.0.1").port(7000).db(2).password("s3cr3t")
 ///     .connect_timeout(Duration::from_millis(200));
 /// ```
-#[derive(Clone, Debug, Default, PartialEq)]
+///
+/// Its `Debug` shows `***` for the password (and for a user name set
+/// without one: it may be a misplaced password).
+#[derive(Clone, Default, PartialEq)]
+#[doc(alias("add_host", "host_defaults"))]
 pub struct HostConfig {
     host: Option<String>,
     port: Option<u16>,
@@ -80,65 +85,81 @@ pub struct HostConfig {
 
 impl HostConfig {
     /// Nothing set: every value comes from the defaults.
+    #[must_use]
     pub fn new() -> HostConfig {
         HostConfig::default()
     }
 
     /// Host name or IP address. Default `localhost`.
+    #[must_use]
     pub fn host(mut self, host: impl Into<String>) -> HostConfig {
         self.host = Some(host.into());
         self
     }
 
     /// TCP port. Default 6379.
+    #[must_use]
     pub fn port(mut self, port: u16) -> HostConfig {
         self.port = Some(port);
         self
     }
 
     /// Connect over this unix socket instead of TCP. Default: none (TCP).
+    #[must_use]
     pub fn unix_socket_path(mut self, path: impl Into<String>) -> HostConfig {
         self.unix_socket_path = Some(path.into());
         self
     }
 
     /// Database number, selected in the handshake. Default 0.
+    #[must_use]
     pub fn db(mut self, db: i64) -> HostConfig {
         self.db = Some(db);
         self
     }
 
-    /// ACL user name (Redis 6+), sent with the password. Default: none.
+    /// ACL user name (Redis 6+), sent with the password, which it needs:
+    /// a user name without a password is refused with [`Error::Config`]
+    /// when the cluster is built (a `nopass` ACL user takes any password).
+    /// Default: none.
+    #[must_use]
     pub fn username(mut self, username: impl Into<String>) -> HostConfig {
         self.username = Some(username.into());
         self
     }
 
     /// Password, sent with `AUTH` in the handshake. Default: none.
+    #[must_use]
     pub fn password(mut self, password: impl Into<String>) -> HostConfig {
         self.password = Some(password.into());
         self
     }
 
     /// Use TLS (needs the `tls` feature). Default false.
+    #[must_use]
+    #[doc(alias = "ssl")]
     pub fn tls(mut self, on: bool) -> HostConfig {
         self.tls = Some(on);
         self
     }
 
     /// TLS settings (CA file, client certificate, server name). Default: web roots.
+    #[must_use]
+    #[doc(alias = "ssl_options")]
     pub fn tls_options(mut self, options: TlsOptions) -> HostConfig {
         self.tls_options = Some(options);
         self
     }
 
     /// RESP version. Default [`Protocol::Resp2`].
+    #[must_use]
     pub fn protocol(mut self, protocol: Protocol) -> HostConfig {
         self.protocol = Some(protocol);
         self
     }
 
     /// Budget for establishing a connection. Default 5 s.
+    #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> HostConfig {
         self.connect_timeout = Some(timeout);
         self
@@ -146,18 +167,21 @@ impl HostConfig {
 
     /// Budget for a reply to an immediate command (routing and local
     /// clients; maps use their own `timeout`). Default: none (wait), as redis-py.
+    #[must_use]
     pub fn read_timeout(mut self, timeout: Option<Duration>) -> HostConfig {
         self.read_timeout = Some(timeout);
         self
     }
 
     /// Budget for sending a request. Default: none (wait), as redis-py.
+    #[must_use]
     pub fn write_timeout(mut self, timeout: Option<Duration>) -> HostConfig {
         self.write_timeout = Some(timeout);
         self
     }
 
     /// Idle connections kept per host; more are closed when returned. Default 16.
+    #[must_use]
     pub fn pool_size(mut self, size: usize) -> HostConfig {
         self.pool_size = Some(size);
         self
@@ -166,6 +190,7 @@ impl HostConfig {
     /// Most bytes one reply may take; a longer reply is refused with
     /// [`Error::Protocol`] and the connection closed. Default
     /// [`DEFAULT_MAX_REPLY_BYTES`] (1 GiB).
+    #[must_use]
     pub fn max_reply_bytes(mut self, bytes: usize) -> HostConfig {
         self.max_reply_bytes = Some(bytes);
         self
@@ -174,12 +199,14 @@ impl HostConfig {
     /// Most elements one reply may hold, counting nested ones; more is
     /// refused with [`Error::Protocol`] and the connection closed. Default
     /// [`DEFAULT_MAX_REPLY_ELEMENTS`] (32 Mi).
+    #[must_use]
     pub fn max_reply_elements(mut self, elements: usize) -> HostConfig {
         self.max_reply_elements = Some(elements);
         self
     }
 
     /// `self`, with every unset value taken from `defaults`.
+    #[must_use]
     pub fn or(self, defaults: &HostConfig) -> HostConfig {
         fn pick<T: Clone>(a: Option<T>, b: &Option<T>) -> Option<T> {
             a.or_else(|| b.clone())
@@ -204,6 +231,7 @@ impl HostConfig {
     }
 
     /// The resolved host, with rb's defaults for anything still unset.
+    #[must_use]
     pub fn resolve(&self, host_id: HostId) -> HostInfo {
         let tls_options = self.tls_options.clone().unwrap_or_default();
         let info = HostInfo {
@@ -240,6 +268,19 @@ impl HostConfig {
         }
     }
 
+    /// [`HostConfig::resolve`], then the checks of [`HostInfo::validate`]:
+    /// what the cluster builder and `add_host` call.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the host when the settings cannot work
+    /// (a user name without a password).
+    pub(crate) fn resolve_checked(&self, host_id: HostId) -> Result<HostInfo> {
+        let info = self.resolve(host_id);
+        info.validate()?;
+        Ok(info)
+    }
+
     /// Parses a URL:
     /// `redis://[[user]:password@]host[:port][/db]`, `rediss://...` (TLS),
     /// `unix:///path/to/socket?db=N&password=...`. User, password and path
@@ -251,35 +292,211 @@ impl HostConfig {
     /// assert_eq!(cfg.resolve(0).port, 7000);
     /// assert!(rb::HostConfig::from_url("redis://host:notaport").is_err());
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the bad part (scheme, host, port, database,
+    /// percent-escape, query parameter), with the URL shown with every
+    /// credential replaced by `***`.
     pub fn from_url(url: &str) -> Result<HostConfig> {
         parse_url(url).map_err(|reason| Error::config(format!("URL {:?}: {reason}", redact(url))))
     }
 }
 
-/// A URL with its password replaced, for error messages.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    let tail = match tail.find("password=") {
-        Some(i) => {
-            let end = tail[i..].find('&').map_or(tail.len(), |j| i + j);
-            format!("{}password=***{}", &tail[..i], &tail[end..])
+/// Shows a credential as `***`.
+struct Hidden;
+
+impl fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How `Debug` shows a user name: as it is when a password goes with it,
+/// else hidden (`redis://s3cr3t@host` puts a password where the user name goes).
+fn user_field<'a>(
+    username: &'a Option<String>,
+    password: &Option<String>,
+) -> Option<&'a dyn fmt::Debug> {
+    username.as_ref().map(|u| -> &dyn fmt::Debug {
+        if password.is_some() {
+            u
+        } else {
+            &Hidden
         }
-        None => tail.to_owned(),
+    })
+}
+
+impl fmt::Debug for HostConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("unix_socket_path", &self.unix_socket_path)
+            .field("db", &self.db)
+            .field("username", &user_field(&self.username, &self.password))
+            .field("password", &self.password.as_ref().map(|_| Hidden))
+            .field("tls", &self.tls)
+            .field("tls_options", &self.tls_options)
+            .field("protocol", &self.protocol)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("pool_size", &self.pool_size)
+            .field("max_reply_bytes", &self.max_reply_bytes)
+            .field("max_reply_elements", &self.max_reply_elements)
+            .finish()
+    }
+}
+
+/// Query parameters a URL may carry.
+const QUERY_KEYS: [&str; 5] = ["db", "password", "username", "user", "protocol"];
+
+/// A URL cut into its parts, the same way for parsing and for error
+/// messages, so that a message never shows a part the parser read as a
+/// credential.
+///
+/// Credentials are read leniently: a password may hold raw `/`, `?`, `#`
+/// and `@` (the userinfo runs to the last `@` before the query), and a
+/// `password=` query value runs to the next `&` that starts a known
+/// parameter, so a raw `&` stays in it.
+struct UrlParts<'a> {
+    /// The scheme before `://`, when there is a well-formed one.
+    scheme: Option<&'a str>,
+    /// Everything before the `@` of the authority.
+    userinfo: Option<&'a str>,
+    /// `host[:port][/db]`, or a unix socket path.
+    rest: &'a str,
+    /// After the `?`.
+    query: Option<&'a str>,
+}
+
+fn is_scheme(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+}
+
+/// True for a name safe to repeat in a message: a user name or a query
+/// parameter's name that holds nothing a password could spill into.
+fn is_plain_name(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.~+".contains(c))
+}
+
+/// The byte index of the `?` that starts the query: the first `?` followed
+/// by a known parameter, else `None` (a `?` elsewhere may be in a password).
+fn known_query_start(s: &str) -> Option<usize> {
+    s.match_indices('?').map(|(i, _)| i).find(|&i| {
+        QUERY_KEYS.iter().any(|k| {
+            s[i + 1..]
+                .strip_prefix(k)
+                .is_some_and(|r| r.starts_with('='))
+        })
+    })
+}
+
+fn split_url(url: &str) -> UrlParts<'_> {
+    let (scheme, after) = match url.split_once("://") {
+        Some((scheme, after)) if is_scheme(scheme) => (Some(scheme), after),
+        _ => (None, url),
     };
-    format!("{scheme}://{authority}{tail}")
+    let (main, query) = match known_query_start(after) {
+        Some(i) => (&after[..i], Some(&after[i + 1..])),
+        None => (after, None),
+    };
+    // A unix socket path (absolute, as in unix:///run/redis@main.sock) may
+    // hold an '@'; anywhere else the last '@' ends the credentials.
+    let is_path = scheme.is_some_and(|s| s.eq_ignore_ascii_case("unix")) && main.starts_with('/');
+    let (userinfo, rest) = match main.rfind('@') {
+        Some(i) if !is_path => (Some(&main[..i]), &main[i + 1..]),
+        _ => (None, main),
+    };
+    let (rest, query) = match query {
+        Some(q) => (rest, Some(q)),
+        None => match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        },
+    };
+    UrlParts {
+        scheme,
+        userinfo,
+        rest,
+        query,
+    }
+}
+
+/// The `key=value` pairs of a query (see [`UrlParts`] for `password=`).
+fn query_pairs(query: &str) -> Vec<(&str, &str)> {
+    let mut pairs = Vec::new();
+    let mut rest = query;
+    while !rest.is_empty() {
+        let end = if rest.starts_with("password=") {
+            rest.match_indices('&')
+                .map(|(i, _)| i)
+                .find(|&i| {
+                    QUERY_KEYS.iter().any(|k| {
+                        rest[i + 1..]
+                            .strip_prefix(k)
+                            .is_some_and(|r| r.starts_with('='))
+                    })
+                })
+                .unwrap_or(rest.len())
+        } else {
+            rest.find('&').unwrap_or(rest.len())
+        };
+        let pair = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or("");
+        if !pair.is_empty() {
+            pairs.push(pair.split_once('=').unwrap_or((pair, "")));
+        }
+    }
+    pairs
+}
+
+/// A URL with every credential replaced by `***`, for error messages: the
+/// password, a lone user name (it may be a misplaced password), query
+/// values other than `db`, `protocol` and the user name, and anything not
+/// plainly a name where a name should be.
+fn redact(url: &str) -> String {
+    let parts = split_url(url);
+    let mut out = String::with_capacity(url.len());
+    if let Some(scheme) = parts.scheme {
+        out.push_str(scheme);
+        out.push_str("://");
+    }
+    if let Some(userinfo) = parts.userinfo {
+        match userinfo.split_once(':') {
+            Some((user, _)) if is_plain_name(user) => {
+                out.push_str(user);
+                out.push_str(":***@");
+            }
+            _ => out.push_str("***@"),
+        }
+    }
+    out.push_str(parts.rest);
+    if let Some(query) = parts.query {
+        out.push('?');
+        for (i, (key, value)) in query_pairs(query).into_iter().enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            if !is_plain_name(key) {
+                out.push_str("***");
+                continue;
+            }
+            out.push_str(key);
+            out.push('=');
+            let shown = matches!(key, "db" | "protocol" | "username" | "user");
+            out.push_str(if shown && is_plain_name(value) {
+                value
+            } else {
+                "***"
+            });
+        }
+    }
+    out
 }
 
 fn percent_decode(s: &str, what: &str) -> std::result::Result<String, String> {
@@ -303,13 +520,15 @@ fn percent_decode(s: &str, what: &str) -> std::result::Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("the {what} is not UTF-8 after percent-decoding"))
 }
 
+/// Parses a URL; the error text never repeats a credential (see [`redact`]).
 fn parse_url(url: &str) -> std::result::Result<HostConfig, String> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| "missing scheme (redis://, rediss:// or unix://)".to_owned())?;
-    let (main, query) = match rest.split_once('?') {
-        Some((m, q)) => (m, Some(q)),
-        None => (rest, None),
+    let parts = split_url(url);
+    let Some(scheme) = parts.scheme else {
+        return Err(if url.contains("://") {
+            "bad scheme (want redis://, rediss:// or unix://)".to_owned()
+        } else {
+            "missing scheme (redis://, rediss:// or unix://)".to_owned()
+        });
     };
     let mut cfg = HostConfig::new();
     match scheme.to_ascii_lowercase().as_str() {
@@ -317,25 +536,27 @@ fn parse_url(url: &str) -> std::result::Result<HostConfig, String> {
             if scheme.eq_ignore_ascii_case("rediss") {
                 cfg = cfg.tls(true);
             }
-            let (authority, path) = match main.find('/') {
-                Some(i) => (&main[..i], &main[i + 1..]),
-                None => (main, ""),
-            };
-            let hostport = match authority.rsplit_once('@') {
-                Some((userinfo, hostport)) => {
-                    let (user, password) = match userinfo.split_once(':') {
-                        Some((u, p)) => (u, Some(p)),
-                        None => (userinfo, None),
-                    };
-                    if !user.is_empty() {
-                        cfg = cfg.username(percent_decode(user, "user name")?);
-                    }
-                    if let Some(p) = password {
-                        cfg = cfg.password(percent_decode(p, "password")?);
-                    }
-                    hostport
+            if let Some(userinfo) = parts.userinfo {
+                let (user, password) = match userinfo.split_once(':') {
+                    Some((u, p)) => (u, Some(p)),
+                    None => (userinfo, None),
+                };
+                if user.contains(['/', '?', '#']) {
+                    return Err(
+                        "the user name holds '/', '?' or '#' (percent-encode them, and '@' and '&' in query values)"
+                            .into(),
+                    );
                 }
-                None => authority,
+                if !user.is_empty() {
+                    cfg = cfg.username(percent_decode(user, "user name")?);
+                }
+                if let Some(p) = password {
+                    cfg = cfg.password(percent_decode(p, "password")?);
+                }
+            }
+            let (hostport, path) = match parts.rest.find('/') {
+                Some(i) => (&parts.rest[..i], &parts.rest[i + 1..]),
+                None => (parts.rest, ""),
             };
             let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
                 let (host, after) = v6
@@ -367,7 +588,13 @@ fn parse_url(url: &str) -> std::result::Result<HostConfig, String> {
             }
         }
         "unix" => {
-            let path = percent_decode(main, "socket path")?;
+            if parts.userinfo.is_some() {
+                return Err(
+                    "a unix URL takes its credentials in the query (unix:///path?password=...)"
+                        .into(),
+                );
+            }
+            let path = percent_decode(parts.rest, "socket path")?;
             if path.is_empty() {
                 return Err("missing socket path".into());
             }
@@ -379,8 +606,14 @@ fn parse_url(url: &str) -> std::result::Result<HostConfig, String> {
             ))
         }
     }
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+    for (k, v) in query_pairs(parts.query.unwrap_or("")) {
+        if !QUERY_KEYS.contains(&k) {
+            return Err(if is_plain_name(k) {
+                format!("unknown query parameter {k:?}")
+            } else {
+                "an unknown query parameter".to_owned()
+            });
+        }
         let v = percent_decode(v, k)?;
         cfg = match k {
             "db" => cfg.db(v
@@ -388,12 +621,11 @@ fn parse_url(url: &str) -> std::result::Result<HostConfig, String> {
                 .map_err(|_| format!("bad db {v:?} (want a number)"))?),
             "password" => cfg.password(v),
             "username" | "user" => cfg.username(v),
-            "protocol" => match v.as_str() {
+            _ => match v.as_str() {
                 "2" | "resp2" => cfg.protocol(Protocol::Resp2),
                 "3" | "resp3" => cfg.protocol(Protocol::Resp3),
                 _ => return Err(format!("bad protocol {v:?} (want 2 or 3)")),
             },
-            _ => return Err(format!("unknown query parameter {k:?}")),
         };
     }
     Ok(cfg)
@@ -417,8 +649,10 @@ pub struct HostInfo {
     /// Password.
     pub password: Option<String>,
     /// TLS on or off.
+    #[doc(alias = "ssl")]
     pub tls: bool,
     /// TLS settings.
+    #[doc(alias = "ssl_options")]
     pub tls_options: TlsOptions,
     /// RESP version.
     pub protocol: Protocol,
@@ -438,6 +672,24 @@ pub struct HostInfo {
 }
 
 impl HostInfo {
+    /// Checks what the handshake needs: a user name without a password
+    /// would send no `AUTH` at all, so it is refused rather than run as the
+    /// default user.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the host (never the credentials).
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.username.is_some() && self.password.is_none() {
+            return Err(Error::config(format!(
+                "{}: a user name is set without a password, so no AUTH would be sent; \
+                 set the password too (a `nopass` ACL user takes any)",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
     /// How errors name this host: `host 3 (127.0.0.1:6379/0)`.
     pub fn name(&self) -> &HostName {
         &self.name
@@ -454,6 +706,9 @@ impl HostInfo {
     /// The node name of this host on rb's ketama ring: Python's `repr()` of
     /// rb's `HostInfo`, e.g.
     /// `<HostInfo db=0 host='localhost' host_id=0 password=None port=6379 ssl=False ssl_options=None unix_socket_path=None>`.
+    ///
+    /// It holds the password in clear, as Python's `repr()` does (the ring
+    /// depends on it): never log it.
     ///
     /// rb has no ACL user name, RESP version or timeouts, so they do not
     /// appear; TLS options render as the redis-py `ssl_*` keyword dict a
@@ -501,8 +756,8 @@ impl fmt::Debug for HostInfo {
         f.debug_struct("HostInfo")
             .field("host_id", &self.host_id)
             .field("addr", &self.name.addr)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("username", &user_field(&self.username, &self.password))
+            .field("password", &self.password.as_ref().map(|_| Hidden))
             .field("tls", &self.tls)
             .field("protocol", &self.protocol)
             .finish()
@@ -632,5 +887,210 @@ mod tests {
             .to_string();
         assert!(!e.contains("topsecret"), "{e}");
         assert!(e.contains("u:***@h:x"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod secrets {
+    //! No password, nor any piece of one, in a `Debug`, a `Display` or an error.
+    use super::*;
+
+    /// The first 3-character piece of `secret` (or all of a shorter one)
+    /// that `text` holds.
+    fn leak(text: &str, secret: &str) -> Option<String> {
+        let chars: Vec<char> = secret.chars().collect();
+        chars
+            .windows(3.min(chars.len()))
+            .map(|w| w.iter().collect::<String>())
+            .find(|piece| text.contains(piece.as_str()))
+    }
+
+    #[track_caller]
+    fn assert_hidden(text: &str, secret: &str) {
+        if let Some(piece) = leak(text, secret) {
+            panic!("{piece:?} (a piece of the password) leaked in: {text}");
+        }
+    }
+
+    /// Every rendering of a URL's outcome: the error (Display and Debug), or
+    /// the config and the resolved host (Debug), the host's name and the
+    /// validation error. Returns what leaked.
+    fn url_leaks(url: &str, secrets: &[&str]) -> Option<String> {
+        let shown = match HostConfig::from_url(url) {
+            Err(e) => format!("{e} | {e:?}"),
+            Ok(cfg) => {
+                let info = cfg.resolve(7);
+                let checked = match info.validate() {
+                    Ok(()) => String::new(),
+                    Err(e) => format!("{e} | {e:?}"),
+                };
+                format!("{cfg:?} | {info:?} | {} | {checked}", info.name())
+            }
+        };
+        secrets
+            .iter()
+            .find_map(|secret| leak(&shown, secret))
+            .map(|piece| format!("{url}: {piece:?} leaked in: {shown}"))
+    }
+
+    #[test]
+    fn raw_specials_in_passwords_parse() {
+        let cases = [
+            ("redis://:pa/ss@host:6380/2", Some("pa/ss"), None),
+            ("redis://u:p@ss@host:6380/2", Some("p@ss"), Some("u")),
+            ("redis://u:pa#ss@host:6380/2", Some("pa#ss"), Some("u")),
+            (
+                "redis://u:pa?ss@host:6380/2?protocol=3",
+                Some("pa?ss"),
+                Some("u"),
+            ),
+            ("redis://host:6380/2?password=p@ss&db=2", Some("p@ss"), None),
+            ("redis://host:6380?password=a&b&db=2", Some("a&b"), None),
+            ("redis://host:6380/2?password=a%26b", Some("a&b"), None),
+        ];
+        for (url, password, user) in cases {
+            let c = HostConfig::from_url(url).unwrap().resolve(0);
+            assert_eq!((c.host.as_str(), c.port, c.db), ("host", 6380, 2), "{url}");
+            assert_eq!(c.password.as_deref(), password, "{url}");
+            assert_eq!(c.username.as_deref(), user, "{url}");
+        }
+        // An '@' in an absolute socket path is part of the path.
+        let c = HostConfig::from_url("unix:///run/redis@main.sock?password=a&b&db=1")
+            .unwrap()
+            .resolve(0);
+        assert_eq!(c.unix_socket_path.as_deref(), Some("/run/redis@main.sock"));
+        assert_eq!((c.db, c.password.as_deref()), (1, Some("a&b")));
+    }
+
+    #[test]
+    fn redacted_errors_still_name_the_bad_part() {
+        let cases = [
+            (
+                "redis://:pa/ss@host:notaport",
+                "URL \"redis://:***@host:notaport\": bad port \"notaport\"",
+            ),
+            (
+                "redis://ann:pa?ss@host/x",
+                "URL \"redis://ann:***@host/x\": bad database \"x\"",
+            ),
+            (
+                "unix:///p?password=a&b&db=x",
+                "URL \"unix:///p?password=***&db=x\": bad db \"x\"",
+            ),
+            (
+                "redis://h?passwrd=s",
+                "URL \"redis://h?passwrd=***\": unknown query parameter \"passwrd\"",
+            ),
+            ("redis:/:pw@host", "URL \"redis:***@host\": missing scheme"),
+            (
+                "unix://:pw@/run/r.sock",
+                "takes its credentials in the query",
+            ),
+        ];
+        for (url, want) in cases {
+            let e = HostConfig::from_url(url).unwrap_err().to_string();
+            assert!(e.contains(want), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_user_name_needs_a_password() {
+        let e = HostConfig::new()
+            .host("10.0.0.9")
+            .username("ann")
+            .resolve_checked(4)
+            .unwrap_err();
+        assert!(matches!(e, Error::Config { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("host 4 (10.0.0.9:6379/0)"), "{text}");
+        assert!(text.contains("without a password"), "{text}");
+        assert!(!text.contains("ann"), "{text}");
+        // From the defaults, or with a password, it is fine.
+        let defaults = HostConfig::new().password("pw");
+        assert!(HostConfig::new()
+            .username("ann")
+            .or(&defaults)
+            .resolve_checked(0)
+            .is_ok());
+        assert!(HostConfig::from_url("redis://ann:pw@h")
+            .unwrap()
+            .resolve_checked(0)
+            .is_ok());
+        assert!(HostConfig::from_url("redis://ann@h")
+            .unwrap()
+            .resolve_checked(0)
+            .is_err());
+        assert!(HostConfig::new().resolve_checked(0).is_ok());
+    }
+
+    #[test]
+    fn debug_of_configs_hides_the_password() {
+        let cfg = HostConfig::new()
+            .host("host")
+            .username("ann")
+            .password("pa/ss-S3cr3tQ");
+        let shown = format!("{cfg:?} {cfg:#?}");
+        assert_hidden(&shown, "pa/ss-S3cr3tQ");
+        assert!(shown.contains("ann"), "the user name is no secret: {shown}");
+        let info = cfg.resolve(0);
+        assert_hidden(
+            &format!("{info:?} {info:#?} {}", info.name()),
+            "pa/ss-S3cr3tQ",
+        );
+    }
+
+    #[test]
+    fn url_errors_hide_the_password() {
+        let cases: &[(&str, &[&str])] = &[
+            ("redis://:pa/ss-S3cr3tQ@host:notaport", &["pa/ss-S3cr3tQ"]),
+            ("redis://:pa/ss-S3cr3tQ@host/notadb", &["pa/ss-S3cr3tQ"]),
+            ("redis://u:p@ss-S3cr3tQ@host:notaport", &["p@ss-S3cr3tQ"]),
+            ("redis://u:pa#ss-S3cr3tQ@host:notaport", &["pa#ss-S3cr3tQ"]),
+            ("redis://u:pa?ss-S3cr3tQ@host:notaport", &["pa?ss-S3cr3tQ"]),
+            (
+                "redis://u:pa?ss-S3cr3tQ@host?colour=blue",
+                &["pa?ss-S3cr3tQ"],
+            ),
+            (
+                "redis://:pa%2Fss-S3cr3tQ@host:99999",
+                &["pa%2Fss-S3cr3tQ", "pa/ss-S3cr3tQ"],
+            ),
+            ("redis://:pa%zzss-S3cr3tQ@host", &["pa%zzss-S3cr3tQ"]),
+            ("redis://:pa%C3ss-S3cr3tQ@host", &["pa%C3ss-S3cr3tQ"]),
+            ("redis://:pa-S3cr3tQ@", &["pa-S3cr3tQ"]),
+            ("redis://:pa-S3cr3tQ@[::1", &["pa-S3cr3tQ"]),
+            ("redis:/:pa-S3cr3tQ@host", &["pa-S3cr3tQ"]),
+            ("redis//u:pa-S3cr3tQ@host", &["pa-S3cr3tQ"]),
+            ("http://u:pa-S3cr3tQ@host", &["pa-S3cr3tQ"]),
+            ("redis://host?passwrd=S3cr3tQ-pw", &["S3cr3tQ-pw"]),
+            ("redis://host?password=p@ss-S3cr3tQ&db=x", &["p@ss-S3cr3tQ"]),
+            (
+                "redis://host?password=S3cr3tQ-pw&protocol=9",
+                &["S3cr3tQ-pw"],
+            ),
+            ("unix:///p?password=S3cr3tQ-pw&db=x", &["S3cr3tQ-pw"]),
+            ("unix:///p?password=S3c&r3tQ-pw&db=x", &["S3c&r3tQ-pw"]),
+            ("unix:///p?password=S3cr3tQ%zz&db=1", &["S3cr3tQ%zz"]),
+            ("unix://:pa-S3cr3tQ@/run/r.sock", &["pa-S3cr3tQ"]),
+            // Parsed, not refused: the config and host must hide it.
+            ("redis://u:p@ss-S3cr3tQ@host", &["p@ss-S3cr3tQ"]),
+            ("redis://:pa/ss-S3cr3tQ@host:6380/2", &["pa/ss-S3cr3tQ"]),
+            ("rediss://u:pa#ss-S3cr3tQ@host", &["pa#ss-S3cr3tQ"]),
+            ("redis://host?password=p@ss-S3cr3tQ", &["p@ss-S3cr3tQ"]),
+            ("unix:///p?password=S3c&r3tQ-pw&db=1", &["S3c&r3tQ-pw"]),
+            // A lone user name may be a misplaced password: never shown.
+            ("redis://S3cr3tQ-pw@host", &["S3cr3tQ-pw"]),
+        ];
+        let leaks: Vec<String> = cases
+            .iter()
+            .filter_map(|(url, secrets)| url_leaks(url, secrets))
+            .collect();
+        assert!(
+            leaks.is_empty(),
+            "{} of {} leak:\n{}",
+            leaks.len(),
+            cases.len(),
+            leaks.join("\n")
+        );
     }
 }

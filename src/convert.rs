@@ -15,6 +15,13 @@ use crate::resp::Value;
 /// A Rust type a reply can be converted to.
 pub trait FromValue: Sized {
     /// Converts the reply.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Type`] when the reply does not fit `Self` (its kind, its
+    /// length, or a number out of range), describing the reply. An error
+    /// nested in an aggregate is an [`Error::Server`] where a plain value
+    /// was expected.
     fn from_value(value: Value) -> Result<Self>;
 
     /// For `Vec<u8>`: lets `Vec<T>` take a bulk string whole when `T` is `u8`.
@@ -405,6 +412,10 @@ tuple_from_value!(5; A, B, C, D, E);
 tuple_from_value!(6; A, B, C, D, E, F);
 
 /// Converts a reply, attaching nothing: the engine adds host and command.
+///
+/// # Errors
+///
+/// As [`FromValue::from_value`].
 pub fn from_value<T: FromValue>(value: Value) -> Result<T> {
     T::from_value(value)
 }

@@ -137,6 +137,7 @@ pub enum Error {
 
     /// A command cannot be sent to exactly one host.
     #[error("command {command} cannot be routed: {reason}")]
+    #[doc(alias = "UnroutableCommand")]
     Unroutable {
         /// The command's name.
         command: Arc<str>,
@@ -194,13 +195,6 @@ pub enum Error {
         /// Which of the two.
         reason: Arc<str>,
     },
-
-    /// `rb::testing` could not start or reach its servers.
-    #[error("test setup: {reason}")]
-    Testing {
-        /// What went wrong, with the server's log when there is one.
-        reason: Arc<str>,
-    },
 }
 
 impl Error {
@@ -248,7 +242,7 @@ impl Error {
     ///
     /// The codec and the conversions do not know which host or command they
     /// serve; the engine calls this before handing an error to the user.
-    pub fn with_context(mut self, who: &HostName, what: &str) -> Error {
+    pub(crate) fn with_context(mut self, who: &HostName, what: &str) -> Error {
         match &mut self {
             Error::Server { host, command, .. } => {
                 host.get_or_insert_with(|| who.clone());

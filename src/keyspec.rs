@@ -129,6 +129,11 @@ fn for_each_key<'c>(cmd: &'c Cmd, mut each: impl FnMut(&'c [u8]) -> bool) -> Res
 /// The key arguments of `cmd`, by its legacy key positions.
 ///
 /// Refuses unknown commands and movable keys.
+///
+/// # Errors
+///
+/// [`Error::Unroutable`] naming the command: unknown to the table, or its
+/// keys move with its arguments.
 pub fn keys(cmd: &Cmd) -> Result<Vec<&[u8]>> {
     let mut keys = Vec::new();
     for_each_key(cmd, |k| {
@@ -138,7 +143,12 @@ pub fn keys(cmd: &Cmd) -> Result<Vec<&[u8]>> {
     Ok(keys)
 }
 
-/// The one key `cmd` operates on, or [`Error::Unroutable`] saying why not.
+/// The one key `cmd` operates on.
+///
+/// # Errors
+///
+/// [`Error::Unroutable`] naming the command and why: no key, several keys,
+/// movable keys, or unknown to the table.
 pub fn single_key(cmd: &Cmd) -> Result<&[u8]> {
     // GET and SET (the table says: first key 1, last key 1) skip the lookup.
     if cmd.common() != Common::Other {

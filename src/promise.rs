@@ -137,16 +137,19 @@ impl<T: 'static> Promise<T> {
     }
 
     /// A pending promise.
+    #[must_use]
     pub fn new() -> Promise<T> {
         Promise::placed(State::Pending(None))
     }
 
     /// A promise already resolved with `value`.
+    #[must_use]
     pub fn resolved(value: T) -> Promise<T> {
         Promise::placed(State::Settled(Ok(value)))
     }
 
     /// A promise already rejected with `error`.
+    #[must_use]
     pub fn rejected(error: Error) -> Promise<T> {
         Promise::placed(State::Settled(Err(Box::new(error))))
     }
@@ -204,6 +207,11 @@ impl<T> Promise<T> {
 
     /// Moves the value out (errors are cloned). Later `value()`/`take()`
     /// calls on a taken promise are errors.
+    ///
+    /// # Errors
+    ///
+    /// The promise's own error if it was rejected; [`Error::Pending`] if it
+    /// is still pending or its value was already taken.
     pub fn take(&self) -> Result<T> {
         take_cell(self.state())
     }
@@ -237,6 +245,7 @@ impl<T> Promise<T> {
     }
 
     /// A promise of `f(value)`; errors pass through.
+    #[must_use = "it returns a new promise and leaves this one as it is; for a callback run only for its effect, use `done`"]
     pub fn then<U: 'static>(&self, f: impl FnOnce(&T) -> U + 'static) -> Promise<U>
     where
         T: 'static,
@@ -245,6 +254,7 @@ impl<T> Promise<T> {
     }
 
     /// A promise of `f(value)` where `f` may fail; errors pass through.
+    #[must_use = "it returns a new promise and leaves this one as it is; for a callback run only for its effect, use `done`"]
     pub fn and_then<U: 'static>(&self, f: impl FnOnce(&T) -> Result<U> + 'static) -> Promise<U>
     where
         T: 'static,
@@ -294,6 +304,11 @@ impl<T> Promise<T> {
 
 impl<T: Clone> Promise<T> {
     /// A clone of the value; the error if rejected; an error if still pending.
+    ///
+    /// # Errors
+    ///
+    /// The promise's own error if it was rejected; [`Error::Pending`] if it
+    /// is still pending or its value was taken.
     pub fn value(&self) -> Result<T> {
         match self.state().try_borrow().as_deref() {
             Ok(State::Settled(Ok(v))) => Ok(v.clone()),
@@ -539,6 +554,7 @@ fn join<T: 'static>(
 impl<T: Clone + 'static> Promise<T> {
     /// Resolves with every value, in order, once all resolve; rejects with
     /// the first rejection. The given promises keep their values.
+    #[must_use]
     pub fn all(promises: Vec<Promise<T>>) -> Promise<Vec<T>> {
         join(promises.len(), |i, deliver| {
             promises[i].on_settle(move |result| deliver(result.cloned().map_err(Clone::clone)))
@@ -546,6 +562,7 @@ impl<T: Clone + 'static> Promise<T> {
     }
 
     /// Like [`Promise::all`] for a map of promises.
+    #[must_use]
     pub fn all_map<K: Eq + Hash + 'static>(
         promises: HashMap<K, Promise<T>>,
     ) -> Promise<HashMap<K, T>> {

@@ -19,9 +19,9 @@
 
 use crate::error::{Error, Result};
 
-mod split;
+pub(crate) mod split;
 pub(crate) use split::plain_bulk_or_nil;
-pub use split::{Frame, ReplyStream};
+pub(crate) use split::{Frame, ReplyStream};
 
 /// Longest bulk string accepted: 512 MiB, Redis' default `proto-max-bulk-len`.
 pub const MAX_BULK_LEN: usize = 512 * 1024 * 1024;
@@ -92,6 +92,7 @@ impl Value {
 
     /// The reply without any attribute wrapped around it.
     #[inline]
+    #[must_use]
     pub fn strip_attributes(mut self) -> Value {
         // Inlined: every conversion calls this, and almost no value has
         // attributes, so it should cost one compare.
@@ -273,6 +274,12 @@ impl ItoaBuf {
 /// assert_eq!(decode(b"$3\r\nfo").unwrap(), None);
 /// assert!(decode(b"$-5\r\n").is_err());
 /// ```
+///
+/// # Errors
+///
+/// [`Error::Protocol`] (naming no host: the engine adds it) for bytes that
+/// are not RESP, and for a bulk over [`MAX_BULK_LEN`], nesting over
+/// [`MAX_DEPTH`], a line over [`MAX_LINE_LEN`] or an integer outside i64.
 pub fn decode(buf: &[u8]) -> Result<Option<(Value, usize)>> {
     let (mut pos, mut budget) = (0, u64::MAX);
     Ok(build_at(buf, &mut pos, 0, &mut budget)?.map(|v| (v, pos)))
@@ -335,6 +342,10 @@ impl Decoder {
     /// Decodes the reply at the front of `buf`, which must begin where the
     /// previous complete reply ended and hold at least the bytes passed
     /// before (a read buffer that is only appended to between calls).
+    ///
+    /// # Errors
+    ///
+    /// As [`decode`]. After an error, [`Decoder::reset`] before reusing it.
     pub fn decode(&mut self, buf: &[u8]) -> Result<Option<(Value, usize)>> {
         let fresh = self.scanner.pos == 0;
         if fresh {

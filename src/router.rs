@@ -11,13 +11,26 @@ use crate::error::{Error, HostId, Result};
 use crate::keyspec;
 
 /// Decides which host a key (and so a single-key command) goes to.
+#[doc(alias = "BaseRouter")]
 pub trait Router: Send + Sync {
     /// The host that owns `key`.
+    ///
+    /// # Errors
+    ///
+    /// When the router cannot place the key. The built-in routers place
+    /// every key once built; a ring made empty with
+    /// [`ConsistentHashingRouter::from_node_names`] is [`Error::Unroutable`].
+    #[doc(alias = "get_host_for_key")]
     fn host_for_key(&self, key: &[u8]) -> Result<HostId>;
 
     /// The host for a command: its one key by the key table, then
     /// [`Router::host_for_key`]. Commands with no key, several keys, movable
     /// keys, or unknown to the table are [`Error::Unroutable`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unroutable`] as said, else as [`Router::host_for_key`].
+    #[doc(alias = "get_host_for_command")]
     fn host_for_command(&self, cmd: &Cmd) -> Result<HostId> {
         self.host_for_key(keyspec::single_key(cmd)?)
     }
@@ -25,6 +38,7 @@ pub trait Router: Send + Sync {
 
 /// Which built-in router a cluster uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[doc(alias = "router_cls")]
 pub enum RouterKind {
     /// [`PartitionRouter`], the default.
     #[default]
@@ -66,11 +80,20 @@ pub struct PartitionRouter {
 
 impl PartitionRouter {
     /// A router over the given hosts (only their ids matter).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadHostSetup`] when there are no hosts or their ids are not
+    /// `0..n` (naming the first missing id).
     pub fn new(hosts: &[Arc<HostInfo>]) -> Result<PartitionRouter> {
         Self::with_ids(hosts.iter().map(|h| h.host_id))
     }
 
     /// A router over hosts with these ids, which must be `0..n`.
+    ///
+    /// # Errors
+    ///
+    /// As [`PartitionRouter::new`].
     pub fn with_ids(ids: impl IntoIterator<Item = HostId>) -> Result<PartitionRouter> {
         Ok(PartitionRouter {
             hosts: check_gapless(ids)? as i64,
@@ -97,7 +120,8 @@ impl Router for PartitionRouter {
 /// host config shapes the ring. A key goes to the first point after the
 /// first four bytes of its own MD5 (little-endian), wrapping to the start.
 /// Requires host ids `0..n`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
+#[doc(alias = "Ketama")]
 pub struct ConsistentHashingRouter {
     /// Sorted points and their hosts.
     ring: Vec<(u32, HostId)>,
@@ -105,6 +129,11 @@ pub struct ConsistentHashingRouter {
 
 impl ConsistentHashingRouter {
     /// A ring over the given hosts.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadHostSetup`] when there are no hosts or their ids are not
+    /// `0..n` (naming the first missing id).
     pub fn new(hosts: &[Arc<HostInfo>]) -> Result<ConsistentHashingRouter> {
         check_gapless(hosts.iter().map(|h| h.host_id))?;
         Ok(Self::from_node_names(
@@ -146,6 +175,19 @@ impl ConsistentHashingRouter {
     }
 }
 
+/// The ring's size, not its thousands of points.
+impl std::fmt::Debug for ConsistentHashingRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut hosts: Vec<HostId> = self.ring.iter().map(|(_, id)| *id).collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        f.debug_struct("ConsistentHashingRouter")
+            .field("hosts", &hosts.len())
+            .field("points", &self.ring.len())
+            .finish()
+    }
+}
+
 impl Router for ConsistentHashingRouter {
     fn host_for_key(&self, key: &[u8]) -> Result<HostId> {
         let digest = md5(key);
@@ -164,7 +206,7 @@ impl Router for ConsistentHashingRouter {
 }
 
 /// Builds the router of `kind` over `hosts`.
-pub fn build(kind: RouterKind, hosts: &[Arc<HostInfo>]) -> Result<Arc<dyn Router>> {
+pub(crate) fn build(kind: RouterKind, hosts: &[Arc<HostInfo>]) -> Result<Arc<dyn Router>> {
     Ok(match kind {
         RouterKind::Partition => Arc::new(PartitionRouter::new(hosts)?),
         RouterKind::ConsistentHashing => Arc::new(ConsistentHashingRouter::new(hosts)?),

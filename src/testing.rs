@@ -9,22 +9,80 @@
 //!
 //! The server binary is `redis-server` on `PATH`, or `$RB_REDIS_SERVER`.
 
+use std::fmt;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::cluster::{Cluster, ClusterBuilder};
 use crate::config::HostConfig;
-use crate::error::{Error, HostId, Result};
+use crate::error::{Error, HostId};
 
 static SETUP_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-fn testing_error(reason: impl Into<String>) -> Error {
-    Error::Testing {
-        reason: reason.into().into(),
+type Result<T> = std::result::Result<T, SetupError>;
+
+/// Why `rb::testing` could not start, reach or drive its servers: a missing
+/// `redis-server` (the message says how to install it), a server that
+/// exited before it was ready (the message carries its log), a failed
+/// signal, or a cluster that could not be built over the servers.
+///
+/// It is not an [`rb::Error`](crate::Error): test scaffolding failing is no
+/// outcome of talking to Redis. In a test returning
+/// `Result<(), Box<dyn std::error::Error>>`, `?` takes both.
+#[derive(Clone, Debug)]
+pub struct SetupError {
+    reason: Arc<str>,
+    source: Option<Error>,
+}
+
+impl SetupError {
+    fn new(reason: impl Into<String>) -> SetupError {
+        SetupError {
+            reason: reason.into().into(),
+            source: None,
+        }
     }
+
+    /// What went wrong, with the server's log when there is one.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "test setup: {}", self.reason)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SetupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// A cluster that could not be built over the servers.
+impl From<Error> for SetupError {
+    fn from(e: Error) -> SetupError {
+        SetupError {
+            reason: "cannot build the cluster".into(),
+            source: Some(e),
+        }
+    }
+}
+
+fn testing_error(reason: impl Into<String>) -> SetupError {
+    SetupError::new(reason)
 }
 
 /// One spawned server.
@@ -52,12 +110,23 @@ fn server_binary() -> String {
 impl TestSetup {
     /// Starts `servers` servers, each with `databases_each` databases used
     /// as separate hosts.
+    ///
+    /// # Errors
+    ///
+    /// [`SetupError`] when `redis-server` is missing (saying how to install
+    /// it), a server exits before it is ready (with its log), or the temp
+    /// dir or config files cannot be made. Servers already started are
+    /// reaped.
     pub fn new(servers: usize, databases_each: usize) -> Result<TestSetup> {
         Self::start(servers, databases_each, false, &|_| String::new())
     }
 
     /// Like [`TestSetup::new`], and each server also listens on a free TCP
     /// port of 127.0.0.1 (for benchmarks that compare with TCP clients).
+    ///
+    /// # Errors
+    ///
+    /// As [`TestSetup::new`], and when no free port is found.
     pub fn with_tcp(servers: usize, databases_each: usize) -> Result<TestSetup> {
         Self::start(servers, databases_each, true, &|_| String::new())
     }
@@ -65,6 +134,11 @@ impl TestSetup {
     /// Like [`TestSetup::new`], with `extra(i)` appended to server `i`'s
     /// config file (redis.conf lines; a later directive overrides an
     /// earlier one), e.g. a `tls-port` and certificates.
+    ///
+    /// # Errors
+    ///
+    /// As [`TestSetup::new`] (a bad directive makes the server exit: the
+    /// error carries its log).
     pub fn with_config(
         servers: usize,
         databases_each: usize,
@@ -234,8 +308,13 @@ impl TestSetup {
     }
 
     /// A cluster of `servers * databases_each` hosts (partition router).
+    ///
+    /// # Errors
+    ///
+    /// [`SetupError`] with the [`rb::Error`](crate::Error) of the cluster
+    /// builder as its source, should the builder refuse the hosts.
     pub fn make_cluster(&self) -> Result<Cluster> {
-        self.cluster_builder().build()
+        Ok(self.cluster_builder().build()?)
     }
 
     /// The OS process id of server `i`, while it runs.
@@ -260,16 +339,28 @@ impl TestSetup {
     }
 
     /// Freezes server `i` (SIGSTOP): it accepts connections but answers nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`SetupError`] when server `i` does not run or `kill` fails.
     pub fn pause(&self, i: usize) -> Result<()> {
         self.signal(i, "STOP")
     }
 
     /// Thaws a paused server (SIGCONT).
+    ///
+    /// # Errors
+    ///
+    /// [`SetupError`] when server `i` does not run or `kill` fails.
     pub fn resume(&self, i: usize) -> Result<()> {
         self.signal(i, "CONT")
     }
 
     /// Kills server `i` (SIGKILL) and reaps it.
+    ///
+    /// # Errors
+    ///
+    /// [`SetupError`] when there is no server `i`.
     pub fn kill(&mut self, i: usize) -> Result<()> {
         let count = self.servers.len();
         let server = self
@@ -285,10 +376,39 @@ impl TestSetup {
     }
 
     /// Starts server `i` again on the same socket (after [`TestSetup::kill`]).
+    ///
+    /// # Errors
+    ///
+    /// [`SetupError`] when there is no server `i` or it does not come up
+    /// (with its log).
     pub fn restart(&mut self, i: usize) -> Result<()> {
         self.kill(i)?;
         let stdout = self.spawn(i)?;
         self.wait_ready(i, stdout)
+    }
+}
+
+impl fmt::Debug for TestSetup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Servers<'a>(&'a [Server]);
+        impl fmt::Debug for Servers<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_list()
+                    .entries(self.0.iter().map(|s| {
+                        (
+                            s.socket.display().to_string(),
+                            s.child.as_ref().map(Child::id),
+                            s.tcp_port,
+                        )
+                    }))
+                    .finish()
+            }
+        }
+        f.debug_struct("TestSetup")
+            .field("dir", &self.dir)
+            .field("databases_each", &self.databases_each)
+            .field("servers (socket, pid, tcp port)", &Servers(&self.servers))
+            .finish()
     }
 }
 
@@ -346,13 +466,22 @@ fn make_private_dir() -> Result<PathBuf> {
 /// ```no_run
 /// use rb::Commands;
 /// rb::testing::make_test_cluster(|cluster| cluster.routing_client().set("foo", 1))??;
-/// # Ok::<(), rb::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// # Errors
+///
+/// [`SetupError`] as [`TestSetup::new`] and [`TestSetup::make_cluster`];
+/// what `f` returns is passed through untouched.
 pub fn make_test_cluster<R>(f: impl FnOnce(&Cluster) -> R) -> Result<R> {
     make_test_cluster_with(4, 8, f)
 }
 
 /// [`make_test_cluster`] with a chosen number of servers and databases.
+///
+/// # Errors
+///
+/// As [`make_test_cluster`].
 pub fn make_test_cluster_with<R>(
     servers: usize,
     databases_each: usize,

@@ -43,9 +43,8 @@ fn setup_lifecycle_and_errors() {
     .unwrap();
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::env::set_var("RB_REDIS_SERVER", &tmp);
-    let err = TestSetup::new(1, 1)
-        .err()
-        .expect("a failing server is an error");
+    let err: rb::testing::SetupError =
+        TestSetup::new(1, 1).expect_err("a failing server is an error");
     let text = err.to_string();
     assert!(text.contains("exited before it was ready"), "{text}");
     assert!(
@@ -56,9 +55,7 @@ fn setup_lifecycle_and_errors() {
 
     // A missing binary says how to install it.
     std::env::set_var("RB_REDIS_SERVER", "/nonexistent/redis-server");
-    let err = TestSetup::new(1, 1)
-        .err()
-        .expect("a missing binary is an error");
+    let err = TestSetup::new(1, 1).expect_err("a missing binary is an error");
     assert!(
         err.to_string().contains("apt-get install -y redis-server"),
         "{err}"
@@ -70,4 +67,17 @@ fn setup_lifecycle_and_errors() {
     let cluster = setup.make_cluster().unwrap();
     assert_eq!(cluster.hosts().len(), 2);
     assert_eq!(cluster.local_client(1).unwrap().ping().unwrap(), "PONG");
+    let shown = format!("{setup:?}");
+    assert!(
+        shown.contains("TestSetup") && shown.contains(".sock"),
+        "{shown}"
+    );
+
+    // A SetupError and an rb::Error both go through `?` as Box<dyn Error>.
+    fn ping_one() -> Result<String, Box<dyn std::error::Error>> {
+        Ok(rb::testing::make_test_cluster_with(1, 1, |c| {
+            c.local_client(0)?.ping()
+        })??)
+    }
+    assert_eq!(ping_one().unwrap(), "PONG");
 }

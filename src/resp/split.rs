@@ -48,19 +48,8 @@ pub enum Frame<'a> {
 /// A [`Decoder`] for a stream of replies in which the caller may announce
 /// that the next reply is an array of a known length, to have it split.
 ///
-/// ```
-/// use rb::resp::{Frame, ReplyStream, Value};
-/// let mut stream = ReplyStream::new();
-/// let buf = b"*2\r\n$1\r\na\r\n$-1\r\n+OK\r\n";
-/// let (frame, used) = stream.next(buf, Some(2)).unwrap().unwrap();
-/// assert_eq!((frame, used), (Frame::Split { count: 2 }, 4));
-/// let (frame, used) = stream.next(&buf[4..], None).unwrap().unwrap();
-/// assert_eq!((frame, used), (Frame::Bulk { bytes: Some(&b"a"[..]), last: false }, 7));
-/// let (frame, used) = stream.next(&buf[11..], None).unwrap().unwrap();
-/// assert_eq!((frame, used), (Frame::Bulk { bytes: None, last: true }, 5));
-/// let (frame, _) = stream.next(&buf[16..], None).unwrap().unwrap();
-/// assert_eq!(frame, Frame::Reply(Value::SimpleString("OK".into())));
-/// ```
+/// (Crate-private, public only as `rb::fuzzing::ReplyStream`; the test
+/// `a_split_then_a_reply` walks an example.)
 #[derive(Debug)]
 pub struct ReplyStream {
     /// Whole replies.
@@ -261,6 +250,38 @@ pub(crate) fn plain_bulk_or_nil(buf: &[u8]) -> Option<(Option<&[u8]>, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_then_a_reply() {
+        let mut stream = ReplyStream::new();
+        let buf = b"*2\r\n$1\r\na\r\n$-1\r\n+OK\r\n";
+        let (frame, used) = stream.next(buf, Some(2)).unwrap().unwrap();
+        assert_eq!((frame, used), (Frame::Split { count: 2 }, 4));
+        let (frame, used) = stream.next(&buf[4..], None).unwrap().unwrap();
+        assert_eq!(
+            (frame, used),
+            (
+                Frame::Bulk {
+                    bytes: Some(&b"a"[..]),
+                    last: false
+                },
+                7
+            )
+        );
+        let (frame, used) = stream.next(&buf[11..], None).unwrap().unwrap();
+        assert_eq!(
+            (frame, used),
+            (
+                Frame::Bulk {
+                    bytes: None,
+                    last: true
+                },
+                5
+            )
+        );
+        let (frame, _) = stream.next(&buf[16..], None).unwrap().unwrap();
+        assert_eq!(frame, Frame::Reply(Value::SimpleString("OK".into())));
+    }
     use crate::resp::decode;
 
     /// Splitting an array does not lift the nesting limit: its elements

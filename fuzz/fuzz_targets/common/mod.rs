@@ -1,9 +1,11 @@
-//! Checks shared by the fuzz targets and by `tests/fuzz_regressions.rs`,
-//! which replays `fuzz/regressions/` under `cargo test` through this very
-//! module. Depends on nothing but `rb`.
+//! Checks shared by the fuzz targets and by `src/fuzz_replay.rs`, a unit
+//! test of the crate which replays `fuzz/regressions/` under `cargo test`
+//! through this very module. Depends on nothing but `rb` (with its
+//! `fuzzing` feature, for the engine's reply stream).
 #![allow(dead_code)]
 
-use rb::resp::{decode, Decoder, Frame, ReplyStream};
+use rb::fuzzing::{Frame, ReplyStream};
+use rb::resp::{decode, Decoder};
 use rb::Value;
 
 /// `Value` equality that takes any NaN as equal to any NaN (`Value`'s own

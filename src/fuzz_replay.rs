@@ -1,4 +1,5 @@
-//! Replays every input under `fuzz/regressions/*/` on stable Rust through the
+//! Replays every input under `fuzz/regressions/*/` on stable Rust, as a
+//! unit test (the checks need the decoder's internals, which are not public) through the
 //! fuzz targets' own checks (`fuzz/fuzz_targets/common/mod.rs`): one-shot
 //! decode plus re-encode round trip, and streaming decode (plain and with
 //! arrays split) in 1-byte and 7-byte chunks agreeing with one-shot
@@ -9,6 +10,8 @@ use std::fs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+// The fuzz targets' checks name the crate `rb` (lib.rs declares
+// `extern crate self as rb` for tests) and its internals `rb::fuzzing`.
 #[path = "../fuzz/fuzz_targets/common/mod.rs"]
 mod common;
 
