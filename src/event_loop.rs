@@ -39,7 +39,7 @@ use crate::scripts::ScriptMemory;
 
 /// Read steps one host gets per turn of the loop before the others (and
 /// the deadlines) get theirs.
-const READ_STEPS_PER_TURN: usize = 16;
+const READ_STEPS_PER_TURN: usize = 8;
 
 /// The hosts a session may reach, by id.
 pub(crate) type HostMap = BTreeMap<HostId, HostEntry>;
@@ -441,6 +441,7 @@ impl Session {
         match conn.finish_connect() {
             Ok(true) => {
                 slot.writable = true;
+                self.start_request_budget(i);
                 self.write_slot(i);
             }
             Ok(false) => {

@@ -41,6 +41,11 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Most bytes one read step takes, so deadlines are checked between steps
 /// even while a peer sends at full speed.
 pub(crate) const READ_STEP: usize = 256 * 1024;
+/// The most the read buffer grows by at once (the zeroing of new room is
+/// work done between two deadline checks).
+const GROW_STEP: usize = 4 * 1024 * 1024;
+/// Zeros to append as new read room (a copy, fast in any build).
+static ZEROS: [u8; READ_CHUNK] = [0; READ_CHUNK];
 /// A read buffer grown past this for one huge reply is given back after.
 const KEEP_READ_BUFFER: usize = 1024 * 1024;
 
@@ -178,7 +183,7 @@ impl Pipeline {
     pub(crate) fn connection_ended(&mut self) -> Vec<u8> {
         let mut rbuf = std::mem::take(&mut self.rbuf);
         if rbuf.len() > KEEP_READ_BUFFER {
-            rbuf = Vec::new();
+            release(std::mem::take(&mut rbuf));
         }
         self.rstart = 0;
         self.rend = 0;
@@ -304,29 +309,40 @@ impl Pipeline {
     }
 
     /// Where the next read goes: at most [`READ_STEP`] bytes, at least
-    /// one. The buffer grows to what the reply under way needs (as far as
-    /// its headers tell), at most doubling per step, so memory follows the
-    /// bytes that arrived and one huge bulk gets a buffer of its size, not
-    /// the next power of two.
+    /// one. When room runs short the buffer grows, doubling up to
+    /// [`GROW_STEP`] at a time and never past what the reply under way
+    /// needs (as far as its headers tell), so memory follows the bytes that
+    /// arrived and one huge bulk gets a buffer of its size, not the next
+    /// power of two.
     pub(crate) fn read_buffer(&mut self) -> &mut [u8] {
         if self.rstart == self.rend {
             self.rstart = 0;
             self.rend = 0;
         }
-        let pending = self.rend - self.rstart;
-        let want = self.replies.need().saturating_sub(pending).max(READ_CHUNK);
-        if self.rbuf.len() - self.rend < want {
+        if self.rbuf.len() - self.rend < READ_CHUNK {
+            let pending = self.rend - self.rstart;
             if self.rstart > 0 {
                 self.rbuf.copy_within(self.rstart..self.rend, 0);
                 self.rend = pending;
                 self.rstart = 0;
             }
             let len = self.rbuf.len();
-            if len - self.rend < READ_CHUNK.min(want) || len < self.rend + want {
-                let target = (self.rend + want).min(len.saturating_mul(2).max(READ_CHUNK));
-                let target = target.max(self.rend + READ_CHUNK.min(want));
-                self.rbuf.reserve_exact(target - len);
-                self.rbuf.resize(target, 0);
+            if len - self.rend < READ_CHUNK {
+                // Double, but never past what the reply under way needs (as
+                // far as its headers tell) and by at most GROW_STEP at a
+                // time, so each step's zeroing is short.
+                let need = self.replies.need().max(pending + READ_CHUNK);
+                let grow = len
+                    .clamp(READ_CHUNK, GROW_STEP)
+                    .min(need - self.rend.min(need));
+                let grow = grow.max(READ_CHUNK);
+                self.rbuf.reserve_exact(grow);
+                let mut left = grow;
+                while left > 0 {
+                    let n = left.min(ZEROS.len());
+                    self.rbuf.extend_from_slice(&ZEROS[..n]);
+                    left -= n;
+                }
             }
         }
         let end = self.rbuf.len().min(self.rend + READ_STEP);
@@ -459,6 +475,9 @@ impl Pipeline {
         self.written = 0;
         self.next_flush = WRITE_THRESHOLD;
         self.handshake = Handshake::default();
+        if self.rbuf.len() > KEEP_READ_BUFFER {
+            release(std::mem::take(&mut self.rbuf));
+        }
         self.rstart = 0;
         self.rend = 0;
         self.replies = ReplyStream::with_max_elements(self.host.max_reply_elements);
@@ -496,6 +515,21 @@ impl Pipeline {
         self.replies.reset();
         Some(value)
     }
+}
+
+/// Frees a read buffer grown for a huge reply. Giving hundreds of
+/// megabytes back to the OS takes milliseconds (a page at a time), which a
+/// caller whose deadline just passed should not wait for: buffers past
+/// [`GROW_STEP`] are dropped on a short-lived thread.
+fn release(buffer: Vec<u8>) {
+    if buffer.len() <= GROW_STEP {
+        return;
+    }
+    // When no thread can be spawned, the closure (and the buffer in it) is
+    // dropped here instead.
+    let _ = std::thread::Builder::new()
+        .name("rb-free".into())
+        .spawn(move || drop(buffer));
 }
 
 /// Hands the next element of a split `MGET` reply to its waiter; after the
