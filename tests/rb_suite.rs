@@ -998,8 +998,7 @@ fn test_host_validation() {
             .router(kind)
             .host(1, HostConfig::new())
             .build()
-            .err()
-            .expect("a gap is refused");
+            .expect_err("a gap is refused");
         assert!(matches!(e, Error::BadHostSetup { .. }), "{e}");
         assert!(e.to_string().contains("expected host with id 0"), "{e}");
     }
@@ -1014,7 +1013,7 @@ fn test_host_validation() {
     assert!(e.to_string().contains("expected host with id 1"), "{e}");
 
     // No hosts at all.
-    let e = Cluster::builder().build().err().expect("no hosts");
+    let e = Cluster::builder().build().expect_err("no hosts");
     assert!(matches!(e, Error::BadHostSetup { .. }), "{e}");
 }
 
