@@ -174,8 +174,9 @@ fn connect_unix(host: &HostInfo, path: &str, deadline: Instant) -> Result<UnixSt
 }
 
 impl Connection {
-    /// Starts a non-blocking connect, within the host's connect budget from
-    /// `started` (name resolution included).
+    /// Starts a non-blocking connect; name resolution (and, for a unix
+    /// socket, retries while its accept queue is full) stay within the
+    /// host's connect budget.
     pub(crate) fn connect(host: Arc<HostInfo>, tls: Option<TlsConfig>) -> Result<Connection> {
         let deadline = Instant::now()
             .checked_add(host.connect_timeout)
@@ -187,8 +188,7 @@ impl Connection {
                 Vec::new(),
             ),
             None => {
-                let mut addrs = resolve(&host, deadline)?;
-                addrs.reverse();
+                let addrs = resolve(&host, deadline)?;
                 let (stream, rest) = connect_first(&host, &tls, addrs)?;
                 (stream, false, rest)
             }
@@ -323,23 +323,23 @@ impl Connection {
     }
 }
 
-/// Starts a connect to the first address of `addrs` (in reverse order: the
-/// last is first) that accepts one; returns the stream and the addresses
-/// left.
+/// Starts a connect to the first address of `addrs`, in order, that
+/// accepts one; returns the stream and the addresses left to try.
 fn connect_first(
     host: &Arc<HostInfo>,
     tls: &Option<TlsConfig>,
-    mut addrs: Vec<SocketAddr>,
+    addrs: Vec<SocketAddr>,
 ) -> Result<(Stream, Vec<SocketAddr>)> {
     let name = host.name();
     let mut last = None;
-    while let Some(addr) = addrs.pop() {
+    let mut addrs = addrs.into_iter();
+    while let Some(addr) = addrs.next() {
         match TcpStream::connect(addr) {
             Ok(stream) => {
                 // Latency matters more than packet count: requests are
                 // already coalesced in the pipeline's buffer.
                 let _ = stream.set_nodelay(true);
-                return Ok((wrap(host, tls, stream)?, addrs));
+                return Ok((wrap(host, tls, stream)?, addrs.collect()));
             }
             Err(e) => last = Some(io_error(name, &e)),
         }

@@ -175,19 +175,22 @@ impl Session {
 
     /// The poll, made on first use.
     fn poll(&mut self, host: &HostName) -> Result<&mut (Poll, Events)> {
-        if self.poll.is_none() {
-            let poll =
-                Poll::new().map_err(|e| poll_error(host, &e, "cannot create a poll instance"))?;
-            self.poll = Some((poll, Events::with_capacity(1024)));
+        match &mut self.poll {
+            Some(poll) => Ok(poll),
+            none => {
+                let poll = Poll::new()
+                    .map_err(|e| poll_error(host, &e, "cannot create a poll instance"))?;
+                Ok(none.insert((poll, Events::with_capacity(1024))))
+            }
         }
-        match self.poll.as_mut() {
-            Some(p) => Ok(p),
-            None => Err(poll_error(
-                host,
-                &std::io::ErrorKind::Other.into(),
-                "no poll",
-            )),
-        }
+    }
+
+    /// Registers `conn` (slot `i`'s new or replaced socket) with the poll.
+    fn register(&mut self, i: usize, conn: &mut Connection) -> Result<()> {
+        let name = self.slots[i].name().clone();
+        let (poll, _) = self.poll(&name)?;
+        conn.register(poll.registry(), Token(i))
+            .map_err(|e| poll_error(&name, &e, "cannot register with the poll"))
     }
 
     /// The slot of `id`, created on first use.
@@ -228,17 +231,7 @@ impl Session {
             Ok(c) => c,
             Err(e) => return self.reject_slot(i, e),
         };
-        let name = self.slots[i].name().clone();
-        let registered = self.poll(&name).and_then(|(poll, _)| {
-            conn.register(poll.registry(), Token(i))
-                .map_err(|e| Error::Connection {
-                    host: name.clone(),
-                    command: None,
-                    kind: e.kind(),
-                    reason: format!("cannot register with the poll: {e}").into(),
-                })
-        });
-        if let Err(e) = registered {
+        if let Err(e) = self.register(i, &mut conn) {
             return self.reject_slot(i, e);
         }
         let slot = &mut self.slots[i];
@@ -434,7 +427,6 @@ impl Session {
 
     fn on_writable(&mut self, i: usize) {
         let slot = &mut self.slots[i];
-        let name = slot.pipeline.name().clone();
         let Some(conn) = slot.conn.as_mut() else {
             return;
         };
@@ -444,24 +436,17 @@ impl Session {
                 self.start_request_budget(i);
                 self.write_slot(i);
             }
-            Ok(false) => {
-                if conn.needs_register() {
-                    // The next address's connect started on a new socket.
-                    let registered = match self.poll.as_ref() {
-                        Some((poll, _)) => conn
-                            .register(poll.registry(), Token(i))
-                            .map_err(|e| io_error(&name, &e)),
-                        None => Err(poll_error(
-                            &name,
-                            &std::io::ErrorKind::Other.into(),
-                            "no poll",
-                        )),
-                    };
+            Ok(false) if conn.needs_register() => {
+                // The next address's connect started on a new socket.
+                if let Some(mut conn) = self.slots[i].conn.take() {
+                    let registered = self.register(i, &mut conn);
+                    self.slots[i].conn = Some(conn);
                     if let Err(e) = registered {
                         self.fail_slot(i, e);
                     }
                 }
             }
+            Ok(false) => {}
             Err(e) => self.fail_slot(i, e),
         }
     }

@@ -334,8 +334,8 @@ impl Pipeline {
                 let need = self.replies.need().max(pending + READ_CHUNK);
                 let grow = len
                     .clamp(READ_CHUNK, GROW_STEP)
-                    .min(need - self.rend.min(need));
-                let grow = grow.max(READ_CHUNK);
+                    .min(need.saturating_sub(self.rend))
+                    .max(READ_CHUNK);
                 self.rbuf.reserve_exact(grow);
                 let mut left = grow;
                 while left > 0 {

@@ -90,20 +90,6 @@ fn get_set_calls(cluster: &Cluster, host: HostId) -> (u64, u64, u64, u64) {
     )
 }
 
-/// `VmRSS` and `VmHWM` of this process, in KiB.
-fn rss_kib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/self/status"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// Open fds of this process: all of them, and the sockets among them.
 fn open_fds() -> (usize, usize) {
     let mut all = 0;
@@ -220,7 +206,7 @@ fn map_over_64_hosts_with_a_million_keys() {
     const KEYS: usize = 1_000_000;
     let (_setup, cluster) = cluster(8, 8);
     assert_eq!(cluster.host_ids().len(), 64);
-    let (rss_before, hwm_before) = rss_kib();
+    let (rss_before, hwm_before) = common::watch::rss_kib();
 
     let start = Instant::now();
     let sets = cluster
@@ -234,7 +220,7 @@ fn map_over_64_hosts_with_a_million_keys() {
     assert_eq!(sets.len(), KEYS);
     assert!(sets.iter().all(Promise::is_resolved), "every SET resolved");
     drop(sets);
-    let (rss_after_set, _) = rss_kib();
+    let (rss_after_set, _) = common::watch::rss_kib();
 
     let start = Instant::now();
     let gets = cluster
@@ -252,7 +238,7 @@ fn map_over_64_hosts_with_a_million_keys() {
         }
     }
     assert_eq!(wrong, 0, "values read back wrong");
-    let (rss_after_get, hwm_after) = rss_kib();
+    let (rss_after_get, hwm_after) = common::watch::rss_kib();
     drop(gets);
 
     let sizes = cluster
