@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::args::ToArg;
 use crate::cluster::{Cluster, Hosts, MapOptions};
-use crate::cmd::{cmd, Call, Cmd, ScriptCall};
+use crate::cmd::{Call, Cmd, ScriptCall};
 use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::Session;
@@ -21,22 +21,24 @@ use crate::multikey::{self, MultiKey};
 use crate::promise::Promise;
 use crate::resp::Value;
 use crate::router::Router;
+use crate::scripts::{is_noscript, retry_noscript, Enqueue, ScriptLoads, ScriptMemory};
 
 /// Sends a command and hands back the client's kind of answer.
 ///
 /// This is the one method every client implements; [`crate::Commands`]
-/// builds every typed helper on it.
+/// builds every typed helper on it. Methods take `&self`, so a client can
+/// be shared (the immediate ones between threads, in an `Arc`).
 pub trait Execute {
     /// What a command returns on this client: `Result<T>` (immediate),
     /// `Promise<T>` (in a map), `Promise<HashMap<HostId, T>>` (fanout).
     type Output<T: FromValue + 'static>;
 
     /// Sends `cmd`, converting its reply to `T`.
-    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Self::Output<T>;
+    fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Self::Output<T>;
 
     /// Runs a Lua script (`EVALSHA`, loading it first where the host may
     /// lack it), converting its reply to `T`.
-    fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Self::Output<T>;
+    fn execute_script<T: FromValue + 'static>(&self, call: ScriptCall) -> Self::Output<T>;
 }
 
 /// Records the first failure of a session.
@@ -50,102 +52,59 @@ fn note_failure(failures: &Failures, e: &Error) {
 }
 
 /// Routes and sends commands into a session; shared by the map and fanout clients.
-struct Dispatch<'s> {
-    session: &'s mut Session,
+struct Dispatch {
+    session: Session,
     router: Arc<dyn Router>,
     failures: Failures,
-    /// Scripts whose `SCRIPT LOAD` this session already queued, per host.
-    loading: HashMap<(HostId, Arc<str>), Promise<String>>,
+    scripts: Arc<ScriptMemory>,
+    /// The `SCRIPT LOAD`s this session already queued.
+    loads: ScriptLoads,
 }
 
-impl<'s> Dispatch<'s> {
-    fn new(session: &'s mut Session, router: Arc<dyn Router>) -> Dispatch<'s> {
-        let failures = session.failures();
+impl Enqueue for Dispatch {
+    #[inline]
+    fn enqueue<T: FromValue + 'static>(&mut self, host: HostId, cmd: &Cmd) -> Promise<T> {
+        let promise = Promise::new();
+        self.session.enqueue(host, cmd, promise.sink());
+        promise
+    }
+}
+
+impl Dispatch {
+    fn new(session: Session, router: Arc<dyn Router>) -> Dispatch {
         Dispatch {
+            failures: session.failures(),
+            scripts: session.scripts().clone(),
             session,
             router,
-            failures,
-            loading: HashMap::new(),
+            loads: ScriptLoads::default(),
         }
     }
 
-    /// Runs a script on `host`: `SCRIPT LOAD` first unless the host is known
-    /// to hold it, then `EVALSHA`. A `NOSCRIPT` answer makes the cluster
-    /// forget the pair, so the next call loads again.
-    fn script<T: FromValue + 'static>(&mut self, host: HostId, call: &ScriptCall) -> Promise<T> {
-        self.script_loading(host, call, false)
-    }
-
-    /// [`Dispatch::script`]; with `always_load`, `SCRIPT LOAD` goes ahead
-    /// of the `EVALSHA` (once per host in this session) even where the
-    /// host is known to hold the script, so a script flushed since cannot
-    /// answer `NOSCRIPT` while the commands queued after it run.
-    fn script_loading<T: FromValue + 'static>(
+    /// Runs a script on `host` (see [`ScriptLoads::call`]); with `followed`,
+    /// its `SCRIPT LOAD` goes ahead whatever the cluster remembers.
+    fn script<T: FromValue + 'static>(
         &mut self,
         host: HostId,
         call: &ScriptCall,
-        always_load: bool,
+        followed: bool,
     ) -> Promise<T> {
-        let memory = self.session.scripts().clone();
-        let sha: Arc<str> = call.script.sha1().into();
-        let key = (host, sha.clone());
-        if (always_load || !memory.knows(host, &sha)) && !self.loading.contains_key(&key) {
-            let load = cmd("SCRIPT").arg("LOAD").arg(call.script.source());
-            let loaded: Promise<String> = self.send(host, &load);
-            let (m, s) = (memory.clone(), sha.clone());
-            loaded.done(
-                move |got| {
-                    if **got == *s {
-                        m.remember(host, &s);
-                    }
-                },
-                |_| {},
-            );
-            self.loading.insert(key.clone(), loaded);
-        }
-        let load = self.loading.get(&key).cloned();
-        let evalsha: Promise<T> = self.send(host, &call.evalsha());
-        let result = Promise::new();
-        let out = result.clone();
-        evalsha.on_result(move |r| {
-            out.settle(match r {
-                Err(e) if e.code() == Some("NOSCRIPT") => {
-                    memory.forget(host, &sha);
-                    // A script that failed to load (a Lua syntax error) is
-                    // reported as that failure, not as the NOSCRIPT after it.
-                    Err(load.and_then(|l| l.reason()).unwrap_or(e))
-                }
-                other => other,
-            })
-        });
-        result
+        let (mut loads, scripts) = (std::mem::take(&mut self.loads), self.scripts.clone());
+        let p = loads.call(self, &scripts, host, call, followed);
+        self.loads = loads;
+        p
     }
 
     /// The host of a script call: that of its one key. As with commands, a
     /// script over several keys is refused whatever they hash to, and one
     /// with no key needs a fanout or a local client.
     fn script_host(&self, call: &ScriptCall) -> Result<HostId> {
-        match call.keys.as_slice() {
-            [key] => self.router.host_for_key(key),
-            [] => Err(Error::unroutable(
-                b"EVALSHA",
-                "the script call has no key; use a fanout or a local client",
-            )),
-            keys => Err(Error::unroutable(
-                b"EVALSHA",
-                format!(
-                    "the script call has {} keys, which cannot be routed to one host; use execute_commands with one routing key",
-                    keys.len()
-                ),
-            )),
-        }
+        script_host(&*self.router, call)
     }
 
     #[inline]
     fn send<T: FromValue + 'static>(&mut self, host: HostId, cmd: &Cmd) -> Promise<T> {
-        let promise = Promise::new();
-        self.session.enqueue(host, cmd, promise.sink());
-        promise
+        self.enqueue(host, cmd)
     }
 
     fn reject<T: 'static>(&self, e: Error) -> Promise<T> {
@@ -197,7 +156,10 @@ impl<'s> Dispatch<'s> {
         hosts: &[HostId],
         call: &ScriptCall,
     ) -> Promise<HashMap<HostId, T>> {
-        let promises = hosts.iter().map(|&h| self.script::<T>(h, call)).collect();
+        let promises = hosts
+            .iter()
+            .map(|&h| self.script::<T>(h, call, false))
+            .collect();
         by_host(hosts, promises)
     }
 
@@ -211,59 +173,238 @@ impl<'s> Dispatch<'s> {
     }
 }
 
+/// The host of a script call with one key (see [`Dispatch::script_host`]).
+fn script_host(router: &dyn Router, call: &ScriptCall) -> Result<HostId> {
+    match call.keys.as_slice() {
+        [key] => router.host_for_key(key),
+        [] => Err(Error::unroutable(
+            b"EVALSHA",
+            "the script call has no key; use a fanout or a local client",
+        )),
+        keys => Err(Error::unroutable(
+            b"EVALSHA",
+            format!(
+                "the script call has {} keys, which cannot be routed to one host; use execute_commands with one routing key",
+                keys.len()
+            ),
+        )),
+    }
+}
+
 /// One promise per host (in `hosts` order) joined into replies by host id.
 fn by_host<T: 'static>(hosts: &[HostId], promises: Vec<Promise<T>>) -> Promise<HashMap<HostId, T>> {
     let ids = hosts.to_vec();
     Promise::all_owned(promises).map_owned(move |values| Ok(ids.into_iter().zip(values).collect()))
 }
 
-/// The client inside [`Cluster::map`]: commands are routed by key, queued
-/// per host (plain GETs and SETs merged into MGET/MSET), sent to every host
-/// at once, and answered through [`Promise`]s that are all settled when the
-/// map returns.
-pub struct MappingClient<'s> {
-    dispatch: Dispatch<'s>,
+/// A session's dispatch behind `&self`: the map and fanout clients' shared
+/// core, with `join` and `cancel` (rb's explicit mapping and fanout clients).
+struct Batch {
+    dispatch: RefCell<Option<Dispatch>>,
+    /// Why no dispatch could be made (bad options, no router): every
+    /// command and join answers with it.
+    broken: Option<Error>,
 }
 
-impl<'s> MappingClient<'s> {
-    pub(crate) fn new(session: &'s mut Session, router: Arc<dyn Router>) -> MappingClient<'s> {
-        MappingClient {
-            dispatch: Dispatch::new(session, router),
+impl Batch {
+    fn new(session: Session, router: Arc<dyn Router>) -> Batch {
+        Batch {
+            dispatch: RefCell::new(Some(Dispatch::new(session, router))),
+            broken: None,
+        }
+    }
+
+    fn broken(e: Error) -> Batch {
+        Batch {
+            dispatch: RefCell::new(None),
+            broken: Some(e),
+        }
+    }
+
+    /// Runs `f` on the dispatch. A command issued from a promise callback
+    /// while this client is sending (the callback runs inside it) cannot
+    /// be queued, and is rejected instead of panicking.
+    fn with<T: 'static>(&self, f: impl FnOnce(&mut Dispatch) -> Promise<T>) -> Promise<T> {
+        match self.dispatch.try_borrow_mut() {
+            Ok(mut guard) => match (guard.as_mut(), &self.broken) {
+                (Some(d), _) => f(d),
+                (None, Some(e)) => Promise::rejected(e.clone()),
+                (None, None) => Promise::rejected(Error::config("the client was already finished")),
+            },
+            Err(_) => Promise::rejected(Error::Unsupported {
+                command: "(a command)".into(),
+                reason: "issued from a promise callback while the same client was sending; \
+                         issue it after the join instead"
+                    .into(),
+            }),
+        }
+    }
+
+    fn join(&self, timeout: Option<Duration>) -> Result<()> {
+        let Ok(mut guard) = self.dispatch.try_borrow_mut() else {
+            return Err(reentrant("join"));
+        };
+        let Some(d) = guard.as_mut() else {
+            return self.broken.clone().map_or(Ok(()), Err);
+        };
+        let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
+        d.session.join_by(deadline, timeout);
+        d.loads = ScriptLoads::default();
+        d.session.take_failure().map_or(Ok(()), Err)
+    }
+
+    fn cancel(&self) {
+        if let Ok(mut guard) = self.dispatch.try_borrow_mut() {
+            if let Some(d) = guard.as_mut() {
+                d.session.cancel(|host| Error::Cancelled {
+                    host: host.clone(),
+                    command: None,
+                });
+                d.loads = ScriptLoads::default();
+            }
+        }
+    }
+
+    /// Joins (the scoped forms) and ends the session: healthy connections go
+    /// back to their pools. The first failure, if any.
+    fn finish(&self) -> Option<Error> {
+        let Ok(mut guard) = self.dispatch.try_borrow_mut() else {
+            return Some(reentrant("finish"));
+        };
+        let mut d = guard.take()?;
+        d.session.join();
+        d.session.finish()
+    }
+
+    fn router(&self) -> Option<Arc<dyn Router>> {
+        let guard = self.dispatch.try_borrow().ok()?;
+        guard.as_ref().map(|d| d.router.clone())
+    }
+}
+
+impl Drop for Batch {
+    /// A client dropped without a join rejects what it left outstanding
+    /// (as cancelled) rather than leaving promises pending forever.
+    fn drop(&mut self) {
+        if let Some(mut d) = self.dispatch.get_mut().take() {
+            d.session.cancel(|host| Error::Cancelled {
+                host: host.clone(),
+                command: None,
+            });
+            let _ = d.session.finish();
         }
     }
 }
 
-impl Execute for MappingClient<'_> {
+fn reentrant(what: &str) -> Error {
+    Error::Unsupported {
+        command: what.into(),
+        reason: "called from a promise callback while the same client was sending".into(),
+    }
+}
+
+/// The client of a map (rb's mapping client): commands are routed by key,
+/// queued per host (plain GETs and SETs merged into MGET/MSET), sent to
+/// every host at once, and answered through [`Promise`]s.
+///
+/// Inside [`Cluster::map`] every promise is settled when the map returns.
+/// Made with [`Cluster::mapping_client`], it is joined (or cancelled) by
+/// hand, as often as wanted; dropping it cancels what is outstanding.
+///
+/// ```no_run
+/// use rb::{Cluster, Commands, MapOptions};
+/// use std::time::Duration;
+/// let cluster = Cluster::from_urls(["redis://127.0.0.1:6379", "redis://127.0.0.1:6380"])?;
+/// let m = cluster.mapping_client(MapOptions::new());
+/// let a = m.get("a");
+/// let b = m.incr("b");
+/// m.join(Some(Duration::from_millis(50)))?; // every promise is settled now
+/// println!("{:?} {}", a.value()?, b.value()?);
+/// # Ok::<(), rb::Error>(())
+/// ```
+pub struct MappingClient {
+    batch: Batch,
+}
+
+impl MappingClient {
+    pub(crate) fn new(session: Session, router: Arc<dyn Router>) -> MappingClient {
+        MappingClient {
+            batch: Batch::new(session, router),
+        }
+    }
+
+    /// A client that answers every command and join with `e`.
+    pub(crate) fn broken(e: Error) -> MappingClient {
+        MappingClient {
+            batch: Batch::broken(e),
+        }
+    }
+
+    /// Waits until every promise is settled, or `timeout` passes (then what
+    /// is left is rejected with [`Error::Timeout`] and those connections
+    /// closed). The client stays usable: send more, join again.
+    ///
+    /// # Errors
+    ///
+    /// The first failure since the last join (every promise is settled all
+    /// the same, each with its own outcome).
+    pub fn join(&self, timeout: Option<Duration>) -> Result<()> {
+        self.batch.join(timeout)
+    }
+
+    /// Rejects every outstanding promise with [`Error::Cancelled`] and
+    /// closes the connections that had requests in flight (rb's `cancel`).
+    pub fn cancel(&self) {
+        self.batch.cancel();
+    }
+
+    pub(crate) fn finish(self) -> Option<Error> {
+        self.batch.finish()
+    }
+}
+
+impl Execute for MappingClient {
     type Output<T: FromValue + 'static> = Promise<T>;
 
-    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
-        self.dispatch.routed(cmd)
+    fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Promise<T> {
+        self.batch.with(|d| d.routed(cmd))
     }
 
-    fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Promise<T> {
-        match self.dispatch.script_host(&call) {
-            Ok(host) => self.dispatch.script(host, &call),
-            Err(e) => self.dispatch.reject(e),
-        }
+    fn execute_script<T: FromValue + 'static>(&self, call: ScriptCall) -> Promise<T> {
+        self.batch.with(|d| match d.script_host(&call) {
+            Ok(host) => d.script(host, &call, false),
+            Err(e) => d.reject(e),
+        })
     }
 }
 
-/// The client inside [`Cluster::fanout`]: each command goes to every
+/// The client of a fanout (rb's fanout client): each command goes to every
 /// target host, and its promise holds the replies by host id.
-pub struct FanoutClient<'s> {
-    dispatch: Dispatch<'s>,
+///
+/// Inside [`Cluster::fanout`] every promise is settled when it returns.
+/// Made with [`Cluster::fanout_client`], it is joined or cancelled by hand.
+pub struct FanoutClient {
+    batch: Batch,
     targets: Vec<HostId>,
 }
 
-impl<'s> FanoutClient<'s> {
+impl FanoutClient {
     pub(crate) fn new(
-        session: &'s mut Session,
+        session: Session,
         router: Arc<dyn Router>,
         targets: Vec<HostId>,
-    ) -> FanoutClient<'s> {
+    ) -> FanoutClient {
         FanoutClient {
-            dispatch: Dispatch::new(session, router),
+            batch: Batch::new(session, router),
             targets,
+        }
+    }
+
+    /// A client that answers every command and join with `e`.
+    pub(crate) fn broken(e: Error) -> FanoutClient {
+        FanoutClient {
+            batch: Batch::broken(e),
+            targets: Vec::new(),
         }
     }
 
@@ -274,90 +415,101 @@ impl<'s> FanoutClient<'s> {
 
     /// The next command(s) through the returned handle go to these hosts
     /// only (rb's `target`).
-    pub fn target(&mut self, hosts: &[HostId]) -> TargetedClient<'_, 's> {
+    pub fn target(&self, hosts: &[HostId]) -> TargetedClient<'_> {
         TargetedClient {
-            dispatch: &mut self.dispatch,
+            fanout: self,
             hosts: hosts.to_vec(),
         }
     }
 
     /// The next command(s) through the returned handle go to the host that
     /// owns `key`, and answer with a plain `Promise<T>` (rb's `target_key`).
-    pub fn target_key<K: ToArg>(&mut self, key: K) -> KeyTargetedClient<'_, 's> {
+    pub fn target_key<K: ToArg>(&self, key: K) -> KeyTargetedClient<'_> {
         let key = crate::args::to_bytes(&key);
-        let host = self.dispatch.router.host_for_key(&key);
-        KeyTargetedClient {
-            dispatch: &mut self.dispatch,
-            host,
-        }
+        let host = match (self.batch.router(), &self.batch.broken) {
+            (Some(router), _) => router.host_for_key(&key),
+            (None, Some(e)) => Err(e.clone()),
+            (None, None) => Err(reentrant("target_key")),
+        };
+        KeyTargetedClient { fanout: self, host }
+    }
+
+    /// As [`MappingClient::join`].
+    ///
+    /// # Errors
+    ///
+    /// The first failure since the last join.
+    pub fn join(&self, timeout: Option<Duration>) -> Result<()> {
+        self.batch.join(timeout)
+    }
+
+    /// As [`MappingClient::cancel`].
+    pub fn cancel(&self) {
+        self.batch.cancel();
+    }
+
+    pub(crate) fn finish(self) -> Option<Error> {
+        self.batch.finish()
     }
 }
 
-impl Execute for FanoutClient<'_> {
+impl Execute for FanoutClient {
     type Output<T: FromValue + 'static> = Promise<HashMap<HostId, T>>;
 
-    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<HashMap<HostId, T>> {
-        let targets = std::mem::take(&mut self.targets);
-        let p = self.dispatch.fan(&targets, &cmd);
-        self.targets = targets;
-        p
+    fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Promise<HashMap<HostId, T>> {
+        self.batch.with(|d| d.fan(&self.targets, &cmd))
     }
 
     fn execute_script<T: FromValue + 'static>(
-        &mut self,
+        &self,
         call: ScriptCall,
     ) -> Promise<HashMap<HostId, T>> {
-        let targets = self.targets.clone();
-        self.dispatch.fan_script(&targets, &call)
+        self.batch.with(|d| d.fan_script(&self.targets, &call))
     }
 }
 
 /// A fanout narrowed to some hosts: see [`FanoutClient::target`].
-pub struct TargetedClient<'a, 's> {
-    dispatch: &'a mut Dispatch<'s>,
+pub struct TargetedClient<'a> {
+    fanout: &'a FanoutClient,
     hosts: Vec<HostId>,
 }
 
-impl Execute for TargetedClient<'_, '_> {
+impl Execute for TargetedClient<'_> {
     type Output<T: FromValue + 'static> = Promise<HashMap<HostId, T>>;
 
-    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<HashMap<HostId, T>> {
-        self.dispatch.fan(&self.hosts, &cmd)
+    fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Promise<HashMap<HostId, T>> {
+        self.fanout.batch.with(|d| d.fan(&self.hosts, &cmd))
     }
 
     fn execute_script<T: FromValue + 'static>(
-        &mut self,
+        &self,
         call: ScriptCall,
     ) -> Promise<HashMap<HostId, T>> {
-        self.dispatch.fan_script(&self.hosts, &call)
+        self.fanout.batch.with(|d| d.fan_script(&self.hosts, &call))
     }
 }
 
 /// A fanout narrowed to one key's host: see [`FanoutClient::target_key`].
-pub struct KeyTargetedClient<'a, 's> {
-    dispatch: &'a mut Dispatch<'s>,
+pub struct KeyTargetedClient<'a> {
+    fanout: &'a FanoutClient,
     host: Result<HostId>,
 }
 
-impl Execute for KeyTargetedClient<'_, '_> {
+impl Execute for KeyTargetedClient<'_> {
     type Output<T: FromValue + 'static> = Promise<T>;
 
-    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
-        match &self.host {
-            Ok(host) => self.dispatch.send(*host, &cmd),
-            Err(e) => self
-                .dispatch
-                .reject(e.clone().with_context_command(&cmd.display_name())),
-        }
+    fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Promise<T> {
+        self.fanout.batch.with(|d| match &self.host {
+            Ok(host) => d.send(*host, &cmd),
+            Err(e) => d.reject(e.clone().with_context_command(&cmd.display_name())),
+        })
     }
 
-    fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Promise<T> {
-        match &self.host {
-            Ok(host) => self.dispatch.script(*host, &call),
-            Err(e) => self
-                .dispatch
-                .reject(e.clone().with_context_command("EVALSHA")),
-        }
+    fn execute_script<T: FromValue + 'static>(&self, call: ScriptCall) -> Promise<T> {
+        self.fanout.batch.with(|d| match &self.host {
+            Ok(host) => d.script(*host, &call, false),
+            Err(e) => d.reject(e.clone().with_context_command("EVALSHA")),
+        })
     }
 }
 
@@ -385,16 +537,14 @@ fn run_now<T: FromValue + 'static>(
     cluster: &Cluster,
     hosts_hint: &[HostId],
     auto_batch: bool,
-    submit: impl FnOnce(&mut Dispatch<'_>) -> Promise<T>,
+    submit: impl FnOnce(&mut Dispatch) -> Promise<T>,
 ) -> Result<T> {
     let budget = immediate_budget(cluster, hosts_hint);
-    let mut session = cluster.immediate_session(auto_batch, budget);
-    let promise = {
-        let mut dispatch = Dispatch::new(&mut session, cluster.router()?);
-        submit(&mut dispatch)
-    };
-    session.join();
-    let _ = session.finish();
+    let session = cluster.immediate_session(auto_batch, budget);
+    let mut dispatch = Dispatch::new(session, cluster.router()?);
+    let promise = submit(&mut dispatch);
+    dispatch.session.join();
+    let _ = dispatch.session.finish();
     promise.take()
 }
 
@@ -407,7 +557,7 @@ fn run_now<T: FromValue + 'static>(
 /// ```no_run
 /// use rb::{Cluster, Commands};
 /// let cluster = Cluster::from_urls(["redis://127.0.0.1:6379", "redis://127.0.0.1:6380"])?;
-/// let mut client = cluster.routing_client();
+/// let client = cluster.routing_client();
 /// client.set("key", 42)?;
 /// let v: Option<Vec<u8>> = client.get("key")?;
 /// let n: i64 = client.cmd(rb::cmd("INCRBY").arg("counter").arg(2))?;
@@ -437,7 +587,7 @@ impl RoutingClient {
     /// # Errors
     ///
     /// As [`Cluster::map_with`].
-    pub fn map<R>(&self, f: impl FnOnce(&mut MappingClient<'_>) -> R) -> Result<R> {
+    pub fn map<R>(&self, f: impl FnOnce(&MappingClient) -> R) -> Result<R> {
         let opts = MapOptions::new().auto_batch(self.auto_batch);
         self.cluster.map_with(opts, f)
     }
@@ -447,7 +597,7 @@ impl RoutingClient {
     /// # Errors
     ///
     /// As [`Cluster::fanout_with`].
-    pub fn fanout<R>(&self, hosts: Hosts, f: impl FnOnce(&mut FanoutClient<'_>) -> R) -> Result<R> {
+    pub fn fanout<R>(&self, hosts: Hosts, f: impl FnOnce(&FanoutClient) -> R) -> Result<R> {
         let opts = MapOptions::new().auto_batch(self.auto_batch);
         self.cluster.fanout_with(opts, hosts, f)
     }
@@ -456,7 +606,7 @@ impl RoutingClient {
 impl Execute for RoutingClient {
     type Output<T: FromValue + 'static> = Result<T>;
 
-    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Result<T> {
+    fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Result<T> {
         if MultiKey::of(&cmd).is_some() {
             let hosts = self.cluster.host_ids();
             return run_now(&self.cluster, &hosts, self.auto_batch, |d| d.routed(cmd));
@@ -468,25 +618,8 @@ impl Execute for RoutingClient {
         })
     }
 
-    fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Result<T> {
-        let host = match call.keys.as_slice() {
-            [key] => self.cluster.router()?.host_for_key(key)?,
-            [] => {
-                return Err(Error::unroutable(
-                    b"EVALSHA",
-                    "the script call has no key; use a fanout or a local client",
-                ))
-            }
-            keys => {
-                return Err(Error::unroutable(
-                    b"EVALSHA",
-                    format!(
-                        "the script call has {} keys, which cannot be routed to one host; use execute_commands with one routing key",
-                        keys.len()
-                    ),
-                ))
-            }
-        };
+    fn execute_script<T: FromValue + 'static>(&self, call: ScriptCall) -> Result<T> {
+        let host = script_host(&*self.cluster.router()?, &call)?;
         script_now(&self.cluster, host, &call)
     }
 }
@@ -498,12 +631,7 @@ fn script_now<T: FromValue + 'static>(
     host: HostId,
     call: &ScriptCall,
 ) -> Result<T> {
-    match run_now(cluster, &[host], false, |d| d.script::<T>(host, call)) {
-        Err(e) if e.code() == Some("NOSCRIPT") => {
-            run_now(cluster, &[host], false, |d| d.script(host, call))
-        }
-        other => other,
-    }
+    retry_noscript(|| run_now(cluster, &[host], false, |d| d.script(host, call, false)))
 }
 
 /// A client for one host, immediate (rb's `get_local_client`). Commands are
@@ -528,12 +656,12 @@ impl LocalClient {
 impl Execute for LocalClient {
     type Output<T: FromValue + 'static> = Result<T>;
 
-    fn execute<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Result<T> {
+    fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Result<T> {
         let host = self.host;
         run_now(&self.cluster, &[host], false, |d| d.send(host, &cmd))
     }
 
-    fn execute_script<T: FromValue + 'static>(&mut self, call: ScriptCall) -> Result<T> {
+    fn execute_script<T: FromValue + 'static>(&self, call: ScriptCall) -> Result<T> {
         script_now(&self.cluster, self.host, &call)
     }
 }
@@ -571,42 +699,36 @@ where
     // for a retry.
     type Retry = (HostId, ScriptCall, Promise<Value>);
     let retries: Rc<RefCell<Vec<Retry>>> = Rc::default();
-    let memory = cluster.script_memory();
     let mut out = HashMap::new();
-    let mut session = cluster.session(&opts);
-    {
-        let mut d = Dispatch::new(&mut session, router.clone());
-        for (e, (key, host, calls)) in entries.into_iter().enumerate() {
-            let last = last_call.get(&crate::args::to_bytes(&key)).copied();
-            let mut results = Vec::with_capacity(calls.len());
-            for (c, call) in calls.into_iter().enumerate() {
-                let result = Promise::new();
-                match call {
-                    Call::Cmd(cmd) => {
-                        let p: Promise<Value> = d.send(host, &cmd);
-                        let r = result.clone();
-                        p.on_result(move |v| r.settle(v));
-                    }
-                    Call::Script(sc) => {
-                        let followed = last != Some((e, c));
-                        let p: Promise<Value> = d.script_loading(host, &sc, followed);
-                        let (r, retries) = (result.clone(), retries.clone());
-                        p.on_result(move |v| match v {
-                            Err(e) if e.code() == Some("NOSCRIPT") => {
-                                retries.borrow_mut().push((host, sc, r))
-                            }
-                            v => r.settle(v),
-                        });
-                    }
+    let mut d = Dispatch::new(cluster.session(&opts), router.clone());
+    for (e, (key, host, calls)) in entries.into_iter().enumerate() {
+        let last = last_call.get(&crate::args::to_bytes(&key)).copied();
+        let mut results = Vec::with_capacity(calls.len());
+        for (c, call) in calls.into_iter().enumerate() {
+            let result = Promise::new();
+            match call {
+                Call::Cmd(cmd) => {
+                    let p: Promise<Value> = d.send(host, &cmd);
+                    let r = result.clone();
+                    p.on_result(move |v| r.settle(v));
                 }
-                results.push(result);
+                Call::Script(sc) => {
+                    let followed = last != Some((e, c));
+                    let p: Promise<Value> = d.script(host, &sc, followed);
+                    let (r, retries) = (result.clone(), retries.clone());
+                    p.on_result(move |v| match v {
+                        Err(e) if is_noscript(&e) => retries.borrow_mut().push((host, sc, r)),
+                        v => r.settle(v),
+                    });
+                }
             }
-            // A key given twice: both lists ran; keep both lists' results.
-            out.entry(key).or_insert_with(Vec::new).extend(results);
+            results.push(result);
         }
+        // A key given twice: both lists ran; keep both lists' results.
+        out.entry(key).or_insert_with(Vec::new).extend(results);
     }
-    session.join();
-    let _ = session.finish();
+    d.session.join();
+    let _ = d.session.finish();
 
     // Once more for the calls whose script vanished in between, within
     // what is left of the timeout.
@@ -616,28 +738,24 @@ where
         if let Some(t) = opts.timeout {
             opts.timeout = Some(t.saturating_sub(started.elapsed()));
         }
-        let mut session = cluster.session(&opts);
-        {
-            let mut d = Dispatch::new(&mut session, router);
-            for (host, sc, result) in retries {
-                memory.forget(host, sc.script.sha1());
-                let p: Promise<Value> = d.script(host, &sc);
-                p.on_result(move |v| result.settle(v));
-            }
+        let mut d = Dispatch::new(cluster.session(&opts), router);
+        for (host, sc, result) in retries {
+            let p: Promise<Value> = d.script(host, &sc, false);
+            p.on_result(move |v| result.settle(v));
         }
-        session.join();
-        let _ = session.finish();
+        d.session.join();
+        let _ = d.session.finish();
     }
     Ok(out)
 }
 
-impl std::fmt::Debug for MappingClient<'_> {
+impl std::fmt::Debug for MappingClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MappingClient").finish_non_exhaustive()
     }
 }
 
-impl std::fmt::Debug for FanoutClient<'_> {
+impl std::fmt::Debug for FanoutClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FanoutClient")
             .field("targets", &self.targets)
@@ -645,7 +763,7 @@ impl std::fmt::Debug for FanoutClient<'_> {
     }
 }
 
-impl std::fmt::Debug for TargetedClient<'_, '_> {
+impl std::fmt::Debug for TargetedClient<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TargetedClient")
             .field("hosts", &self.hosts)
@@ -653,7 +771,7 @@ impl std::fmt::Debug for TargetedClient<'_, '_> {
     }
 }
 
-impl std::fmt::Debug for KeyTargetedClient<'_, '_> {
+impl std::fmt::Debug for KeyTargetedClient<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyTargetedClient")
             .field("host", &self.host)

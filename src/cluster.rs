@@ -56,10 +56,11 @@ impl MapOptions {
     }
 
     /// Hosts with requests in flight at once; a request for one more host
-    /// first waits for one to finish. Default 64 (as rb).
+    /// first waits for one to finish. Default 64 (as rb). Zero is refused
+    /// when the map starts ([`Error::Config`]).
     #[must_use]
     pub fn max_concurrency(mut self, hosts: usize) -> MapOptions {
-        self.max_concurrency = hosts.max(1);
+        self.max_concurrency = hosts;
         self
     }
 
@@ -71,11 +72,27 @@ impl MapOptions {
         self
     }
 
-    /// Most keys in one merged MGET/MSET. Default 256.
+    /// Most keys in one merged MGET/MSET. Default 256. Zero is refused
+    /// when the map starts ([`Error::Config`]).
     #[must_use]
     pub fn max_batch_size(mut self, keys: usize) -> MapOptions {
-        self.max_batch_size = keys.max(1);
+        self.max_batch_size = keys;
         self
+    }
+
+    /// Refuses options that cannot work (zero concurrency or batch size).
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.max_concurrency == 0 {
+            return Err(Error::config(
+                "MapOptions::max_concurrency(0): at least one host must be allowed in flight",
+            ));
+        }
+        if self.max_batch_size == 0 {
+            return Err(Error::config(
+                "MapOptions::max_batch_size(0): a batch holds at least one key",
+            ));
+        }
+        Ok(())
     }
 
     fn to_loop(&self, start: Instant) -> LoopOptions {
@@ -403,10 +420,6 @@ impl Cluster {
             .map_or(0, |h| h.pool.idle_count())
     }
 
-    pub(crate) fn script_memory(&self) -> Arc<ScriptMemory> {
-        self.inner.scripts.clone()
-    }
-
     pub(crate) fn session(&self, opts: &MapOptions) -> Session {
         self.session_with(opts.to_loop(Instant::now()))
     }
@@ -459,6 +472,77 @@ impl Cluster {
         self.local_client(id)
     }
 
+    /// A mapping client that you join or cancel yourself (rb's
+    /// `get_mapping_client`); [`Cluster::map`] is the scoped form.
+    ///
+    /// The options' timeout, if any, counts from now; each
+    /// [`MappingClient::join`] may set a shorter one. Invalid options or a
+    /// router that cannot be built make every command (and the join) fail
+    /// with that error.
+    ///
+    /// ```no_run
+    /// use rb::{Cluster, Commands, MapOptions};
+    /// let cluster = Cluster::from_urls(["redis://127.0.0.1:6379"])?;
+    /// let m = cluster.mapping_client(MapOptions::new());
+    /// let p = m.get("k");
+    /// m.join(None)?;
+    /// let v: Option<Vec<u8>> = p.value()?;
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    #[doc(alias = "get_mapping_client")]
+    pub fn mapping_client(&self, opts: MapOptions) -> MappingClient {
+        let router = opts.validate().and_then(|()| self.router());
+        match router {
+            Ok(router) => MappingClient::new(self.session(&opts), router),
+            Err(e) => MappingClient::broken(e),
+        }
+    }
+
+    /// A fanout client to `hosts` that you join or cancel yourself (rb's
+    /// `get_fanout_client`); [`Cluster::fanout`] is the scoped form.
+    ///
+    /// ```no_run
+    /// use rb::{Cluster, Commands, Hosts};
+    /// let cluster = Cluster::from_urls(["redis://127.0.0.1:6379", "redis://127.0.0.1:6380"])?;
+    /// let f = cluster.fanout_client(Hosts::All);
+    /// let sizes = f.dbsize();
+    /// f.join(None)?;
+    /// for (host, n) in sizes.value()? { println!("{host}: {n} keys"); }
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    ///
+    ///
+    /// An unknown target ([`Error::NoSuchHost`]) or a router that cannot be
+    /// built makes every command (and the join) fail with that error.
+    #[doc(alias = "get_fanout_client")]
+    pub fn fanout_client(&self, hosts: Hosts) -> FanoutClient {
+        self.fanout_client_with(MapOptions::default(), hosts)
+    }
+
+    /// [`Cluster::fanout_client`] with options (invalid ones fail as an
+    /// unknown target does).
+    pub fn fanout_client_with(&self, opts: MapOptions, hosts: Hosts) -> FanoutClient {
+        let parts = opts
+            .validate()
+            .and_then(|()| Ok((self.targets(hosts)?, self.router()?)));
+        match parts {
+            Ok((targets, router)) => FanoutClient::new(self.session(&opts), router, targets),
+            Err(e) => FanoutClient::broken(e),
+        }
+    }
+
+    fn targets(&self, hosts: Hosts) -> Result<Vec<HostId>> {
+        match hosts {
+            Hosts::All => Ok(self.host_ids()),
+            Hosts::Ids(ids) => {
+                for id in &ids {
+                    self.host(*id)?;
+                }
+                Ok(ids)
+            }
+        }
+    }
+
     /// Runs `f` with a [`MappingClient`], then waits for every reply.
     ///
     /// Commands are routed by key, queued per host, and sent to every host
@@ -483,7 +567,7 @@ impl Cluster {
     /// # Errors
     ///
     /// The first failure of any command (every promise is settled all the same), or the router's error before anything is sent.
-    pub fn map<R>(&self, f: impl FnOnce(&mut MappingClient<'_>) -> R) -> Result<R> {
+    pub fn map<R>(&self, f: impl FnOnce(&MappingClient) -> R) -> Result<R> {
         self.map_with(MapOptions::default(), f)
     }
 
@@ -492,19 +576,11 @@ impl Cluster {
     /// # Errors
     ///
     /// As [`Cluster::map`].
-    pub fn map_with<R>(
-        &self,
-        opts: MapOptions,
-        f: impl FnOnce(&mut MappingClient<'_>) -> R,
-    ) -> Result<R> {
-        let router = self.router()?;
-        let mut session = self.session(&opts);
-        let out = {
-            let mut client = MappingClient::new(&mut session, router);
-            f(&mut client)
-        };
-        session.join();
-        match session.finish() {
+    pub fn map_with<R>(&self, opts: MapOptions, f: impl FnOnce(&MappingClient) -> R) -> Result<R> {
+        opts.validate()?;
+        let client = MappingClient::new(self.session(&opts), self.router()?);
+        let out = f(&client);
+        match client.finish() {
             Some(e) => Err(e),
             None => Ok(out),
         }
@@ -516,7 +592,7 @@ impl Cluster {
     /// # Errors
     ///
     /// The first failure of any command, [`Error::NoSuchHost`] for an unknown target, or the router's error.
-    pub fn fanout<R>(&self, hosts: Hosts, f: impl FnOnce(&mut FanoutClient<'_>) -> R) -> Result<R> {
+    pub fn fanout<R>(&self, hosts: Hosts, f: impl FnOnce(&FanoutClient) -> R) -> Result<R> {
         self.fanout_with(MapOptions::default(), hosts, f)
     }
 
@@ -529,25 +605,13 @@ impl Cluster {
         &self,
         opts: MapOptions,
         hosts: Hosts,
-        f: impl FnOnce(&mut FanoutClient<'_>) -> R,
+        f: impl FnOnce(&FanoutClient) -> R,
     ) -> Result<R> {
-        let router = self.router()?;
-        let targets = match hosts {
-            Hosts::All => self.host_ids(),
-            Hosts::Ids(ids) => {
-                for id in &ids {
-                    self.host(*id)?;
-                }
-                ids
-            }
-        };
-        let mut session = self.session(&opts);
-        let out = {
-            let mut client = FanoutClient::new(&mut session, router, targets);
-            f(&mut client)
-        };
-        session.join();
-        match session.finish() {
+        opts.validate()?;
+        let targets = self.targets(hosts)?;
+        let client = FanoutClient::new(self.session(&opts), self.router()?, targets);
+        let out = f(&client);
+        match client.finish() {
             Some(e) => Err(e),
             None => Ok(out),
         }
@@ -617,6 +681,7 @@ impl Cluster {
         I: IntoIterator<Item = (K, Vec<crate::Call>)>,
         K: ToArg + Eq + std::hash::Hash,
     {
+        opts.validate()?;
         crate::client::execute_commands(self, opts, mapping)
     }
 
@@ -633,7 +698,7 @@ impl Cluster {
     /// # Errors
     ///
     /// As [`Cluster::fanout`].
-    pub fn all<R>(&self, f: impl FnOnce(&mut FanoutClient<'_>) -> R) -> Result<R> {
+    pub fn all<R>(&self, f: impl FnOnce(&FanoutClient) -> R) -> Result<R> {
         self.fanout(Hosts::All, f)
     }
 }

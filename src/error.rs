@@ -189,6 +189,16 @@ pub enum Error {
         reason: Arc<str>,
     },
 
+    /// The request was cancelled before its reply came ([`crate::MappingClient::cancel`],
+    /// or a mapping client dropped without a join); its connection was closed.
+    #[error("{host}: cancelled{}", Opt(" while waiting for ", command))]
+    Cancelled {
+        /// The host the request was for.
+        host: HostName,
+        /// The command, when one is known.
+        command: Option<Arc<str>>,
+    },
+
     /// A promise's value was asked for while it is pending (or after it was taken).
     #[error("{reason}")]
     Pending {
@@ -257,7 +267,9 @@ impl Error {
                 host.get_or_insert_with(|| who.clone());
                 command.get_or_insert_with(|| what.into());
             }
-            Error::Connection { command, .. } | Error::Timeout { command, .. } => {
+            Error::Connection { command, .. }
+            | Error::Timeout { command, .. }
+            | Error::Cancelled { command, .. } => {
                 command.get_or_insert_with(|| what.into());
             }
             _ => {}
@@ -271,6 +283,7 @@ impl Error {
             Error::Server { command, .. } if command.is_empty() => *command = what.into(),
             Error::Connection { command, .. }
             | Error::Timeout { command, .. }
+            | Error::Cancelled { command, .. }
             | Error::Type { command, .. } => {
                 command.get_or_insert_with(|| what.into());
             }
@@ -287,7 +300,8 @@ impl Error {
             | Error::Type { host, .. } => host.as_ref(),
             Error::Connection { host, .. }
             | Error::Timeout { host, .. }
-            | Error::Tls { host, .. } => Some(host),
+            | Error::Tls { host, .. }
+            | Error::Cancelled { host, .. } => Some(host),
             _ => None,
         }
     }

@@ -332,6 +332,50 @@ impl Session {
         self.drive(|s| s.active_count() == 0);
     }
 
+    /// [`Session::join`] by `deadline` too (whichever comes first; `budget`
+    /// is what a timeout error then reports), for a mapping client joined
+    /// more than once. Afterwards a host that failed may be tried again.
+    pub(crate) fn join_by(&mut self, deadline: Option<Instant>, budget: Option<Duration>) {
+        let own = (self.opts.deadline, self.opts.budget);
+        if let Some(d) = deadline {
+            if own.0.map_or(true, |o| d < o) {
+                self.opts.deadline = Some(d);
+                self.opts.budget = budget;
+            }
+        }
+        self.join();
+        (self.opts.deadline, self.opts.budget) = own;
+        self.forget_failed_hosts();
+    }
+
+    /// Rejects everything outstanding with the error `why` gives for its
+    /// host, and closes those connections (their replies can no longer be
+    /// accounted for). Hosts with nothing outstanding keep theirs.
+    pub(crate) fn cancel(&mut self, why: impl Fn(&HostName) -> Error) {
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            slot.pipeline.flush_batch();
+            if slot.is_active() {
+                let e = why(slot.name());
+                slot.retried = true;
+                self.fail_slot(i, e);
+            }
+        }
+        self.release_idle();
+        self.forget_failed_hosts();
+    }
+
+    fn forget_failed_hosts(&mut self) {
+        for slot in &mut self.slots {
+            slot.failed = None;
+        }
+    }
+
+    /// The first failure since the last call, if any.
+    pub(crate) fn take_failure(&self) -> Option<Error> {
+        self.failures.borrow_mut().take()
+    }
+
     /// Runs the loop until `done` holds, rejecting on deadlines.
     fn drive(&mut self, done: impl Fn(&Session) -> bool) {
         loop {

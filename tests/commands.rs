@@ -104,7 +104,7 @@ fn sorted(mut v: Vec<Bytes>) -> Vec<Bytes> {
 #[test]
 fn every_typed_helper_once() {
     let (setup, cluster) = cluster(2, 2);
-    let mut c = cluster.routing_client();
+    let c = cluster.routing_client();
     let seen: RefCell<BTreeSet<&'static str>> = RefCell::default();
     macro_rules! call {
         ($client:ident . $method:ident $(::<$t:ty>)? ( $($arg:expr),* $(,)? )) => {{
@@ -398,7 +398,7 @@ fn every_typed_helper_once() {
     // Every key lives on its host, and only there.
     for (key, host, ty) in &placed {
         assert_eq!(host_of(&cluster, key), *host, "{key}");
-        let mut local = cluster.local_client(*host).unwrap();
+        let local = cluster.local_client(*host).unwrap();
         assert_eq!(local.key_type(key).unwrap(), *ty, "{key} on host {host}");
     }
     for host in 0..4 {
@@ -423,7 +423,7 @@ fn every_typed_helper_once() {
     assert!(matches!(c.dbsize(), Err(Error::Unroutable { .. })));
 
     // ...and a local client or a fanout sends them.
-    let mut local0 = cluster.local_client(0).unwrap();
+    let local0 = cluster.local_client(0).unwrap();
     assert_eq!(call!(local0.ping()).unwrap(), "PONG");
     let info = call!(local0.info(Some("server"))).unwrap();
     assert_eq!(
@@ -575,7 +575,7 @@ fn same_helpers_in_map_and_fanout() {
     assert!(!w.set_nx.value().unwrap());
     // Through local clients: each key landed on its host.
     for (h, k) in keys.iter().enumerate() {
-        let mut local = cluster.local_client(h as HostId).unwrap();
+        let local = cluster.local_client(h as HostId).unwrap();
         assert_eq!(local.get(k).unwrap(), sb(h.to_string()));
         assert_eq!(local.get(&other[h]).unwrap(), sb(format!("o{h}")));
     }
@@ -786,7 +786,7 @@ fn multi_key_commands_across_32_hosts() {
     };
 
     // The routing client.
-    let mut c = cluster.routing_client();
+    let c = cluster.routing_client();
     let pairs: Vec<(String, String)> = keys
         .iter()
         .enumerate()
@@ -1268,7 +1268,7 @@ fn urls_reach_real_servers() {
     assert_eq!(hosts[1].protocol, Protocol::Resp3);
     let k0 = key_on(&cluster, 0, "url");
     let k1 = key_on(&cluster, 1, "url");
-    let mut c = cluster.routing_client();
+    let c = cluster.routing_client();
     c.mset(&[(&k0, "zero"), (&k1, "one")]).unwrap();
     assert_eq!(c.mget(&[&k1, &k0]).unwrap(), vec![sb("one"), sb("zero")]);
 
@@ -1308,7 +1308,7 @@ fn urls_reach_real_servers() {
     let good = Cluster::from_urls([format!("unix://{path}?password=s3cret")]).unwrap();
     good.routing_client().set("guarded", "yes").unwrap();
     assert_eq!(good.routing_client().get("guarded").unwrap(), sb("yes"));
-    let mut admin = good.local_client(0).unwrap();
+    let admin = good.local_client(0).unwrap();
     assert_eq!(
         admin.cmd::<String>(rb::cmd("ACL").arg("WHOAMI")).unwrap(),
         "default"
@@ -1343,7 +1343,7 @@ fn urls_reach_real_servers() {
         .unwrap();
     let alice = Cluster::from_urls([format!("unix://{path}?username=alice&password=pw")]).unwrap();
     assert_eq!(alice.hosts()[0].username.as_deref(), Some("alice"));
-    let mut a = alice.routing_client();
+    let a = alice.routing_client();
     a.set("by-alice", 1).unwrap();
     assert_eq!(good.routing_client().get("by-alice").unwrap(), sb("1"));
     assert_eq!(
@@ -1367,7 +1367,7 @@ fn urls_reach_real_servers() {
 #[test]
 fn type_mismatch_is_a_clear_error() {
     let (_setup, cluster) = cluster(2, 2);
-    let mut c = cluster.routing_client();
+    let c = cluster.routing_client();
     let text = key_on(&cluster, 1, "text");
     let near = key_on(&cluster, 1, "near");
     let nums: Vec<String> = (0..4).map(|h| key_on(&cluster, h, "num")).collect();

@@ -11,7 +11,7 @@ use rb::{Commands, HostConfig, MapOptions, Value};
 fn connection_state_does_not_leak_through_the_pool() {
     let setup = TestSetup::new(1, 2).unwrap();
     let cluster = setup.make_cluster().unwrap();
-    let mut local = cluster.local_client(0).unwrap();
+    let local = cluster.local_client(0).unwrap();
     local.set("k", "v").unwrap();
     // A transaction left open, and a database switched, on one connection...
     local.cmd::<()>(rb::cmd("MULTI")).unwrap();
@@ -34,7 +34,7 @@ fn connection_state_does_not_leak_through_the_pool() {
 fn push_mode_commands_are_refused() {
     let setup = TestSetup::new(1, 1).unwrap();
     let cluster = setup.make_cluster().unwrap();
-    let mut local = cluster.local_client(0).unwrap();
+    let local = cluster.local_client(0).unwrap();
     for c in [
         rb::cmd("SUBSCRIBE").arg("ch"),
         rb::cmd("MONITOR"),

@@ -499,7 +499,7 @@ fn server_killed_mid_map() {
         assert_eq!(p.value().unwrap(), expected, "{k}");
     }
     assert_eq!(cluster.idle_connections(VICTIM), 1, "stale one replaced");
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     let k = &keys[VICTIM as usize][0];
     client.set(k, "back").expect("routing SET after restart");
     assert_eq!(client.get(k).unwrap(), Some(b"back".to_vec()));
@@ -580,7 +580,7 @@ impl Lcg {
 
 /// 10,000 mixed commands on this thread's own keys, each answer checked
 /// against a model; returns the number of commands.
-fn routing_worker(mut client: rb::RoutingClient, thread: u64) -> usize {
+fn routing_worker(client: rb::RoutingClient, thread: u64) -> usize {
     const OPS: usize = 10_000;
     let mut rng = Lcg(thread + 1);
     let mut strings: HashMap<String, i64> = HashMap::new();
@@ -738,7 +738,7 @@ fn no_leaked_sockets() {
     }
     let after_errors = open_fds();
 
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     for i in 0..1000 {
         let k = &keys[i % 2][i % 4];
         match i % 3 {
@@ -867,7 +867,7 @@ fn error_reply_does_not_break_other_hosts() {
         }
         k
     };
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     client.rpush(&list_key, &["a", "b"]).unwrap();
     for k in keys.iter().flatten() {
         client.set(k, value_of(k)).unwrap();
@@ -941,7 +941,7 @@ fn unknown_host_and_unroutable_are_clear_errors() {
         Err(Error::NoSuchHost { id: 999 })
     ));
 
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     match client.cmd::<i64>(rb::cmd("SUNIONSTORE").arg("a").arg("b")) {
         Err(e @ Error::Unroutable { .. }) => {
             if let Error::Unroutable { command, .. } = &e {
@@ -1016,7 +1016,7 @@ fn merged_replies_split_over_many_reads_reach_each_promise() {
 #[test]
 fn merged_mget_answered_with_an_error() {
     let (_setup, cluster) = cluster(1, 1);
-    let mut local = cluster.local_client(0).unwrap();
+    let local = cluster.local_client(0).unwrap();
     local.set("a", "1").unwrap();
     local
         .cmd::<()>(rb::cmd("ACL").arg("SETUSER").arg("default").arg("-mget"))

@@ -227,7 +227,7 @@ fn test_basic_cluster_disabled_batch() {
 #[test]
 fn test_simple_api() {
     let (_setup, cluster) = cluster(2, 2);
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
 
     let added = client
         .map(|c| {
@@ -317,7 +317,7 @@ fn assert_connection_back(cluster: &Cluster, host: HostId, id: i64) {
 fn test_routing_client_releases_connection_on_error() {
     let (_setup, cluster) = cluster(2, 2);
     let (host, id) = prepare_sadd_host(&cluster);
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
 
     // `client.sadd('key')`: SADD without members is an error reply.
     let e = client.sadd("key", &[] as &[&str]).unwrap_err();
@@ -419,7 +419,7 @@ fn test_managed_mapping_client_releases_connection_on_error() {
 #[test]
 fn test_multi_keys_rejected() {
     let (_setup, cluster) = cluster(2, 2);
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
 
     // Okay
     let one = client.map(|c| c.del(&["key"])).unwrap();
@@ -519,7 +519,7 @@ fn test_promise_api() {
 fn test_fanout_api() {
     let (_setup, cluster) = cluster(2, 2);
     for host_id in cluster.host_ids() {
-        let mut client = cluster.local_client(host_id).unwrap();
+        let client = cluster.local_client(host_id).unwrap();
         client.set("foo", host_id.to_string()).unwrap();
         assert_eq!(
             client.zadd("zset", &zset_members(host_id.into())).unwrap(),
@@ -553,7 +553,7 @@ fn test_fanout_key_target() {
     let (_setup, cluster) = cluster(2, 2);
     let promise = cluster
         .fanout(Hosts::Ids(vec![]), |client| {
-            let mut c = client.target_key("foo");
+            let c = client.target_key("foo");
             let set = c.set("foo", &b"42"[..]);
             (set, c.get("foo"))
         })
@@ -561,7 +561,7 @@ fn test_fanout_key_target() {
     promise.0.value().unwrap();
     assert_eq!(promise.1.value().unwrap(), bytes(42));
 
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     assert_eq!(client.get("foo").unwrap(), bytes(42));
 
     // Only the key's host got it.
@@ -644,7 +644,7 @@ fn test_emulated_batch_apis() {
     );
     // Each key is on its own host.
     for (k, v) in &pairs {
-        let mut local = cluster.local_client(host_of(&cluster, k)).unwrap();
+        let local = cluster.local_client(host_of(&cluster, k)).unwrap();
         assert_eq!(local.get(k).unwrap(), bytes(v));
     }
 
@@ -669,7 +669,7 @@ fn test_emulated_batch_apis() {
     assert_eq!(after.value().unwrap(), 5);
 
     // The routing client, the same way.
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     let more: Vec<(String, String)> = (0..10)
         .map(|x| (format!("r:{x}"), format!("v{x}")))
         .collect();
@@ -782,7 +782,7 @@ fn test_execute_commands() {
     assert_eq!(values("bar"), vec![Value::Int(2), script_reply, bulk("2")]);
     // The lists ran on their keys' hosts.
     for key in ["foo", "bar"] {
-        let mut local = cluster.local_client(host_of(&cluster, key)).unwrap();
+        let local = cluster.local_client(host_of(&cluster, key)).unwrap();
         assert!(local.get(key).unwrap().is_some(), "{key} on its own host");
     }
 }
@@ -794,7 +794,7 @@ fn wait_for_idle_disconnects(setup: &TestSetup, dbs: usize) {
     let watcher = setup.make_cluster().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     for server in 0..setup.server_count() {
-        let mut local = watcher.local_client((server * dbs) as HostId).unwrap();
+        let local = watcher.local_client((server * dbs) as HostId).unwrap();
         loop {
             let clients: i64 = local
                 .info(Some("clients"))
@@ -842,7 +842,7 @@ fn test_reconnect() {
     wait_for_idle_disconnects(&setup, DBS);
 
     // Each of these meets at least one pooled connection the server closed.
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     assert_eq!(client.get("7").unwrap(), bytes(7));
     assert_eq!(
         client.mget(&["1", "2", "3"]).unwrap(),

@@ -151,7 +151,7 @@ fn scripts_from_map_fanout_and_routing_client() {
         assert_eq!(p.value().unwrap(), Value::Int(i as i64));
     }
 
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     assert_eq!(
         client.eval_script(&script, &["n5"], &[10]).unwrap(),
         Value::Int(15)
@@ -183,7 +183,7 @@ fn scripts_from_map_fanout_and_routing_client() {
 fn script_errors_are_server_errors_naming_the_host() {
     let setup = TestSetup::new(1, 1).unwrap();
     let cluster = setup.make_cluster().unwrap();
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     let bad = rb::Script::new("return redis.call('NOSUCHCOMMAND')");
     let e = client
         .eval_script(&bad, &["k"], &[] as &[&str])

@@ -5,7 +5,7 @@ use rb::{Commands, Hosts};
 fn smoke() {
     let setup = TestSetup::new(2, 2).unwrap();
     let cluster = setup.make_cluster().unwrap();
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     client.set("foo", 42).unwrap();
     assert_eq!(client.get("foo").unwrap(), Some(b"42".to_vec()));
     let mut ps = Vec::new();
