@@ -8,14 +8,14 @@ use common::proxy::{Fault, Proxy};
 use common::watch::{rss_kib, within};
 use rb::{Cluster, Commands};
 
-const BULK: usize = 256 << 20;
+const BULK: usize = 512 << 20;
 
-/// A GET answered with one 256 MiB bulk string (a fake server streaming it
+/// A GET answered with one 512 MiB bulk string (a fake server streaming it
 /// at full speed, no timeout) raises the process' peak resident memory by
 /// at most 1.1 times the bulk plus 16 MiB: the reply is read into a buffer
 /// sized for it, not grown by doubling past it, and not copied again.
 #[test]
-fn one_256_mib_bulk_reply_peaks_at_about_its_own_size() {
+fn one_512_mib_bulk_reply_peaks_at_about_its_own_size() {
     let proxy = Proxy::fake(Fault::HugeBulk(BULK));
     let cluster = Cluster::builder()
         .host(0, proxy.host_config())
@@ -27,7 +27,7 @@ fn one_256_mib_bulk_reply_peaks_at_about_its_own_size() {
     let start = Instant::now();
     let got = within(
         Duration::from_secs(300),
-        "GET of a 256 MiB bulk",
+        "GET of a 512 MiB bulk",
         move || {
             let v = cluster.routing_client().get("k");
             let (_, hwm) = rss_kib();
@@ -44,7 +44,7 @@ fn one_256_mib_bulk_reply_peaks_at_about_its_own_size() {
     );
     let limit_kib = (BULK as u64 / 1024) * 11 / 10 + 16 * 1024;
     println!(
-        "256 MiB bulk in {took:?}: peak RSS {} MiB -> {} MiB, growth {} MiB = {:.2}x the bulk (limit {} MiB)",
+        "512 MiB bulk in {took:?}: peak RSS {} MiB -> {} MiB, growth {} MiB = {:.2}x the bulk (limit {} MiB)",
         rss0 / 1024,
         hwm1 / 1024,
         growth_kib / 1024,

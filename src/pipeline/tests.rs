@@ -10,7 +10,6 @@ use proptest::prelude::*;
 use super::*;
 use crate::cmd::cmd;
 use crate::config::HostConfig;
-use crate::conn::closed_error;
 use crate::promise::Promise;
 use crate::resp::{decode, Value};
 
@@ -481,7 +480,13 @@ proptest! {
         let failed = match (&fault, result) {
             (Fault::None, r) => { prop_assert!(r.is_ok()); false }
             (Fault::Close(_), Ok(())) => {
-                let e = closed_error(p.name());
+                // What the transport reports when the server closes.
+                let e = Error::Connection {
+                    host: p.name().clone(),
+                    command: None,
+                    kind: std::io::ErrorKind::UnexpectedEof,
+                    reason: "the server closed the connection".into(),
+                };
                 p.fail(&e, &failures);
                 true
             }
