@@ -202,7 +202,8 @@ pub enum Error {
         reason: Arc<str>,
     },
 
-    /// The host is Down (its circuit breaker is open): the request failed at once,
+    /// The host is Down (its circuit breaker is open, see
+    /// [`HealthPolicy`](crate::HealthPolicy)): the request failed at once,
     /// with no connect attempt and no waiting.
     #[error(
         "{host} has been down for {down_for:?} (last error: {last_error}); {}",

@@ -15,6 +15,10 @@ pub mod convert;
 mod digest;
 pub mod error;
 mod event_loop;
+// Until the engine calls them, the crate-internal halves (the per-host
+// states it records into) are unused.
+#[allow(dead_code)]
+pub mod health;
 pub mod keyspec;
 mod multikey;
 mod pipeline;
@@ -22,6 +26,8 @@ pub mod promise;
 pub mod resp;
 pub mod router;
 mod scripts;
+#[allow(dead_code)]
+pub mod stats;
 pub mod testing;
 #[cfg(feature = "tls")]
 mod tls;
@@ -50,6 +56,8 @@ pub use commands::{Commands, Condition, Expiry, InfoDict, SetOptions};
 pub use config::{HostConfig, HostInfo, Protocol, TlsOptions};
 pub use convert::FromValue;
 pub use error::{Error, HostId, HostName, Phase, Result};
+pub use health::{HealthPolicy, HostHealth};
 pub use promise::Promise;
 pub use resp::Value;
 pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};
+pub use stats::{ClusterStats, HostEvent, HostStats, LatencySummary, Observer, TotalStats};
