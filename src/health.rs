@@ -575,3 +575,463 @@ fn ceil_ms(d: Duration) -> Duration {
     let ms = d.as_nanos().div_ceil(1_000_000);
     Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Phase;
+    use std::sync::Barrier;
+
+    fn name() -> HostName {
+        HostName {
+            id: 1,
+            addr: "127.0.0.1:6380/0".into(),
+        }
+    }
+
+    fn refused() -> Error {
+        Error::Connection {
+            host: name(),
+            command: None,
+            kind: std::io::ErrorKind::ConnectionRefused,
+            reason: "Connection refused (os error 111)".into(),
+        }
+    }
+
+    fn timeout() -> Error {
+        Error::Timeout {
+            host: name(),
+            phase: Phase::Read,
+            budget: Duration::from_millis(50),
+            command: Some("GET".into()),
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn policy() -> HealthPolicy {
+        HealthPolicy::new()
+            .failures(3)
+            .open_for(100 * MS)
+            .max_open_for(1000 * MS)
+    }
+
+    fn state(policy: HealthPolicy) -> HostHealthState {
+        HostHealthState::with_seed(name(), policy, 7)
+    }
+
+    /// Fails `n` times at `now`; returns the last transition.
+    fn fail(s: &HostHealthState, n: u32, now: Instant) -> Option<HostEvent> {
+        (0..n).fold(None, |_, _| s.record_failure(&refused(), now))
+    }
+
+    fn retry_at(s: &HostHealthState) -> Instant {
+        match s.status() {
+            HostHealth::Down { retry_at, .. } => retry_at,
+            HostHealth::Up => panic!("host is up"),
+        }
+    }
+
+    fn assert_jittered(wait: Duration, period: Duration) {
+        assert!(
+            wait <= period && wait > period * 4 / 5,
+            "wait {wait:?} for period {period:?}"
+        );
+    }
+
+    #[test]
+    fn policy_defaults_and_validation() {
+        let p = HealthPolicy::new();
+        assert_eq!(p, HealthPolicy::default());
+        assert!(p.is_enabled());
+        assert_eq!(
+            (p.failures, p.open_for, p.max_open_for),
+            (3, 500 * MS, 5000 * MS)
+        );
+        assert!(p.validate().is_ok());
+        for (bad, what) in [
+            (
+                HealthPolicy::new().failures(0),
+                "failures must be at least 1",
+            ),
+            (HealthPolicy::new().open_for(Duration::ZERO), "open_for"),
+            (
+                HealthPolicy::new()
+                    .open_for(2000 * MS)
+                    .max_open_for(1000 * MS),
+                "max_open_for (1s) is shorter than open_for (2s)",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err();
+            assert!(matches!(e, Error::Config { .. }), "{e:?}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        let off = HealthPolicy::disabled();
+        assert!(!off.is_enabled());
+        assert!(off.failures(0).validate().is_ok());
+        // Huge durations are accepted and never overflow an Instant.
+        let huge = HealthPolicy::new()
+            .open_for(Duration::MAX)
+            .max_open_for(Duration::MAX);
+        assert!(huge.validate().is_ok());
+        let s = state(huge);
+        assert!(fail(&s, 3, Instant::now()).is_some());
+        assert!(matches!(s.admit(Instant::now()), Admission::Refuse(_)));
+    }
+
+    #[test]
+    fn down_after_threshold_of_consecutive_failures() {
+        let s = state(policy());
+        let t0 = Instant::now();
+        assert!(fail(&s, 2, t0).is_none());
+        assert!(matches!(s.admit(t0), Admission::Go));
+        assert!(s.status().is_up());
+        let Some(HostEvent::Down {
+            host,
+            retry_in,
+            error,
+            after_probe,
+        }) = s.record_failure(&timeout(), t0)
+        else {
+            panic!("third failure must take the host down")
+        };
+        assert_eq!(host, name());
+        assert_jittered(retry_in, 100 * MS);
+        assert!(error.is_timeout());
+        assert!(!after_probe);
+        let HostHealth::Down {
+            since,
+            retry_at,
+            last_error,
+        } = s.status()
+        else {
+            panic!("down")
+        };
+        assert_eq!(since, t0);
+        assert_eq!(retry_at, t0 + retry_in);
+        assert!(last_error.is_timeout());
+        // Until retry_at, everyone is refused at once.
+        let later = t0 + 10 * MS;
+        let Admission::Refuse(e) = s.admit(later) else {
+            panic!("refuse")
+        };
+        let Error::HostDown {
+            host,
+            down_for,
+            retry_in: left,
+            last_error,
+        } = &e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(host, &name());
+        assert_eq!(*down_for, 10 * MS);
+        assert_eq!(*left, ceil_ms(retry_at - later));
+        assert!(last_error.is_timeout());
+        assert!(!s.probe_due(later));
+        assert_eq!(s.next_probe_at(), Some(retry_at));
+    }
+
+    #[test]
+    fn only_health_failures_count() {
+        let counted = [
+            refused(),
+            timeout(),
+            Error::Tls {
+                host: name(),
+                reason: "bad certificate".into(),
+            },
+        ];
+        let ignored = [
+            Error::server(Some(name()), "GET", "WRONGTYPE Operation against a key"),
+            Error::server(Some(name()), "GET", "LOADING Redis is loading"),
+            Error::protocol("bulk length 600000000 is over the limit"),
+            Error::unroutable(b"mget", "several keys"),
+            Error::Unsupported {
+                command: "SUBSCRIBE".into(),
+                reason: "push mode".into(),
+            },
+            Error::type_mismatch("i64", "nil"),
+            Error::config("bad"),
+            Error::NoSuchHost { id: 9 },
+            Error::BadHostSetup {
+                reason: "gap".into(),
+            },
+            Error::Pending {
+                reason: "pending".into(),
+            },
+            Error::HostDown {
+                host: name(),
+                down_for: MS,
+                retry_in: MS,
+                last_error: Arc::new(refused()),
+            },
+        ];
+        for e in &counted {
+            assert!(counts(e), "{e:?}");
+        }
+        let s = state(policy());
+        let now = Instant::now();
+        for e in &ignored {
+            assert!(!counts(e), "{e:?}");
+            for _ in 0..10 {
+                assert!(s.record_failure(e, now).is_none());
+            }
+        }
+        assert!(s.status().is_up());
+        assert_eq!(s.mode.load(Ordering::Relaxed), UP);
+        for e in &counted {
+            s.record_failure(e, now);
+        }
+        assert!(!s.status().is_up());
+    }
+
+    #[test]
+    fn flapping_never_pins_the_host_down() {
+        let s = state(policy());
+        let now = Instant::now();
+        for _ in 0..1000 {
+            assert!(fail(&s, 2, now).is_none());
+            assert!(s.record_success(now).is_none());
+            assert!(matches!(s.admit(now), Admission::Go));
+        }
+        assert_eq!(s.mode.load(Ordering::Relaxed), UP);
+    }
+
+    #[test]
+    fn exactly_one_probe_at_retry_time() {
+        let s = state(policy());
+        let t0 = Instant::now();
+        fail(&s, 3, t0);
+        let due = retry_at(&s);
+        assert!(!s.probe_due(due - MS));
+        assert!(s.probe_due(due));
+        assert!(matches!(s.admit(due), Admission::Probe));
+        // Everyone else is refused until the probe reports, saying a probe
+        // is under way.
+        for later in [due, due + 50 * MS, due + 900 * MS] {
+            let Admission::Refuse(e) = s.admit(later) else {
+                panic!("second probe")
+            };
+            assert!(e.to_string().ends_with("a probe is under way"), "{e}");
+        }
+        assert!(!s.take_probe(due + 900 * MS));
+        assert!(s.record_success(due + 5 * MS).is_some());
+        assert!(matches!(s.admit(due + 6 * MS), Admission::Go));
+    }
+
+    #[test]
+    fn exactly_one_probe_across_threads() {
+        for round in 0..20 {
+            let s = Arc::new(HostHealthState::with_seed(name(), policy(), round));
+            let t0 = Instant::now();
+            fail(&s, 3, t0);
+            let due = retry_at(&s);
+            let threads = 8;
+            let barrier = Arc::new(Barrier::new(threads));
+            let probes: usize = (0..threads)
+                .map(|i| {
+                    let s = s.clone();
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        (0..100)
+                            .filter(|_| {
+                                // Half the threads are users, half drivers.
+                                if i % 2 == 0 {
+                                    matches!(s.admit(due + MS), Admission::Probe)
+                                } else {
+                                    s.take_probe(due + MS)
+                                }
+                            })
+                            .count()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .sum();
+            assert_eq!(probes, 1);
+        }
+    }
+
+    #[test]
+    fn failed_probes_double_the_period_up_to_max() {
+        let s = state(policy());
+        let mut now = Instant::now();
+        fail(&s, 3, now);
+        assert_jittered(retry_at(&s) - now, 100 * MS);
+        for period in [200, 400, 800, 1000, 1000, 1000] {
+            now = retry_at(&s);
+            assert!(matches!(s.admit(now), Admission::Probe));
+            now += 3 * MS; // the probe takes a while
+            let Some(HostEvent::Down {
+                retry_in,
+                after_probe,
+                ..
+            }) = s.record_failure(&refused(), now)
+            else {
+                panic!("a failed probe takes the host down again")
+            };
+            assert!(after_probe);
+            assert_jittered(retry_in, period * MS);
+            assert_eq!(retry_at(&s), now + retry_in);
+        }
+    }
+
+    #[test]
+    fn success_makes_up_and_resets_back_off() {
+        let s = state(policy());
+        let t0 = Instant::now();
+        fail(&s, 3, t0);
+        for _ in 0..3 {
+            let now = retry_at(&s);
+            assert!(s.take_probe(now));
+            s.record_failure(&refused(), now);
+        }
+        let mut now = retry_at(&s);
+        assert!(matches!(s.admit(now), Admission::Probe));
+        let Some(HostEvent::Up { host, down_for }) = s.record_success(now + MS) else {
+            panic!("up")
+        };
+        assert_eq!(host, name());
+        assert_eq!(down_for, now + MS - t0);
+        assert!(s.status().is_up());
+        assert_eq!(s.next_probe_at(), None);
+        // The next outage starts again from open_for, and needs the full
+        // count of failures.
+        now += 10 * MS;
+        assert!(fail(&s, 2, now).is_none());
+        assert!(fail(&s, 1, now).is_some());
+        assert_jittered(retry_at(&s) - now, 100 * MS);
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds_and_varies() {
+        let t0 = Instant::now();
+        let mut waits = std::collections::BTreeSet::new();
+        for seed in 0..200 {
+            let s = HostHealthState::with_seed(name(), policy(), seed);
+            fail(&s, 3, t0);
+            let wait = retry_at(&s) - t0;
+            assert_jittered(wait, 100 * MS);
+            waits.insert(wait);
+        }
+        assert!(waits.len() > 150, "{} distinct waits", waits.len());
+        let min = *waits.first().unwrap();
+        let max = *waits.last().unwrap();
+        assert!(min < 84 * MS && max > 96 * MS, "{min:?}..{max:?}");
+        // Seeded from random hash keys: two states of one host differ.
+        let a = HostHealthState::new(name(), policy());
+        let b = HostHealthState::new(name(), policy());
+        assert_ne!(a.lock().rng, b.lock().rng);
+    }
+
+    #[test]
+    fn disabled_policy_never_refuses() {
+        let s = state(HealthPolicy::disabled());
+        let now = Instant::now();
+        for _ in 0..100 {
+            assert!(s.record_failure(&refused(), now).is_none());
+            assert!(s.record_failure(&timeout(), now).is_none());
+        }
+        assert!(matches!(s.admit(now), Admission::Go));
+        assert!(s.status().is_up());
+        assert!(!s.probe_due(now));
+        assert!(!s.take_probe(now));
+        assert!(s.record_success(now).is_none());
+        assert_eq!(s.lock().consecutive, 0);
+    }
+
+    #[test]
+    fn released_or_lost_probes_are_handed_out_again() {
+        let s = state(policy());
+        let t0 = Instant::now();
+        fail(&s, 3, t0);
+        let due = retry_at(&s);
+        assert!(matches!(s.admit(due), Admission::Probe));
+        s.release_probe();
+        assert!(s.probe_due(due + MS));
+        assert!(s.take_probe(due + MS));
+        // This one never reports: after max_open_for, another goes.
+        assert_eq!(s.next_probe_at(), Some(due + MS + 1000 * MS));
+        assert!(!s.take_probe(due + 1000 * MS));
+        assert!(matches!(s.admit(due + 1001 * MS), Admission::Probe));
+    }
+
+    #[test]
+    fn late_failures_while_down_keep_the_retry_time() {
+        let s = state(policy());
+        let t0 = Instant::now();
+        fail(&s, 3, t0);
+        let due = retry_at(&s);
+        // A request admitted before the outage times out now.
+        assert!(s.record_failure(&timeout(), t0 + MS).is_none());
+        assert_eq!(retry_at(&s), due);
+        let HostHealth::Down {
+            last_error, since, ..
+        } = s.status()
+        else {
+            panic!("down")
+        };
+        assert!(last_error.is_timeout());
+        assert_eq!(since, t0);
+        // A late success is evidence enough: the host answered.
+        assert!(matches!(
+            s.record_success(t0 + 2 * MS),
+            Some(HostEvent::Up { .. })
+        ));
+    }
+
+    #[test]
+    fn refusal_message_has_no_password() {
+        let info = crate::HostConfig::new()
+            .host("127.0.0.1")
+            .port(6380)
+            .password("hunter2-secret")
+            .resolve(1);
+        let host = info.name().clone();
+        let s = HostHealthState::with_seed(host.clone(), HealthPolicy::new(), 1);
+        let t0 = Instant::now();
+        let e = Error::Connection {
+            host,
+            command: None,
+            kind: std::io::ErrorKind::ConnectionRefused,
+            reason: "Connection refused (os error 111)".into(),
+        };
+        for _ in 0..3 {
+            s.record_failure(&e, t0);
+        }
+        let Admission::Refuse(refusal) = s.admit(t0 + 120 * MS) else {
+            panic!("refuse")
+        };
+        let text = refusal.to_string();
+        let debug = format!("{refusal:?} {:?}", s.status());
+        assert!(!text.contains("hunter2") && !debug.contains("hunter2"));
+        let retry = ceil_ms(retry_at(&s) - (t0 + 120 * MS));
+        assert_eq!(
+            text,
+            format!(
+                "host 1 (127.0.0.1:6380/0) has been down for 120ms (last error: host 1 \
+                 (127.0.0.1:6380/0): connection error: Connection refused (os error 111)); \
+                 retried in {retry:?}"
+            )
+        );
+    }
+
+    #[test]
+    fn rounding() {
+        assert_eq!(floor_ms(Duration::from_micros(1999)), MS);
+        assert_eq!(ceil_ms(Duration::from_micros(1001)), 2 * MS);
+        assert_eq!(ceil_ms(Duration::ZERO), Duration::ZERO);
+        assert_eq!(ceil_ms(Duration::MAX), Duration::from_millis(u64::MAX));
+        let now = Instant::now();
+        assert!(later(now, Duration::MAX) > now);
+        let mut rng = 0;
+        assert_eq!(
+            jitter(Duration::from_nanos(4), &mut rng),
+            Duration::from_nanos(4)
+        );
+        assert!(jitter(Duration::MAX, &mut rng) > Duration::MAX / 5 * 4);
+    }
+}
