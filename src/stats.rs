@@ -605,3 +605,344 @@ pub struct TotalStats {
     /// Every host's latencies in one histogram.
     pub latency: LatencySummary,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    fn name(id: HostId) -> HostName {
+        HostName {
+            id,
+            addr: format!("127.0.0.1:{}/0", 6379 + id).into(),
+        }
+    }
+
+    /// xorshift64*: test data without a rand crate.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        /// Uniform in [0, 1).
+        fn unit(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    #[test]
+    fn bucket_layout_is_contiguous_and_log_linear() {
+        assert_eq!(BUCKETS, 369);
+        assert_eq!(bucket_lower(0), 0);
+        for i in 0..BUCKETS - 1 {
+            let (lo, hi) = (bucket_lower(i), bucket_upper(i));
+            assert!(lo < hi, "bucket {i}");
+            assert_eq!(bucket_of(lo), i);
+            assert_eq!(bucket_of(hi - 1), i);
+            assert_eq!(bucket_of(hi), i + 1);
+            // Width at most 1 µs or 1/16 of the bucket's values.
+            assert!(
+                hi - lo == 1 || (hi - lo) * SUB <= lo,
+                "bucket {i}: {lo}..{hi}"
+            );
+        }
+        assert_eq!(bucket_lower(BUCKETS - 1), 1 << TOP_EXP);
+        assert_eq!(bucket_upper(BUCKETS - 1), u64::MAX);
+        assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
+        // ~67 s is the last finite bound.
+        assert_eq!(
+            Duration::from_micros(bucket_upper(BUCKETS - 2)).as_secs(),
+            67
+        );
+    }
+
+    /// Feeds `samples` (ns) and checks p50, p99, max and mean against the
+    /// sorted truth.
+    fn check_accuracy(what: &str, mut samples: Vec<u64>) {
+        let h = AtomicHistogram::new();
+        for &ns in &samples {
+            h.record(Duration::from_nanos(ns));
+        }
+        let s = h.snapshot();
+        samples.sort_unstable();
+        let n = samples.len() as u64;
+        assert_eq!(s.count, n, "{what}");
+        assert_eq!(
+            s.max,
+            Duration::from_nanos(*samples.last().unwrap()),
+            "{what}"
+        );
+        for q in [0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0] {
+            let rank = ((q * n as f64).ceil() as u64).clamp(1, n);
+            let truth = samples[(rank - 1) as usize];
+            let got = s.quantile(q);
+            // Within the true value's bucket: not below the value, not
+            // past the bucket's end.
+            let b = bucket_of(truth / 1000);
+            assert!(
+                got >= Duration::from_nanos(truth) && got <= Duration::from_micros(bucket_upper(b)),
+                "{what}: q {q}: got {got:?}, true {truth} ns (bucket {}..{} µs)",
+                bucket_lower(b),
+                bucket_upper(b)
+            );
+        }
+        assert_eq!(s.p50, s.quantile(0.5));
+        assert_eq!(s.p99, s.quantile(0.99));
+        assert_eq!(s.quantile(1.0), s.max);
+        let mean_us = samples.iter().map(|ns| ns / 1000).sum::<u64>() / n;
+        assert_eq!(s.mean, Duration::from_micros(mean_us), "{what}");
+    }
+
+    #[test]
+    fn quantiles_are_within_one_bucket() {
+        let mut rng = Rng(0x1234_5678);
+        let n = 100_000;
+        check_accuracy("constant 250 µs", vec![250_000; 1000]);
+        check_accuracy(
+            "uniform 1 µs..10 ms",
+            (0..n).map(|_| 1_000 + rng.next() % 10_000_000).collect(),
+        );
+        check_accuracy(
+            "log-uniform 100 ns..100 s",
+            (0..n)
+                .map(|_| (100.0 * 1e9f64.powf(rng.unit())) as u64)
+                .collect(),
+        );
+        check_accuracy(
+            "exponential, mean 300 µs",
+            (0..n)
+                .map(|_| (-300_000.0 * (1.0 - rng.unit()).ln()) as u64)
+                .collect(),
+        );
+        // Mostly fast, a slow tail of 2 %: p99 must land in the tail.
+        check_accuracy(
+            "bimodal",
+            (0..n)
+                .map(|i| {
+                    if i % 50 == 0 {
+                        40_000_000 + rng.next() % 1_000_000
+                    } else {
+                        50_000 + rng.next() % 5_000
+                    }
+                })
+                .collect(),
+        );
+        check_accuracy("sub-microsecond", vec![1, 10, 999, 500]);
+        check_accuracy("overflow", vec![1_000, 90_000_000_000, u64::MAX]);
+        check_accuracy("one", vec![1_234_567]);
+    }
+
+    #[test]
+    fn empty_and_odd_quantiles() {
+        let s = AtomicHistogram::new().snapshot();
+        assert_eq!(s, LatencySummary::default());
+        assert_eq!(
+            (s.count, s.p50, s.p99, s.max, s.mean),
+            (
+                0,
+                Duration::ZERO,
+                Duration::ZERO,
+                Duration::ZERO,
+                Duration::ZERO
+            )
+        );
+        assert_eq!(s.quantile(0.5), Duration::ZERO);
+        let h = AtomicHistogram::new();
+        h.record(Duration::from_micros(100));
+        h.record(Duration::from_micros(900));
+        h.record(Duration::MAX);
+        let s = h.snapshot();
+        assert_eq!(s.quantile(f64::NAN), s.quantile(0.0));
+        assert_eq!(s.quantile(-3.0), s.quantile(0.0));
+        assert_eq!(s.quantile(7.0), s.max);
+        assert_eq!(s.quantile(f64::INFINITY), s.max);
+        assert_eq!(s.max, Duration::from_nanos(u64::MAX));
+        assert!(format!("{s:?}").starts_with("LatencySummary { count: 3, p50: "));
+    }
+
+    #[test]
+    fn buckets_export_every_count_in_order() {
+        let h = AtomicHistogram::new();
+        for us in [0, 3, 3, 17, 1_000, 1_000_000, 100_000_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let s = h.snapshot();
+        let buckets: Vec<(Duration, u64)> = s.buckets().collect();
+        assert_eq!(buckets.len(), BUCKETS);
+        assert!(buckets.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(buckets.last().unwrap().0, Duration::MAX);
+        assert_eq!(buckets.iter().map(|b| b.1).sum::<u64>(), s.count);
+        assert_eq!(buckets[0], (Duration::from_micros(1), 1));
+        assert_eq!(buckets[3], (Duration::from_micros(4), 2));
+        assert_eq!(buckets[BUCKETS - 1].1, 1);
+        let at = |us: u64| {
+            buckets
+                .iter()
+                .find(|(upper, _)| *upper > Duration::from_micros(us))
+                .unwrap()
+                .1
+        };
+        assert_eq!(at(1_000), 1);
+        assert_eq!(at(1_000_000), 1);
+    }
+
+    #[test]
+    fn counters_track_a_host() {
+        let c = HostCounters::new();
+        assert!(!c.connected());
+        c.commands_sent(5);
+        c.bytes_written(120);
+        c.reply_received(Duration::from_micros(80), false);
+        c.reply_received(Duration::from_micros(120), true);
+        c.requests_timed_out(2);
+        c.bytes_read(64);
+        c.connection_failed();
+        assert!(c.connected());
+        assert!(c.connected());
+        c.record_latency(Duration::from_millis(3));
+        let s = c.snapshot(name(4), HostHealth::Up);
+        assert_eq!(s.host, name(4));
+        assert_eq!(
+            (
+                s.commands,
+                s.replies,
+                s.server_errors,
+                s.timeouts,
+                s.connection_failures,
+                s.connections,
+                s.reconnects,
+                s.bytes_in,
+                s.bytes_out,
+                s.in_flight,
+            ),
+            (5, 2, 1, 2, 1, 3, 2, 64, 120, 1)
+        );
+        assert_eq!(s.latency.count, 3);
+        assert_eq!(s.latency.max, Duration::from_millis(3));
+        assert!(s.health.is_up());
+        c.requests_failed(1);
+        assert_eq!(c.snapshot(name(4), HostHealth::Up).in_flight, 0);
+        // A stray extra decrement reads as zero, not 2^64 - 1.
+        c.requests_failed(1);
+        assert_eq!(c.snapshot(name(4), HostHealth::Up).in_flight, 0);
+        assert!(format!("{c:?}").starts_with("HostCounters { commands: 5, replies: 2"));
+    }
+
+    #[test]
+    fn concurrent_updates_sum_exactly() {
+        let c = Arc::new(HostCounters::new());
+        let threads = 8u64;
+        let per = 20_000u64;
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for i in 0..per {
+                        c.commands_sent(1);
+                        c.bytes_written(10);
+                        c.bytes_read(7);
+                        c.reply_received(Duration::from_micros(t * 1000 + i % 1000), i % 10 == 0);
+                    }
+                    c.connected();
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let s = c.snapshot(name(0), HostHealth::Up);
+        let n = threads * per;
+        assert_eq!(s.commands, n);
+        assert_eq!(s.replies, n);
+        assert_eq!(s.server_errors, n / 10);
+        assert_eq!(s.bytes_out, 10 * n);
+        assert_eq!(s.bytes_in, 7 * n);
+        assert_eq!(s.in_flight, 0);
+        assert_eq!(s.connections, threads);
+        assert_eq!(s.reconnects, threads - 1);
+        assert_eq!(s.latency.count, n);
+        assert_eq!(
+            s.latency.max,
+            Duration::from_micros((threads - 1) * 1000 + 999)
+        );
+    }
+
+    #[test]
+    fn cluster_totals_merge_hosts() {
+        let a = HostCounters::new();
+        let b = HostCounters::new();
+        for us in 1..=100 {
+            a.commands_sent(1);
+            a.reply_received(Duration::from_micros(us), false);
+        }
+        b.commands_sent(3);
+        b.reply_received(Duration::from_millis(50), false);
+        let down = HostHealth::Down {
+            since: std::time::Instant::now(),
+            retry_at: std::time::Instant::now(),
+            last_error: Error::config("x"),
+        };
+        let stats: ClusterStats = [
+            a.snapshot(name(0), HostHealth::Up),
+            b.snapshot(name(1), down),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(stats.hosts.keys().copied().collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(stats.host(1).unwrap().commands, 3);
+        assert!(stats.host(2).is_none());
+        let t = stats.totals();
+        assert_eq!((t.hosts, t.hosts_down), (2, 1));
+        assert_eq!((t.commands, t.replies, t.in_flight), (103, 101, 2));
+        assert_eq!(t.latency.count, 101);
+        assert_eq!(t.latency.max, Duration::from_millis(50));
+        assert_eq!(t.latency.p50, Duration::from_micros(52)); // 51st of 101, bucket 51 µs..52 µs
+        assert_eq!(t.latency.mean, Duration::from_micros((5050 + 50_000) / 101));
+        let empty = ClusterStats::default().totals();
+        assert_eq!((empty.hosts, empty.latency.count), (0, 0));
+    }
+
+    #[test]
+    fn closures_observe_events() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let observer: Arc<dyn Observer> = Arc::new(move |e: &HostEvent| {
+            sink.lock().unwrap().push(format!("{}", e.host()));
+        });
+        let events = [
+            HostEvent::Connected {
+                host: name(0),
+                reconnect: false,
+            },
+            HostEvent::Failed {
+                host: name(1),
+                error: Error::config("x"),
+            },
+            HostEvent::Down {
+                host: name(2),
+                retry_in: Duration::from_millis(400),
+                error: Error::config("x"),
+                after_probe: false,
+            },
+            HostEvent::Up {
+                host: name(3),
+                down_for: Duration::from_secs(1),
+            },
+        ];
+        for e in &events {
+            observer.on_event(e);
+        }
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "host 0 (127.0.0.1:6379/0)",
+                "host 1 (127.0.0.1:6380/0)",
+                "host 2 (127.0.0.1:6381/0)",
+                "host 3 (127.0.0.1:6382/0)"
+            ]
+        );
+    }
+}
