@@ -71,6 +71,19 @@ impl<T: fmt::Display> fmt::Display for Opt<'_, T> {
     }
 }
 
+/// Renders when a Down host is tried again.
+struct RetryIn(Duration);
+
+impl fmt::Display for RetryIn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_zero() {
+            f.write_str("a probe is under way")
+        } else {
+            write!(f, "retried in {:?}", self.0)
+        }
+    }
+}
+
 /// Everything that can go wrong in rb.
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -199,6 +212,28 @@ pub enum Error {
         command: Option<Arc<str>>,
     },
 
+    /// The host is Down (its circuit breaker is open, see
+    /// [`HealthPolicy`](crate::HealthPolicy)): the request failed at once,
+    /// with no connect attempt and no waiting.
+    #[error(
+        "{host} has been down for {down_for:?} (last error: {last_error}); {}",
+        RetryIn(*retry_in)
+    )]
+    HostDown {
+        /// The host that is Down.
+        host: HostName,
+        /// How long it has been Down when this error was made (rounded to
+        /// the millisecond): the whole outage, failed probes included.
+        down_for: Duration,
+        /// How long until it is tried again (rounded up to the millisecond);
+        /// zero while a probe is under way.
+        retry_in: Duration,
+        /// The failure that took it Down (or made its last probe fail).
+        /// Shown in the message; not a [`source`](std::error::Error::source),
+        /// so that reports do not print it twice.
+        last_error: Arc<Error>,
+    },
+
     /// A promise's value was asked for while it is pending (or after it was taken).
     #[error("{reason}")]
     Pending {
@@ -301,7 +336,8 @@ impl Error {
             Error::Connection { host, .. }
             | Error::Timeout { host, .. }
             | Error::Tls { host, .. }
-            | Error::Cancelled { host, .. } => Some(host),
+            | Error::Cancelled { host, .. }
+            | Error::HostDown { host, .. } => Some(host),
             _ => None,
         }
     }
@@ -317,6 +353,12 @@ impl Error {
     /// True for a deadline that passed.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout { .. })
+    }
+
+    /// True when the request was refused because its host is Down
+    /// ([`Error::HostDown`]).
+    pub fn is_host_down(&self) -> bool {
+        matches!(self, Error::HostDown { .. })
     }
 
     /// True when the connection failed or broke the protocol (its state is
@@ -383,6 +425,54 @@ mod tests {
         let e = Error::server(None, "EVAL", "user script failed");
         assert_eq!(e.code(), Some("ERR"));
         assert_eq!(e.to_string(), "EVAL: server error ERR: user script failed");
+    }
+
+    #[test]
+    fn host_down_names_host_outage_and_retry() {
+        let refused = Error::Connection {
+            host: host(),
+            command: None,
+            kind: std::io::ErrorKind::ConnectionRefused,
+            reason: "Connection refused (os error 111)".into(),
+        };
+        let e = Error::HostDown {
+            host: host(),
+            down_for: Duration::from_millis(1200),
+            retry_in: Duration::from_millis(300),
+            last_error: Arc::new(refused),
+        };
+        assert_eq!(
+            e.to_string(),
+            "host 3 (127.0.0.1:6379/0) has been down for 1.2s (last error: \
+             host 3 (127.0.0.1:6379/0): connection error: Connection refused (os error 111)); \
+             retried in 300ms"
+        );
+        assert_eq!(e.host(), Some(&host()));
+        assert!(e.is_host_down());
+        assert!(!e.is_connection_error());
+        assert!(!e.is_timeout());
+        assert_eq!(e.code(), None);
+        // Context never changes it.
+        let e = e.with_context(&host(), "GET").with_context_command("SET");
+        let Error::HostDown { retry_in, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(*retry_in, Duration::from_millis(300));
+
+        let probing = Error::HostDown {
+            host: host(),
+            down_for: Duration::from_secs(2),
+            retry_in: Duration::ZERO,
+            last_error: Arc::new(Error::Timeout {
+                host: host(),
+                phase: Phase::Connect,
+                budget: Duration::from_millis(100),
+                command: None,
+            }),
+        };
+        assert!(probing
+            .to_string()
+            .ends_with("connect timed out after 100ms); a probe is under way"));
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub mod convert;
 mod digest;
 pub mod error;
 mod event_loop;
+// Until the engine calls them, the crate-internal halves (the per-host
+// states it records into) are unused.
+#[allow(dead_code)]
+pub mod health;
 pub mod keyspec;
 mod multikey;
 mod pipeline;
@@ -22,6 +26,8 @@ pub mod promise;
 pub mod resp;
 pub mod router;
 mod scripts;
+#[allow(dead_code)]
+pub mod stats;
 pub mod testing;
 #[cfg(feature = "tls")]
 mod tls;
@@ -34,6 +40,80 @@ mod tls;
 pub mod fuzzing {
     pub use crate::digest::{md5, sha1};
     pub use crate::resp::split::{Frame, ReplyStream};
+
+    use crate::health::{Admission, HealthPolicy, HostHealthState};
+    use crate::stats::HostCounters;
+    use crate::{Error, HostName};
+    use std::time::{Duration, Instant};
+
+    /// One host's stats counters and health state, driven through the
+    /// calls the engine makes per command, for `tests/stats_alloc.rs` (which
+    /// counts allocations with a global allocator, impossible in the
+    /// library's own tests under `forbid(unsafe_code)`).
+    #[derive(Debug)]
+    pub struct RecordPaths {
+        counters: HostCounters,
+        up: HostHealthState,
+        down: HostHealthState,
+    }
+
+    impl Default for RecordPaths {
+        fn default() -> RecordPaths {
+            RecordPaths::new()
+        }
+    }
+
+    impl RecordPaths {
+        /// Counters at zero, one healthy host and one that is Down.
+        pub fn new() -> RecordPaths {
+            let host = HostName {
+                id: 0,
+                addr: "127.0.0.1:6379/0".into(),
+            };
+            let policy = HealthPolicy::new().open_for(Duration::from_secs(3600));
+            let down = HostHealthState::new(host.clone(), policy);
+            let refused = Error::Connection {
+                host: host.clone(),
+                command: None,
+                kind: std::io::ErrorKind::ConnectionRefused,
+                reason: "refused".into(),
+            };
+            for _ in 0..3 {
+                down.record_failure(&refused, Instant::now());
+            }
+            RecordPaths {
+                counters: HostCounters::new(),
+                up: HostHealthState::new(host, policy),
+                down,
+            }
+        }
+
+        /// `n` rounds of the per-command path on a healthy host (admit,
+        /// every counter, a latency, a success) and of a refusal by the
+        /// Down host. Returns how many requests were admitted, refused.
+        pub fn run(&self, n: u32) -> (u32, u32) {
+            let (mut admitted, mut refused) = (0, 0);
+            let now = Instant::now();
+            for i in 0..n {
+                if matches!(self.up.admit(now), Admission::Go) {
+                    admitted += 1;
+                }
+                self.counters.commands_sent(1);
+                self.counters.bytes_written(40);
+                self.counters.bytes_read(12);
+                let latency = Duration::from_nanos(u64::from(i) * 7919);
+                self.counters.reply_received(latency, i % 7 == 0);
+                self.counters.requests_timed_out(u64::from(i % 2));
+                self.counters.requests_failed(0);
+                self.counters.record_latency(latency);
+                let _ = self.up.record_success(now);
+                if let Admission::Refuse(e) = self.down.admit(now) {
+                    refused += u32::from(e.is_host_down());
+                }
+            }
+            (admitted, refused)
+        }
+    }
 }
 
 // The fuzz targets' checks, replayed as a unit test, name the crate `rb`.
@@ -50,6 +130,8 @@ pub use commands::{Commands, Condition, Expiry, InfoDict, SetOptions};
 pub use config::{HostConfig, HostInfo, Protocol, TlsOptions};
 pub use convert::FromValue;
 pub use error::{Error, HostId, HostName, Phase, Result};
+pub use health::{HealthPolicy, HostHealth};
 pub use promise::Promise;
 pub use resp::Value;
 pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};
+pub use stats::{ClusterStats, HostEvent, HostStats, LatencySummary, Observer, TotalStats};
