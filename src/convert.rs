@@ -13,7 +13,10 @@ use crate::error::{Error, Result};
 use crate::resp::Value;
 
 /// A Rust type a reply can be converted to.
-pub trait FromValue: Sized {
+///
+/// Replies are plain data, and the async client converts them on its
+/// driver thread, so the types are `Send`.
+pub trait FromValue: Sized + Send {
     /// Converts the reply.
     ///
     /// # Errors
@@ -310,7 +313,7 @@ impl<T: FromValue> FromValue for Vec<T> {
     }
 }
 
-impl<T: FromValue + Eq + Hash, S: BuildHasher + Default> FromValue for HashSet<T, S> {
+impl<T: FromValue + Eq + Hash, S: BuildHasher + Default + Send> FromValue for HashSet<T, S> {
     fn from_value(value: Value) -> Result<Self> {
         collect(elements(value, "HashSet")?)
     }
@@ -368,7 +371,7 @@ fn pairs<K: FromValue, V: FromValue>(value: Value, expected: &'static str) -> Re
         .collect()
 }
 
-impl<K: FromValue + Eq + Hash, V: FromValue, S: BuildHasher + Default> FromValue
+impl<K: FromValue + Eq + Hash, V: FromValue, S: BuildHasher + Default + Send> FromValue
     for HashMap<K, V, S>
 {
     fn from_value(value: Value) -> Result<Self> {

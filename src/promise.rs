@@ -451,39 +451,66 @@ impl<T: FromValue> ReplySink for Block<T> {
     }
 }
 
-/// A request's claim on the promise its reply settles: a handle into the
-/// promise table, queued with the request (no allocation of its own).
+/// A request's claim on the promise (or async reply) its reply settles:
+/// a handle queued with the request.
 pub(crate) struct Waiter {
-    sink: Rc<dyn ReplySink>,
+    sink: Sink,
     index: u32,
+}
+
+/// Where a waiter's reply goes.
+enum Sink {
+    /// An entry of this thread's promise table (no allocation of its own).
+    Local(Rc<dyn ReplySink>),
+    /// An async reply, shared with the task awaiting it on another thread.
+    Shared(std::sync::Arc<dyn ReplySink + Send + Sync>),
 }
 
 impl Waiter {
     /// A waiter handing replies to `sink`'s entry `index` (the sink's own
     /// handle counting is its business; see [`ReplySink::release`]).
     pub(crate) fn new(sink: Rc<dyn ReplySink>, index: u32) -> Waiter {
-        Waiter { sink, index }
+        Waiter {
+            sink: Sink::Local(sink),
+            index,
+        }
+    }
+
+    /// A waiter handing its reply to a thread-safe sink (an async reply).
+    pub(crate) fn shared(sink: std::sync::Arc<dyn ReplySink + Send + Sync>) -> Waiter {
+        Waiter {
+            sink: Sink::Shared(sink),
+            index: 0,
+        }
+    }
+
+    #[inline]
+    fn sink(&self) -> &dyn ReplySink {
+        match &self.sink {
+            Sink::Local(s) => &**s,
+            Sink::Shared(s) => &**s,
+        }
     }
 
     /// Settles the promise with the reply, converted.
     pub(crate) fn accept(&self, reply: Result<Value>, ctx: &ReplyContext<'_>) {
-        self.sink.accept(self.index, reply, ctx)
+        self.sink().accept(self.index, reply, ctx)
     }
 
     /// Settles the promise with a plain bulk string (`None`: nil).
     pub(crate) fn accept_bulk(&self, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
-        self.sink.accept_bulk(self.index, bytes, ctx)
+        self.sink().accept_bulk(self.index, bytes, ctx)
     }
 
     /// Settles the promise with a reply shared by many.
     pub(crate) fn accept_shared(&self, reply: &Value, ctx: &ReplyContext<'_>) {
-        self.sink.accept_shared(self.index, reply, ctx)
+        self.sink().accept_shared(self.index, reply, ctx)
     }
 }
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        self.sink.release(self.index)
+        self.sink().release(self.index)
     }
 }
 
