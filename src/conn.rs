@@ -88,6 +88,59 @@ impl Stream {
     }
 }
 
+/// Turns a host name into socket addresses: the seam for a resolver of
+/// your own (a cache, a service registry, a test double). Set it with
+/// [`ClusterBuilder::resolver`](crate::ClusterBuilder::resolver); the
+/// default is [`SystemResolver`].
+///
+/// rb calls it on a helper thread, once per new connection to a host whose
+/// `host` is a name (IP literals and unix sockets skip it), and waits for
+/// the answer no longer than the host's connect budget.
+/// The addresses are tried IPv4 first, otherwise in the order returned,
+/// until one connects.
+///
+/// ```
+/// use std::net::SocketAddr;
+/// use std::sync::Arc;
+/// use rb::{Cluster, HostConfig, Resolve};
+///
+/// /// Every name is this machine.
+/// struct Loopback;
+///
+/// impl Resolve for Loopback {
+///     fn resolve(&self, _host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+///         Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+///     }
+/// }
+///
+/// let cluster = Cluster::builder()
+///     .host(0, HostConfig::new().host("cache-a.internal").port(6379))
+///     .resolver(Arc::new(Loopback))
+///     .build()?;
+/// # Ok::<(), rb::Error>(())
+/// ```
+pub trait Resolve: Send + Sync + 'static {
+    /// Every address of `host` at `port`.
+    ///
+    /// # Errors
+    ///
+    /// The name cannot be resolved; the host's requests fail with an
+    /// [`Error::Connection`] that names the host and carries this error's
+    /// text. An empty list fails the same way.
+    fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>>;
+}
+
+/// The default resolver: the system's (`getaddrinfo`, through
+/// [`ToSocketAddrs`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        Ok((host, port).to_socket_addrs()?.collect())
+    }
+}
+
 /// TLS settings built once per host pool.
 #[cfg(feature = "tls")]
 pub(crate) type TlsConfig = Arc<rustls::ClientConfig>;
@@ -177,7 +230,11 @@ impl Connection {
     /// Starts a non-blocking connect; name resolution (and, for a unix
     /// socket, retries while its accept queue is full) stay within the
     /// host's connect budget.
-    pub(crate) fn connect(host: Arc<HostInfo>, tls: Option<TlsConfig>) -> Result<Connection> {
+    pub(crate) fn connect(
+        host: Arc<HostInfo>,
+        tls: Option<TlsConfig>,
+        resolver: &Arc<dyn Resolve>,
+    ) -> Result<Connection> {
         let deadline = Instant::now()
             .checked_add(host.connect_timeout)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
@@ -188,7 +245,7 @@ impl Connection {
                 Vec::new(),
             ),
             None => {
-                let addrs = resolve(&host, deadline)?;
+                let addrs = resolve(&host, resolver, deadline)?;
                 let (stream, rest) = connect_first(&host, &tls, addrs)?;
                 (stream, false, rest)
             }
@@ -372,20 +429,22 @@ fn wrap(host: &Arc<HostInfo>, tls: &Option<TlsConfig>, stream: TcpStream) -> Res
 /// ::1 first, while many Redis servers listen on 127.0.0.1 only). Names
 /// are resolved on a helper thread, so a slow resolver costs at most the
 /// connect budget.
-fn resolve(host: &HostInfo, deadline: Instant) -> Result<Vec<SocketAddr>> {
+fn resolve(
+    host: &HostInfo,
+    resolver: &Arc<dyn Resolve>,
+    deadline: Instant,
+) -> Result<Vec<SocketAddr>> {
     let name = host.name();
     if let Ok(ip) = host.host.parse::<std::net::IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, host.port)]);
     }
     let (tx, rx) = mpsc::channel();
-    let target = (host.host.clone(), host.port);
+    let (target, port) = (host.host.clone(), host.port);
+    let resolver = resolver.clone();
     let spawned = std::thread::Builder::new()
         .name("rb-resolve".into())
         .spawn(move || {
-            let result = target
-                .to_socket_addrs()
-                .map(|addrs| addrs.collect::<Vec<_>>());
-            let _ = tx.send(result);
+            let _ = tx.send(resolver.resolve(&target, port));
         });
     if let Err(e) = spawned {
         return Err(io_error(name, &e));
@@ -404,16 +463,19 @@ fn resolve(host: &HostInfo, deadline: Instant) -> Result<Vec<SocketAddr>> {
 pub(crate) struct Pool {
     idle: Mutex<Vec<Connection>>,
     max_idle: usize,
+    /// Turns the host's name into addresses.
+    resolver: Arc<dyn Resolve>,
     /// Built on the first TLS connect, then shared by every connection.
     #[cfg(feature = "tls")]
     tls: std::sync::OnceLock<std::result::Result<TlsConfig, Error>>,
 }
 
 impl Pool {
-    pub(crate) fn new(max_idle: usize) -> Pool {
+    pub(crate) fn new(max_idle: usize, resolver: Arc<dyn Resolve>) -> Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
             max_idle,
+            resolver,
             #[cfg(feature = "tls")]
             tls: std::sync::OnceLock::new(),
         }
@@ -422,7 +484,7 @@ impl Pool {
     /// A new connection to `host` (its TLS settings built once).
     pub(crate) fn connect(&self, host: &Arc<HostInfo>) -> Result<Connection> {
         if !host.tls {
-            return Connection::connect(host.clone(), None);
+            return Connection::connect(host.clone(), None, &self.resolver);
         }
         #[cfg(feature = "tls")]
         let config = self
@@ -430,10 +492,10 @@ impl Pool {
             .get_or_init(|| crate::tls::client_config(host))
             .clone()?;
         #[cfg(feature = "tls")]
-        return Connection::connect(host.clone(), Some(config));
+        return Connection::connect(host.clone(), Some(config), &self.resolver);
         // Without the feature, connect() refuses TLS hosts with a clear error.
         #[cfg(not(feature = "tls"))]
-        Connection::connect(host.clone(), None)
+        Connection::connect(host.clone(), None, &self.resolver)
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
