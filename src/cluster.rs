@@ -8,7 +8,7 @@ use crate::args::ToArg;
 use crate::client::{FanoutClient, LocalClient, MappingClient, RoutingClient};
 use crate::config::HostConfig;
 use crate::config::HostInfo;
-use crate::conn::{HostEntry, Pool};
+use crate::conn::{HostEntry, Pool, Resolve, SystemResolver};
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::{HostMap, LoopOptions, Session};
 use crate::router::{self, Router, RouterKind};
@@ -134,6 +134,7 @@ pub struct ClusterBuilder {
     defaults: HostConfig,
     hosts: Vec<(HostId, HostConfig)>,
     router: RouterChoice,
+    resolver: Option<Arc<dyn Resolve>>,
 }
 
 #[derive(Clone, Default)]
@@ -196,6 +197,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// Resolves host names with a resolver of your own (see [`Resolve`]).
+    /// Default: [`SystemResolver`].
+    #[must_use]
+    pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> ClusterBuilder {
+        self.resolver = Some(resolver);
+        self
+    }
+
     /// Checks the hosts (no duplicate ids, the router accepts them) and builds
     /// the cluster. Nothing connects until a command is sent.
     ///
@@ -203,10 +212,11 @@ impl ClusterBuilder {
     ///
     /// [`Error::BadHostSetup`] for a duplicate id or hosts the router cannot use (a gap in the ids), [`Error::Config`] for a host with a user name but no password.
     pub fn build(self) -> Result<Cluster> {
+        let resolver = self.resolver.unwrap_or_else(|| Arc::new(SystemResolver));
         let mut hosts = BTreeMap::new();
         for (id, config) in self.hosts {
             let info = Arc::new(config.or(&self.defaults).resolve_checked(id)?);
-            let pool = Arc::new(Pool::new(info.pool_size));
+            let pool = Arc::new(Pool::new(info.pool_size, resolver.clone()));
             if hosts.insert(id, HostEntry { info, pool }).is_some() {
                 return Err(Error::BadHostSetup {
                     reason: format!("host id {id} was added twice").into(),
@@ -222,6 +232,7 @@ impl ClusterBuilder {
                     router: None,
                 }),
                 scripts: Arc::default(),
+                resolver,
             }),
         };
         cluster.router()?;
@@ -240,6 +251,7 @@ pub struct Cluster {
 struct ClusterInner {
     state: RwLock<ClusterState>,
     scripts: Arc<ScriptMemory>,
+    resolver: Arc<dyn Resolve>,
 }
 
 struct ClusterState {
@@ -362,7 +374,7 @@ impl Cluster {
             });
         }
         let info = Arc::new(config.or(&state.defaults).resolve_checked(id)?);
-        let pool = Arc::new(Pool::new(info.pool_size));
+        let pool = Arc::new(Pool::new(info.pool_size, self.inner.resolver.clone()));
         let mut hosts = BTreeMap::new();
         for (hid, entry) in state.table.iter() {
             hosts.insert(
@@ -715,6 +727,10 @@ impl std::fmt::Debug for ClusterBuilder {
             .field("defaults", &self.defaults)
             .field("hosts", &self.hosts)
             .field("router", &router)
+            .field(
+                "resolver",
+                &self.resolver.as_ref().map_or("System", |_| "Custom"),
+            )
             .finish()
     }
 }

@@ -3,8 +3,13 @@
 //!
 //! A connection knows nothing of requests, replies or routing: the
 //! [`crate::pipeline`] decides what to write and what each reply answers.
-//! Host names are resolved on a helper thread within the connect budget,
-//! and every address is tried in turn (IPv4 first) until one connects.
+//! Host names are resolved on a helper thread, so a session resolves the
+//! names of all its hosts at the same time: a connection starts out
+//! resolving, the thread wakes the session's poll through its
+//! [`mio::Waker`] when the addresses are in, and the session then starts
+//! the non-blocking connect ([`Connection::resolved`]). The session's
+//! connect deadline bounds the lookup. Every address is tried in turn
+//! (IPv4 first) until one connects.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -12,7 +17,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpStream, UnixStream};
-use mio::{Interest, Registry, Token};
+use mio::{Interest, Registry, Token, Waker};
 
 use crate::config::HostInfo;
 use crate::error::{Error, HostName, Result};
@@ -88,6 +93,61 @@ impl Stream {
     }
 }
 
+/// Turns a host name into socket addresses: the seam for a resolver of
+/// your own (a cache, a service registry, a test double). Set it with
+/// [`ClusterBuilder::resolver`](crate::ClusterBuilder::resolver); the
+/// default is [`SystemResolver`].
+///
+/// rb calls it on a helper thread, once per new connection to a host whose
+/// `host` is a name (IP literals and unix sockets skip it), and waits for
+/// the answer no longer than the host's connect budget: a resolver that
+/// blocks costs that host its connect timeout, and no other host anything
+/// (the names of a map's hosts are resolved at the same time).
+/// The addresses are tried IPv4 first, otherwise in the order returned,
+/// until one connects.
+///
+/// ```
+/// use std::net::SocketAddr;
+/// use std::sync::Arc;
+/// use rb::{Cluster, HostConfig, Resolve};
+///
+/// /// Every name is this machine.
+/// struct Loopback;
+///
+/// impl Resolve for Loopback {
+///     fn resolve(&self, _host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+///         Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+///     }
+/// }
+///
+/// let cluster = Cluster::builder()
+///     .host(0, HostConfig::new().host("cache-a.internal").port(6379))
+///     .resolver(Arc::new(Loopback))
+///     .build()?;
+/// # Ok::<(), rb::Error>(())
+/// ```
+pub trait Resolve: Send + Sync + 'static {
+    /// Every address of `host` at `port`.
+    ///
+    /// # Errors
+    ///
+    /// The name cannot be resolved; the host's requests fail with an
+    /// [`Error::Connection`] that names the host and carries this error's
+    /// text. An empty list fails the same way.
+    fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>>;
+}
+
+/// The default resolver: the system's (`getaddrinfo`, through
+/// [`ToSocketAddrs`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        Ok((host, port).to_socket_addrs()?.collect())
+    }
+}
+
 /// TLS settings built once per host pool.
 #[cfg(feature = "tls")]
 pub(crate) type TlsConfig = Arc<rustls::ClientConfig>;
@@ -95,10 +155,16 @@ pub(crate) type TlsConfig = Arc<rustls::ClientConfig>;
 #[cfg(not(feature = "tls"))]
 pub(crate) type TlsConfig = ();
 
+/// The answer of a lookup thread.
+type Lookup = mpsc::Receiver<io::Result<Vec<SocketAddr>>>;
+
 /// A connection to one host.
 pub(crate) struct Connection {
     host: Arc<HostInfo>,
-    stream: Stream,
+    /// None while the host's name is being resolved.
+    stream: Option<Stream>,
+    /// The lookup under way (see [`Connection::resolved`]).
+    lookup: Option<Lookup>,
     tls: Option<TlsConfig>,
     /// Connect finished (always true for unix sockets, which connect at once).
     connected: bool,
@@ -153,6 +219,16 @@ fn connect_timeout(host: &HostInfo) -> Error {
     }
 }
 
+/// The resolver failed for the host's name.
+fn resolve_error(host: &HostInfo, reason: &dyn std::fmt::Display, kind: io::ErrorKind) -> Error {
+    Error::Connection {
+        host: host.name().clone(),
+        command: None,
+        kind,
+        reason: format!("cannot resolve {:?}: {reason}", host.host).into(),
+    }
+}
+
 /// Connects a unix socket, retrying while the server's accept queue is
 /// full (`EAGAIN`) until `deadline`.
 fn connect_unix(host: &HostInfo, path: &str, deadline: Instant) -> Result<UnixStream> {
@@ -174,28 +250,44 @@ fn connect_unix(host: &HostInfo, path: &str, deadline: Instant) -> Result<UnixSt
 }
 
 impl Connection {
-    /// Starts a non-blocking connect; name resolution (and, for a unix
-    /// socket, retries while its accept queue is full) stay within the
-    /// host's connect budget.
-    pub(crate) fn connect(host: Arc<HostInfo>, tls: Option<TlsConfig>) -> Result<Connection> {
+    /// Starts a connection: a non-blocking connect to an IP address or a
+    /// unix socket (retried while its accept queue is full, within the
+    /// host's connect budget), or, for a host name, a lookup on a helper
+    /// thread that wakes `waker` when it has an answer; the caller bounds
+    /// it with the connect budget and calls [`Connection::resolved`] on
+    /// each wake.
+    pub(crate) fn connect(
+        host: Arc<HostInfo>,
+        tls: Option<TlsConfig>,
+        resolver: &Arc<dyn Resolve>,
+        waker: &Arc<Waker>,
+    ) -> Result<Connection> {
         let deadline = Instant::now()
             .checked_add(host.connect_timeout)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+        let mut lookup = None;
         let (stream, connected, next_addrs) = match &host.unix_socket_path {
             Some(path) => (
-                Stream::Unix(connect_unix(&host, path, deadline)?),
+                Some(Stream::Unix(connect_unix(&host, path, deadline)?)),
                 true,
                 Vec::new(),
             ),
-            None => {
-                let addrs = resolve(&host, deadline)?;
-                let (stream, rest) = connect_first(&host, &tls, addrs)?;
-                (stream, false, rest)
-            }
+            None => match host.host.parse::<std::net::IpAddr>() {
+                Ok(ip) => {
+                    let addrs = vec![SocketAddr::new(ip, host.port)];
+                    let (stream, rest) = connect_first(&host, &tls, addrs)?;
+                    (Some(stream), false, rest)
+                }
+                Err(_) => {
+                    lookup = Some(start_lookup(&host, resolver, waker)?);
+                    (None, false, Vec::new())
+                }
+            },
         };
         Ok(Connection {
             host,
             stream,
+            lookup,
             tls,
             connected,
             next_addrs,
@@ -214,25 +306,75 @@ impl Connection {
 
     /// Connected, and any TLS handshake done.
     pub(crate) fn is_established(&self) -> bool {
-        self.connected && !self.stream.is_handshaking()
+        self.connected && self.stream.as_ref().is_some_and(|s| !s.is_handshaking())
     }
 
+    /// Its host's name is still being resolved.
+    pub(crate) fn is_resolving(&self) -> bool {
+        self.lookup.is_some()
+    }
+
+    /// After a wake of the poll: takes the lookup's answer, if it is in,
+    /// and starts the connect to the first address. `Ok(true)` when a
+    /// socket now exists and must be registered; `Ok(false)` while the
+    /// lookup is still under way (or none was).
+    ///
+    /// # Errors
+    ///
+    /// The resolver failed, gave no address, or its thread ended without
+    /// an answer; or no address accepted a connect.
+    pub(crate) fn resolved(&mut self) -> Result<bool> {
+        let Some(lookup) = &self.lookup else {
+            return Ok(false);
+        };
+        let answer = match lookup.try_recv() {
+            Err(mpsc::TryRecvError::Empty) => return Ok(false),
+            Err(mpsc::TryRecvError::Disconnected) => Err(resolve_error(
+                &self.host,
+                &"the resolver ended without an answer (it panicked)",
+                io::ErrorKind::Other,
+            )),
+            Ok(Ok(addrs)) => Ok(addrs),
+            Ok(Err(e)) => Err(resolve_error(&self.host, &e, e.kind())),
+        };
+        self.lookup = None;
+        let mut addrs = answer?;
+        sort_addrs(&mut addrs);
+        let (stream, rest) = connect_first(&self.host, &self.tls, addrs)?;
+        self.stream = Some(stream);
+        self.next_addrs = rest;
+        self.registered = false;
+        Ok(true)
+    }
+
+    /// Registers the socket with a poll (nothing to register while the
+    /// name resolves).
     pub(crate) fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(());
+        };
         let interest = Interest::READABLE | Interest::WRITABLE;
         if self.registered {
-            registry.reregister(self.stream.source(), token, interest)
+            registry.reregister(stream.source(), token, interest)
         } else {
-            registry.register(self.stream.source(), token, interest)?;
+            registry.register(stream.source(), token, interest)?;
             self.registered = true;
             Ok(())
         }
     }
 
     pub(crate) fn deregister(&mut self, registry: &Registry) {
-        if self.registered {
-            let _ = registry.deregister(self.stream.source());
-            self.registered = false;
+        if let (true, Some(stream)) = (self.registered, self.stream.as_mut()) {
+            let _ = registry.deregister(stream.source());
         }
+        self.registered = false;
+    }
+
+    /// The socket, or `WouldBlock` while the name resolves.
+    fn stream(&mut self) -> io::Result<&mut Stream> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| io::ErrorKind::WouldBlock.into())
     }
 
     /// After a writable event on a connecting TCP socket: did it connect?
@@ -246,7 +388,11 @@ impl Connection {
         if self.connected {
             return Ok(true);
         }
-        let Some(stream) = self.stream.tcp() else {
+        let Some(stream) = self.stream.as_ref() else {
+            // Still resolving: nothing to connect yet.
+            return Ok(false);
+        };
+        let Some(stream) = stream.tcp() else {
             self.connected = true;
             return Ok(true);
         };
@@ -268,7 +414,7 @@ impl Connection {
             Some(_) => {
                 let addrs = std::mem::take(&mut self.next_addrs);
                 let (stream, rest) = connect_first(&self.host, &self.tls, addrs)?;
-                self.stream = stream;
+                self.stream = Some(stream);
                 self.next_addrs = rest;
                 self.registered = false;
                 Ok(false)
@@ -286,7 +432,7 @@ impl Connection {
     /// counts as sent), or `WouldBlock`.
     pub(crate) fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            match self.stream.write(buf) {
+            match self.stream()?.write(buf) {
                 Ok(0) if !buf.is_empty() => return Err(io::ErrorKind::WriteZero.into()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other,
@@ -296,13 +442,13 @@ impl Connection {
 
     /// Sends bytes buffered below us (TLS records); true when none are left.
     pub(crate) fn flush(&mut self) -> io::Result<bool> {
-        self.stream.flush()
+        self.stream()?.flush()
     }
 
     /// Reads into `buf`: the bytes read (0: the peer closed), or `WouldBlock`.
     pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match self.stream.read(buf) {
+            match self.stream()?.read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other,
             }
@@ -311,7 +457,7 @@ impl Connection {
 
     /// Bytes below us (TLS records) are waiting for the socket.
     pub(crate) fn wants_write(&self) -> bool {
-        self.stream.wants_write()
+        self.stream.as_ref().is_some_and(Stream::wants_write)
     }
 
     /// A pooled connection is alive when a read would block: 0 bytes means
@@ -319,7 +465,10 @@ impl Connection {
     /// mean its state is unknown.
     pub(crate) fn is_alive(&mut self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.stream.read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let Some(stream) = self.stream.as_mut() else {
+            return false;
+        };
+        matches!(stream.read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -368,61 +517,82 @@ fn wrap(host: &Arc<HostInfo>, tls: &Option<TlsConfig>, stream: TcpStream) -> Res
     }
 }
 
-/// Every address of the host, IPv4 first (`localhost` often resolves to
-/// ::1 first, while many Redis servers listen on 127.0.0.1 only). Names
-/// are resolved on a helper thread, so a slow resolver costs at most the
-/// connect budget.
-fn resolve(host: &HostInfo, deadline: Instant) -> Result<Vec<SocketAddr>> {
-    let name = host.name();
-    if let Ok(ip) = host.host.parse::<std::net::IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, host.port)]);
-    }
+/// Starts resolving the host's name on a helper thread, which sends its
+/// answer and then wakes `waker` (a late answer, after the caller gave
+/// up, goes nowhere and wakes the poll for nothing).
+fn start_lookup(
+    host: &HostInfo,
+    resolver: &Arc<dyn Resolve>,
+    waker: &Arc<Waker>,
+) -> Result<Lookup> {
     let (tx, rx) = mpsc::channel();
-    let target = (host.host.clone(), host.port);
-    let spawned = std::thread::Builder::new()
+    let (target, port) = (host.host.clone(), host.port);
+    let resolver = resolver.clone();
+    let mut answer = Answer {
+        tx: Some(tx),
+        waker: waker.clone(),
+    };
+    std::thread::Builder::new()
         .name("rb-resolve".into())
         .spawn(move || {
-            let result = target
-                .to_socket_addrs()
-                .map(|addrs| addrs.collect::<Vec<_>>());
-            let _ = tx.send(result);
-        });
-    if let Err(e) = spawned {
-        return Err(io_error(name, &e));
+            let addrs = resolver.resolve(&target, port);
+            if let Some(tx) = answer.tx.take() {
+                let _ = tx.send(addrs);
+            }
+        })
+        .map_err(|e| resolve_error(host, &e, e.kind()))?;
+    Ok(rx)
+}
+
+/// A lookup thread's way back: dropped, it closes the channel, then wakes
+/// the poll, also when the resolver panicked (the closed channel without
+/// an answer then says so), so no session waits for a dead lookup.
+struct Answer {
+    tx: Option<mpsc::Sender<io::Result<Vec<SocketAddr>>>>,
+    waker: Arc<Waker>,
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.tx = None;
+        let _ = self.waker.wake();
     }
-    let wait = deadline.saturating_duration_since(Instant::now());
-    let mut addrs = match rx.recv_timeout(wait) {
-        Ok(Ok(addrs)) => addrs,
-        Ok(Err(e)) => return Err(io_error(name, &e)),
-        Err(_) => return Err(connect_timeout(host)),
-    };
+}
+
+/// IPv4 first, otherwise in the resolver's order (`localhost` often
+/// resolves to ::1 first, while many Redis servers listen on 127.0.0.1
+/// only).
+fn sort_addrs(addrs: &mut [SocketAddr]) {
     addrs.sort_by_key(|a| !a.is_ipv4());
-    Ok(addrs)
 }
 
 /// The idle connections of one host, shared by every thread.
 pub(crate) struct Pool {
     idle: Mutex<Vec<Connection>>,
     max_idle: usize,
+    /// Turns the host's name into addresses.
+    resolver: Arc<dyn Resolve>,
     /// Built on the first TLS connect, then shared by every connection.
     #[cfg(feature = "tls")]
     tls: std::sync::OnceLock<std::result::Result<TlsConfig, Error>>,
 }
 
 impl Pool {
-    pub(crate) fn new(max_idle: usize) -> Pool {
+    pub(crate) fn new(max_idle: usize, resolver: Arc<dyn Resolve>) -> Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
             max_idle,
+            resolver,
             #[cfg(feature = "tls")]
             tls: std::sync::OnceLock::new(),
         }
     }
 
-    /// A new connection to `host` (its TLS settings built once).
-    pub(crate) fn connect(&self, host: &Arc<HostInfo>) -> Result<Connection> {
+    /// A new connection to `host` (its TLS settings built once); a lookup
+    /// of its name wakes `waker` when done.
+    pub(crate) fn connect(&self, host: &Arc<HostInfo>, waker: &Arc<Waker>) -> Result<Connection> {
         if !host.tls {
-            return Connection::connect(host.clone(), None);
+            return Connection::connect(host.clone(), None, &self.resolver, waker);
         }
         #[cfg(feature = "tls")]
         let config = self
@@ -430,10 +600,10 @@ impl Pool {
             .get_or_init(|| crate::tls::client_config(host))
             .clone()?;
         #[cfg(feature = "tls")]
-        return Connection::connect(host.clone(), Some(config));
+        return Connection::connect(host.clone(), Some(config), &self.resolver, waker);
         // Without the feature, connect() refuses TLS hosts with a clear error.
         #[cfg(not(feature = "tls"))]
-        Connection::connect(host.clone(), None)
+        Connection::connect(host.clone(), None, &self.resolver, waker)
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
@@ -443,7 +613,7 @@ impl Pool {
     }
 
     /// A live pooled connection, or a new one (connecting).
-    pub(crate) fn checkout(&self, host: &Arc<HostInfo>) -> Result<Connection> {
+    pub(crate) fn checkout(&self, host: &Arc<HostInfo>, waker: &Arc<Waker>) -> Result<Connection> {
         loop {
             let candidate = self.idle().pop();
             match candidate {
@@ -454,7 +624,7 @@ impl Pool {
                     }
                     // Stale: dropped (closed) here, try the next one.
                 }
-                None => return self.connect(host),
+                None => return self.connect(host, waker),
             }
         }
     }
@@ -482,4 +652,21 @@ impl Pool {
 pub(crate) struct HostEntry {
     pub(crate) info: Arc<HostInfo>,
     pub(crate) pool: Arc<Pool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// IPv4 first; otherwise the resolver's order is kept.
+    #[test]
+    fn addresses_are_sorted_ipv4_first() {
+        let a: SocketAddr = "[::1]:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.2:2".parse().unwrap();
+        let c: SocketAddr = "[::2]:3".parse().unwrap();
+        let d: SocketAddr = "127.0.0.1:4".parse().unwrap();
+        let mut addrs = vec![a, b, c, d];
+        sort_addrs(&mut addrs);
+        assert_eq!(addrs, vec![b, d, a, c]);
+    }
 }

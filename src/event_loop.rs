@@ -5,7 +5,10 @@
 //!
 //! The rules (from DESIGN.md "The event loop"):
 //! - connects are non-blocking and start the moment a host gets its first
-//!   request, so many hosts connect concurrently;
+//!   request, so many hosts connect concurrently; a host name is resolved
+//!   on a helper thread that wakes the poll ([`WAKE`]) when its addresses
+//!   are in, so the names of many hosts resolve concurrently too, each
+//!   within its host's connect deadline;
 //! - requests are encoded straight into the host's write buffer; once a
 //!   buffer passes [`WRITE_THRESHOLD`] it is written while the caller is
 //!   still enqueuing, and replies are read whenever the socket is readable,
@@ -28,7 +31,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Token};
+use mio::{Events, Poll, Token, Waker};
 
 use crate::cmd::Cmd;
 use crate::conn::{closed_error, io_error, Connection, HostEntry, Pool};
@@ -40,6 +43,18 @@ use crate::scripts::ScriptMemory;
 /// Read steps one host gets per turn of the loop before the others (and
 /// the deadlines) get theirs.
 const READ_STEPS_PER_TURN: usize = 8;
+
+/// The poll's token for its [`Waker`]: a name lookup finished. Slots use
+/// their index as token, which never comes near it.
+const WAKE: Token = Token(usize::MAX);
+
+/// A poll, its event buffer, and its one waker (mio allows one per poll),
+/// which the name lookups of the poll's connections wake.
+struct Polling {
+    poll: Poll,
+    events: Events,
+    waker: Arc<Waker>,
+}
 
 /// The hosts a session may reach, by id.
 pub(crate) type HostMap = BTreeMap<HostId, HostEntry>;
@@ -127,14 +142,14 @@ impl SlotIndex {
 thread_local! {
     /// One poll per thread, reused by its sessions (an `epoll` instance
     /// costs two syscalls to make and drop).
-    static IDLE_POLL: RefCell<Option<(Poll, Events)>> = const { RefCell::new(None) };
+    static IDLE_POLL: RefCell<Option<Polling>> = const { RefCell::new(None) };
 }
 
 /// One map, fanout or immediate command in flight.
 pub(crate) struct Session {
     /// Made on the first host's first request (a failure to make it then
     /// names that host).
-    poll: Option<(Poll, Events)>,
+    poll: Option<Polling>,
     hosts: Arc<HostMap>,
     slots: Vec<Slot>,
     index: SlotIndex,
@@ -174,22 +189,33 @@ impl Session {
     }
 
     /// The poll, made on first use.
-    fn poll(&mut self, host: &HostName) -> Result<&mut (Poll, Events)> {
+    fn poll(&mut self, host: &HostName) -> Result<&mut Polling> {
         match &mut self.poll {
             Some(poll) => Ok(poll),
             none => {
                 let poll = Poll::new()
                     .map_err(|e| poll_error(host, &e, "cannot create a poll instance"))?;
-                Ok(none.insert((poll, Events::with_capacity(1024))))
+                let waker = Waker::new(poll.registry(), WAKE)
+                    .map_err(|e| poll_error(host, &e, "cannot create a waker"))?;
+                Ok(none.insert(Polling {
+                    poll,
+                    events: Events::with_capacity(1024),
+                    waker: Arc::new(waker),
+                }))
             }
         }
+    }
+
+    /// The poll's waker (the poll made on first use), for name lookups.
+    fn waker(&mut self, host: &HostName) -> Result<Arc<Waker>> {
+        Ok(self.poll(host)?.waker.clone())
     }
 
     /// Registers `conn` (slot `i`'s new or replaced socket) with the poll.
     fn register(&mut self, i: usize, conn: &mut Connection) -> Result<()> {
         let name = self.slots[i].name().clone();
-        let (poll, _) = self.poll(&name)?;
-        conn.register(poll.registry(), Token(i))
+        let polling = self.poll(&name)?;
+        conn.register(polling.poll.registry(), Token(i))
             .map_err(|e| poll_error(&name, &e, "cannot register with the poll"))
     }
 
@@ -221,8 +247,11 @@ impl Session {
         if self.slots[i].conn.is_some() || self.slots[i].failed.is_some() {
             return;
         }
-        let slot = &mut self.slots[i];
-        let conn = slot.pool.checkout(slot.pipeline.host());
+        let name = self.slots[i].name().clone();
+        let conn = self.waker(&name).and_then(|waker| {
+            let slot = &self.slots[i];
+            slot.pool.checkout(slot.pipeline.host(), &waker)
+        });
         self.install(i, conn);
     }
 
@@ -420,7 +449,7 @@ impl Session {
     /// Polls once (up to `timeout`) and handles what is ready, and the
     /// hosts whose last read turn left bytes unread.
     fn pump(&mut self, timeout: Option<Duration>) {
-        let Some((poll, events)) = self.poll.as_mut() else {
+        let Some(Polling { poll, events, .. }) = self.poll.as_mut() else {
             return;
         };
         if let Err(e) = poll.poll(events, timeout) {
@@ -435,7 +464,12 @@ impl Session {
             return;
         }
         self.ready.clear();
+        let mut woken = false;
         for event in events.iter() {
+            if event.token() == WAKE {
+                woken = true;
+                continue;
+            }
             let readable = event.is_readable() || event.is_read_closed() || event.is_error();
             let writable = event.is_writable() || event.is_write_closed() || event.is_error();
             self.ready.push((event.token().0, readable, writable));
@@ -444,6 +478,9 @@ impl Session {
             if slot.more_to_read && !self.ready.iter().any(|r| r.0 == i) {
                 self.ready.push((i, true, false));
             }
+        }
+        if woken {
+            self.take_lookups();
         }
         let ready = std::mem::take(&mut self.ready);
         for &(i, readable, writable) in &ready {
@@ -469,6 +506,35 @@ impl Session {
         self.ready = ready;
     }
 
+    /// A lookup woke the poll: every slot whose lookup has its answer
+    /// starts its connect (or fails).
+    fn take_lookups(&mut self) {
+        for i in 0..self.slots.len() {
+            let Some(conn) = self.slots[i].conn.as_mut() else {
+                continue;
+            };
+            if !conn.is_resolving() {
+                continue;
+            }
+            match conn.resolved() {
+                Ok(true) => self.reregister(i),
+                Ok(false) => {}
+                Err(e) => self.fail_slot(i, e),
+            }
+        }
+    }
+
+    /// Slot `i`'s connection has a new socket: registers it.
+    fn reregister(&mut self, i: usize) {
+        if let Some(mut conn) = self.slots[i].conn.take() {
+            let registered = self.register(i, &mut conn);
+            self.slots[i].conn = Some(conn);
+            if let Err(e) = registered {
+                self.fail_slot(i, e);
+            }
+        }
+    }
+
     fn on_writable(&mut self, i: usize) {
         let slot = &mut self.slots[i];
         let Some(conn) = slot.conn.as_mut() else {
@@ -480,16 +546,8 @@ impl Session {
                 self.start_request_budget(i);
                 self.write_slot(i);
             }
-            Ok(false) if conn.needs_register() => {
-                // The next address's connect started on a new socket.
-                if let Some(mut conn) = self.slots[i].conn.take() {
-                    let registered = self.register(i, &mut conn);
-                    self.slots[i].conn = Some(conn);
-                    if let Err(e) = registered {
-                        self.fail_slot(i, e);
-                    }
-                }
-            }
+            // The next address's connect started on a new socket.
+            Ok(false) if conn.needs_register() => self.reregister(i),
             Ok(false) => {}
             Err(e) => self.fail_slot(i, e),
         }
@@ -600,16 +658,16 @@ impl Session {
     fn fail_slot(&mut self, i: usize, mut error: Error) {
         let slot = &mut self.slots[i];
         if let Some(mut conn) = slot.conn.take() {
-            if let Some((poll, _)) = self.poll.as_ref() {
-                conn.deregister(poll.registry());
+            if let Some(polling) = self.poll.as_ref() {
+                conn.deregister(polling.poll.registry());
             }
             let stale = conn.reused && !slot.pipeline.has_sent() && !slot.retried;
             let transport = matches!(error, Error::Connection { .. });
             drop(conn);
-            if stale && transport {
+            // (The poll exists: the connection was registered with it.)
+            if let (true, Some(polling)) = (stale && transport, self.poll.as_ref()) {
                 slot.retried = true;
-                let fresh = slot.pool.connect(slot.pipeline.host());
-                match fresh {
+                match slot.pool.connect(slot.pipeline.host(), &polling.waker) {
                     Ok(c) => return self.install(i, Ok(c)),
                     Err(e) => error = e,
                 }
@@ -701,8 +759,8 @@ impl Session {
         let Some(mut conn) = slot.conn.take() else {
             return;
         };
-        if let Some((poll, _)) = self.poll.as_ref() {
-            conn.deregister(poll.registry());
+        if let Some(polling) = self.poll.as_ref() {
+            conn.deregister(polling.poll.registry());
         }
         let clean = slot.failed.is_none()
             && !slot.dirty
@@ -757,8 +815,8 @@ impl Drop for Session {
     fn drop(&mut self) {
         for slot in &mut self.slots {
             if let Some(mut conn) = slot.conn.take() {
-                if let Some((poll, _)) = self.poll.as_ref() {
-                    conn.deregister(poll.registry());
+                if let Some(polling) = self.poll.as_ref() {
+                    conn.deregister(polling.poll.registry());
                 }
             }
         }

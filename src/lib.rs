@@ -128,6 +128,7 @@ pub use cluster::{Cluster, ClusterBuilder, Hosts, MapOptions};
 pub use cmd::{cmd, Call, Cmd, Script, ScriptCall};
 pub use commands::{Commands, Condition, Expiry, InfoDict, SetOptions};
 pub use config::{HostConfig, HostInfo, Protocol, TlsOptions};
+pub use conn::{Resolve, SystemResolver};
 pub use convert::FromValue;
 pub use error::{Error, HostId, HostName, Phase, Result};
 pub use health::{HealthPolicy, HostHealth};

@@ -235,3 +235,38 @@ fn missing_ca_file_is_a_tls_error() {
     assert!(matches!(err, rb::Error::Tls { .. }), "{err}");
     assert!(err.to_string().contains("does-not-exist.crt"), "{err}");
 }
+
+/// A host given by name: its lookup (here a resolver of our own) runs off
+/// the session's thread, the TLS session starts once the address is in,
+/// and the certificate is checked against the name (`DNS:localhost`).
+#[test]
+fn tls_to_a_named_host_after_its_lookup() {
+    struct Loopback(u16);
+    impl rb::Resolve for Loopback {
+        fn resolve(&self, host: &str, _port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+            assert_eq!(host, "localhost");
+            Ok(vec![std::net::SocketAddr::from(([127, 0, 0, 1], self.0))])
+        }
+    }
+    let certs = Certs::new();
+    let server = TlsServer::start(&certs);
+    let cluster = Cluster::builder()
+        .host(
+            0,
+            HostConfig::new()
+                .host("localhost")
+                .port(server.port)
+                .tls(true)
+                .tls_options(TlsOptions {
+                    ca_file: Some(certs.path("ca.crt")),
+                    ..TlsOptions::default()
+                }),
+        )
+        .resolver(std::sync::Arc::new(Loopback(server.port)))
+        .build()
+        .unwrap();
+    let set = cluster.map(|c| c.set("named", 1)).unwrap();
+    assert!(set.is_resolved());
+    cluster.disconnect_pools();
+    assert_eq!(cluster.local_client(0).unwrap().ping().unwrap(), "PONG");
+}
