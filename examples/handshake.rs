@@ -54,9 +54,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rtt = us(&mut ping);
     println!("medians of {ROUNDS} alternating rounds, one local redis-server over TCP:");
     println!("  fresh connection, db 0 (no handshake):  {f0:8.1} us");
-    println!("  fresh connection, db 1 (SELECT first):  {f1:8.1} us  ({:+.1} us)", f1 - f0);
+    println!(
+        "  fresh connection, db 1 (SELECT first):  {f1:8.1} us  ({:+.1} us)",
+        f1 - f0
+    );
     println!("  pooled connection, db 0:                {p0:8.1} us");
-    println!("  pooled connection, db 1:                {p1:8.1} us  ({:+.1} us)", p1 - p0);
+    println!(
+        "  pooled connection, db 1:                {p1:8.1} us  ({:+.1} us)",
+        p1 - p0
+    );
     println!("  PING round trip (pooled):               {rtt:8.1} us");
     Ok(())
 }

@@ -21,6 +21,9 @@ use crate::multikey::{self, MultiKey};
 use crate::promise::Promise;
 use crate::resp::Value;
 use crate::router::Router;
+mod asynchronous;
+pub use asynchronous::{AsyncClient, AsyncFanout, AsyncOptions};
+
 use crate::scripts::{is_noscript, retry_noscript, Enqueue, ScriptLoads, ScriptMemory};
 
 /// Sends a command and hands back the client's kind of answer.

@@ -1,14 +1,17 @@
 //! [`Cluster`]: the hosts, their pools, and the router built over them.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::args::ToArg;
-use crate::client::{FanoutClient, LocalClient, MappingClient, RoutingClient};
+use crate::client::{
+    AsyncClient, AsyncOptions, FanoutClient, LocalClient, MappingClient, RoutingClient,
+};
 use crate::config::HostConfig;
 use crate::config::HostInfo;
 use crate::conn::{HostEntry, Pool, Resolve, SystemResolver};
+use crate::driver::Driver;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::{HostMap, LoopOptions, Session};
 use crate::router::{self, Router, RouterKind};
@@ -104,6 +107,7 @@ impl MapOptions {
             auto_batch: self.auto_batch,
             max_batch: self.max_batch_size,
             max_concurrency: self.max_concurrency,
+            keep_idle: false,
         }
     }
 }
@@ -233,6 +237,7 @@ impl ClusterBuilder {
                 }),
                 scripts: Arc::default(),
                 resolver,
+                driver: Mutex::new(Weak::new()),
             }),
         };
         cluster.router()?;
@@ -252,6 +257,8 @@ struct ClusterInner {
     state: RwLock<ClusterState>,
     scripts: Arc<ScriptMemory>,
     resolver: Arc<dyn Resolve>,
+    /// The background driver of the async clients, while one runs.
+    driver: Mutex<Weak<Driver>>,
 }
 
 struct ClusterState {
@@ -388,6 +395,9 @@ impl Cluster {
         hosts.insert(id, HostEntry { info, pool });
         state.table = Arc::new(hosts);
         state.router = None;
+        let table = state.table.clone();
+        drop(state);
+        self.hosts_changed(table);
         Ok(id)
     }
 
@@ -414,7 +424,70 @@ impl Cluster {
         }
         state.table = Arc::new(hosts);
         state.router = None;
+        let table = state.table.clone();
+        drop(state);
+        self.hosts_changed(table);
         true
+    }
+
+    /// Tells a running driver about a new host table (called with no
+    /// lock held: [`Cluster::driver`] takes the driver's lock, then the
+    /// state's).
+    fn hosts_changed(&self, table: Arc<HostMap>) {
+        let driver = self.lock_driver().upgrade();
+        if let Some(driver) = driver {
+            driver.set_hosts(table);
+        }
+    }
+
+    fn lock_driver(&self) -> std::sync::MutexGuard<'_, Weak<Driver>> {
+        self.inner
+            .driver
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The running driver, started if none runs.
+    fn driver(&self) -> Result<Arc<Driver>> {
+        let mut slot = self.lock_driver();
+        if let Some(driver) = slot.upgrade() {
+            return Ok(driver);
+        }
+        let table = self.read().table.clone();
+        let driver = Arc::new(Driver::start(table, self.inner.scripts.clone())?);
+        *slot = Arc::downgrade(&driver);
+        Ok(driver)
+    }
+
+    pub(crate) fn script_memory(&self) -> Arc<ScriptMemory> {
+        self.inner.scripts.clone()
+    }
+
+    /// A client whose commands answer with [`Reply`](crate::Reply) futures,
+    /// for async code on any runtime and for threads sharing one client.
+    ///
+    /// The first one starts the cluster's driver thread; it stops when the
+    /// last async client and the last outstanding reply are gone. A driver
+    /// that cannot start makes every command fail with that error.
+    ///
+    /// ```no_run
+    /// use rb::{Cluster, Commands};
+    /// # async fn demo() -> rb::Result<()> {
+    /// let cluster = Cluster::from_urls(["redis://127.0.0.1:6379"])?;
+    /// let client = cluster.async_client();
+    /// let v: Option<Vec<u8>> = client.get("key").await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn async_client(&self) -> AsyncClient {
+        self.async_client_with(AsyncOptions::default())
+    }
+
+    /// [`Cluster::async_client`] with options (a timeout per request,
+    /// batching).
+    #[must_use]
+    pub fn async_client_with(&self, opts: AsyncOptions) -> AsyncClient {
+        AsyncClient::new(self.clone(), self.driver(), opts)
     }
 
     /// Closes every idle pooled connection (rb's `disconnect_pools`).

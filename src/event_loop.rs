@@ -73,6 +73,9 @@ pub(crate) struct LoopOptions {
     pub(crate) auto_batch: bool,
     pub(crate) max_batch: usize,
     pub(crate) max_concurrency: usize,
+    /// Keep idle hosts' connections instead of returning them to their
+    /// pools between turns (the driver's multiplexed connections).
+    pub(crate) keep_idle: bool,
 }
 
 /// One host's part of a session.
@@ -293,6 +296,18 @@ impl Session {
 
     /// Queues `cmd` for host `id`; `waiter` gets its reply or failure.
     pub(crate) fn enqueue(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter) {
+        self.enqueue_batching(id, cmd, waiter, self.opts.auto_batch);
+    }
+
+    /// [`Session::enqueue`], merging GETs (SETs) into MGET (MSET) only
+    /// with `auto_batch`.
+    pub(crate) fn enqueue_batching(
+        &mut self,
+        id: HostId,
+        cmd: &Cmd,
+        waiter: Waiter,
+        auto_batch: bool,
+    ) {
         let effect = ConnEffect::of(cmd);
         if let ConnEffect::Refused(reason) = effect {
             let e = Error::Unsupported {
@@ -313,7 +328,6 @@ impl Session {
             let name = self.slots[i].name().clone();
             return self.refuse(&waiter, cmd, Some(&name), e);
         }
-        let auto_batch = self.opts.auto_batch;
         let max_batch = self.opts.max_batch;
         let slot = &mut self.slots[i];
         if effect == ConnEffect::Dirty {
@@ -396,7 +410,9 @@ impl Session {
 
     fn forget_failed_hosts(&mut self) {
         for slot in &mut self.slots {
-            slot.failed = None;
+            if !matches!(slot.failed, Some(Error::NoSuchHost { .. })) {
+                slot.failed = None;
+            }
         }
     }
 
@@ -408,42 +424,138 @@ impl Session {
     /// Runs the loop until `done` holds, rejecting on deadlines.
     fn drive(&mut self, done: impl Fn(&Session) -> bool) {
         loop {
-            for i in 0..self.slots.len() {
-                self.slots[i].pipeline.flush_batch();
-                if self.slots[i].writable {
-                    self.write_slot(i);
-                }
+            self.write_all();
+            if !self.opts.keep_idle {
+                self.release_idle();
             }
-            self.release_idle();
             if done(self) {
                 return;
             }
-            let now = Instant::now();
-            if self.opts.deadline.is_some_and(|d| now >= d) {
+            if self.opts.deadline.is_some_and(|d| Instant::now() >= d) {
                 self.expire_all();
                 continue;
             }
-            let mut wake = self.opts.deadline;
-            let mut more_to_read = false;
-            for slot in &self.slots {
-                if slot.conn.is_some() {
-                    for d in [slot.connect_deadline, slot.request_deadline]
-                        .into_iter()
-                        .flatten()
-                    {
-                        wake = Some(wake.map_or(d, |w| w.min(d)));
-                    }
-                    more_to_read |= slot.more_to_read;
-                }
-            }
-            let timeout = if more_to_read {
-                Some(Duration::ZERO)
-            } else {
-                wake.map(|w| w.saturating_duration_since(now))
-            };
-            self.pump(timeout);
-            self.expire_hosts();
+            self.turn(self.opts.deadline);
         }
+    }
+
+    /// Moves every host's queued requests to its socket, as far as it takes them.
+    fn write_all(&mut self) {
+        for i in 0..self.slots.len() {
+            self.slots[i].pipeline.flush_batch();
+            if self.slots[i].writable {
+                self.write_slot(i);
+            }
+        }
+    }
+
+    /// One turn of the loop: waits for readiness until `until` (or a
+    /// host's connect or request deadline, whichever is first), handles
+    /// it, and fails the hosts whose budget ran out.
+    fn turn(&mut self, until: Option<Instant>) {
+        let now = Instant::now();
+        let mut wake = until;
+        let mut more_to_read = false;
+        for slot in &self.slots {
+            if slot.conn.is_some() {
+                for d in [slot.connect_deadline, slot.request_deadline]
+                    .into_iter()
+                    .flatten()
+                {
+                    wake = Some(wake.map_or(d, |w| w.min(d)));
+                }
+                more_to_read |= slot.more_to_read;
+            }
+        }
+        let timeout = if more_to_read {
+            Some(Duration::ZERO)
+        } else {
+            wake.map(|w| w.saturating_duration_since(now))
+        };
+        self.pump(timeout);
+        self.expire_hosts();
+    }
+
+    /// One turn for a long-lived session (the driver's): sends what is
+    /// queued, waits until `until` at most (or the poll's waker fires),
+    /// reads, sends again. A host that failed is tried afresh by its next
+    /// request.
+    pub(crate) fn serve(&mut self, until: Option<Instant>) {
+        self.write_all();
+        self.turn(until);
+        self.write_all();
+        self.forget_failed_hosts();
+        if !self.opts.keep_idle {
+            self.release_idle();
+        }
+    }
+
+    /// Switches to a new host table (hosts were added or removed). A host
+    /// whose entry changed fails what it has outstanding and starts over
+    /// with the new entry; one that is gone answers `NoSuchHost`.
+    pub(crate) fn set_hosts(&mut self, hosts: Arc<HostMap>) {
+        for i in 0..self.slots.len() {
+            let id = self.slots[i].pipeline.host().name().id;
+            let same = hosts
+                .get(&id)
+                .is_some_and(|e| Arc::ptr_eq(&e.info, self.slots[i].pipeline.host()));
+            if same {
+                continue;
+            }
+            let e = Error::Cancelled {
+                host: self.slots[i].name().clone(),
+                command: None,
+            };
+            self.slots[i].retried = true;
+            self.fail_slot(i, e);
+            let slot = &mut self.slots[i];
+            match hosts.get(&id) {
+                Some(entry) => {
+                    slot.pipeline = Pipeline::new(entry.info.clone());
+                    slot.pool = entry.pool.clone();
+                }
+                None => slot.failed = Some(Error::NoSuchHost { id }),
+            }
+        }
+        self.hosts = hosts;
+        self.index = SlotIndex::default();
+        for (i, slot) in self.slots.iter().enumerate() {
+            self.index.insert(slot.pipeline.host().name().id, i);
+        }
+    }
+
+    /// The error for a request to `id` whose own deadline (`budget`)
+    /// passed: a timeout in the phase its host is in.
+    pub(crate) fn request_timeout(&self, id: HostId, budget: Duration) -> Error {
+        let (host, phase) = match self.index.get(id).map(|i| &self.slots[i]) {
+            Some(slot) => {
+                let phase = match &slot.conn {
+                    Some(c) if c.is_established() => slot.pipeline.phase(),
+                    _ => Phase::Connect,
+                };
+                (slot.name().clone(), phase)
+            }
+            None => match self.hosts.get(&id) {
+                Some(entry) => (entry.info.name().clone(), Phase::Connect),
+                None => return Error::NoSuchHost { id },
+            },
+        };
+        Error::Timeout {
+            host,
+            phase,
+            budget,
+            command: None,
+        }
+    }
+
+    /// The poll's waker (made with the poll), for a thread that hands this
+    /// session work.
+    ///
+    /// # Errors
+    ///
+    /// The poll or its waker cannot be made (named after `host`).
+    pub(crate) fn shared_waker(&mut self, host: &HostName) -> Result<Arc<Waker>> {
+        self.waker(host)
     }
 
     /// Polls once (up to `timeout`) and handles what is ready, and the

@@ -13,6 +13,7 @@ pub mod config;
 mod conn;
 pub mod convert;
 mod digest;
+mod driver;
 pub mod error;
 mod event_loop;
 // Until the engine calls them, the crate-internal halves (the per-host
@@ -123,7 +124,10 @@ extern crate self as rb;
 mod fuzz_replay;
 
 pub use args::ToArg;
-pub use client::{Execute, FanoutClient, LocalClient, MappingClient, RoutingClient};
+pub use client::{
+    AsyncClient, AsyncFanout, AsyncOptions, Execute, FanoutClient, LocalClient, MappingClient,
+    RoutingClient,
+};
 pub use cluster::{Cluster, ClusterBuilder, Hosts, MapOptions};
 pub use cmd::{cmd, Call, Cmd, Script, ScriptCall};
 pub use commands::{Commands, Condition, Expiry, InfoDict, SetOptions};
@@ -132,7 +136,7 @@ pub use conn::{Resolve, SystemResolver};
 pub use convert::FromValue;
 pub use error::{Error, HostId, HostName, Phase, Result};
 pub use health::{HealthPolicy, HostHealth};
-pub use promise::Promise;
+pub use promise::{join_all, JoinAll, Promise, Reply};
 pub use resp::Value;
 pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};
 pub use stats::{ClusterStats, HostEvent, HostStats, LatencySummary, Observer, TotalStats};

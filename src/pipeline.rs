@@ -642,5 +642,35 @@ impl ConnEffect {
     }
 }
 
+/// Whether `cmd` may block its connection waiting for something else to
+/// happen (BLPOP, XREAD BLOCK, WAIT, ...): on a connection shared by many
+/// callers it would stall every request queued behind it.
+pub(crate) fn blocks(cmd: &Cmd) -> bool {
+    if cmd.common() != Common::Other {
+        return false;
+    }
+    let name = cmd.name();
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.first().map_or(0, u8::to_ascii_uppercase) {
+        b'B' => [
+            &b"BLPOP"[..],
+            b"BRPOP",
+            b"BRPOPLPUSH",
+            b"BLMOVE",
+            b"BLMPOP",
+            b"BZPOPMIN",
+            b"BZPOPMAX",
+            b"BZMPOP",
+        ]
+        .iter()
+        .any(|n| is(n)),
+        b'W' => is(b"WAIT") || is(b"WAITAOF"),
+        b'X' if is(b"XREAD") || is(b"XREADGROUP") => {
+            cmd.args().any(|a| a.eq_ignore_ascii_case(b"BLOCK"))
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests;

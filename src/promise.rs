@@ -22,7 +22,10 @@ use crate::error::{Error, HostName, Result};
 use crate::resp::Value;
 
 mod block;
+mod reply;
 use block::Block;
+pub use reply::{join_all, JoinAll, Reply};
+pub(crate) use reply::{KeepAlive, Slot};
 
 type Callback<T> = Box<dyn FnOnce(Result<&T, &Error>)>;
 type Taker<T> = Box<dyn FnOnce(Result<T>)>;
@@ -420,6 +423,12 @@ pub(crate) trait ReplySink {
     /// The waiter for entry `index` is gone (each sink counts its own
     /// handles; one that forgot would keep values alive).
     fn release(&self, index: u32);
+
+    /// Whether the reply is still awaited (an async reply settled by its
+    /// deadline is not); the driver drops timers of settled replies.
+    fn is_pending(&self) -> bool {
+        true
+    }
 }
 
 impl<T: FromValue> ReplySink for Block<T> {

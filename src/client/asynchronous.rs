@@ -1,0 +1,445 @@
+//! [`AsyncClient`]: the cluster's commands as [`Reply`] futures, for async
+//! code on any runtime and for many threads sharing one client.
+//!
+//! Every request goes to the cluster's driver thread (see DESIGN.md, "The
+//! driver"), which keeps one multiplexed connection per host and merges
+//! GETs (SETs) queued by different callers at the same time into MGET
+//! (MSET). Nothing blocks the caller: a slow or stopped node delays only
+//! the replies that wait on it, each up to its deadline.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::args::ToArg;
+use crate::cluster::{Cluster, Hosts};
+use crate::cmd::{cmd, Call, Cmd, ScriptCall};
+use crate::convert::FromValue;
+use crate::driver::{Driver, Request};
+use crate::error::{Error, HostId, Result};
+use crate::multikey::{self, MultiKey};
+use crate::pipeline::{blocks, ConnEffect};
+use crate::promise::{KeepAlive, Reply, Slot};
+use crate::resp::Value;
+use crate::scripts::is_noscript;
+
+use super::{script_host, Execute};
+
+/// Options of an [`AsyncClient`].
+///
+/// ```
+/// use rb::AsyncOptions;
+/// use std::time::Duration;
+/// let opts = AsyncOptions::new().timeout(Duration::from_millis(50)).auto_batch(true);
+/// ```
+#[derive(Clone, Debug)]
+pub struct AsyncOptions {
+    timeout: Option<Duration>,
+    auto_batch: bool,
+}
+
+impl Default for AsyncOptions {
+    fn default() -> AsyncOptions {
+        AsyncOptions {
+            timeout: None,
+            auto_batch: true,
+        }
+    }
+}
+
+impl AsyncOptions {
+    /// No timeout of its own (each request then has its host's read
+    /// timeout, if any), auto-batching on.
+    #[must_use]
+    pub fn new() -> AsyncOptions {
+        AsyncOptions::default()
+    }
+
+    /// Each request's deadline, from when it is made: past it, its reply
+    /// fails with [`Error::Timeout`] (the connection is kept, the late
+    /// reply dropped). Default: the host's read timeout.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> AsyncOptions {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Merge GETs (SETs) queued at the same time, by any caller, into MGET
+    /// (MSET). Default true.
+    #[must_use]
+    pub fn auto_batch(mut self, on: bool) -> AsyncOptions {
+        self.auto_batch = on;
+        self
+    }
+}
+
+/// The async client: every command answers with a [`Reply<T>`], a
+/// `Future + Send + 'static` that any runtime can await (or
+/// [`Reply::wait`] blocks on, without one).
+///
+/// `Clone + Send + Sync + 'static`: keep one in your application state and
+/// share it between tasks and threads. Commands are routed by key as on
+/// the routing client; multi-key MGET/MSET/DEL/... are split per host and
+/// joined in the caller's order. Commands that change connection state
+/// (SELECT, MULTI, WATCH, CLIENT TRACKING, ...) or block it (BLPOP,
+/// XREAD BLOCK, WAIT, ...) would disturb everyone sharing the connection,
+/// and are refused with [`Error::Unsupported`].
+///
+/// ```no_run
+/// use rb::{Cluster, Commands};
+/// # async fn demo() -> rb::Result<()> {
+/// let cluster = Cluster::from_urls(["redis://127.0.0.1:6379", "redis://127.0.0.1:6380"])?;
+/// let client = cluster.async_client();
+/// client.set("key", 42).await?;
+/// let v: Option<Vec<u8>> = client.get("key").await?;
+/// let n: i64 = client.cmd(rb::cmd("INCR").arg("c")).await?;
+/// let all = client.mget(&["a", "b", "c"]).await?;      // split per host, in order
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AsyncClient {
+    cluster: Cluster,
+    driver: std::result::Result<Arc<Driver>, Error>,
+    opts: AsyncOptions,
+}
+
+impl std::fmt::Debug for AsyncClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncClient")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncClient {
+    pub(crate) fn new(
+        cluster: Cluster,
+        driver: std::result::Result<Arc<Driver>, Error>,
+        opts: AsyncOptions,
+    ) -> AsyncClient {
+        AsyncClient {
+            cluster,
+            driver,
+            opts,
+        }
+    }
+
+    /// The cluster this client sends through.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// A fanout: each command through the returned handle goes to every
+    /// host of `hosts`, and answers with the replies by host id.
+    ///
+    /// ```no_run
+    /// use rb::{Cluster, Commands, Hosts};
+    /// # async fn demo(cluster: Cluster) -> rb::Result<()> {
+    /// let client = cluster.async_client();
+    /// let sizes = client.fanout(Hosts::All).cmd::<i64>(rb::cmd("DBSIZE")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn fanout(&self, hosts: Hosts) -> AsyncFanout {
+        let targets = match hosts {
+            Hosts::All => Ok(self.cluster.host_ids()),
+            Hosts::Ids(ids) => ids
+                .iter()
+                .try_for_each(|&id| self.cluster.host(id).map(|_| ()))
+                .map(|()| ids),
+        };
+        AsyncFanout {
+            client: self.clone(),
+            targets,
+        }
+    }
+
+    /// Runs lists of commands and script calls, each list in order on the
+    /// host that owns its key (rb's `execute_commands`, as on
+    /// [`Cluster::execute_commands`]): a reply of every call's outcome by
+    /// key, in each list's order.
+    ///
+    /// # Errors
+    ///
+    /// The reply fails at once when a key cannot be routed (nothing is
+    /// sent then); each call's own failure is in its place in the lists.
+    pub fn execute_commands<K, I>(&self, mapping: I) -> Reply<HashMap<K, Vec<Result<Value>>>>
+    where
+        I: IntoIterator<Item = (K, Vec<Call>)>,
+        K: ToArg + Eq + std::hash::Hash + Send + 'static,
+    {
+        let router = match self.cluster.router() {
+            Ok(r) => r,
+            Err(e) => return Reply::ready(Err(e)),
+        };
+        let mut entries = Vec::new();
+        let mut last_call: HashMap<Vec<u8>, (usize, usize)> = HashMap::new();
+        for (e, (key, calls)) in mapping.into_iter().enumerate() {
+            let key_bytes = crate::args::to_bytes(&key);
+            let host = match router.host_for_key(&key_bytes) {
+                Ok(h) => h,
+                Err(err) => return Reply::ready(Err(err)),
+            };
+            if !calls.is_empty() {
+                last_call.insert(key_bytes, (e, calls.len() - 1));
+            }
+            entries.push((key, host, calls));
+        }
+        let mut keys = Vec::with_capacity(entries.len());
+        let mut parts: Vec<Reply<Value>> = Vec::new();
+        for (e, (key, host, calls)) in entries.into_iter().enumerate() {
+            let last = last_call.get(&crate::args::to_bytes(&key)).copied();
+            keys.push((key, calls.len()));
+            for (c, call) in calls.into_iter().enumerate() {
+                parts.push(match call {
+                    Call::Cmd(cmd) => self.send_checked(host, cmd),
+                    // Calls after it depend on it running now: load it
+                    // ahead whatever the cluster remembers.
+                    Call::Script(sc) if last != Some((e, c)) => self.load_and_call(host, &sc),
+                    Call::Script(sc) => self.script(host, sc),
+                });
+            }
+        }
+        Reply::join_results(parts, move |outcomes| {
+            let mut outcomes = outcomes.into_iter();
+            let mut out: HashMap<K, Vec<Result<Value>>> = HashMap::new();
+            for (key, n) in keys {
+                out.entry(key)
+                    .or_default()
+                    .extend(outcomes.by_ref().take(n));
+            }
+            Ok(out)
+        })
+    }
+
+    /// The driver, or the error that kept it from starting.
+    fn driver(&self) -> Result<&Arc<Driver>> {
+        self.driver.as_ref().map_err(Clone::clone)
+    }
+
+    /// A request's budget: the client's timeout, else the host's read timeout.
+    fn budget(&self, host: HostId) -> Option<Duration> {
+        self.opts
+            .timeout
+            .or_else(|| self.cluster.host(host).ok().and_then(|h| h.read_timeout))
+    }
+
+    fn request<T: FromValue + 'static>(&self, host: HostId, cmd: Cmd) -> (Request, Arc<Slot<T>>) {
+        let slot = Slot::<T>::new();
+        let request = Request {
+            host,
+            cmd,
+            sink: slot.clone(),
+            budget: self.budget(host),
+            made: Instant::now(),
+            auto_batch: self.opts.auto_batch,
+        };
+        (request, slot)
+    }
+
+    /// Sends `cmd` to `host` as it is.
+    fn send<T: FromValue + 'static>(&self, host: HostId, cmd: Cmd) -> Reply<T> {
+        let driver = match self.driver() {
+            Ok(d) => d,
+            Err(e) => return Reply::ready(Err(e)),
+        };
+        let (request, slot) = self.request(host, cmd);
+        driver.submit(request);
+        Reply::from_slot(slot, driver.clone() as KeepAlive)
+    }
+
+    /// Sends `cmd` to `host` unless it cannot share a connection.
+    fn send_checked<T: FromValue + 'static>(&self, host: HostId, cmd: Cmd) -> Reply<T> {
+        match refuse_on_shared(&cmd) {
+            Err(e) => Reply::ready(Err(e)),
+            Ok(()) => self.send(host, cmd),
+        }
+    }
+
+    /// `SCRIPT LOAD` then `EVALSHA`, queued together; a script that fails
+    /// to load (a Lua syntax error) answers with that failure.
+    fn load_and_call<T: FromValue + 'static>(&self, host: HostId, call: &ScriptCall) -> Reply<T> {
+        let driver = match self.driver() {
+            Ok(d) => d,
+            Err(e) => return Reply::ready(Err(e)),
+        };
+        let load = cmd("SCRIPT").arg("LOAD").arg(call.script.source());
+        let (load, loaded) = self.request::<String>(host, load);
+        let (eval, result) = self.request::<T>(host, call.evalsha());
+        driver.submit_all([load, eval]);
+        let keep = driver.clone() as KeepAlive;
+        let (loaded, result) = (
+            Reply::from_slot(loaded, keep.clone()),
+            Reply::from_slot(result, keep),
+        );
+        let memory = self.cluster.script_memory();
+        let sha = call.script.sha1().to_owned();
+        Reply::from_future(async move {
+            let loaded = loaded.await;
+            let result = result.await;
+            match (loaded, result) {
+                (Ok(got), result) => {
+                    if got == sha {
+                        memory.remember(host, &sha);
+                    }
+                    result
+                }
+                (Err(load_error), Err(e)) if is_noscript(&e) => Err(load_error),
+                (_, result) => result,
+            }
+        })
+    }
+
+    /// Runs a script on `host`: `EVALSHA` where the host is known to hold
+    /// it (once more after a load if it answers `NOSCRIPT`), else load and
+    /// call together.
+    fn script<T: FromValue + 'static>(&self, host: HostId, call: ScriptCall) -> Reply<T> {
+        let memory = self.cluster.script_memory();
+        if !memory.knows(host, call.script.sha1()) {
+            return self.load_and_call(host, &call);
+        }
+        let first: Reply<T> = self.send(host, call.evalsha());
+        let client = self.clone();
+        Reply::from_future(async move {
+            match first.await {
+                Err(e) if is_noscript(&e) => {
+                    memory.forget(host, call.script.sha1());
+                    client.load_and_call(host, &call).await
+                }
+                other => other,
+            }
+        })
+    }
+
+    fn split<T: FromValue + 'static>(
+        &self,
+        kind: MultiKey,
+        cmd: Cmd,
+        router: &dyn crate::router::Router,
+    ) -> Reply<T> {
+        let split = match multikey::split(kind, &cmd, router) {
+            Ok(s) => s,
+            Err(e) => return Reply::ready(Err(e)),
+        };
+        if let [(host, _, _)] = split.parts.as_slice() {
+            return self.send(*host, cmd);
+        }
+        let parts: Vec<Reply<Value>> = split
+            .parts
+            .iter()
+            .map(|(host, part, _)| self.send(*host, part.clone()))
+            .collect();
+        let name = cmd.display_name();
+        Reply::join(parts, move |replies| {
+            split
+                .combine(replies)
+                .and_then(T::from_value)
+                .map_err(|e| e.with_context_command(&name))
+        })
+    }
+}
+
+/// Refuses what cannot run on a connection shared by many callers.
+fn refuse_on_shared(cmd: &Cmd) -> Result<()> {
+    let reason = match ConnEffect::of(cmd) {
+        ConnEffect::Refused(reason) => reason,
+        ConnEffect::Dirty => {
+            "it changes the state of the connection, which the async client shares between callers; use a local client or a transaction"
+        }
+        ConnEffect::None if blocks(cmd) => {
+            "it blocks the connection, which the async client shares between callers; use a local client"
+        }
+        ConnEffect::None => return Ok(()),
+    };
+    Err(Error::Unsupported {
+        command: cmd.display_name().into(),
+        reason: reason.into(),
+    })
+}
+
+impl Execute for AsyncClient {
+    type Output<T: FromValue + 'static> = Reply<T>;
+
+    fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Reply<T> {
+        if let Err(e) = refuse_on_shared(&cmd) {
+            return Reply::ready(Err(e));
+        }
+        let router = match self.cluster.router() {
+            Ok(r) => r,
+            Err(e) => return Reply::ready(Err(e)),
+        };
+        if let Some(kind) = MultiKey::of(&cmd) {
+            return self.split(kind, cmd, &*router);
+        }
+        match router.host_for_command(&cmd) {
+            Ok(host) => self.send(host, cmd),
+            Err(e) => Reply::ready(Err(e)),
+        }
+    }
+
+    fn execute_script<T: FromValue + 'static>(&self, call: ScriptCall) -> Reply<T> {
+        let host = self
+            .cluster
+            .router()
+            .and_then(|router| script_host(&*router, &call));
+        match host {
+            Ok(host) => self.script(host, call),
+            Err(e) => Reply::ready(Err(e)),
+        }
+    }
+}
+
+/// The async client narrowed to a fanout: see [`AsyncClient::fanout`].
+#[derive(Clone, Debug)]
+pub struct AsyncFanout {
+    client: AsyncClient,
+    targets: Result<Vec<HostId>>,
+}
+
+impl AsyncFanout {
+    /// The hosts this fanout sends to.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSuchHost`] when one of the hosts asked for is unknown.
+    pub fn targets(&self) -> Result<&[HostId]> {
+        self.targets.as_deref().map_err(Clone::clone)
+    }
+}
+
+impl Execute for AsyncFanout {
+    type Output<T: FromValue + 'static> = Reply<HashMap<HostId, T>>;
+
+    fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Reply<HashMap<HostId, T>> {
+        let targets = match &self.targets {
+            Ok(t) => t.clone(),
+            Err(e) => return Reply::ready(Err(e.clone())),
+        };
+        if let Err(e) = refuse_on_shared(&cmd) {
+            return Reply::ready(Err(e));
+        }
+        let parts: Vec<Reply<T>> = targets
+            .iter()
+            .map(|&h| self.client.send(h, cmd.clone()))
+            .collect();
+        Reply::join(parts, move |values| {
+            Ok(targets.into_iter().zip(values).collect())
+        })
+    }
+
+    fn execute_script<T: FromValue + 'static>(
+        &self,
+        call: ScriptCall,
+    ) -> Reply<HashMap<HostId, T>> {
+        let targets = match &self.targets {
+            Ok(t) => t.clone(),
+            Err(e) => return Reply::ready(Err(e.clone())),
+        };
+        let parts: Vec<Reply<T>> = targets
+            .iter()
+            .map(|&h| self.client.script(h, call.clone()))
+            .collect();
+        Reply::join(parts, move |values| {
+            Ok(targets.into_iter().zip(values).collect())
+        })
+    }
+}

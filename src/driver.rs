@@ -1,0 +1,295 @@
+//! The cluster's background thread for async and concurrent callers
+//! (DESIGN.md, "The driver").
+//!
+//! One thread per cluster, started by the first [`crate::AsyncClient`] and
+//! stopped when the last client and the last outstanding reply are gone.
+//! It runs one long-lived [`Session`]: one `mio::Poll`, one multiplexed
+//! connection per host, kept between requests. Callers hand it requests
+//! through a queue and the poll's waker; every request queued since the
+//! last turn goes into its host's pipeline before anything is written, so
+//! runs of GETs (SETs) from different callers become one MGET (MSET).
+//!
+//! Each request may carry a deadline. When it passes, the request's reply
+//! is rejected with a timeout, but the request stays in its host's
+//! pipeline: the connection is kept, and the late reply is read and
+//! dropped when it comes, so no later reply lands on the wrong request.
+//! Connect and connection failures reject what they affect, and the next
+//! request to that host connects afresh.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+use mio::Waker;
+
+use crate::cmd::Cmd;
+use crate::error::{Error, HostId, HostName, Result};
+use crate::event_loop::{HostMap, LoopOptions, Session};
+use crate::pipeline::CmdName;
+use crate::promise::{ReplyContext, ReplySink, Waiter};
+use crate::scripts::ScriptMemory;
+
+/// A reply's receiver, shared with the task that awaits it.
+pub(crate) type SharedSink = Arc<dyn ReplySink + Send + Sync>;
+
+/// One request for the driver.
+pub(crate) struct Request {
+    pub(crate) host: HostId,
+    pub(crate) cmd: Cmd,
+    pub(crate) sink: SharedSink,
+    /// The request's budget; its deadline counts from when it was made.
+    pub(crate) budget: Option<Duration>,
+    pub(crate) made: Instant,
+    /// Whether a GET (SET) may be merged with its neighbours.
+    pub(crate) auto_batch: bool,
+}
+
+/// What the callers and the driver thread share.
+struct Shared {
+    queue: Mutex<Vec<Request>>,
+    waker: Arc<Waker>,
+    /// The waker fired and the driver has not taken the queue since: more
+    /// requests need no further wake (one syscall per batch, not per request).
+    woken: AtomicBool,
+    stop: AtomicBool,
+    /// A new host table to switch to.
+    hosts: Mutex<Option<Arc<HostMap>>>,
+}
+
+impl Shared {
+    fn wake(&self) {
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            // A failed wake leaves the driver to its next timer; nothing to
+            // report to a caller who only queued a request.
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// A handle on the running driver thread; the thread stops when the last
+/// handle drops.
+pub(crate) struct Driver {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    thread_id: ThreadId,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("thread", &self.thread_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Batching limit per merged MGET/MSET on the driver (as a map's default).
+const MAX_BATCH: usize = 256;
+
+impl Driver {
+    /// Starts the thread over `hosts`.
+    ///
+    /// # Errors
+    ///
+    /// The thread, poll or waker cannot be made.
+    pub(crate) fn start(hosts: Arc<HostMap>, scripts: Arc<ScriptMemory>) -> Result<Driver> {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("rb-driver".into())
+            .spawn(move || {
+                let opts = LoopOptions {
+                    deadline: None,
+                    budget: None,
+                    request_budget: None,
+                    auto_batch: true,
+                    max_batch: MAX_BATCH,
+                    max_concurrency: usize::MAX,
+                    keep_idle: true,
+                };
+                let mut session = Session::new(hosts, scripts, opts);
+                let name = HostName {
+                    id: 0,
+                    addr: "rb-driver".into(),
+                };
+                let waker = match session.shared_waker(&name) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let shared = Arc::new(Shared {
+                    queue: Mutex::new(Vec::new()),
+                    waker,
+                    woken: AtomicBool::new(false),
+                    stop: AtomicBool::new(false),
+                    hosts: Mutex::new(None),
+                });
+                if ready_tx.send(Ok(shared.clone())).is_err() {
+                    return;
+                }
+                run(session, &shared);
+            })
+            .map_err(|e| Error::Config {
+                reason: format!("cannot start the driver thread: {e}").into(),
+            })?;
+        let thread_id = thread.thread().id();
+        let shared = match ready_rx.recv() {
+            Ok(Ok(shared)) => shared,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(Error::Config {
+                    reason: "the driver thread ended while starting".into(),
+                })
+            }
+        };
+        Ok(Driver {
+            shared,
+            thread: Some(thread),
+            thread_id,
+        })
+    }
+
+    /// Queues one request.
+    pub(crate) fn submit(&self, request: Request) {
+        lock(&self.shared.queue).push(request);
+        self.shared.wake();
+    }
+
+    /// Queues requests that must reach their hosts in this order, together.
+    pub(crate) fn submit_all(&self, requests: impl IntoIterator<Item = Request>) {
+        lock(&self.shared.queue).extend(requests);
+        self.shared.wake();
+    }
+
+    /// The cluster's hosts changed.
+    pub(crate) fn set_hosts(&self, hosts: Arc<HostMap>) {
+        *lock(&self.shared.hosts) = Some(hosts);
+        self.shared.wake();
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.waker.wake();
+        if let Some(thread) = self.thread.take() {
+            // The last handle can go on the driver thread itself (a waker
+            // that runs a task inline drops its last reply there): it must
+            // not wait for itself; the thread ends on its own.
+            if std::thread::current().id() != self.thread_id {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A request's deadline, kept until it passes or its reply comes.
+struct Timer {
+    deadline: Instant,
+    host: HostId,
+    command: CmdName,
+    sink: SharedSink,
+}
+
+/// Deadlines in queues per budget: requests with one budget expire in the
+/// order they were made, so each queue stays sorted with O(1) pushes.
+#[derive(Default)]
+struct Timers {
+    queues: HashMap<Duration, VecDeque<Timer>>,
+}
+
+impl Timers {
+    fn push(&mut self, budget: Duration, timer: Timer) {
+        self.queues.entry(budget).or_default().push_back(timer);
+    }
+
+    /// Drops timers whose replies came, and rejects the requests whose
+    /// deadline passed; the earliest deadline left, if any.
+    fn expire(&mut self, now: Instant, session: &Session) -> Option<Instant> {
+        let failures = std::cell::RefCell::new(None);
+        let mut next: Option<Instant> = None;
+        for (budget, queue) in &mut self.queues {
+            while let Some(t) = queue.front() {
+                if !t.sink.is_pending() {
+                    queue.pop_front();
+                } else if t.deadline <= now {
+                    let e = session.request_timeout(t.host, *budget);
+                    let ctx = ReplyContext {
+                        host: e.host(),
+                        command: t.command.as_str(),
+                        failures: &failures,
+                    };
+                    t.sink.accept(0, Err(e.clone()), &ctx);
+                    queue.pop_front();
+                } else {
+                    next = Some(next.map_or(t.deadline, |n| n.min(t.deadline)));
+                    break;
+                }
+            }
+        }
+        self.queues.retain(|_, q| !q.is_empty());
+        next
+    }
+}
+
+/// The driver thread's loop: take queued requests, enqueue them, serve one
+/// turn, expire deadlines; until stopped.
+fn run(mut session: Session, shared: &Shared) {
+    let mut batch = Vec::new();
+    let mut timers = Timers::default();
+    let mut next_deadline = None;
+    loop {
+        shared.woken.store(false, Ordering::Release);
+        std::mem::swap(&mut *lock(&shared.queue), &mut batch);
+        if let Some(hosts) = lock(&shared.hosts).take() {
+            session.set_hosts(hosts);
+        }
+        if shared.stop.load(Ordering::Acquire) {
+            break;
+        }
+        for request in batch.drain(..) {
+            if let Some(budget) = request.budget {
+                let command = CmdName::of(request.cmd.name());
+                // A budget too large for an `Instant` is no deadline.
+                if let Some(deadline) = request.made.checked_add(budget) {
+                    timers.push(
+                        budget,
+                        Timer {
+                            deadline,
+                            host: request.host,
+                            command,
+                            sink: request.sink.clone(),
+                        },
+                    );
+                    next_deadline =
+                        Some(next_deadline.map_or(deadline, |n: Instant| n.min(deadline)));
+                }
+            }
+            session.enqueue_batching(
+                request.host,
+                &request.cmd,
+                Waiter::shared(request.sink),
+                request.auto_batch,
+            );
+        }
+        let now = Instant::now();
+        if next_deadline.is_some_and(|d| d <= now) || !timers.queues.is_empty() {
+            next_deadline = timers.expire(now, &session);
+        }
+        session.serve(next_deadline);
+        // Nobody reads the driver's first failure; each reply has its own.
+        let _ = session.take_failure();
+    }
+    // Stopped: nothing awaits the rest (the last handle is gone).
+    session.cancel(|host| Error::Cancelled {
+        host: host.clone(),
+        command: None,
+    });
+    let _ = session.finish();
+}
