@@ -251,8 +251,14 @@ fn a_paused_node_times_out_only_its_own_requests() {
     let rt = runtime();
     // Connect to both first, so the pause hits an established connection.
     rt.block_on(async {
-        client.set(&stuck_key, 1).await.expect("SET before the pause");
-        client.set(&live_key, 1).await.expect("SET before the pause");
+        client
+            .set(&stuck_key, 1)
+            .await
+            .expect("SET before the pause");
+        client
+            .set(&live_key, 1)
+            .await
+            .expect("SET before the pause");
     });
     setup.pause(0).expect("SIGSTOP");
     let (stuck_times, live_times, max_gap) = rt.block_on(async {
@@ -308,9 +314,18 @@ fn a_paused_node_times_out_only_its_own_requests() {
         stuck_times.iter().min().copied().unwrap_or_default()
     );
     assert!(stuck_times.iter().all(|t| *t >= budget), "early timeout");
-    assert!(slowest_stuck < budget + Duration::from_millis(100), "late: {slowest_stuck:?}");
-    assert!(slowest_live < Duration::from_millis(150), "live host slowed: {slowest_live:?}");
-    assert!(max_gap < Duration::from_millis(100), "a worker was blocked: {max_gap:?}");
+    assert!(
+        slowest_stuck < budget + Duration::from_millis(100),
+        "late: {slowest_stuck:?}"
+    );
+    assert!(
+        slowest_live < Duration::from_millis(150),
+        "live host slowed: {slowest_live:?}"
+    );
+    assert!(
+        max_gap < Duration::from_millis(100),
+        "a worker was blocked: {max_gap:?}"
+    );
     setup.resume(0).expect("SIGCONT");
     rt.block_on(async {
         // The late replies are read and dropped; the next requests get theirs.
@@ -339,7 +354,11 @@ fn a_killed_node_fails_its_requests_and_is_reconnected() {
         .block_on(async { client.get(&key).await })
         .expect_err("host 0 is dead");
     assert!(err.is_connection_error(), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
     let other: HashMap<rb::HostId, i64> = rt
         .block_on(async { client.fanout(Hosts::Ids(vec![1])).dbsize().await })
         .expect("host 1 unaffected");

@@ -58,7 +58,8 @@ fn the_driver_stops_with_its_last_handle() {
     let (threads0, fds0) = (threads(), fds());
     let cluster = setup.make_cluster().expect("cluster");
     setup.pause(0).expect("SIGSTOP");
-    let client = cluster.async_client_with(rb::AsyncOptions::new().timeout(Duration::from_secs(60)));
+    let client =
+        cluster.async_client_with(rb::AsyncOptions::new().timeout(Duration::from_secs(60)));
     let waiting: Vec<_> = (0..50).map(|i| client.get(format!("p{i}"))).collect();
     drop(waiting);
     drop((client, cluster));

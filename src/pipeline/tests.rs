@@ -34,7 +34,7 @@ fn drain_output(p: &mut Pipeline) -> Vec<u8> {
         if out.is_empty() {
             return all;
         }
-        p.advance(out.len());
+        p.advance(out.len(), std::time::Instant::now());
         all.extend_from_slice(&out);
     }
 }
@@ -49,7 +49,7 @@ fn feed(p: &mut Pipeline, bytes: &[u8], chunk: usize, failures: &Failures) -> Re
             buf[..n].copy_from_slice(&rest[..n]);
             p.filled(n);
             rest = &rest[n..];
-            p.receive(failures)?;
+            p.receive(failures, std::time::Instant::now())?;
         }
     }
     Ok(())
@@ -330,7 +330,7 @@ fn the_read_buffer_grows_to_the_reply_not_past_it() {
             p.filled(n);
             rest = &rest[n..];
             most = most.max(p.rbuf.len());
-            p.receive(&failures).unwrap();
+            p.receive(&failures, std::time::Instant::now()).unwrap();
         }
     }
     assert!(
