@@ -308,7 +308,7 @@ impl Session {
                 slot.request_deadline = Instant::now().checked_add(budget);
             }
             if std::mem::take(&mut slot.announce) {
-                slot.watch.connected(Instant::now());
+                slot.watch.connected();
             }
         }
     }

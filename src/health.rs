@@ -628,14 +628,15 @@ impl HostWatch {
         }
     }
 
-    /// A connection was established and its handshake answered.
-    pub(crate) fn connected(&self, now: Instant) {
+    /// A connection was established and its handshake answered. Not yet
+    /// evidence that the host works (a stopped server's kernel still
+    /// accepts connections): its first reply is.
+    pub(crate) fn connected(&self) {
         let reconnect = self.counters.connected();
         self.tell(Some(HostEvent::Connected {
             host: self.health.host().clone(),
             reconnect,
         }));
-        self.tell(self.health.record_success(now));
     }
 
     /// Replies came: the host works.

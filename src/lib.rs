@@ -101,7 +101,8 @@ pub mod fuzzing {
                 self.counters.bytes_written(40);
                 self.counters.bytes_read(12);
                 let latency = Duration::from_nanos(u64::from(i) * 7919);
-                self.counters.replies_received(latency, 1, u64::from(i % 7 == 0));
+                self.counters
+                    .replies_received(latency, 1, u64::from(i % 7 == 0));
                 self.counters.requests_timed_out(u64::from(i % 2));
                 self.counters.requests_failed(0);
                 let _ = self.up.record_success(now);
