@@ -178,7 +178,7 @@ fn map_over_tls_hosts() {
     assert_eq!(sizes.values().sum::<i64>(), 2000);
     assert_eq!(sizes.len(), 4);
     // Pooled TLS connections are reused.
-    let mut client = cluster.routing_client();
+    let client = cluster.routing_client();
     assert_eq!(client.incr("counter").unwrap(), 1);
     assert_eq!(client.incr("counter").unwrap(), 2);
 
