@@ -394,6 +394,14 @@ fn scenario_c(
     }
 }
 
+/// The 1-minute load average, to tell a busy machine's figures apart.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
@@ -527,8 +535,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<redis::RedisResult<_>>()?;
 
     println!(
-        "{NODES} redis-servers on 127.0.0.1 (TCP), {KEYS} keys of {VALUE_LEN} bytes (per node: {per_node:?}), {} cores, {rounds} alternating rounds, medians",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "{NODES} redis-servers on 127.0.0.1 (TCP), {KEYS} keys of {VALUE_LEN} bytes (per node: {per_node:?}), {} cores, {rounds} alternating rounds, medians; load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average()
     );
 
     // Warm-up, not counted: connections, rb's driver thread, allocators.
@@ -578,6 +587,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
 
     println!();
+    println!("load average at the end: {}", load_average());
     println!(
         "| scenario | client | ops/s | rounds' ops/s | CPU us/op | p50 us | p99 us | ops/s vs redis-rs | CPU/op vs redis-rs |"
     );
