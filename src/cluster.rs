@@ -14,8 +14,10 @@ use crate::conn::{HostEntry, Pool, Resolve, SystemResolver};
 use crate::driver::Driver;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::{HostMap, LoopOptions, Session};
+use crate::health::{HealthPolicy, HostHealth, HostWatch};
 use crate::router::{self, Router, RouterKind};
 use crate::scripts::ScriptMemory;
+use crate::stats::{ClusterStats, Observer};
 
 /// Options of a map or fanout (rb's `map(timeout=, max_concurrency=, auto_batch=)`).
 ///
@@ -139,6 +141,8 @@ pub struct ClusterBuilder {
     hosts: Vec<(HostId, HostConfig)>,
     router: RouterChoice,
     resolver: Option<Arc<dyn Resolve>>,
+    health: HealthPolicy,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 #[derive(Clone, Default)]
@@ -201,6 +205,24 @@ impl ClusterBuilder {
         self
     }
 
+    /// How hosts are taken out of use while they fail, and tried again
+    /// (see [`HealthPolicy`]; default [`HealthPolicy::new`]: Down after 3
+    /// failures in a row, for 500 ms doubling up to 5 s).
+    #[must_use]
+    pub fn health(mut self, policy: HealthPolicy) -> ClusterBuilder {
+        self.health = policy;
+        self
+    }
+
+    /// Tells `observer` when hosts connect, fail, go Down and come back Up.
+    /// It is called on the thread that saw the event (a map's, or the
+    /// driver's): keep it short and never block in it.
+    #[must_use]
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> ClusterBuilder {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Resolves host names with a resolver of your own (see [`Resolve`]).
     /// Default: [`SystemResolver`].
     #[must_use]
@@ -216,12 +238,18 @@ impl ClusterBuilder {
     ///
     /// [`Error::BadHostSetup`] for a duplicate id or hosts the router cannot use (a gap in the ids), [`Error::Config`] for a host with a user name but no password.
     pub fn build(self) -> Result<Cluster> {
+        self.health.validate()?;
         let resolver = self.resolver.unwrap_or_else(|| Arc::new(SystemResolver));
         let mut hosts = BTreeMap::new();
         for (id, config) in self.hosts {
             let info = Arc::new(config.or(&self.defaults).resolve_checked(id)?);
             let pool = Arc::new(Pool::new(info.pool_size, resolver.clone()));
-            if hosts.insert(id, HostEntry { info, pool }).is_some() {
+            let watch = Arc::new(HostWatch::new(
+                info.name().clone(),
+                self.health,
+                self.observer.clone(),
+            ));
+            if hosts.insert(id, HostEntry { info, pool, watch }).is_some() {
                 return Err(Error::BadHostSetup {
                     reason: format!("host id {id} was added twice").into(),
                 });
@@ -238,6 +266,8 @@ impl ClusterBuilder {
                 scripts: Arc::default(),
                 resolver,
                 driver: Mutex::new(Weak::new()),
+                health: self.health,
+                observer: self.observer,
             }),
         };
         cluster.router()?;
@@ -259,6 +289,18 @@ struct ClusterInner {
     resolver: Arc<dyn Resolve>,
     /// The background driver of the async clients, while one runs.
     driver: Mutex<Weak<Driver>>,
+    health: HealthPolicy,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl ClusterInner {
+    fn watch_for(&self, info: &HostInfo) -> Arc<HostWatch> {
+        Arc::new(HostWatch::new(
+            info.name().clone(),
+            self.health,
+            self.observer.clone(),
+        ))
+    }
 }
 
 struct ClusterState {
@@ -382,17 +424,12 @@ impl Cluster {
         }
         let info = Arc::new(config.or(&state.defaults).resolve_checked(id)?);
         let pool = Arc::new(Pool::new(info.pool_size, self.inner.resolver.clone()));
+        let watch = self.inner.watch_for(&info);
         let mut hosts = BTreeMap::new();
         for (hid, entry) in state.table.iter() {
-            hosts.insert(
-                *hid,
-                HostEntry {
-                    info: entry.info.clone(),
-                    pool: entry.pool.clone(),
-                },
-            );
+            hosts.insert(*hid, entry.clone());
         }
-        hosts.insert(id, HostEntry { info, pool });
+        hosts.insert(id, HostEntry { info, pool, watch });
         state.table = Arc::new(hosts);
         state.router = None;
         let table = state.table.clone();
@@ -413,13 +450,7 @@ impl Cluster {
         let mut hosts = BTreeMap::new();
         for (hid, entry) in state.table.iter() {
             if *hid != id {
-                hosts.insert(
-                    *hid,
-                    HostEntry {
-                        info: entry.info.clone(),
-                        pool: entry.pool.clone(),
-                    },
-                );
+                hosts.insert(*hid, entry.clone());
             }
         }
         state.table = Arc::new(hosts);
@@ -457,6 +488,49 @@ impl Cluster {
         let driver = Arc::new(Driver::start(table, self.inner.scripts.clone())?);
         *slot = Arc::downgrade(&driver);
         Ok(driver)
+    }
+
+    /// Whether host `id` is Up, or Down (since when, tried again when, why).
+    ///
+    /// ```no_run
+    /// # let cluster = rb::Cluster::from_urls(["redis://127.0.0.1:6379"])?;
+    /// match cluster.health(0)? {
+    ///     rb::HostHealth::Up => {}
+    ///     down => eprintln!("host 0: {down:?}"),
+    /// }
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSuchHost`] for an unknown id.
+    pub fn health(&self, id: HostId) -> Result<HostHealth> {
+        let state = self.read();
+        let entry = state.table.get(&id).ok_or(Error::NoSuchHost { id })?;
+        Ok(entry.watch.health.status())
+    }
+
+    /// Every host's counters (commands, replies, server errors, timeouts,
+    /// connection failures, reconnects, bytes, in flight), latency
+    /// histogram and health, counted since the host was added.
+    ///
+    /// ```no_run
+    /// # let cluster = rb::Cluster::from_urls(["redis://127.0.0.1:6379"])?;
+    /// for (id, host) in &cluster.stats().hosts {
+    ///     println!("{id}: {} commands, p99 {:?}", host.commands, host.latency.p99);
+    /// }
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    pub fn stats(&self) -> ClusterStats {
+        let table = self.read().table.clone();
+        table
+            .values()
+            .map(|e| {
+                e.watch
+                    .counters
+                    .snapshot(e.info.name().clone(), e.watch.health.status())
+            })
+            .collect()
     }
 
     pub(crate) fn script_memory(&self) -> Arc<ScriptMemory> {

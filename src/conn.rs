@@ -649,9 +649,12 @@ impl Pool {
 }
 
 /// A host and its pool, as sessions see them.
+#[derive(Clone)]
 pub(crate) struct HostEntry {
     pub(crate) info: Arc<HostInfo>,
     pub(crate) pool: Arc<Pool>,
+    /// Its health, counters and observer, shared by every user.
+    pub(crate) watch: Arc<crate::health::HostWatch>,
 }
 
 #[cfg(test)]

@@ -28,7 +28,8 @@ use crate::cmd::Cmd;
 use crate::error::{Error, HostId, HostName, Result};
 use crate::event_loop::{HostMap, LoopOptions, Session};
 use crate::pipeline::CmdName;
-use crate::promise::{ReplyContext, ReplySink, Waiter};
+use crate::promise::{ReplyContext, ReplySink, Slot, Waiter};
+use crate::resp::Value;
 use crate::scripts::ScriptMemory;
 
 /// A reply's receiver, shared with the task that awaits it.
@@ -214,6 +215,8 @@ impl Timers {
     fn expire(&mut self, now: Instant, session: &Session) -> Option<Instant> {
         let failures = std::cell::RefCell::new(None);
         let mut next: Option<Instant> = None;
+        // Per host: how many expired, and one of their errors.
+        let mut expired: Vec<(HostId, u64, Error)> = Vec::new();
         for (budget, queue) in &mut self.queues {
             while let Some(t) = queue.front() {
                 if !t.sink.is_pending() {
@@ -226,6 +229,10 @@ impl Timers {
                         failures: &failures,
                     };
                     t.sink.accept(0, Err(e.clone()), &ctx);
+                    match expired.iter_mut().find(|(h, _, _)| *h == t.host) {
+                        Some((_, n, _)) => *n += 1,
+                        None => expired.push((t.host, 1, e)),
+                    }
                     queue.pop_front();
                 } else {
                     next = Some(next.map_or(t.deadline, |n| n.min(t.deadline)));
@@ -234,8 +241,45 @@ impl Timers {
             }
         }
         self.queues.retain(|_, q| !q.is_empty());
+        for (host, n, e) in expired {
+            session.requests_expired(host, n, &e);
+        }
         next
     }
+}
+
+/// Sends a `PING` to each Down host whose probe is due, so a host comes
+/// back Up without a user request failing on it first. The next time a
+/// probe is due, if any.
+fn probe_down_hosts(session: &mut Session, timers: &mut Timers, now: Instant) -> Option<Instant> {
+    let mut due = Vec::new();
+    let mut next: Option<Instant> = None;
+    for (&id, entry) in session.hosts().iter() {
+        let health = &entry.watch.health;
+        if health.take_probe(now) {
+            due.push((id, entry.info.connect_timeout));
+        } else if let Some(at) = health.next_probe_at() {
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+    }
+    for (id, budget) in due {
+        let slot = Slot::<Value>::new();
+        let sink: SharedSink = slot;
+        if let Some(deadline) = now.checked_add(budget) {
+            timers.push(
+                budget,
+                Timer {
+                    deadline,
+                    host: id,
+                    command: CmdName::of(b"PING"),
+                    sink: sink.clone(),
+                },
+            );
+            next = Some(next.map_or(deadline, |n| n.min(deadline)));
+        }
+        session.enqueue_probe(id, &crate::cmd::cmd("PING"), Waiter::shared(sink));
+    }
+    next
 }
 
 /// The driver thread's loop: take queued requests, enqueue them, serve one
@@ -282,7 +326,12 @@ fn run(mut session: Session, shared: &Shared) {
         if next_deadline.is_some_and(|d| d <= now) || !timers.queues.is_empty() {
             next_deadline = timers.expire(now, &session);
         }
-        session.serve(next_deadline);
+        let next_probe = probe_down_hosts(&mut session, &mut timers, now);
+        let wake = match (next_deadline, next_probe) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        session.serve(wake);
         // Nobody reads the driver's first failure; each reply has its own.
         let _ = session.take_failure();
     }

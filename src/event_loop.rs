@@ -36,6 +36,7 @@ use mio::{Events, Poll, Token, Waker};
 use crate::cmd::Cmd;
 use crate::conn::{closed_error, io_error, Connection, HostEntry, Pool};
 use crate::error::{Error, HostId, HostName, Phase, Result};
+use crate::health::HostWatch;
 use crate::pipeline::{BatchKind, CmdName, ConnEffect, Pipeline, Waiter};
 use crate::promise::ReplyContext;
 use crate::scripts::ScriptMemory;
@@ -96,6 +97,15 @@ struct Slot {
     request_deadline: Option<Instant>,
     /// A command changed the connection's state: close it, never pool it.
     dirty: bool,
+    /// The host's health and counters, shared with every other user.
+    watch: Arc<HostWatch>,
+    /// A new connection, to report as connected once it is ready.
+    announce: bool,
+    /// Some reply came on the current connection.
+    heard: bool,
+    /// The next failure is the map's deadline, not the host's fault (the
+    /// host was answering): it does not count against its health.
+    exempt: bool,
 }
 
 impl Slot {
@@ -240,6 +250,10 @@ impl Session {
             connect_deadline: None,
             request_deadline: None,
             dirty: false,
+            watch: entry.watch.clone(),
+            announce: false,
+            heard: false,
+            exempt: false,
         });
         self.index.insert(id, i);
         Ok(i)
@@ -273,6 +287,8 @@ impl Session {
         slot.writable = conn.is_connected();
         slot.more_to_read = false;
         slot.dirty = false;
+        slot.announce = fresh;
+        slot.heard = false;
         slot.connect_deadline = (!conn.ready)
             .then(|| Instant::now().checked_add(slot.pipeline.host().connect_timeout))
             .flatten();
@@ -291,6 +307,25 @@ impl Session {
             if let (None, Some(budget)) = (slot.request_deadline, self.opts.request_budget) {
                 slot.request_deadline = Instant::now().checked_add(budget);
             }
+            if std::mem::take(&mut slot.announce) {
+                slot.watch.connected();
+            }
+        }
+    }
+
+    /// Adds what slot `i`'s pipeline did since last time to its host's
+    /// stats; replies make the host count as working.
+    fn report(&mut self, i: usize, timed_out: bool) {
+        let slot = &mut self.slots[i];
+        let tally = slot.pipeline.tally();
+        if tally.is_empty() {
+            return;
+        }
+        let answered = !tally.replies.is_empty();
+        slot.watch.report(tally, timed_out);
+        if answered {
+            slot.heard = true;
+            slot.watch.answered(Instant::now());
         }
     }
 
@@ -308,6 +343,23 @@ impl Session {
         waiter: Waiter,
         auto_batch: bool,
     ) {
+        self.enqueue_admitted(id, cmd, waiter, auto_batch, false);
+    }
+
+    /// Queues a probe of a Down host (its health already handed this
+    /// request the probe): not refused as the host's other requests are.
+    pub(crate) fn enqueue_probe(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter) {
+        self.enqueue_admitted(id, cmd, waiter, false, true);
+    }
+
+    fn enqueue_admitted(
+        &mut self,
+        id: HostId,
+        cmd: &Cmd,
+        waiter: Waiter,
+        auto_batch: bool,
+        admitted: bool,
+    ) {
         let effect = ConnEffect::of(cmd);
         if let ConnEffect::Refused(reason) = effect {
             let e = Error::Unsupported {
@@ -320,6 +372,15 @@ impl Session {
             Ok(i) => i,
             Err(e) => return self.refuse(&waiter, cmd, None, e),
         };
+        let admission = if admitted {
+            Ok(())
+        } else {
+            self.slots[i].watch.admit()
+        };
+        if let Err(e) = admission {
+            let name = self.slots[i].name().clone();
+            return self.refuse(&waiter, cmd, Some(&name), e);
+        }
         if !self.slots[i].is_active() {
             self.wait_for_capacity();
         }
@@ -524,6 +585,21 @@ impl Session {
         }
     }
 
+    /// The hosts this session may reach.
+    pub(crate) fn hosts(&self) -> &Arc<HostMap> {
+        &self.hosts
+    }
+
+    /// Requests to `id` passed their own deadlines (`error` says which):
+    /// `n` of them count as timed out, and the host's health hears of it
+    /// once.
+    pub(crate) fn requests_expired(&self, id: HostId, n: u64, error: &Error) {
+        if let Some(entry) = self.hosts.get(&id) {
+            entry.watch.counters.deadline_passed(n);
+            entry.watch.failed(error, Instant::now());
+        }
+    }
+
     /// The error for a request to `id` whose own deadline (`budget`)
     /// passed: a timeout in the phase its host is in.
     pub(crate) fn request_timeout(&self, id: HostId, budget: Duration) -> Error {
@@ -674,13 +750,14 @@ impl Session {
             return;
         }
         let mut result = Ok(());
+        let now = Instant::now();
         loop {
             let out = slot.pipeline.output();
             if out.is_empty() {
                 break;
             }
             match conn.write(out) {
-                Ok(n) => slot.pipeline.advance(n),
+                Ok(n) => slot.pipeline.advance(n, now),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     slot.writable = false;
                     return;
@@ -719,7 +796,9 @@ impl Session {
     }
 
     fn read_slot(&mut self, i: usize) {
-        if let Err(e) = self.read_turn(i) {
+        let result = self.read_turn(i);
+        self.report(i, false);
+        if let Err(e) = result {
             self.fail_slot(i, e);
         }
         self.start_request_budget(i);
@@ -749,12 +828,16 @@ impl Session {
             let read = conn.read(pipeline.read_buffer());
             match read {
                 Ok(0) => {
-                    pipeline.receive(&self.failures).map_err(&mut out_of_step)?;
+                    pipeline
+                        .receive(&self.failures, Instant::now())
+                        .map_err(&mut out_of_step)?;
                     return Err(closed_error(pipeline.name()));
                 }
                 Ok(n) => {
                     pipeline.filled(n);
-                    pipeline.receive(&self.failures).map_err(&mut out_of_step)?;
+                    pipeline
+                        .receive(&self.failures, Instant::now())
+                        .map_err(&mut out_of_step)?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(io_error(pipeline.name(), &e)),
@@ -795,7 +878,11 @@ impl Session {
         slot.request_deadline = None;
         slot.more_to_read = false;
         slot.pipeline.fail(&error, &self.failures);
-        slot.failed = Some(error);
+        if !std::mem::take(&mut slot.exempt) {
+            slot.watch.failed(&error, Instant::now());
+        }
+        self.report(i, error.is_timeout());
+        self.slots[i].failed = Some(error);
     }
 
     /// Fails hosts whose connect or request budget ran out.
@@ -848,6 +935,9 @@ impl Session {
                 command: None,
             };
             slot.retried = true;
+            // The map's own deadline says something about the host only
+            // when the host answered nothing at all meanwhile.
+            slot.exempt = slot.heard;
             self.fail_slot(i, e);
         }
     }
@@ -867,6 +957,7 @@ impl Session {
     /// Slot `i`'s connection goes back to its pool when it is clean, else
     /// it is closed.
     fn release_slot(&mut self, i: usize) {
+        self.report(i, false);
         let slot = &mut self.slots[i];
         let Some(mut conn) = slot.conn.take() else {
             return;

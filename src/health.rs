@@ -369,6 +369,7 @@ impl HostHealthState {
         }
     }
 
+    #[cfg(test)]
     /// True when the host is Down and a probe may be sent now (its retry
     /// time passed and no probe is under way). Takes nothing: see
     /// [`take_probe`](Self::take_probe).
@@ -410,6 +411,7 @@ impl HostHealthState {
         })
     }
 
+    #[cfg(test)]
     /// The probe ended with no outcome (cancelled): the next request or
     /// `take_probe` probes again at once.
     pub(crate) fn release_probe(&self) {
@@ -574,6 +576,117 @@ fn floor_ms(d: Duration) -> Duration {
 fn ceil_ms(d: Duration) -> Duration {
     let ms = d.as_nanos().div_ceil(1_000_000);
     Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+/// What rb tracks of one host, shared by every map, client and the driver:
+/// its health, its counters, and who is told when it changes.
+pub(crate) struct HostWatch {
+    pub(crate) health: HostHealthState,
+    pub(crate) counters: crate::stats::HostCounters,
+    observer: Option<Arc<dyn crate::stats::Observer>>,
+}
+
+impl std::fmt::Debug for HostWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostWatch")
+            .field("health", &self.health)
+            .field("counters", &self.counters)
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
+}
+
+impl HostWatch {
+    pub(crate) fn new(
+        host: HostName,
+        policy: HealthPolicy,
+        observer: Option<Arc<dyn crate::stats::Observer>>,
+    ) -> HostWatch {
+        HostWatch {
+            health: HostHealthState::new(host, policy),
+            counters: crate::stats::HostCounters::new(),
+            observer,
+        }
+    }
+
+    fn tell(&self, event: Option<HostEvent>) {
+        if let (Some(observer), Some(event)) = (&self.observer, event) {
+            observer.on_event(&event);
+        }
+    }
+
+    /// Whether a request may go to the host now; the error to reject it
+    /// with if not ([`Error::HostDown`]). One atomic load while Up.
+    #[inline]
+    pub(crate) fn admit(&self) -> Result<()> {
+        if self.health.mode.load(Ordering::Acquire) != DOWN {
+            return Ok(());
+        }
+        match self.health.admit(Instant::now()) {
+            Admission::Refuse(e) => Err(e),
+            Admission::Go | Admission::Probe => Ok(()),
+        }
+    }
+
+    /// A connection was established and its handshake answered. Not yet
+    /// evidence that the host works (a stopped server's kernel still
+    /// accepts connections): its first reply is.
+    pub(crate) fn connected(&self) {
+        let reconnect = self.counters.connected();
+        self.tell(Some(HostEvent::Connected {
+            host: self.health.host().clone(),
+            reconnect,
+        }));
+    }
+
+    /// Replies came: the host works.
+    #[inline]
+    pub(crate) fn answered(&self, now: Instant) {
+        self.tell(self.health.record_success(now));
+    }
+
+    /// An attempt failed with `error` (once per attempt, not per request).
+    /// Only failures that say something about the host count ([`counts`]).
+    pub(crate) fn failed(&self, error: &Error, now: Instant) {
+        if !counts(error) {
+            return;
+        }
+        if !error.is_timeout() {
+            self.counters.connection_failed();
+        }
+        self.tell(Some(HostEvent::Failed {
+            host: self.health.host().clone(),
+            error: error.clone(),
+        }));
+        self.tell(self.health.record_failure(error, now));
+    }
+
+    /// Adds a pipeline's tally to the counters and clears it; commands it
+    /// gave up count as timed out when `timed_out`.
+    pub(crate) fn report(&self, tally: &mut crate::pipeline::Tally, timed_out: bool) {
+        let c = &self.counters;
+        if tally.commands > 0 {
+            c.commands_sent(tally.commands);
+        }
+        let mut server_errors = tally.server_errors;
+        for &(latency, n) in &tally.replies {
+            c.replies_received(latency, n, std::mem::take(&mut server_errors));
+        }
+        if tally.abandoned > 0 {
+            if timed_out {
+                c.requests_timed_out(tally.abandoned);
+            } else {
+                c.requests_failed(tally.abandoned);
+            }
+        }
+        if tally.bytes_in > 0 {
+            c.bytes_read(tally.bytes_in);
+        }
+        if tally.bytes_out > 0 {
+            c.bytes_written(tally.bytes_out);
+        }
+        tally.clear();
+    }
 }
 
 #[cfg(test)]

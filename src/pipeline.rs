@@ -22,6 +22,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::cmd::{cmd, Cmd, Common};
 use crate::config::{HostInfo, Protocol};
@@ -122,6 +123,51 @@ pub(crate) struct Pipeline {
     reply_taken: usize,
     /// Some byte of a request went out on the current connection.
     sent: bool,
+    /// What happened since the session last took it, for the host's stats.
+    tally: Tally,
+    /// Replies expected so far, and answered (or given up) so far.
+    queued: u64,
+    answered: u64,
+    /// When requests went out: `(queued, when)` at the first write after
+    /// more were queued. A reply's latency counts from its request's mark.
+    sent_marks: VecDeque<(u64, Instant)>,
+}
+
+/// Counts and latencies of one pipeline since they were last taken: plain
+/// numbers here, added to the host's shared atomics once per turn.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    /// Commands as the server counts them (a merged MGET is one).
+    pub(crate) commands: u64,
+    /// Replies that answered a command, by latency: replies to one write
+    /// read in one turn share it.
+    pub(crate) replies: Vec<(Duration, u64)>,
+    pub(crate) server_errors: u64,
+    /// Commands given up without a reply (the connection failed).
+    pub(crate) abandoned: u64,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+}
+
+impl Tally {
+    /// Starts over (keeping the latency list's room).
+    pub(crate) fn clear(&mut self) {
+        self.commands = 0;
+        self.replies.clear();
+        self.server_errors = 0;
+        self.abandoned = 0;
+        self.bytes_in = 0;
+        self.bytes_out = 0;
+    }
+
+    /// Whether there is anything to report.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.commands == 0
+            && self.replies.is_empty()
+            && self.abandoned == 0
+            && self.bytes_in == 0
+            && self.bytes_out == 0
+    }
 }
 
 impl Pipeline {
@@ -143,7 +189,50 @@ impl Pipeline {
             replies,
             reply_taken: 0,
             sent: false,
+            tally: Tally::default(),
+            queued: 0,
+            answered: 0,
+            sent_marks: VecDeque::new(),
         }
+    }
+
+    /// What happened since the host's stats last took it (they clear it).
+    pub(crate) fn tally(&mut self) -> &mut Tally {
+        &mut self.tally
+    }
+
+    /// Commands are queued: one more reply expected.
+    #[inline]
+    fn expect(&mut self, expect: Expect) {
+        self.expects.push_back(expect);
+        self.queued += 1;
+        self.tally.commands += 1;
+    }
+
+    /// Replies up to `answered_now` (counted from the start) came at `now`:
+    /// their latencies, from the marks of the writes that sent them.
+    fn answered_up_to(&mut self, answered_now: u64, now: Instant) {
+        let mut k = self.answered;
+        while k < answered_now {
+            match self.sent_marks.front() {
+                Some(&(end, _)) if end <= k => {
+                    self.sent_marks.pop_front();
+                }
+                Some(&(end, at)) => {
+                    let n = end.min(answered_now) - k;
+                    let latency = now.saturating_duration_since(at);
+                    match self.tally.replies.last_mut() {
+                        Some((l, count)) if *l == latency => *count += n,
+                        _ => self.tally.replies.push((latency, n)),
+                    }
+                    k += n;
+                }
+                // Answered before any write was marked (not possible for a
+                // reply; a failure gives up queued ones): no latency.
+                None => break,
+            }
+        }
+        self.answered = answered_now;
     }
 
     /// The host this pipeline talks to.
@@ -215,7 +304,7 @@ impl Pipeline {
             None => {
                 self.flush_batch();
                 cmd.write_packed(&mut self.out);
-                self.expects.push_back(Expect::One {
+                self.expect(Expect::One {
                     name: CmdName::of(cmd.name()),
                     waiter,
                 });
@@ -226,7 +315,7 @@ impl Pipeline {
     /// Writes the batch being collected, if any, to the output.
     pub(crate) fn flush_batch(&mut self) {
         if let Some(expect) = self.batcher.flush(&mut self.out) {
-            self.expects.push_back(expect);
+            self.expect(expect);
         }
     }
 
@@ -254,13 +343,21 @@ impl Pipeline {
         }
     }
 
-    /// `n` bytes of [`Pipeline::output`] were written.
-    pub(crate) fn advance(&mut self, n: usize) {
+    /// `n` bytes of [`Pipeline::output`] were written at `now`.
+    pub(crate) fn advance(&mut self, n: usize, now: Instant) {
+        self.tally.bytes_out += n as u64;
         let to_handshake = n.min(self.handshake.unwritten().len());
         self.handshake.written += to_handshake;
         let n = n - to_handshake;
         if n == 0 {
             return;
+        }
+        if self
+            .sent_marks
+            .back()
+            .map_or(true, |&(end, _)| end < self.queued)
+        {
+            self.sent_marks.push_back((self.queued, now));
         }
         self.sent = true;
         self.written = (self.written + n).min(self.out.len());
@@ -351,6 +448,7 @@ impl Pipeline {
 
     /// `n` bytes were read into [`Pipeline::read_buffer`].
     pub(crate) fn filled(&mut self, n: usize) {
+        self.tally.bytes_in += n as u64;
         self.rend = (self.rend + n).min(self.rbuf.len());
     }
 
@@ -362,7 +460,22 @@ impl Pipeline {
     /// due or of the wrong shape, a failed handshake, or a reply past the
     /// host's limits. Replies decoded before it were delivered; the caller
     /// closes the connection and calls [`Pipeline::fail`].
-    pub(crate) fn receive(&mut self, failures: &RefCell<Option<Error>>) -> Result<()> {
+    pub(crate) fn receive(
+        &mut self,
+        failures: &RefCell<Option<Error>>,
+        now: Instant,
+    ) -> Result<()> {
+        let waiting = self.expects.len() as u64;
+        let result = self.decode_replies(failures);
+        let answered = waiting - self.expects.len() as u64;
+        if answered > 0 {
+            self.answered_up_to(self.answered + answered, now);
+        }
+        result
+    }
+
+    /// [`Pipeline::receive`] without the accounting.
+    fn decode_replies(&mut self, failures: &RefCell<Option<Error>>) -> Result<()> {
         let host = self.host.clone();
         let name = host.name();
         while self.rstart < self.rend {
@@ -423,6 +536,9 @@ impl Pipeline {
                     } else {
                         match self.expects.pop_front() {
                             Some(expect) => {
+                                if matches!(value, Value::Error { .. }) {
+                                    self.tally.server_errors += 1;
+                                }
                                 if let Some(e) = expect.deliver(value, name, failures) {
                                     return Err(e);
                                 }
@@ -468,9 +584,12 @@ impl Pipeline {
     pub(crate) fn fail(&mut self, error: &Error, failures: &RefCell<Option<Error>>) {
         let host = self.host.clone();
         self.batcher.fail(error, Some(host.name()), failures);
+        self.tally.abandoned += self.expects.len() as u64;
         for expect in self.expects.drain(..) {
             expect.fail(error, Some(host.name()), failures);
         }
+        self.answered = self.queued;
+        self.sent_marks.clear();
         self.out.clear();
         self.written = 0;
         self.next_flush = WRITE_THRESHOLD;

@@ -190,13 +190,21 @@ impl AtomicHistogram {
         }
     }
 
+    #[cfg(test)]
     /// Records one latency.
     #[inline]
     pub(crate) fn record(&self, latency: Duration) {
+        self.record_n(latency, 1);
+    }
+
+    /// Records `n` replies of the same latency (those that went out in one
+    /// write and came back in one read).
+    #[inline]
+    pub(crate) fn record_n(&self, latency: Duration, n: u64) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
         let us = ns / 1000;
-        self.buckets[bucket_of(us)].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
+        self.buckets[bucket_of(us)].fetch_add(n, Relaxed);
+        self.sum_us.fetch_add(us.saturating_mul(n), Relaxed);
         self.max_ns.fetch_max(ns, Relaxed);
     }
 
@@ -414,6 +422,7 @@ impl HostCounters {
         self.in_flight.fetch_add(gauge(n), Relaxed);
     }
 
+    #[cfg(test)]
     /// A reply to a sent command arrived after `latency`.
     #[inline]
     pub(crate) fn reply_received(&self, latency: Duration, server_error: bool) {
@@ -423,6 +432,26 @@ impl HostCounters {
         }
         self.in_flight.fetch_sub(1, Relaxed);
         self.latency.record(latency);
+    }
+
+    /// `n` replies arrived after `latency` (one write's worth, read in one
+    /// turn), `server_errors` of them error replies.
+    #[inline]
+    pub(crate) fn replies_received(&self, latency: Duration, n: u64, server_errors: u64) {
+        self.replies.fetch_add(n, Relaxed);
+        if server_errors > 0 {
+            self.server_errors.fetch_add(server_errors, Relaxed);
+        }
+        self.in_flight.fetch_sub(gauge(n), Relaxed);
+        self.latency.record_n(latency, n);
+    }
+
+    /// `n` requests passed their own deadline while staying in the
+    /// pipeline (the driver keeps the connection: their late replies still
+    /// count as replies, so they stay in flight).
+    #[inline]
+    pub(crate) fn deadline_passed(&self, n: u64) {
+        self.timeouts.fetch_add(n, Relaxed);
     }
 
     /// `n` sent commands were rejected by a deadline.
@@ -463,6 +492,7 @@ impl HostCounters {
         self.bytes_out.fetch_add(n, Relaxed);
     }
 
+    #[cfg(test)]
     /// Records a latency without counting a reply (`reply_received` does
     /// both).
     #[inline]

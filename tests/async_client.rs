@@ -2,14 +2,16 @@
 //! executor written here, many concurrent tasks, cross-caller batching as
 //! the servers count it, a paused and a killed node.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{mpsc, Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 mod common;
-use common::{cluster, command_calls};
-use rb::{Commands, Error, Execute, Hosts};
+use common::{cluster, command_calls, host_of};
+use rb::{AsyncOptions, Commands, Error, Execute, Hosts};
 
 /// A minimal executor: tasks in a channel, a waker that sends its task
 /// back. No runtime crate involved.
@@ -229,4 +231,157 @@ fn gets_from_many_tasks_are_merged() {
         gets + mgets < 1000,
         "{gets} GET + {mgets} MGET for 2000 keys"
     );
+}
+
+/// A paused node (SIGSTOP) makes only its requests time out, on time; the
+/// other node's tasks are unaffected, no runtime worker is blocked, and the
+/// node's connection serves again once it resumes.
+#[test]
+fn a_paused_node_times_out_only_its_own_requests() {
+    let (setup, cluster) = cluster(2, 1);
+    let key_on = |host: u32, prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|k| host_of(&cluster, k) == host)
+            .expect("a key")
+    };
+    let (stuck_key, live_key) = (key_on(0, "s"), key_on(1, "l"));
+    let budget = Duration::from_millis(200);
+    let client = cluster.async_client_with(AsyncOptions::new().timeout(budget));
+    let rt = runtime();
+    // Connect to both first, so the pause hits an established connection.
+    rt.block_on(async {
+        client
+            .set(&stuck_key, 1)
+            .await
+            .expect("SET before the pause");
+        client
+            .set(&live_key, 1)
+            .await
+            .expect("SET before the pause");
+    });
+    setup.pause(0).expect("SIGSTOP");
+    let (stuck_times, live_times, max_gap) = rt.block_on(async {
+        let ticker = tokio::spawn(async {
+            let mut max_gap = Duration::ZERO;
+            let mut last = Instant::now();
+            for _ in 0..40 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                max_gap = max_gap.max(last.elapsed());
+                last = Instant::now();
+            }
+            max_gap
+        });
+        let stuck: Vec<_> = (0..50)
+            .map(|_| {
+                let (client, k) = (client.clone(), stuck_key.clone());
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let r = client.get(&k).await;
+                    (r, t.elapsed())
+                })
+            })
+            .collect();
+        let live: Vec<_> = (0..50)
+            .map(|_| {
+                let (client, k) = (client.clone(), live_key.clone());
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let r = client.incr(&k).await;
+                    (r.map(|_| ()), t.elapsed())
+                })
+            })
+            .collect();
+        let mut stuck_times = Vec::new();
+        for h in stuck {
+            let (r, took) = h.await.expect("task");
+            let e = r.expect_err("host 0 is paused");
+            assert!(e.is_timeout(), "{e}");
+            stuck_times.push(took);
+        }
+        let mut live_times = Vec::new();
+        for h in live {
+            let (r, took) = h.await.expect("task");
+            r.expect("host 1 is fine");
+            live_times.push(took);
+        }
+        (stuck_times, live_times, ticker.await.expect("ticker"))
+    });
+    let slowest_stuck = stuck_times.iter().max().copied().unwrap_or_default();
+    let slowest_live = live_times.iter().max().copied().unwrap_or_default();
+    println!(
+        "paused host: 50 timeouts after {:?}..{slowest_stuck:?} (budget {budget:?}); live host: slowest {slowest_live:?}; longest worker gap {max_gap:?}",
+        stuck_times.iter().min().copied().unwrap_or_default()
+    );
+    assert!(stuck_times.iter().all(|t| *t >= budget), "early timeout");
+    assert!(
+        slowest_stuck < budget + Duration::from_millis(100),
+        "late: {slowest_stuck:?}"
+    );
+    assert!(
+        slowest_live < Duration::from_millis(150),
+        "live host slowed: {slowest_live:?}"
+    );
+    assert!(
+        max_gap < Duration::from_millis(100),
+        "a worker was blocked: {max_gap:?}"
+    );
+    setup.resume(0).expect("SIGCONT");
+    rt.block_on(async {
+        // The late replies are read and dropped; the next requests get theirs.
+        for i in 0..5 {
+            let n = client.incr(&stuck_key).await.expect("host 0 is back");
+            assert_eq!(n, 2 + i);
+        }
+    });
+}
+
+/// A killed node fails its requests (promptly, not at a deadline); once it
+/// is back, the driver connects again.
+#[test]
+fn a_killed_node_fails_its_requests_and_is_reconnected() {
+    let (mut setup, cluster) = cluster(2, 1);
+    let key = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| host_of(&cluster, k) == 0)
+        .expect("a key of host 0");
+    let client = cluster.async_client();
+    let rt = runtime();
+    rt.block_on(async { client.set(&key, 1).await.expect("SET") });
+    setup.kill(0).expect("kill host 0");
+    let t = Instant::now();
+    let err = rt
+        .block_on(async { client.get(&key).await })
+        .expect_err("host 0 is dead");
+    assert!(err.is_connection_error(), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    let other: HashMap<rb::HostId, i64> = rt
+        .block_on(async { client.fanout(Hosts::Ids(vec![1])).dbsize().await })
+        .expect("host 1 unaffected");
+    assert_eq!(other.len(), 1);
+    setup.restart(0).expect("restart host 0");
+    let v: Option<Vec<u8>> = rt
+        .block_on(async { client.get(&key).await })
+        .expect("reconnected");
+    assert_eq!(v, None, "a fresh server");
+}
+
+/// Dropping a `Reply` leaves the pipeline in step: later requests on the
+/// same connection get their own replies.
+#[test]
+fn dropped_replies_leave_the_pipeline_intact() {
+    let (_setup, cluster) = cluster(1, 1);
+    let client = cluster.async_client();
+    for i in 0..200 {
+        drop(client.set(format!("d{i}"), i));
+        drop(client.get(format!("d{i}")));
+    }
+    for i in 0..200 {
+        let v: Option<Vec<u8>> = client.get(format!("d{i}")).wait().expect("GET");
+        assert_eq!(v, Some(i.to_string().into_bytes()));
+    }
 }

@@ -56,6 +56,9 @@ fn rig() -> Rig {
                 .read_timeout(Some(TIMEOUT))
                 .connect_timeout(TIMEOUT),
         )
+        // Every run must meet the fault itself, not a host already marked
+        // Down (tests/health.rs covers that).
+        .health(rb::HealthPolicy::disabled())
         .build()
         .expect("cluster");
     // The same routing (partition over ids 0 and 1), straight to the servers.

@@ -34,7 +34,7 @@ fn drain_output(p: &mut Pipeline) -> Vec<u8> {
         if out.is_empty() {
             return all;
         }
-        p.advance(out.len());
+        p.advance(out.len(), std::time::Instant::now());
         all.extend_from_slice(&out);
     }
 }
@@ -49,7 +49,7 @@ fn feed(p: &mut Pipeline, bytes: &[u8], chunk: usize, failures: &Failures) -> Re
             buf[..n].copy_from_slice(&rest[..n]);
             p.filled(n);
             rest = &rest[n..];
-            p.receive(failures)?;
+            p.receive(failures, std::time::Instant::now())?;
         }
     }
     Ok(())
@@ -330,7 +330,7 @@ fn the_read_buffer_grows_to_the_reply_not_past_it() {
             p.filled(n);
             rest = &rest[n..];
             most = most.max(p.rbuf.len());
-            p.receive(&failures).unwrap();
+            p.receive(&failures, std::time::Instant::now()).unwrap();
         }
     }
     assert!(
@@ -521,4 +521,58 @@ proptest! {
             }
         }
     }
+}
+
+/// The tally counts commands as the server does (a merged MGET is one),
+/// error replies, bytes, and latencies from the write that sent each
+/// request to the read that answered it.
+#[test]
+fn the_tally_counts_wire_commands_and_latencies() {
+    use std::time::{Duration, Instant};
+    let failures = Failures::default();
+    let mut p = Pipeline::new(host(HostConfig::new()));
+    p.connection_started(false, Vec::new());
+    let gets: Vec<_> = (0..3)
+        .map(|i| push(&mut p, &cmd("GET").arg(format!("k{i}"))))
+        .collect();
+    let incr = push(&mut p, &cmd("INCR").arg("s"));
+    p.flush_batch();
+    let t0 = Instant::now();
+    let out = p.output().to_vec();
+    p.advance(out.len(), t0);
+    assert_eq!(commands(&out).len(), 2, "MGET + INCR");
+    // A second write, 5 ms later, of one more command.
+    let late = push(&mut p, &cmd("INCR").arg("n"));
+    let t1 = t0 + Duration::from_millis(5);
+    let out2 = p.output().to_vec();
+    p.advance(out2.len(), t1);
+    let replies = b"*3\r\n$1\r\na\r\n$-1\r\n$1\r\nc\r\n-ERR not an integer\r\n:1\r\n";
+    let buf = p.read_buffer();
+    buf[..replies.len()].copy_from_slice(replies);
+    p.filled(replies.len());
+    let t2 = t0 + Duration::from_millis(10);
+    p.receive(&failures, t2).expect("replies");
+    assert!(gets.iter().all(|g| g.is_resolved()) && incr.is_rejected() && late.is_resolved());
+    let tally = p.tally();
+    assert_eq!(tally.commands, 3);
+    assert_eq!(tally.server_errors, 1);
+    assert_eq!(tally.bytes_out, (out.len() + out2.len()) as u64);
+    assert_eq!(tally.bytes_in, replies.len() as u64);
+    // MGET and the first INCR went out at t0, the second INCR at t1.
+    assert_eq!(
+        tally.replies,
+        vec![
+            (Duration::from_millis(10), 2),
+            (Duration::from_millis(5), 1)
+        ]
+    );
+    tally.clear();
+    assert!(p.tally().is_empty());
+    // A failure gives up what is outstanding.
+    let lost = push(&mut p, &cmd("INCR").arg("x"));
+    let out3 = p.output().to_vec();
+    p.advance(out3.len(), t2);
+    p.fail(&Error::config("gone"), &failures);
+    assert!(lost.is_rejected());
+    assert_eq!(p.tally().abandoned, 1);
 }
