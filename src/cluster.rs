@@ -1,6 +1,9 @@
 //! [`Cluster`]: the hosts, their pools, and the router built over them.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -266,6 +269,8 @@ impl ClusterBuilder {
                 scripts: Arc::default(),
                 resolver,
                 driver: Mutex::new(Weak::new()),
+                id: NEXT_CLUSTER_ID.fetch_add(1, Ordering::Relaxed),
+                generation: AtomicU64::new(0),
                 health: self.health,
                 observer: self.observer,
             }),
@@ -273,6 +278,20 @@ impl ClusterBuilder {
         cluster.router()?;
         Ok(cluster)
     }
+}
+
+/// Ids of clusters, so per-thread caches tell them apart.
+static NEXT_CLUSTER_ID: AtomicU64 = AtomicU64::new(0);
+
+/// A thread's copy of a cluster's routing: what an async request needs.
+pub(crate) struct Routes {
+    pub(crate) router: Arc<dyn Router>,
+    pub(crate) read_timeouts: BTreeMap<HostId, Option<Duration>>,
+}
+
+thread_local! {
+    /// (cluster id, generation, routes) for the clusters this thread used.
+    static ROUTES: RefCell<Vec<(u64, u64, Rc<Routes>)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Many independent Redis nodes, used as one.
@@ -289,6 +308,10 @@ struct ClusterInner {
     resolver: Arc<dyn Resolve>,
     /// The background driver of the async clients, while one runs.
     driver: Mutex<Weak<Driver>>,
+    /// This cluster among all in the process (for per-thread caches).
+    id: u64,
+    /// Bumped whenever the hosts change.
+    generation: AtomicU64,
     health: HealthPolicy,
     observer: Option<Arc<dyn Observer>>,
 }
@@ -465,6 +488,7 @@ impl Cluster {
     /// lock held: [`Cluster::driver`] takes the driver's lock, then the
     /// state's).
     fn hosts_changed(&self, table: Arc<HostMap>) {
+        self.inner.generation.fetch_add(1, Ordering::Release);
         let driver = self.lock_driver().upgrade();
         if let Some(driver) = driver {
             driver.set_hosts(table);
@@ -531,6 +555,49 @@ impl Cluster {
                     .snapshot(e.info.name().clone(), e.watch.health.status())
             })
             .collect()
+    }
+
+    /// Runs `f` with the current router and host timeouts, from a copy
+    /// this thread keeps until the hosts change: a request of the async
+    /// client takes no lock and touches no shared reference count.
+    ///
+    /// # Errors
+    ///
+    /// The router's error when it cannot be built.
+    pub(crate) fn with_routes<R>(&self, f: impl FnOnce(&Routes) -> R) -> Result<R> {
+        let generation = self.inner.generation.load(Ordering::Acquire);
+        let cached = ROUTES.with(|cache| {
+            let cache = cache.borrow();
+            cache
+                .iter()
+                .find(|(id, g, _)| *id == self.inner.id && *g == generation)
+                .map(|(_, _, routes)| routes.clone())
+        });
+        let routes = match cached {
+            Some(routes) => routes,
+            None => {
+                let routes = Rc::new(Routes {
+                    router: self.router()?,
+                    read_timeouts: self
+                        .read()
+                        .table
+                        .iter()
+                        .map(|(id, e)| (*id, e.info.read_timeout))
+                        .collect(),
+                });
+                ROUTES.with(|cache| {
+                    let mut cache = cache.borrow_mut();
+                    cache.retain(|(id, _, _)| *id != self.inner.id);
+                    // A thread that saw many clusters keeps the latest few.
+                    if cache.len() >= 8 {
+                        cache.remove(0);
+                    }
+                    cache.push((self.inner.id, generation, routes.clone()));
+                });
+                routes
+            }
+        };
+        Ok(f(&routes))
     }
 
     pub(crate) fn script_memory(&self) -> Arc<ScriptMemory> {

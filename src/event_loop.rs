@@ -513,7 +513,7 @@ impl Session {
     /// One turn of the loop: waits for readiness until `until` (or a
     /// host's connect or request deadline, whichever is first), handles
     /// it, and fails the hosts whose budget ran out.
-    fn turn(&mut self, until: Option<Instant>) {
+    fn turn(&mut self, until: Option<Instant>) -> usize {
         let now = Instant::now();
         let mut wake = until;
         let mut more_to_read = false;
@@ -533,22 +533,26 @@ impl Session {
         } else {
             wake.map(|w| w.saturating_duration_since(now))
         };
-        self.pump(timeout);
+        let events = self.pump(timeout);
         self.expire_hosts();
+        events
     }
 
     /// One turn for a long-lived session (the driver's): sends what is
     /// queued, waits until `until` at most (or the poll's waker fires),
     /// reads, sends again. A host that failed is tried afresh by its next
     /// request.
-    pub(crate) fn serve(&mut self, until: Option<Instant>) {
+    ///
+    /// Whether anything happened (a socket was ready).
+    pub(crate) fn serve(&mut self, until: Option<Instant>) -> bool {
         self.write_all();
-        self.turn(until);
+        let events = self.turn(until);
         self.write_all();
         self.forget_failed_hosts();
         if !self.opts.keep_idle {
             self.release_idle();
         }
+        events > 0
     }
 
     /// Switches to a new host table (hosts were added or removed). A host
@@ -636,9 +640,10 @@ impl Session {
 
     /// Polls once (up to `timeout`) and handles what is ready, and the
     /// hosts whose last read turn left bytes unread.
-    fn pump(&mut self, timeout: Option<Duration>) {
+    /// Returns how many sockets were ready.
+    fn pump(&mut self, timeout: Option<Duration>) -> usize {
         let Some(Polling { poll, events, .. }) = self.poll.as_mut() else {
-            return;
+            return 0;
         };
         if let Err(e) = poll.poll(events, timeout) {
             if e.kind() != std::io::ErrorKind::Interrupted {
@@ -649,7 +654,7 @@ impl Session {
                     self.fail_slot(i, err);
                 }
             }
-            return;
+            return 0;
         }
         self.ready.clear();
         let mut woken = false;
@@ -691,7 +696,9 @@ impl Session {
                 }
             }
         }
+        let handled = ready.len();
         self.ready = ready;
+        handled
     }
 
     /// A lookup woke the poll: every slot whose lookup has its answer

@@ -424,6 +424,12 @@ pub(crate) trait ReplySink {
     /// handles; one that forgot would keep values alive).
     fn release(&self, index: u32);
 
+    /// The command this sink awaits the reply of, when it carries it (an
+    /// async request's slot).
+    fn command(&self) -> Option<&crate::cmd::Cmd> {
+        None
+    }
+
     /// Whether the reply is still awaited (an async reply settled by its
     /// deadline is not); the driver drops timers of settled replies.
     fn is_pending(&self) -> bool {

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{cluster, command_calls as calls, host_of};
+use common::{cluster, cluster_without_health, command_calls as calls, host_of};
 use rb::{Cluster, Commands, Error, HostId, MapOptions, Phase, Promise};
 
 type Bytes = Vec<u8>;
@@ -280,7 +280,7 @@ fn map_over_64_hosts_with_a_million_keys() {
 #[test]
 fn join_timeout_with_a_stopped_server() {
     const BUDGET: Duration = Duration::from_millis(200);
-    let (setup, cluster) = cluster(2, 1);
+    let (setup, cluster) = cluster_without_health(2, 1);
     let keys = keys_per_host(&cluster, "t:", 100);
     cluster
         .map(|c| {
@@ -693,7 +693,7 @@ fn no_leaked_sockets() {
     if !isolated("no_leaked_sockets") {
         return;
     }
-    let (setup, cluster) = cluster(2, 1);
+    let (setup, cluster) = cluster_without_health(2, 1);
     let keys = keys_per_host(&cluster, "fd:", 4);
     let mut list_key = keys[0][0].clone();
     list_key.push_str(":list");

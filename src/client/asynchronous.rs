@@ -218,19 +218,22 @@ impl AsyncClient {
 
     /// A request's budget: the client's timeout, else the host's read timeout.
     fn budget(&self, host: HostId) -> Option<Duration> {
-        self.opts
-            .timeout
-            .or_else(|| self.cluster.host(host).ok().and_then(|h| h.read_timeout))
+        self.opts.timeout.or_else(|| {
+            self.cluster
+                .with_routes(|r| r.read_timeouts.get(&host).copied().flatten())
+                .ok()
+                .flatten()
+        })
     }
 
     fn request<T: FromValue + 'static>(&self, host: HostId, cmd: Cmd) -> (Request, Arc<Slot<T>>) {
-        let slot = Slot::<T>::new();
+        let slot = Slot::<T>::for_command(cmd);
+        let budget = self.budget(host);
         let request = Request {
             host,
-            cmd,
             sink: slot.clone(),
-            budget: self.budget(host),
-            made: Instant::now(),
+            budget,
+            deadline: budget.and_then(|b| Instant::now().checked_add(b)),
             auto_batch: self.opts.auto_batch,
         };
         (request, slot)
@@ -310,16 +313,8 @@ impl AsyncClient {
         })
     }
 
-    fn split<T: FromValue + 'static>(
-        &self,
-        kind: MultiKey,
-        cmd: Cmd,
-        router: &dyn crate::router::Router,
-    ) -> Reply<T> {
-        let split = match multikey::split(kind, &cmd, router) {
-            Ok(s) => s,
-            Err(e) => return Reply::ready(Err(e)),
-        };
+    /// Sends the per-host parts of a multi-key command and joins them.
+    fn send_split<T: FromValue + 'static>(&self, split: multikey::Split, cmd: Cmd) -> Reply<T> {
         if let [(host, _, _)] = split.parts.as_slice() {
             return self.send(*host, cmd);
         }
@@ -336,6 +331,12 @@ impl AsyncClient {
                 .map_err(|e| e.with_context_command(&name))
         })
     }
+}
+
+/// Where a command goes: one host, or parts to several.
+enum Route {
+    One(HostId),
+    Split(multikey::Split),
 }
 
 /// Refuses what cannot run on a connection shared by many callers.
@@ -363,15 +364,13 @@ impl Execute for AsyncClient {
         if let Err(e) = refuse_on_shared(&cmd) {
             return Reply::ready(Err(e));
         }
-        let router = match self.cluster.router() {
-            Ok(r) => r,
-            Err(e) => return Reply::ready(Err(e)),
-        };
-        if let Some(kind) = MultiKey::of(&cmd) {
-            return self.split(kind, cmd, &*router);
-        }
-        match router.host_for_command(&cmd) {
-            Ok(host) => self.send(host, cmd),
+        let route = self.cluster.with_routes(|routes| match MultiKey::of(&cmd) {
+            Some(kind) => multikey::split(kind, &cmd, &*routes.router).map(Route::Split),
+            None => routes.router.host_for_command(&cmd).map(Route::One),
+        });
+        match route.and_then(|r| r) {
+            Ok(Route::One(host)) => self.send(host, cmd),
+            Ok(Route::Split(split)) => self.send_split(split, cmd),
             Err(e) => Reply::ready(Err(e)),
         }
     }
@@ -379,8 +378,8 @@ impl Execute for AsyncClient {
     fn execute_script<T: FromValue + 'static>(&self, call: ScriptCall) -> Reply<T> {
         let host = self
             .cluster
-            .router()
-            .and_then(|router| script_host(&*router, &call));
+            .with_routes(|routes| script_host(&*routes.router, &call))
+            .and_then(|h| h);
         match host {
             Ok(host) => self.script(host, call),
             Err(e) => Reply::ready(Err(e)),

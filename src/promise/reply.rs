@@ -23,6 +23,10 @@ use crate::resp::Value;
 /// awaiting it left its waker.
 pub(crate) struct Slot<T> {
     state: Mutex<SlotState<T>>,
+    /// The request itself, for the driver to encode. Kept here so that its
+    /// buffer is freed by the thread that made it (with the reply), not by
+    /// the driver: a free from another thread costs an allocator lock.
+    command: Option<crate::cmd::Cmd>,
 }
 
 enum SlotState<T> {
@@ -35,6 +39,15 @@ impl<T> Slot<T> {
     pub(crate) fn new() -> Arc<Slot<T>> {
         Arc::new(Slot {
             state: Mutex::new(SlotState::Pending(None)),
+            command: None,
+        })
+    }
+
+    /// A slot for the reply to `command`, which it carries to the driver.
+    pub(crate) fn for_command(command: crate::cmd::Cmd) -> Arc<Slot<T>> {
+        Arc::new(Slot {
+            state: Mutex::new(SlotState::Pending(None)),
+            command: Some(command),
         })
     }
 
@@ -109,6 +122,10 @@ impl<T: FromValue> ReplySink for Slot<T> {
     }
 
     fn release(&self, _index: u32) {}
+
+    fn command(&self) -> Option<&crate::cmd::Cmd> {
+        self.command.as_ref()
+    }
 
     fn is_pending(&self) -> bool {
         matches!(*self.lock(), SlotState::Pending(_))

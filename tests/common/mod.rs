@@ -15,6 +15,19 @@ pub fn cluster(servers: usize, dbs: usize) -> (TestSetup, Cluster) {
     (setup, cluster)
 }
 
+/// As [`cluster`], with health checks off: every request meets the
+/// server as it is (a stopped server keeps timing out instead of being
+/// marked Down), for tests of the engine itself.
+pub fn cluster_without_health(servers: usize, dbs: usize) -> (TestSetup, Cluster) {
+    let setup = TestSetup::new(servers, dbs).expect("start redis-server");
+    let cluster = setup
+        .cluster_builder()
+        .health(rb::HealthPolicy::disabled())
+        .build()
+        .expect("build the test cluster");
+    (setup, cluster)
+}
+
 /// The host the cluster's router gives `key`.
 pub fn host_of(cluster: &Cluster, key: &str) -> HostId {
     cluster
