@@ -22,7 +22,10 @@ use crate::promise::Promise;
 use crate::resp::Value;
 use crate::router::Router;
 mod asynchronous;
+mod scans;
+mod transactions;
 pub use asynchronous::{AsyncClient, AsyncFanout, AsyncOptions};
+pub use scans::ScanPage;
 
 use crate::scripts::{is_noscript, retry_noscript, Enqueue, ScriptLoads, ScriptMemory};
 
@@ -653,6 +656,11 @@ impl LocalClient {
     /// The host this client talks to.
     pub fn host_id(&self) -> HostId {
         self.host
+    }
+
+    /// The cluster this client belongs to.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 }
 

@@ -19,6 +19,7 @@ use crate::error::{Error, HostId, Result};
 use crate::event_loop::{HostMap, LoopOptions, Session};
 use crate::health::{HealthPolicy, HostHealth, HostWatch};
 use crate::router::{self, Router, RouterKind};
+use crate::scan::{Scan, ScanCursor, ScanOptions};
 use crate::scripts::ScriptMemory;
 use crate::stats::{ClusterStats, Observer};
 
@@ -600,6 +601,30 @@ impl Cluster {
         Ok(f(&routes))
     }
 
+    /// Every key of every host, host by host in id order (`SCAN` on each):
+    /// an iterator of keys, or of a failed host's error (the walk then goes
+    /// on with the next host). Keys a server returns twice come once.
+    ///
+    /// ```no_run
+    /// # let cluster = rb::Cluster::from_urls(["redis://127.0.0.1:6379"])?;
+    /// let mut scan = cluster.scan(rb::ScanOptions::new().pattern("user:*").count(1000));
+    /// for key in scan.by_ref().take(10_000) {
+    ///     let key = key?;
+    /// }
+    /// if let Some(at) = scan.position() {
+    ///     println!("resume with {at}"); // e.g. "2:3584"; cluster.scan_from(at.to_string().parse()?, ..)
+    /// }
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    pub fn scan(&self, opts: ScanOptions) -> Scan {
+        Scan::new(self.clone(), ScanCursor::start(), opts)
+    }
+
+    /// [`Cluster::scan`] from a saved position (see [`Scan::position`]).
+    pub fn scan_from(&self, from: ScanCursor, opts: ScanOptions) -> Scan {
+        Scan::new(self.clone(), from, opts)
+    }
+
     pub(crate) fn script_memory(&self) -> Arc<ScriptMemory> {
         self.inner.scripts.clone()
     }
@@ -662,6 +687,14 @@ impl Cluster {
         let mut lopts = opts.to_loop(Instant::now());
         lopts.request_budget = budget;
         self.session_with(lopts)
+    }
+
+    /// A session that holds its connections between round trips (a
+    /// transaction's), with the hosts' immediate-command budget per trip.
+    pub(crate) fn held_session(&self, budget: Option<Duration>) -> Session {
+        let mut session = self.immediate_session(false, budget);
+        session.keep_connections();
+        session
     }
 
     fn session_with(&self, opts: LoopOptions) -> Session {

@@ -15,6 +15,7 @@ use crate::cmd::{cmd, Cmd, Script};
 use crate::convert::FromValue;
 use crate::error::Result;
 use crate::resp::Value;
+use crate::scan::ScanOptions;
 
 /// A value's bytes, or nil.
 pub type Bytes = Vec<u8>;
@@ -132,6 +133,43 @@ pub trait Commands: Execute + Sized {
         args: &[A],
     ) -> Self::Output<Value> {
         self.execute_script(script.call(keys, args))
+    }
+
+    // Scans: one page each (the immediate clients also iterate:
+    // `sscan_iter`, ...; the cluster walks every host: `Cluster::scan`).
+
+    /// `SCAN cursor [MATCH ..] [COUNT ..] [TYPE ..]`: one page of one
+    /// host's keys and the next cursor (0: done). No key to route by: on a
+    /// local or fanout client.
+    fn scan(&self, cursor: u64, opts: &ScanOptions) -> Self::Output<(u64, Vec<Bytes>)> {
+        self.execute(opts.scan_command(cursor))
+    }
+    /// `SSCAN key cursor [MATCH ..] [COUNT ..]`: one page of a set's members.
+    fn sscan<K: ToArg>(
+        &self,
+        key: K,
+        cursor: u64,
+        opts: &ScanOptions,
+    ) -> Self::Output<(u64, Vec<Bytes>)> {
+        self.execute(opts.key_scan_command("SSCAN", &crate::args::to_bytes(&key), cursor))
+    }
+    /// `HSCAN key cursor [MATCH ..] [COUNT ..]`: one page of a hash's fields and values.
+    fn hscan<K: ToArg>(
+        &self,
+        key: K,
+        cursor: u64,
+        opts: &ScanOptions,
+    ) -> Self::Output<(u64, Vec<(Bytes, Bytes)>)> {
+        self.execute(opts.key_scan_command("HSCAN", &crate::args::to_bytes(&key), cursor))
+    }
+    /// `ZSCAN key cursor [MATCH ..] [COUNT ..]`: one page of a sorted set's members and scores.
+    fn zscan<K: ToArg>(
+        &self,
+        key: K,
+        cursor: u64,
+        opts: &ScanOptions,
+    ) -> Self::Output<(u64, Vec<(Bytes, f64)>)> {
+        self.execute(opts.key_scan_command("ZSCAN", &crate::args::to_bytes(&key), cursor))
     }
 
     // Strings and counters.

@@ -234,6 +234,16 @@ pub enum Error {
         last_error: Arc<Error>,
     },
 
+    /// A watched transaction met a conflict (a watched key changed before
+    /// `EXEC`) on every one of its tries.
+    #[error("{host}: transaction aborted: a watched key changed on each of {tries} tries")]
+    TransactionAborted {
+        /// The host the transaction ran on.
+        host: HostName,
+        /// How many times it ran.
+        tries: u32,
+    },
+
     /// A promise's value was asked for while it is pending (or after it was taken).
     #[error("{reason}")]
     Pending {
@@ -337,6 +347,7 @@ impl Error {
             | Error::Timeout { host, .. }
             | Error::Tls { host, .. }
             | Error::Cancelled { host, .. }
+            | Error::TransactionAborted { host, .. }
             | Error::HostDown { host, .. } => Some(host),
             _ => None,
         }

@@ -79,6 +79,17 @@ pub(crate) struct LoopOptions {
     pub(crate) keep_idle: bool,
 }
 
+/// How a request is queued.
+#[derive(Clone, Copy, Default)]
+struct How {
+    /// May merge into an MGET/MSET.
+    auto_batch: bool,
+    /// A health probe: sent to a Down host.
+    probe: bool,
+    /// Part of a group that leaves the connection clean.
+    clean: bool,
+}
+
 /// One host's part of a session.
 struct Slot {
     pipeline: Pipeline,
@@ -343,23 +354,35 @@ impl Session {
         waiter: Waiter,
         auto_batch: bool,
     ) {
-        self.enqueue_admitted(id, cmd, waiter, auto_batch, false);
+        let how = How {
+            auto_batch,
+            ..How::default()
+        };
+        self.enqueue_how(id, cmd, waiter, how);
     }
 
     /// Queues a probe of a Down host (its health already handed this
     /// request the probe): not refused as the host's other requests are.
     pub(crate) fn enqueue_probe(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter) {
-        self.enqueue_admitted(id, cmd, waiter, false, true);
+        let how = How {
+            probe: true,
+            ..How::default()
+        };
+        self.enqueue_how(id, cmd, waiter, how);
     }
 
-    fn enqueue_admitted(
-        &mut self,
-        id: HostId,
-        cmd: &Cmd,
-        waiter: Waiter,
-        auto_batch: bool,
-        admitted: bool,
-    ) {
+    /// Queues a part of a group that leaves the connection as it found it
+    /// (`MULTI` ... `EXEC`, `WATCH` ... `UNWATCH`): never merged into a
+    /// batch, and the connection stays poolable.
+    pub(crate) fn enqueue_clean(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter) {
+        let how = How {
+            clean: true,
+            ..How::default()
+        };
+        self.enqueue_how(id, cmd, waiter, how);
+    }
+
+    fn enqueue_how(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter, how: How) {
         let effect = ConnEffect::of(cmd);
         if let ConnEffect::Refused(reason) = effect {
             let e = Error::Unsupported {
@@ -372,7 +395,7 @@ impl Session {
             Ok(i) => i,
             Err(e) => return self.refuse(&waiter, cmd, None, e),
         };
-        let admission = if admitted {
+        let admission = if how.probe {
             Ok(())
         } else {
             self.slots[i].watch.admit()
@@ -389,12 +412,13 @@ impl Session {
             let name = self.slots[i].name().clone();
             return self.refuse(&waiter, cmd, Some(&name), e);
         }
+        self.start_request_budget(i);
         let max_batch = self.opts.max_batch;
         let slot = &mut self.slots[i];
-        if effect == ConnEffect::Dirty {
+        if effect == ConnEffect::Dirty && !how.clean {
             slot.dirty = true;
         }
-        let batch = BatchKind::of(cmd).filter(|_| auto_batch);
+        let batch = BatchKind::of(cmd).filter(|_| how.auto_batch);
         slot.pipeline.push(cmd, waiter, batch, max_batch);
         if slot.pipeline.wants_early_write() {
             // Send while the caller is still enqueuing, and take in what
@@ -474,6 +498,19 @@ impl Session {
             if !matches!(slot.failed, Some(Error::NoSuchHost { .. })) {
                 slot.failed = None;
             }
+        }
+    }
+
+    /// Keeps idle hosts' connections until the session finishes.
+    pub(crate) fn keep_connections(&mut self) {
+        self.opts.keep_idle = true;
+    }
+
+    /// Starts every host's request budget afresh (a held connection's next
+    /// round trip gets the whole budget again).
+    pub(crate) fn restart_request_budgets(&mut self) {
+        for slot in &mut self.slots {
+            slot.request_deadline = None;
         }
     }
 

@@ -25,11 +25,13 @@ mod pipeline;
 pub mod promise;
 pub mod resp;
 pub mod router;
+pub mod scan;
 mod scripts;
 pub mod stats;
 pub mod testing;
 #[cfg(feature = "tls")]
 mod tls;
+pub mod transaction;
 
 /// Internals for the fuzz targets (`fuzz/`) and the internal benches, with
 /// the `fuzzing` feature: the engine's reply stream and the hand-written
@@ -124,7 +126,7 @@ mod fuzz_replay;
 pub use args::ToArg;
 pub use client::{
     AsyncClient, AsyncFanout, AsyncOptions, Execute, FanoutClient, LocalClient, MappingClient,
-    RoutingClient,
+    RoutingClient, ScanPage,
 };
 pub use cluster::{Cluster, ClusterBuilder, Hosts, MapOptions};
 pub use cmd::{cmd, Call, Cmd, Script, ScriptCall};
@@ -137,4 +139,6 @@ pub use health::{HealthPolicy, HostHealth};
 pub use promise::{join_all, JoinAll, Promise, Reply};
 pub use resp::Value;
 pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};
+pub use scan::{KeyScan, Scan, ScanCursor, ScanOptions};
 pub use stats::{ClusterStats, HostEvent, HostStats, LatencySummary, Observer, TotalStats};
+pub use transaction::{Transaction, TransactionReader};

@@ -486,6 +486,18 @@ fn every_typed_helper_once() {
         .values()
         .all(|(s, _)| (s - secs).abs() <= 5));
 
+    // Scans, one page each (a big COUNT: small collections come whole).
+    let opts = rb::ScanOptions::new().count(1000);
+    let (next, keys) = call!(local0.scan(0, &opts)).unwrap();
+    assert_eq!(next, 0);
+    assert_eq!(keys.len() as i64, local0.dbsize().unwrap());
+    let (_, members) = call!(c.sscan(&sk, 0, &opts)).unwrap();
+    assert_eq!(members.len() as i64, c.scard(&sk).unwrap());
+    let (_, fields) = call!(c.hscan(&hk, 0, &opts)).unwrap();
+    assert_eq!(fields.len() as i64, c.hlen(&hk).unwrap());
+    let (_, scored) = call!(c.zscan(&zk, 0, &opts)).unwrap();
+    assert_eq!(scored.len() as i64, c.zcard(&zk).unwrap());
+
     // FLUSHDB on host 0 empties database 0 of server 0 only.
     call!(local0.flushdb()).unwrap();
     assert_eq!(local0.dbsize().unwrap(), 0);

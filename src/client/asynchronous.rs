@@ -212,7 +212,7 @@ impl AsyncClient {
     }
 
     /// The driver, or the error that kept it from starting.
-    fn driver(&self) -> Result<&Arc<Driver>> {
+    pub(super) fn driver(&self) -> Result<&Arc<Driver>> {
         self.driver.as_ref().map_err(Clone::clone)
     }
 
@@ -226,7 +226,11 @@ impl AsyncClient {
         })
     }
 
-    fn request<T: FromValue + 'static>(&self, host: HostId, cmd: Cmd) -> (Request, Arc<Slot<T>>) {
+    pub(super) fn request<T: FromValue + 'static>(
+        &self,
+        host: HostId,
+        cmd: Cmd,
+    ) -> (Request, Arc<Slot<T>>) {
         let slot = Slot::<T>::for_command(cmd);
         let budget = self.budget(host);
         let request = Request {
@@ -240,7 +244,7 @@ impl AsyncClient {
     }
 
     /// Sends `cmd` to `host` as it is.
-    fn send<T: FromValue + 'static>(&self, host: HostId, cmd: Cmd) -> Reply<T> {
+    pub(super) fn send<T: FromValue + 'static>(&self, host: HostId, cmd: Cmd) -> Reply<T> {
         let driver = match self.driver() {
             Ok(d) => d,
             Err(e) => return Reply::ready(Err(e)),
