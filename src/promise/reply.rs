@@ -346,7 +346,7 @@ impl Wake for ThreadWaker {
 
 /// Runs `future` to completion on this thread, parking between polls.
 fn block_on<F: Future + Unpin>(mut future: F) -> F::Output {
-    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let waker = THREAD_WAKER.with(Clone::clone);
     let mut cx = Context::from_waker(&waker);
     loop {
         if let Poll::Ready(out) = Pin::new(&mut future).poll(&mut cx) {
@@ -354,6 +354,11 @@ fn block_on<F: Future + Unpin>(mut future: F) -> F::Output {
         }
         std::thread::park();
     }
+}
+
+thread_local! {
+    /// This thread's waker for [`block_on`], made once.
+    static THREAD_WAKER: Waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
 }
 
 #[cfg(test)]
