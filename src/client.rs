@@ -662,6 +662,33 @@ impl LocalClient {
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
     }
+
+    /// Sends `commands` to this host as one pipeline, in order, and waits:
+    /// each command's own outcome (a failed one does not stop the others).
+    /// Nothing is routed, merged or refused for its keys: it is this host's.
+    ///
+    /// ```no_run
+    /// # let cluster = rb::Cluster::from_urls(["redis://127.0.0.1:6379"])?;
+    /// let local = cluster.local_client(0)?;
+    /// let out = local.pipeline([rb::cmd("INCR").arg("a"), rb::cmd("GET").arg("a")]);
+    /// assert_eq!(out.len(), 2);
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    pub fn pipeline(&self, commands: impl IntoIterator<Item = Cmd>) -> Vec<Result<Value>> {
+        let budget = immediate_budget(&self.cluster, &[self.host]);
+        let mut session = self.cluster.immediate_session(false, budget);
+        let promises: Vec<Promise<Value>> = commands
+            .into_iter()
+            .map(|c| {
+                let p = Promise::new();
+                session.enqueue(self.host, &c, p.sink());
+                p
+            })
+            .collect();
+        session.join();
+        let _ = session.finish();
+        promises.iter().map(Promise::take).collect()
+    }
 }
 
 impl Execute for LocalClient {

@@ -20,6 +20,7 @@ mod event_loop;
 // states it records into) are unused.
 pub mod health;
 pub mod keyspec;
+pub mod migrate;
 mod multikey;
 mod pipeline;
 pub mod promise;

@@ -235,6 +235,13 @@ impl Scan {
         &self.failed
     }
 
+    /// The current host's next page (its keys, repeats not dropped), for
+    /// a walker that works a page at a time; an error stops at that page.
+    pub(crate) fn next_page(&mut self) -> Result<Vec<Vec<u8>>> {
+        self.fetch()?;
+        Ok(self.page.drain(..).collect())
+    }
+
     fn next_host(&mut self) {
         self.hosts.pop_front();
         self.cursor = 0;
