@@ -70,8 +70,11 @@ pub struct MoveOptions {
     batch: Option<u64>,
     keys_per_second: Option<u64>,
     from: Option<ScanCursor>,
-    progress: Option<Arc<dyn Fn(&MoveProgress) + Send + Sync>>,
+    progress: Option<ProgressFn>,
 }
+
+/// A progress callback.
+type ProgressFn = Arc<dyn Fn(&MoveProgress) + Send + Sync>;
 
 impl fmt::Debug for MoveOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -154,10 +157,7 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
         ScanOptions::new().count(count).dedupe(false),
     );
     let mut progress = MoveProgress::default();
-    loop {
-        let Some(host) = scan.position().map(|p| p.host()) else {
-            break;
-        };
+    while let Some(host) = scan.position().map(|p| p.host()) {
         let keys = scan.next_page()?;
         let from = old.host(host)?;
         progress.scanned += keys.len() as u64;
