@@ -147,6 +147,7 @@ pub struct ClusterBuilder {
     resolver: Option<Arc<dyn Resolve>>,
     health: HealthPolicy,
     observer: Option<Arc<dyn Observer>>,
+    previous: Option<Cluster>,
 }
 
 #[derive(Clone, Default)]
@@ -227,6 +228,18 @@ impl ClusterBuilder {
         self
     }
 
+    /// Builds a cluster that is taking over from `old` (a fleet being grown,
+    /// shrunk or re-routed; see [`crate::migrate`]): writes go to each key's
+    /// new owner, reads that miss there fall back to its old owner, deletes
+    /// reach both, and a command that modifies a key the new owner lacks
+    /// first moves the key there. Run [`crate::migrate::move_keys`]
+    /// meanwhile; build a plain cluster once it is done.
+    #[must_use]
+    pub fn migrating_from(mut self, old: &Cluster) -> ClusterBuilder {
+        self.previous = Some(old.clone());
+        self
+    }
+
     /// Resolves host names with a resolver of your own (see [`Resolve`]).
     /// Default: [`SystemResolver`].
     #[must_use]
@@ -274,6 +287,7 @@ impl ClusterBuilder {
                 generation: AtomicU64::new(0),
                 health: self.health,
                 observer: self.observer,
+                previous: self.previous,
             }),
         };
         cluster.router()?;
@@ -315,6 +329,8 @@ struct ClusterInner {
     generation: AtomicU64,
     health: HealthPolicy,
     observer: Option<Arc<dyn Observer>>,
+    /// The cluster this one takes over from, while migrating.
+    previous: Option<Cluster>,
 }
 
 impl ClusterInner {
@@ -623,6 +639,12 @@ impl Cluster {
     /// [`Cluster::scan`] from a saved position (see [`Scan::position`]).
     pub fn scan_from(&self, from: ScanCursor, opts: ScanOptions) -> Scan {
         Scan::new(self.clone(), from, opts)
+    }
+
+    /// The cluster this one takes over from (see
+    /// [`ClusterBuilder::migrating_from`]), if any.
+    pub fn migrating_from(&self) -> Option<&Cluster> {
+        self.inner.previous.as_ref()
     }
 
     pub(crate) fn script_memory(&self) -> Arc<ScriptMemory> {

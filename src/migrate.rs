@@ -11,7 +11,7 @@
 //! the move is not undone. Every batch's progress carries the position to
 //! resume from after a crash ([`MoveOptions::resume_from`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,8 +70,13 @@ pub struct MoveOptions {
     batch: Option<u64>,
     keys_per_second: Option<u64>,
     from: Option<ScanCursor>,
+    delete_delay: Option<Duration>,
     progress: Option<ProgressFn>,
 }
+
+/// How long a copied key stays on its old host too (see
+/// [`MoveOptions::delete_delay`]).
+pub const DELETE_DELAY: Duration = Duration::from_secs(1);
 
 /// A progress callback.
 type ProgressFn = Arc<dyn Fn(&MoveProgress) + Send + Sync>;
@@ -82,6 +87,7 @@ impl fmt::Debug for MoveOptions {
             .field("batch", &self.batch)
             .field("keys_per_second", &self.keys_per_second)
             .field("from", &self.from)
+            .field("delete_delay", &self.delete_delay)
             .field("progress", &self.progress.is_some())
             .finish()
     }
@@ -105,6 +111,17 @@ impl MoveOptions {
     #[must_use]
     pub fn keys_per_second(mut self, rate: u64) -> MoveOptions {
         self.keys_per_second = Some(rate.max(1));
+        self
+    }
+
+    /// How long a copied key stays on its old host as well before it is
+    /// deleted there (default [`DELETE_DELAY`], 1 s): a migrating cluster's
+    /// read that missed on the new owner just before the copy then still
+    /// finds the key on the old one. Longer than any read's time between
+    /// its two lookups.
+    #[must_use]
+    pub fn delete_delay(mut self, delay: Duration) -> MoveOptions {
+        self.delete_delay = Some(delay);
         self
     }
 
@@ -152,12 +169,15 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
     let started = Instant::now();
     let router = new.router()?;
     let count = opts.batch.unwrap_or(1000);
+    let delay = opts.delete_delay.unwrap_or(DELETE_DELAY);
     let mut scan = old.scan_from(
         opts.from.unwrap_or_else(ScanCursor::start),
         ScanOptions::new().count(count).dedupe(false),
     );
     let mut progress = MoveProgress::default();
-    while let Some(host) = scan.position().map(|p| p.host()) {
+    let mut waiting: VecDeque<Copied> = VecDeque::new();
+    while let Some(page_at) = scan.position() {
+        let host = page_at.host();
         let keys = scan.next_page()?;
         let from = old.host(host)?;
         progress.scanned += keys.len() as u64;
@@ -171,9 +191,18 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
             }
         }
         if !leaving.is_empty() {
-            move_batch(old, new, host, leaving, &mut progress)?;
+            let keys = copy_keys(old, new, host, leaving, &mut progress)?;
+            waiting.push_back(Copied {
+                host,
+                keys,
+                at: Instant::now(),
+                page_at,
+            });
         }
-        progress.resume_at = scan.position();
+        settle_due(old, new, &mut waiting, delay, &mut progress)?;
+        // Resume where no copied key still waits for its delete: a restart
+        // scans those again, finds their copies there, and deletes them.
+        progress.resume_at = waiting.front().map(|c| c.page_at).or(scan.position());
         if let Some(report) = &opts.progress {
             report(&progress);
         }
@@ -184,21 +213,69 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
             }
         }
     }
+    if let Some(last) = waiting.back() {
+        if let Some(wait) = delay.checked_sub(last.at.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    settle_due(old, new, &mut waiting, Duration::ZERO, &mut progress)?;
+    progress.resume_at = None;
+    if let Some(report) = &opts.progress {
+        report(&progress);
+    }
     Ok(MoveReport {
         progress,
         elapsed: started.elapsed(),
     })
 }
 
-/// Copies one page's leaving keys from `host` of `old` to their owners in
-/// `new`, then deletes them from `host` where unchanged.
-fn move_batch(
+/// Deletes from the old hosts the copies that have waited `delay`.
+fn settle_due(
+    old: &Cluster,
+    new: &Cluster,
+    waiting: &mut VecDeque<Copied>,
+    delay: Duration,
+    progress: &mut MoveProgress,
+) -> Result<()> {
+    while waiting.front().is_some_and(|c| c.at.elapsed() >= delay) {
+        if let Some(batch) = waiting.pop_front() {
+            settle_copies(old, new, batch.host, batch.keys, progress)?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves keys from `host` of `old` to their owners in `new` now: copies
+/// them, then deletes them from `host` where unchanged.
+pub(crate) fn move_now(
     old: &Cluster,
     new: &Cluster,
     host: HostId,
     leaving: Vec<(Vec<u8>, HostId)>,
     progress: &mut MoveProgress,
 ) -> Result<()> {
+    let copied = copy_keys(old, new, host, leaving, progress)?;
+    settle_copies(old, new, host, copied, progress)
+}
+
+/// Keys copied from one old host, to delete from it later.
+struct Copied {
+    host: HostId,
+    keys: Vec<Moving>,
+    at: Instant,
+    /// The walk's position before the page they came from.
+    page_at: ScanCursor,
+}
+
+/// Copies one page's leaving keys from `host` of `old` to their owners in
+/// `new` (`RESTORE` without `REPLACE`): what was copied (or found there).
+fn copy_keys(
+    old: &Cluster,
+    new: &Cluster,
+    host: HostId,
+    leaving: Vec<(Vec<u8>, HostId)>,
+    progress: &mut MoveProgress,
+) -> Result<Vec<Moving>> {
     let source = old.local_client(host)?;
     let dumps = source.pipeline(
         leaving
@@ -206,6 +283,7 @@ fn move_batch(
             .flat_map(|(k, _)| [cmd("PTTL").arg(k.as_slice()), cmd("DUMP").arg(k.as_slice())]),
     );
     let mut moving = Vec::with_capacity(leaving.len());
+    let mut ttls = Vec::with_capacity(leaving.len());
     let mut replies = dumps.into_iter();
     for (key, to) in leaving {
         let (ttl, payload) = (replies.next(), replies.next());
@@ -217,25 +295,22 @@ fn move_batch(
         match payload {
             Some(Ok(Value::BulkString(payload))) if ttl != -2 => {
                 progress.bytes += payload.len() as u64;
+                moving.push(Moving {
+                    key,
+                    to,
+                    payload,
+                    restored: false,
+                });
                 // PTTL -1 is no expiry; RESTORE takes 0 for that.
-                moving.push((
-                    Moving {
-                        key,
-                        to,
-                        payload,
-                        restored: false,
-                    },
-                    ttl.max(0),
-                ));
+                ttls.push(ttl.max(0));
             }
             Some(Err(e)) => return Err(e),
             // Gone since the scan (expired or deleted): nothing to move.
             _ => progress.vanished += 1,
         }
     }
-    // RESTORE on each new owner, no REPLACE: a key written there meanwhile wins.
     let mut by_owner: BTreeMap<HostId, Vec<usize>> = BTreeMap::new();
-    for (i, (m, _)) in moving.iter().enumerate() {
+    for (i, m) in moving.iter().enumerate() {
         by_owner.entry(m.to).or_default().push(i);
     }
     for (&to, indexes) in &by_owner {
@@ -243,33 +318,43 @@ fn move_batch(
         let restores: Vec<Cmd> = indexes
             .iter()
             .map(|&i| {
-                let (m, ttl) = &moving[i];
+                let m = &moving[i];
                 cmd("RESTORE")
                     .arg(m.key.as_slice())
-                    .arg(*ttl)
+                    .arg(ttls[i])
                     .arg(m.payload.as_slice())
             })
             .collect();
         for (&i, reply) in indexes.iter().zip(target.pipeline(restores)) {
             match reply {
-                Ok(_) => moving[i].0.restored = true,
+                Ok(_) => moving[i].restored = true,
+                // The new owner has the key: a write made there wins.
                 Err(e) if e.code() == Some("BUSYKEY") => {}
                 Err(e) => return Err(e),
             }
         }
     }
-    // Delete from the old host what is still as copied.
-    let moving: Vec<Moving> = moving.into_iter().map(|(m, _)| m).collect();
+    Ok(moving)
+}
+
+/// Deletes copied keys from their old host where they are still as copied;
+/// a copy of a key deleted there meanwhile is deleted from the new owner
+/// too (if it is still the copy), so that delete stands.
+fn settle_copies(
+    old: &Cluster,
+    new: &Cluster,
+    host: HostId,
+    moving: Vec<Moving>,
+    progress: &mut MoveProgress,
+) -> Result<()> {
+    let source = old.local_client(host)?;
     let deleted = delete_if_unchanged(&source, moving.iter().map(|m| (&m.key, &m.payload)))?;
     let mut undo: BTreeMap<HostId, Vec<&Moving>> = BTreeMap::new();
     for (m, deleted) in moving.iter().zip(deleted) {
         match (deleted, m.restored) {
             (true, true) => progress.moved += 1,
-            (true, false) => progress.skipped += 1,
-            // Deleted from the old host while we copied it: the copy must
-            // not bring it back.
+            (true, false) | (false, false) => progress.skipped += 1,
             (false, true) => undo.entry(m.to).or_default().push(m),
-            (false, false) => progress.skipped += 1,
         }
     }
     for (to, copies) in undo {
