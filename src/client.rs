@@ -22,6 +22,7 @@ use crate::promise::Promise;
 use crate::resp::Value;
 use crate::router::Router;
 mod asynchronous;
+mod migrating;
 mod scans;
 mod transactions;
 pub use asynchronous::{AsyncClient, AsyncFanout, AsyncOptions};
@@ -65,6 +66,9 @@ struct Dispatch {
     scripts: Arc<ScriptMemory>,
     /// The `SCRIPT LOAD`s this session already queued.
     loads: ScriptLoads,
+    /// A migrating cluster's view of the move, and its work for after joins.
+    migration: Option<migrating::Migration>,
+    runs: migrating::Runs,
 }
 
 impl Enqueue for Dispatch {
@@ -84,6 +88,29 @@ impl Dispatch {
             session,
             router,
             loads: ScriptLoads::default(),
+            migration: None,
+            runs: migrating::Runs::default(),
+        }
+    }
+
+    /// Joins, then runs what a migrating cluster left for after the join
+    /// (fallback reads, moves, deletes), and joins again.
+    fn join(&mut self) {
+        self.session.join();
+        if let Some(m) = &self.migration {
+            if migrating::run_followups(m, &self.runs) {
+                self.session.join();
+            }
+        }
+    }
+
+    /// [`Dispatch::join`] with a deadline (the explicit clients' join).
+    fn join_by(&mut self, deadline: Option<std::time::Instant>, budget: Option<Duration>) {
+        self.session.join_by(deadline, budget);
+        if let Some(m) = &self.migration {
+            if migrating::run_followups(m, &self.runs) {
+                self.session.join_by(deadline, budget);
+            }
         }
     }
 
@@ -120,6 +147,9 @@ impl Dispatch {
 
     /// Routes `cmd` by its key, emulating the multi-key commands rb emulates.
     fn routed<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
+        if self.migration.is_some() {
+            return self.migrating(cmd);
+        }
         if let Some(kind) = MultiKey::of(&cmd) {
             return self.split(kind, cmd);
         }
@@ -254,7 +284,7 @@ impl Batch {
             return self.broken.clone().map_or(Ok(()), Err);
         };
         let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
-        d.session.join_by(deadline, timeout);
+        d.join_by(deadline, timeout);
         d.loads = ScriptLoads::default();
         d.session.take_failure().map_or(Ok(()), Err)
     }
@@ -278,7 +308,7 @@ impl Batch {
             return Some(reentrant("finish"));
         };
         let mut d = guard.take()?;
-        d.session.join();
+        d.join();
         d.session.finish()
     }
 
@@ -333,10 +363,22 @@ pub struct MappingClient {
 }
 
 impl MappingClient {
-    pub(crate) fn new(session: Session, router: Arc<dyn Router>) -> MappingClient {
-        MappingClient {
-            batch: Batch::new(session, router),
+    /// A mapping client over `session`, for `cluster` (which may be
+    /// migrating: then its commands follow [`migrating`]'s rules).
+    pub(crate) fn new(
+        cluster: &Cluster,
+        session: Session,
+        router: Arc<dyn Router>,
+    ) -> MappingClient {
+        let migration = match migrating::Migration::of(cluster) {
+            Ok(m) => m,
+            Err(e) => return MappingClient::broken(e),
+        };
+        let batch = Batch::new(session, router);
+        if let Some(d) = batch.dispatch.borrow_mut().as_mut() {
+            d.migration = migration;
         }
+        MappingClient { batch }
     }
 
     /// A client that answers every command and join with `e`.
@@ -613,6 +655,16 @@ impl Execute for RoutingClient {
     type Output<T: FromValue + 'static> = Result<T>;
 
     fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Result<T> {
+        if self.cluster.migrating_from().is_some() {
+            // Through a map: its joins run the fallbacks and moves.
+            let hosts = self.cluster.host_ids();
+            let mut opts = MapOptions::new().auto_batch(self.auto_batch);
+            if let Some(budget) = immediate_budget(&self.cluster, &hosts) {
+                opts = opts.timeout(budget);
+            }
+            let p = self.cluster.map_with(opts, |c| c.execute::<T>(cmd));
+            return p.and_then(|p| p.take());
+        }
         if MultiKey::of(&cmd).is_some() {
             let hosts = self.cluster.host_ids();
             return run_now(&self.cluster, &hosts, self.auto_batch, |d| d.routed(cmd));

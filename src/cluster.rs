@@ -21,7 +21,7 @@ use crate::health::{HealthPolicy, HostHealth, HostWatch};
 use crate::router::{self, Router, RouterKind};
 use crate::scan::{Scan, ScanCursor, ScanOptions};
 use crate::scripts::ScriptMemory;
-use crate::stats::{ClusterStats, Observer};
+use crate::stats::{ClusterStats, MigrationCounters, Observer};
 
 /// Options of a map or fanout (rb's `map(timeout=, max_concurrency=, auto_batch=)`).
 ///
@@ -288,6 +288,7 @@ impl ClusterBuilder {
                 health: self.health,
                 observer: self.observer,
                 previous: self.previous,
+                migration: Arc::default(),
             }),
         };
         cluster.router()?;
@@ -331,6 +332,7 @@ struct ClusterInner {
     observer: Option<Arc<dyn Observer>>,
     /// The cluster this one takes over from, while migrating.
     previous: Option<Cluster>,
+    migration: Arc<MigrationCounters>,
 }
 
 impl ClusterInner {
@@ -564,14 +566,23 @@ impl Cluster {
     /// ```
     pub fn stats(&self) -> ClusterStats {
         let table = self.read().table.clone();
-        table
+        let mut stats: ClusterStats = table
             .values()
             .map(|e| {
                 e.watch
                     .counters
                     .snapshot(e.info.name().clone(), e.watch.health.status())
             })
-            .collect()
+            .collect();
+        if self.inner.previous.is_some() {
+            stats.migration = Some(self.inner.migration.snapshot());
+        }
+        stats
+    }
+
+    /// A migrating cluster's counters of fallback reads and moves.
+    pub(crate) fn migration_counters(&self) -> &Arc<MigrationCounters> {
+        &self.inner.migration
     }
 
     /// Runs `f` with the current router and host timeouts, from a copy
@@ -774,7 +785,7 @@ impl Cluster {
     pub fn mapping_client(&self, opts: MapOptions) -> MappingClient {
         let router = opts.validate().and_then(|()| self.router());
         match router {
-            Ok(router) => MappingClient::new(self.session(&opts), router),
+            Ok(router) => MappingClient::new(self, self.session(&opts), router),
             Err(e) => MappingClient::broken(e),
         }
     }
@@ -859,7 +870,7 @@ impl Cluster {
     /// As [`Cluster::map`].
     pub fn map_with<R>(&self, opts: MapOptions, f: impl FnOnce(&MappingClient) -> R) -> Result<R> {
         opts.validate()?;
-        let client = MappingClient::new(self.session(&opts), self.router()?);
+        let client = MappingClient::new(self, self.session(&opts), self.router()?);
         let out = f(&client);
         match client.finish() {
             Some(e) => Err(e),

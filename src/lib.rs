@@ -141,5 +141,7 @@ pub use promise::{join_all, JoinAll, Promise, Reply};
 pub use resp::Value;
 pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};
 pub use scan::{KeyScan, Scan, ScanCursor, ScanOptions};
-pub use stats::{ClusterStats, HostEvent, HostStats, LatencySummary, Observer, TotalStats};
+pub use stats::{
+    ClusterStats, HostEvent, HostStats, LatencySummary, MigrationStats, Observer, TotalStats,
+};
 pub use transaction::{Transaction, TransactionReader};

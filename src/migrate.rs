@@ -389,3 +389,115 @@ fn delete_if_unchanged<'a>(
     let flags: Vec<i64> = crate::convert::FromValue::from_value(reply)?;
     Ok(flags.into_iter().map(|f| f == 1).collect())
 }
+
+/// What a command does to its key, as a migrating cluster sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Reads it: the new owner, then the old one on a miss.
+    Read,
+    /// Replaces it whatever it held: the new owner; the old copy goes.
+    Overwrite,
+    /// Deletes it: the old owner first, then the new one.
+    Delete,
+    /// Reads and changes it: where it is, moved to the new owner first.
+    Modify,
+}
+
+/// Commands that only read their key.
+const READS: &[&str] = &[
+    "BITCOUNT",
+    "BITPOS",
+    "DUMP",
+    "EXISTS",
+    "EXPIRETIME",
+    "GET",
+    "GETBIT",
+    "GETRANGE",
+    "HEXISTS",
+    "HGET",
+    "HGETALL",
+    "HKEYS",
+    "HLEN",
+    "HMGET",
+    "HRANDFIELD",
+    "HSTRLEN",
+    "HVALS",
+    "LINDEX",
+    "LLEN",
+    "LPOS",
+    "LRANGE",
+    "PEXPIRETIME",
+    "PTTL",
+    "SCARD",
+    "SISMEMBER",
+    "SMEMBERS",
+    "SMISMEMBER",
+    "SRANDMEMBER",
+    "STRLEN",
+    "SUBSTR",
+    "TTL",
+    "TYPE",
+    "XLEN",
+    "XRANGE",
+    "XREVRANGE",
+    "ZCARD",
+    "ZCOUNT",
+    "ZLEXCOUNT",
+    "ZMSCORE",
+    "ZRANDMEMBER",
+    "ZRANGE",
+    "ZRANGEBYLEX",
+    "ZRANGEBYSCORE",
+    "ZRANK",
+    "ZREVRANGE",
+    "ZREVRANGEBYLEX",
+    "ZREVRANGEBYSCORE",
+    "ZREVRANK",
+    "ZSCORE",
+];
+
+impl Access {
+    /// How `cmd` touches its key.
+    pub(crate) fn of(cmd: &Cmd) -> Access {
+        let name = cmd.name();
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if READS.iter().any(|n| is(n)) {
+            return Access::Read;
+        }
+        if is("DEL") || is("UNLINK") {
+            return Access::Delete;
+        }
+        if is("SETEX") || is("PSETEX") {
+            return Access::Overwrite;
+        }
+        if is("SET") {
+            // NX, XX, GET and KEEPTTL depend on what the key holds.
+            let conditional = cmd.args().skip(2).any(|a| {
+                [&b"NX"[..], b"XX", b"GET", b"KEEPTTL"]
+                    .iter()
+                    .any(|o| a.eq_ignore_ascii_case(o))
+            });
+            if !conditional {
+                return Access::Overwrite;
+            }
+        }
+        Access::Modify
+    }
+}
+
+/// Whether a read's reply says the key may be missing on that host (nil,
+/// nothing, zero, or TTL's -2), so the old owner is asked.
+pub(crate) fn is_miss(reply: &Value) -> bool {
+    match reply {
+        Value::Nil | Value::Int(0) | Value::Int(-2) => true,
+        Value::Array(v) | Value::Set(v) | Value::Push(v) => v.is_empty(),
+        Value::Map(m) => m.is_empty(),
+        _ => false,
+    }
+}
+
+/// Runs the command in `ARGV` only if `KEYS[1]` exists: `{1, reply}`, or
+/// `{0}` when the key is not there (a migrating cluster then moves it
+/// first). Errors come back as values, their codes kept.
+pub(crate) const RUN_IF_PRESENT: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then \
+return {1, redis.pcall(unpack(ARGV))} else return {0} end";

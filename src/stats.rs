@@ -565,12 +565,47 @@ pub struct HostStats {
 pub struct ClusterStats {
     /// Per host, by id.
     pub hosts: BTreeMap<HostId, HostStats>,
+    /// What a migrating cluster did on behalf of the move (`None` for a
+    /// cluster that is not migrating).
+    pub migration: Option<MigrationStats>,
+}
+
+/// A migrating cluster's extra work (see
+/// [`ClusterBuilder::migrating_from`](crate::ClusterBuilder::migrating_from)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MigrationStats {
+    /// Reads that missed on the new owner and asked the old one.
+    pub fallback_reads: u64,
+    /// Of those, the ones the old owner answered (the key had not moved yet).
+    pub fallback_hits: u64,
+    /// Keys moved to their new owner before a command modified them.
+    pub moved_on_write: u64,
+}
+
+/// The counters behind [`MigrationStats`].
+#[derive(Debug, Default)]
+pub(crate) struct MigrationCounters {
+    pub(crate) fallback_reads: AtomicU64,
+    pub(crate) fallback_hits: AtomicU64,
+    pub(crate) moved_on_write: AtomicU64,
+}
+
+impl MigrationCounters {
+    pub(crate) fn snapshot(&self) -> MigrationStats {
+        MigrationStats {
+            fallback_reads: self.fallback_reads.load(Relaxed),
+            fallback_hits: self.fallback_hits.load(Relaxed),
+            moved_on_write: self.moved_on_write.load(Relaxed),
+        }
+    }
 }
 
 impl FromIterator<HostStats> for ClusterStats {
     fn from_iter<I: IntoIterator<Item = HostStats>>(hosts: I) -> ClusterStats {
         ClusterStats {
             hosts: hosts.into_iter().map(|h| (h.host.id, h)).collect(),
+            migration: None,
         }
     }
 }

@@ -1,0 +1,392 @@
+//! Commands of a migrating cluster (see
+//! [`ClusterBuilder::migrating_from`](crate::ClusterBuilder::migrating_from)),
+//! in maps and through them on the routing client.
+//!
+//! A key whose old and new owners are the same server is sent as usual.
+//! For a key in transit, by what the command does ([`Access`]):
+//! - a read goes to the new owner; a miss there is asked again of the old
+//!   owner after the map's first join, all such reads batched per host;
+//! - an overwrite (`SET`, `SETEX`) goes to the new owner, and the old copy
+//!   is deleted after the join (so a later fallback read cannot see it);
+//! - a delete runs on the old owner first, then on the new one (so the
+//!   mover, which undoes a copy whose source vanished, cannot bring the key
+//!   back);
+//! - a command that modifies the key runs on the new owner only if the key
+//!   is there (one round trip, a Lua wrapper); otherwise the key is moved
+//!   first, then the command runs.
+//!
+//! Multi-key `MGET`/`MSET`/`DEL`/`UNLINK`/`EXISTS`/`TOUCH` are taken apart
+//! into single-key commands (runs of GETs and SETs still merge into
+//! MGET/MSET per host).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use crate::cluster::Cluster;
+use crate::cmd::{cmd, Cmd};
+use crate::convert::FromValue;
+use crate::error::{Error, HostId, Result};
+use crate::keyspec;
+use crate::migrate::{is_miss, move_now, Access, MoveProgress, RUN_IF_PRESENT};
+use crate::multikey::MultiKey;
+use crate::promise::Promise;
+use crate::resp::Value;
+use crate::router::Router;
+
+use super::Dispatch;
+
+/// Who gets a command's final reply.
+pub(super) type Sink = Box<dyn FnOnce(Result<Value>)>;
+
+/// Commands to run after the join on keys the new owner has: (host,
+/// command, sink).
+pub(super) type Runs = Rc<RefCell<Vec<(HostId, Cmd, Sink)>>>;
+
+/// Work left for after a join.
+#[derive(Default)]
+struct Followups {
+    /// Reads that missed on the new owner.
+    fallbacks: Vec<(Cmd, Sink)>,
+    /// Old copies of overwritten keys: (old host, key).
+    stale: Vec<(HostId, Vec<u8>)>,
+    /// Deletes: (old host, new host, command, sink).
+    deletes: Vec<(HostId, HostId, Cmd, Sink)>,
+    /// Modifications of keys the new owner lacks: (old host, new host,
+    /// key, command, sink).
+    moves: Vec<(HostId, HostId, Vec<u8>, Cmd, Sink)>,
+}
+
+impl Followups {
+    fn is_empty(&self) -> bool {
+        self.fallbacks.is_empty()
+            && self.stale.is_empty()
+            && self.deletes.is_empty()
+            && self.moves.is_empty()
+    }
+}
+
+/// A map's view of the migration: both clusters and the work pending.
+pub(super) struct Migration {
+    old: Cluster,
+    new: Cluster,
+    old_router: Arc<dyn Router>,
+    work: Rc<RefCell<Followups>>,
+}
+
+impl Migration {
+    /// The migration of `cluster`, if it is migrating.
+    pub(super) fn of(cluster: &Cluster) -> Result<Option<Migration>> {
+        let Some(old) = cluster.migrating_from() else {
+            return Ok(None);
+        };
+        Ok(Some(Migration {
+            old_router: old.router()?,
+            old: old.clone(),
+            new: cluster.clone(),
+            work: Rc::default(),
+        }))
+    }
+
+    /// The old owner of `key` when it is another server than `new_host`.
+    fn in_transit(&self, key: &[u8], new_host: HostId) -> Result<Option<HostId>> {
+        let old_host = self.old_router.host_for_key(key)?;
+        let (o, n) = (self.old.host(old_host)?, self.new.host(new_host)?);
+        Ok((o.name().addr != n.name().addr).then_some(old_host))
+    }
+}
+
+/// A sink settling `out` with the reply converted to `T`.
+fn settle_into<T: FromValue + 'static>(out: &Promise<T>) -> Sink {
+    let out = out.clone();
+    Box::new(move |r: Result<Value>| out.settle(r.and_then(T::from_value)))
+}
+
+impl Dispatch {
+    /// Routes `cmd` in a migrating cluster (see the module docs).
+    pub(super) fn migrating<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
+        if let Some(kind) = MultiKey::of(&cmd) {
+            return self.migrating_multi(kind, &cmd);
+        }
+        let routed = self.router.host_for_command(&cmd).and_then(|host| {
+            let key = keyspec::single_key(&cmd)?.to_vec();
+            let old = match &self.migration {
+                Some(m) => m.in_transit(&key, host)?,
+                None => None,
+            };
+            Ok((host, key, old))
+        });
+        let (host, key, old) = match routed {
+            Ok(r) => r,
+            Err(e) => return self.reject(e),
+        };
+        let Some(old) = old else {
+            return self.send(host, &cmd);
+        };
+        let Some(work) = self.migration.as_ref().map(|m| m.work.clone()) else {
+            return self.send(host, &cmd);
+        };
+        let out = Promise::new();
+        match Access::of(&cmd) {
+            Access::Read => {
+                let first: Promise<Value> = self.send(host, &cmd);
+                let (sink, again) = (settle_into(&out), cmd.clone());
+                first.on_result(move |r| match r {
+                    Ok(v) if is_miss(&v) => work.borrow_mut().fallbacks.push((again, sink)),
+                    other => sink(other),
+                });
+            }
+            Access::Overwrite => {
+                let first: Promise<Value> = self.send(host, &cmd);
+                let sink = settle_into(&out);
+                first.on_result(sink);
+                work.borrow_mut().stale.push((old, key));
+            }
+            Access::Delete => {
+                work.borrow_mut()
+                    .deletes
+                    .push((old, host, cmd, settle_into(&out)));
+            }
+            Access::Modify => self.modify(host, old, key, cmd, settle_into(&out), &work),
+        }
+        out
+    }
+
+    /// A command that changes its key: on the new owner if the key is
+    /// there, else after moving it.
+    fn modify(
+        &mut self,
+        host: HostId,
+        old: HostId,
+        key: Vec<u8>,
+        cmd: Cmd,
+        sink: Sink,
+        work: &Rc<RefCell<Followups>>,
+    ) {
+        let is_script = [
+            "EVAL",
+            "EVALSHA",
+            "EVAL_RO",
+            "EVALSHA_RO",
+            "FCALL",
+            "FCALL_RO",
+        ]
+        .iter()
+        .any(|n| cmd.name().eq_ignore_ascii_case(n.as_bytes()));
+        let probe = if is_script {
+            // A script cannot run inside another: ask first.
+            crate::cmd::cmd("EXISTS").arg(key.as_slice())
+        } else {
+            let mut wrapped = crate::cmd::cmd("EVAL")
+                .arg(RUN_IF_PRESENT)
+                .arg(1)
+                .arg(key.as_slice());
+            wrapped.push_arg(cmd.name());
+            for a in cmd.args() {
+                wrapped.push_arg(a);
+            }
+            wrapped
+        };
+        let first: Promise<Value> = self.send(host, &probe);
+        let work = work.clone();
+        let pending = self.pending_runs();
+        first.on_result(move |r| match (r, is_script) {
+            (Ok(Value::Int(1)), true) => pending.borrow_mut().push((host, cmd, sink)),
+            (Ok(Value::Array(mut v)), false) if v.first() == Some(&Value::Int(1)) => {
+                let reply = v.pop().unwrap_or(Value::Nil);
+                sink(match reply {
+                    Value::Error { code, message } => Err(Error::Server {
+                        host: None,
+                        command: cmd.display_name().into(),
+                        code: code.into(),
+                        message: message.into(),
+                    }),
+                    other => Ok(other),
+                })
+            }
+            (Ok(_), _) => work.borrow_mut().moves.push((old, host, key, cmd, sink)),
+            (Err(e), _) => sink(Err(e)),
+        });
+    }
+
+    /// Scripts on keys the new owner has, to run after the join.
+    fn pending_runs(&self) -> Runs {
+        self.runs.clone()
+    }
+
+    /// MGET/MSET/DEL/UNLINK/EXISTS/TOUCH taken apart per key.
+    fn migrating_multi<T: FromValue + 'static>(&mut self, kind: MultiKey, cmd: &Cmd) -> Promise<T> {
+        let args: Vec<Vec<u8>> = cmd.args().map(<[u8]>::to_vec).collect();
+        let name = String::from_utf8_lossy(cmd.name()).into_owned();
+        let parts: Vec<Promise<Value>> = match kind {
+            MultiKey::Mset => args
+                .chunks(2)
+                .map(|pair| {
+                    let mut c = crate::cmd::cmd("SET");
+                    for a in pair {
+                        c.push_arg(a.as_slice());
+                    }
+                    self.migrating::<Value>(c)
+                })
+                .collect(),
+            _ => args
+                .iter()
+                .map(|k| {
+                    let single = if matches!(kind, MultiKey::Mget) {
+                        crate::cmd::cmd("GET")
+                    } else {
+                        crate::cmd::cmd(&name)
+                    };
+                    self.migrating::<Value>(single.arg(k.as_slice()))
+                })
+                .collect(),
+        };
+        Promise::all_owned(parts).map_owned(move |replies| {
+            let joined = match kind {
+                MultiKey::Mget => Value::Array(replies),
+                MultiKey::Mset => Value::SimpleString("OK".into()),
+                MultiKey::Count => Value::Int(
+                    replies
+                        .iter()
+                        .map(|r| match r {
+                            Value::Int(n) => *n,
+                            _ => 0,
+                        })
+                        .sum(),
+                ),
+            };
+            T::from_value(joined)
+        })
+    }
+}
+
+/// Runs what a migrating map left for after its join; returns whether it
+/// ran anything (then the map joins again: nothing here enqueues into it).
+pub(super) fn run_followups(m: &Migration, runs: &Runs) -> bool {
+    let work = std::mem::take(&mut *m.work.borrow_mut());
+    let runs = std::mem::take(&mut *runs.borrow_mut());
+    if work.is_empty() && runs.is_empty() {
+        return false;
+    }
+    let counters = m.new.migration_counters().clone();
+    // Deletes: the old owner first, then the new one.
+    let mut old_side: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
+    for (old, _, c, _) in &work.deletes {
+        old_side.entry(*old).or_default().push(c.clone());
+    }
+    let old_counts = run_grouped(&m.old, old_side);
+    let mut new_side: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
+    for (_, new, c, _) in &work.deletes {
+        new_side.entry(*new).or_default().push(c.clone());
+    }
+    let new_counts = run_grouped(&m.new, new_side);
+    let (mut old_counts, mut new_counts) = (old_counts, new_counts);
+    for (old, new, _, sink) in work.deletes {
+        let a = take_next(&mut old_counts, old);
+        let b = take_next(&mut new_counts, new);
+        sink(match (a, b) {
+            (Ok(Value::Int(x)), Ok(Value::Int(y))) => Ok(Value::Int((x + y).min(1))),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+            (_, other) => other,
+        });
+    }
+    // Old copies of overwritten keys.
+    let mut stale: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
+    for (old, key) in work.stale {
+        stale
+            .entry(old)
+            .or_default()
+            .push(cmd("DEL").arg(key.as_slice()));
+    }
+    let _ = run_grouped(&m.old, stale);
+    // Reads that missed: asked of the old owners, batched by their map.
+    if !work.fallbacks.is_empty() {
+        counters
+            .fallback_reads
+            .fetch_add(work.fallbacks.len() as u64, Relaxed);
+        let mut promises = Vec::with_capacity(work.fallbacks.len());
+        let sinks: Vec<Sink> = {
+            let _ = m.old.map(|c| {
+                for (c2, _) in &work.fallbacks {
+                    promises.push(crate::Execute::execute::<Value>(c, c2.clone()));
+                }
+            });
+            work.fallbacks.into_iter().map(|(_, s)| s).collect()
+        };
+        for (p, sink) in promises.into_iter().zip(sinks) {
+            let r = p.take();
+            if matches!(&r, Ok(v) if !is_miss(v)) {
+                counters.fallback_hits.fetch_add(1, Relaxed);
+            }
+            sink(r);
+        }
+    }
+    // Keys to move before their command runs.
+    let mut by_old: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
+    for (old, new, key, _, _) in &work.moves {
+        by_old.entry(*old).or_default().push((key.clone(), *new));
+    }
+    let mut moved: BTreeMap<HostId, Result<()>> = BTreeMap::new();
+    for (old, keys) in by_old {
+        let mut progress = MoveProgress::default();
+        let n = keys.len() as u64;
+        let r = move_now(&m.old, &m.new, old, keys, &mut progress);
+        if r.is_ok() {
+            counters
+                .moved_on_write
+                .fetch_add(progress.moved.min(n), Relaxed);
+        }
+        moved.insert(old, r);
+    }
+    let mut runs_by_host: BTreeMap<HostId, Vec<(Cmd, Sink)>> = BTreeMap::new();
+    for (old, new, _, c, sink) in work.moves {
+        match moved.get(&old) {
+            Some(Err(e)) => sink(Err(e.clone())),
+            _ => runs_by_host.entry(new).or_default().push((c, sink)),
+        }
+    }
+    for (host, c, sink) in runs {
+        runs_by_host.entry(host).or_default().push((c, sink));
+    }
+    for (host, items) in runs_by_host {
+        let (cmds, sinks): (Vec<Cmd>, Vec<Sink>) = items.into_iter().unzip();
+        let replies = match m.new.local_client(host) {
+            Ok(local) => local.pipeline(cmds),
+            Err(e) => sinks.iter().map(|_| Err(e.clone())).collect(),
+        };
+        for (r, sink) in replies.into_iter().zip(sinks) {
+            sink(r);
+        }
+    }
+    true
+}
+
+/// Runs each host's commands as one pipeline; the replies by host, in order.
+fn run_grouped(
+    cluster: &Cluster,
+    groups: BTreeMap<HostId, Vec<Cmd>>,
+) -> BTreeMap<HostId, std::vec::IntoIter<Result<Value>>> {
+    groups
+        .into_iter()
+        .map(|(host, cmds)| {
+            let n = cmds.len();
+            let replies = match cluster.local_client(host) {
+                Ok(local) => local.pipeline(cmds),
+                Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+            };
+            (host, replies.into_iter())
+        })
+        .collect()
+}
+
+fn take_next(
+    replies: &mut BTreeMap<HostId, std::vec::IntoIter<Result<Value>>>,
+    host: HostId,
+) -> Result<Value> {
+    replies
+        .get_mut(&host)
+        .and_then(Iterator::next)
+        .unwrap_or_else(|| Err(Error::config("a migration reply is missing")))
+}

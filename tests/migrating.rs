@@ -1,0 +1,220 @@
+//! A migrating cluster against real servers: reads fall back to the old
+//! owner, writes land on the new one, and with the mover running and
+//! writers and readers at work, nothing is lost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rb::migrate::{move_keys, MoveOptions};
+use rb::testing::TestSetup;
+use rb::{Cluster, Commands, HostConfig, RouterKind};
+
+fn over(setup: &TestSetup, n: usize, kind: RouterKind, from: Option<&Cluster>) -> Cluster {
+    let mut b = Cluster::builder().router(kind);
+    for i in 0..n {
+        b = b.host(
+            i as u32,
+            HostConfig::new().unix_socket_path(setup.socket(i).to_string_lossy().into_owned()),
+        );
+    }
+    if let Some(old) = from {
+        b = b.migrating_from(old);
+    }
+    b.build().expect("cluster")
+}
+
+#[test]
+fn reads_fall_back_and_writes_land_on_the_new_owner() {
+    let setup = TestSetup::new(5, 1).expect("servers");
+    let old = over(&setup, 4, RouterKind::Partition, None);
+    let new = over(&setup, 5, RouterKind::Partition, Some(&old));
+    old.map(|c| {
+        for i in 0..2000 {
+            c.set(format!("k:{i}"), i);
+        }
+        c.hset("h", "f", "v");
+        c.rpush("l", &["a", "b"]);
+    })
+    .expect("fill");
+    // Reads through the migrating cluster: maps, the routing client, MGET.
+    let values = new
+        .map(|c| {
+            (0..2000)
+                .map(|i| c.get(format!("k:{i}")))
+                .collect::<Vec<_>>()
+        })
+        .expect("map");
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(
+            v.value().expect("GET"),
+            Some(i.to_string().into_bytes()),
+            "k:{i}"
+        );
+    }
+    let client = new.routing_client();
+    let keys: Vec<String> = (0..50).map(|i| format!("k:{i}")).collect();
+    let got = client.mget(&keys).expect("MGET");
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, v)| v.as_deref() == Some(i.to_string().as_bytes())));
+    assert_eq!(client.hget("h", "f").expect("HGET"), Some(b"v".to_vec()));
+    assert_eq!(client.llen("l").expect("LLEN"), 2);
+    let stats = new.stats().migration.expect("migration stats");
+    println!("{stats:?}");
+    assert!(stats.fallback_reads > 1000 && stats.fallback_hits > 1000);
+
+    // A modify on a key still on its old owner moves it first.
+    assert_eq!(client.incr("k:7").expect("INCR"), 8);
+    assert_eq!(client.rpush("l", &["c"]).expect("RPUSH"), 3);
+    // An overwrite lands on the new owner; the old copy goes.
+    client.set("k:8", "eight").expect("SET");
+    assert_eq!(client.get("k:8").expect("GET"), Some(b"eight".to_vec()));
+    // A delete reaches both.
+    assert_eq!(client.del(&["k:9"]).expect("DEL"), 1);
+    assert_eq!(client.get("k:9").expect("GET"), None);
+    let plain_new = over(&setup, 5, RouterKind::Partition, None);
+    let plain = plain_new.routing_client();
+    assert_eq!(
+        plain.get("k:7").expect("GET"),
+        Some(b"8".to_vec()),
+        "moved then incremented"
+    );
+    assert_eq!(plain.get("k:8").expect("GET"), Some(b"eight".to_vec()));
+    assert_eq!(
+        old.routing_client().get("k:8").expect("GET"),
+        None,
+        "old copy gone"
+    );
+    assert_eq!(old.routing_client().get("k:9").expect("GET"), None);
+}
+
+/// The mover runs while 10 writers INCR counters, writers SET versions and
+/// readers read: counters end exact, the last versions win, no read sees
+/// nil for a key that exists, and every key ends on its new owner.
+#[test]
+fn nothing_is_lost_while_the_mover_runs() {
+    let setup = TestSetup::new(5, 1).expect("servers");
+    let old = over(&setup, 4, RouterKind::Partition, None);
+    let new = over(&setup, 5, RouterKind::Partition, Some(&old));
+    const KEYS: usize = 20_000;
+    old.map(|c| {
+        for i in 0..KEYS {
+            c.set(format!("k:{i}"), i);
+        }
+        for j in 0..100 {
+            c.set(format!("c:{j}"), 0);
+            c.set(format!("v:{j}"), 0);
+        }
+    })
+    .expect("fill");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for w in 0..10 {
+        let client = new.routing_client();
+        threads.push(std::thread::spawn(move || {
+            for n in 0..300 {
+                client.incr(format!("c:{}", (n + w) % 100)).expect("INCR");
+            }
+            0usize
+        }));
+    }
+    {
+        let client = new.routing_client();
+        threads.push(std::thread::spawn(move || {
+            for version in 1..=200 {
+                for j in 0..100 {
+                    if (version + j) % 20 == 0 {
+                        client.set(format!("v:{j}"), version).expect("SET");
+                    }
+                }
+            }
+            0
+        }));
+    }
+    for r in 0..2 {
+        let (client, stop) = (new.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut reads = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let start = (reads * 97 + r * 5000) % (KEYS - 100);
+                let got = client
+                    .map(|c| {
+                        (start..start + 100)
+                            .map(|i| c.get(format!("k:{i}")))
+                            .collect::<Vec<_>>()
+                    })
+                    .expect("map");
+                for (i, p) in (start..).zip(got) {
+                    assert_eq!(
+                        p.value().expect("GET"),
+                        Some(i.to_string().into_bytes()),
+                        "k:{i} read as missing"
+                    );
+                }
+                reads += 1;
+            }
+            reads
+        }));
+    }
+    let report = move_keys(
+        &old,
+        &new,
+        MoveOptions::new()
+            .batch(500)
+            .delete_delay(Duration::from_millis(300)),
+    )
+    .expect("move");
+    println!("moved: {:?}", report.progress);
+    stop.store(true, Ordering::Relaxed);
+    let mut reads = 0;
+    for t in threads {
+        reads += t.join().expect("worker");
+    }
+    println!(
+        "{reads} read maps of 100 keys during the move; {:?}",
+        new.stats().migration
+    );
+    // One more pass for keys written back to the old owners' ranges: none
+    // should be left.
+    let again =
+        move_keys(&old, &new, MoveOptions::new().delete_delay(Duration::ZERO)).expect("again");
+    assert_eq!(again.progress.moved, 0, "{:?}", again.progress);
+
+    let plain = over(&setup, 5, RouterKind::Partition, None);
+    let client = plain.routing_client();
+    let total: i64 = (0..100)
+        .map(|j| {
+            client
+                .cmd::<i64>(rb::cmd("GET").arg(format!("c:{j}")))
+                .expect("GET")
+        })
+        .sum();
+    assert_eq!(total, 10 * 300, "every INCR counted once");
+    for j in 0..100 {
+        let last = (1..=200)
+            .filter(|v| (v + j) % 20 == 0)
+            .max()
+            .expect("a version");
+        let v: i64 = client
+            .cmd(rb::cmd("GET").arg(format!("v:{j}")))
+            .expect("GET");
+        assert_eq!(v, last as i64, "v:{j}");
+    }
+    let router = plain.router().expect("router");
+    for i in (0..KEYS).step_by(7) {
+        let key = format!("k:{i}");
+        let owner = router.host_for_key(key.as_bytes()).expect("route");
+        let v: Option<Vec<u8>> = plain
+            .local_client(owner)
+            .expect("local")
+            .get(&key)
+            .expect("GET");
+        assert_eq!(
+            v,
+            Some(i.to_string().into_bytes()),
+            "{key} on its new owner"
+        );
+    }
+}
