@@ -783,6 +783,24 @@ where
         entries.push((key, host, calls));
     }
 
+    // A migrating cluster runs each list where its key now belongs: keys
+    // still on their old owner move there first.
+    if let Some(old) = cluster.migrating_from() {
+        let old_router = old.router()?;
+        let mut leaving: HashMap<HostId, Vec<(Vec<u8>, HostId)>> = HashMap::new();
+        for (key, host, _) in &entries {
+            let key = crate::args::to_bytes(key);
+            let from = old_router.host_for_key(&key)?;
+            if old.host(from)?.name().addr != cluster.host(*host)?.name().addr {
+                leaving.entry(from).or_default().push((key, *host));
+            }
+        }
+        for (from, keys) in leaving {
+            let mut progress = crate::migrate::MoveProgress::default();
+            crate::migrate::move_now(old, cluster, from, keys, &mut progress)?;
+        }
+    }
+
     // Every list, in order, each on its key's host; scripts loaded first
     // where the host may lack them or where calls follow them. A script
     // call answered NOSCRIPT can only be its key's last call: it is kept

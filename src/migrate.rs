@@ -24,7 +24,7 @@ use crate::scan::{ScanCursor, ScanOptions};
 
 /// Deletes each key of `KEYS` whose `DUMP` is still the `ARGV` at the same
 /// position; answers 1 (deleted) or 0 (changed or gone) per key.
-const DELETE_IF_UNCHANGED: &str = "local out = {} \
+pub(crate) const DELETE_IF_UNCHANGED: &str = "local out = {} \
 for i, k in ipairs(KEYS) do \
   if redis.call('DUMP', k) == ARGV[i] then redis.call('DEL', k); out[i] = 1 else out[i] = 0 end \
 end \

@@ -218,3 +218,52 @@ fn nothing_is_lost_while_the_mover_runs() {
         );
     }
 }
+
+/// The async client and execute_commands follow the same rules.
+#[test]
+fn the_async_client_and_execute_commands_migrate_too() {
+    let setup = TestSetup::new(3, 1).expect("servers");
+    let old = over(&setup, 2, RouterKind::Partition, None);
+    let new = over(&setup, 3, RouterKind::Partition, Some(&old));
+    old.map(|c| {
+        for i in 0..500 {
+            c.set(format!("k:{i}"), i);
+        }
+    })
+    .expect("fill");
+    let client = new.async_client();
+    for i in 0..500 {
+        let v = client.get(format!("k:{i}")).wait().expect("GET");
+        assert_eq!(v, Some(i.to_string().into_bytes()), "k:{i}");
+    }
+    let keys: Vec<String> = (0..20).map(|i| format!("k:{i}")).collect();
+    let all = client.mget(&keys).wait().expect("MGET");
+    assert!(all
+        .iter()
+        .enumerate()
+        .all(|(i, v)| v.as_deref() == Some(i.to_string().as_bytes())));
+    assert_eq!(client.incr("k:3").wait().expect("INCR"), 4);
+    client.set("k:4", "four").wait().expect("SET");
+    assert_eq!(client.del(&["k:5", "k:6"]).wait().expect("DEL"), 2);
+    let plain = over(&setup, 3, RouterKind::Partition, None).routing_client();
+    assert_eq!(plain.get("k:3").expect("GET"), Some(b"4".to_vec()));
+    assert_eq!(plain.get("k:4").expect("GET"), Some(b"four".to_vec()));
+    assert_eq!(client.get("k:5").wait().expect("GET"), None);
+    assert_eq!(old.routing_client().get("k:5").expect("GET"), None);
+
+    let out = new
+        .execute_commands([(
+            "k:10",
+            vec![
+                rb::cmd("INCR").arg("k:10").into(),
+                rb::cmd("GET").arg("k:10").into(),
+            ],
+        )])
+        .expect("execute_commands");
+    assert_eq!(out["k:10"][0].value().expect("INCR"), rb::Value::Int(11));
+    assert_eq!(
+        plain.get("k:10").expect("GET"),
+        Some(b"11".to_vec()),
+        "moved, then run"
+    );
+}

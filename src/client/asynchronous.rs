@@ -101,6 +101,8 @@ pub struct AsyncClient {
     cluster: Cluster,
     driver: std::result::Result<Arc<Driver>, Error>,
     opts: AsyncOptions,
+    /// The old cluster's async client, while the cluster is migrating.
+    previous: Option<Box<AsyncClient>>,
 }
 
 impl std::fmt::Debug for AsyncClient {
@@ -117,11 +119,20 @@ impl AsyncClient {
         driver: std::result::Result<Arc<Driver>, Error>,
         opts: AsyncOptions,
     ) -> AsyncClient {
+        let previous = cluster
+            .migrating_from()
+            .map(|old| Box::new(old.async_client_with(opts.clone())));
         AsyncClient {
             cluster,
             driver,
             opts,
+            previous,
         }
+    }
+
+    /// The old cluster's client, while migrating.
+    pub(super) fn previous(&self) -> Option<&AsyncClient> {
+        self.previous.as_deref()
     }
 
     /// The cluster this client sends through.
@@ -367,6 +378,9 @@ impl Execute for AsyncClient {
     fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Reply<T> {
         if let Err(e) = refuse_on_shared(&cmd) {
             return Reply::ready(Err(e));
+        }
+        if self.previous.is_some() {
+            return self.migrating(cmd);
         }
         let route = self.cluster.with_routes(|routes| match MultiKey::of(&cmd) {
             Some(kind) => multikey::split(kind, &cmd, &*routes.router).map(Route::Split),

@@ -390,3 +390,172 @@ fn take_next(
         .and_then(Iterator::next)
         .unwrap_or_else(|| Err(Error::config("a migration reply is missing")))
 }
+
+impl super::AsyncClient {
+    /// [`Dispatch::migrating`]'s rules for the async client: each request
+    /// a future that asks the old owner, moves or deletes as needed.
+    pub(super) fn migrating<T: FromValue + 'static>(&self, cmd: Cmd) -> crate::Reply<T> {
+        use crate::Reply;
+        let Some(old_client) = self.previous().cloned() else {
+            return Reply::ready(Err(Error::config("not migrating")));
+        };
+        if let Some(kind) = MultiKey::of(&cmd) {
+            return self.migrating_multi(kind, &cmd);
+        }
+        let cluster = self.cluster().clone();
+        let Some(old) = cluster.migrating_from().cloned() else {
+            return Reply::ready(Err(Error::config("not migrating")));
+        };
+        let routed = (|| {
+            let host = cluster.router()?.host_for_command(&cmd)?;
+            let key = keyspec::single_key(&cmd)?.to_vec();
+            let old_host = old.router()?.host_for_key(&key)?;
+            let moving = old.host(old_host)?.name().addr != cluster.host(host)?.name().addr;
+            Ok::<_, Error>((host, key, old_host, moving))
+        })();
+        let (host, key, old_host, moving) = match routed {
+            Ok(r) => r,
+            Err(e) => return Reply::ready(Err(e)),
+        };
+        if !moving {
+            return self.send(host, cmd);
+        }
+        let client = self.clone();
+        let counters = cluster.migration_counters().clone();
+        let access = Access::of(&cmd);
+        Reply::from_future(async move {
+            let reply: Value = match access {
+                Access::Read => {
+                    let first: Value = client.send(host, cmd.clone()).await?;
+                    if is_miss(&first) {
+                        counters.fallback_reads.fetch_add(1, Relaxed);
+                        let second: Value = old_client.send(old_host, cmd).await?;
+                        if !is_miss(&second) {
+                            counters.fallback_hits.fetch_add(1, Relaxed);
+                        }
+                        second
+                    } else {
+                        first
+                    }
+                }
+                Access::Overwrite => {
+                    let r = client.send::<Value>(host, cmd).await;
+                    let _: Result<Value> = old_client
+                        .send(old_host, crate::cmd::cmd("DEL").arg(key.as_slice()))
+                        .await;
+                    r?
+                }
+                Access::Delete => {
+                    let a: Value = old_client.send(old_host, cmd.clone()).await?;
+                    let b: Value = client.send(host, cmd).await?;
+                    match (a, b) {
+                        (Value::Int(x), Value::Int(y)) => Value::Int((x + y).min(1)),
+                        (_, b) => b,
+                    }
+                }
+                Access::Modify => {
+                    let exists: i64 = client
+                        .send(host, crate::cmd::cmd("EXISTS").arg(key.as_slice()))
+                        .await?;
+                    if exists == 0 {
+                        if move_key(&old_client, &client, old_host, host, &key).await? {
+                            counters.moved_on_write.fetch_add(1, Relaxed);
+                        }
+                    }
+                    client.send(host, cmd).await?
+                }
+            };
+            T::from_value(reply)
+        })
+    }
+
+    fn migrating_multi<T: FromValue + 'static>(
+        &self,
+        kind: MultiKey,
+        cmd: &Cmd,
+    ) -> crate::Reply<T> {
+        let args: Vec<Vec<u8>> = cmd.args().map(<[u8]>::to_vec).collect();
+        let name = String::from_utf8_lossy(cmd.name()).into_owned();
+        let parts: Vec<crate::Reply<Value>> = match kind {
+            MultiKey::Mset => args
+                .chunks(2)
+                .map(|pair| {
+                    let mut c = cmd_of("SET");
+                    for a in pair {
+                        c.push_arg(a.as_slice());
+                    }
+                    self.migrating::<Value>(c)
+                })
+                .collect(),
+            MultiKey::Mget => args
+                .iter()
+                .map(|k| self.migrating::<Value>(cmd_of("GET").arg(k.as_slice())))
+                .collect(),
+            MultiKey::Count => args
+                .iter()
+                .map(|k| self.migrating::<Value>(cmd_of(&name).arg(k.as_slice())))
+                .collect(),
+        };
+        crate::Reply::join(parts, move |replies| {
+            T::from_value(match kind {
+                MultiKey::Mget => Value::Array(replies),
+                MultiKey::Mset => Value::SimpleString("OK".into()),
+                MultiKey::Count => Value::Int(
+                    replies
+                        .iter()
+                        .map(|r| match r {
+                            Value::Int(n) => *n,
+                            _ => 0,
+                        })
+                        .sum(),
+                ),
+            })
+        })
+    }
+}
+
+fn cmd_of(name: &str) -> Cmd {
+    crate::cmd::cmd(name)
+}
+
+/// Moves one key from `old_host` (through `old`) to `new_host` (through
+/// `new`) as the mover does; whether this call copied it.
+async fn move_key(
+    old: &super::AsyncClient,
+    new: &super::AsyncClient,
+    old_host: HostId,
+    new_host: HostId,
+    key: &[u8],
+) -> Result<bool> {
+    let ttl = old.send::<i64>(old_host, cmd("PTTL").arg(key));
+    let dump = old.send::<Option<Vec<u8>>>(old_host, cmd("DUMP").arg(key));
+    let (ttl, dump) = (ttl.await?, dump.await?);
+    let Some(payload) = dump else {
+        return Ok(false);
+    };
+    if ttl == -2 {
+        return Ok(false);
+    }
+    let restore = cmd("RESTORE")
+        .arg(key)
+        .arg(ttl.max(0))
+        .arg(payload.as_slice());
+    let restored = match new.send::<Value>(new_host, restore).await {
+        Ok(_) => true,
+        Err(e) if e.code() == Some("BUSYKEY") => false,
+        Err(e) => return Err(e),
+    };
+    let cas = |k: &[u8], p: &[u8]| {
+        cmd("EVAL")
+            .arg(crate::migrate::DELETE_IF_UNCHANGED)
+            .arg(1)
+            .arg(k)
+            .arg(p)
+    };
+    let deleted: Vec<i64> = old.send(old_host, cas(key, &payload)).await?;
+    if deleted.first() != Some(&1) && restored {
+        // Deleted from the old host meanwhile: the copy must not stand.
+        let _: Vec<i64> = new.send(new_host, cas(key, &payload)).await?;
+    }
+    Ok(restored)
+}
