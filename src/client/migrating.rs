@@ -457,10 +457,8 @@ impl super::AsyncClient {
                     let exists: i64 = client
                         .send(host, crate::cmd::cmd("EXISTS").arg(key.as_slice()))
                         .await?;
-                    if exists == 0 {
-                        if move_key(&old_client, &client, old_host, host, &key).await? {
-                            counters.moved_on_write.fetch_add(1, Relaxed);
-                        }
+                    if exists == 0 && move_key(&old_client, &client, old_host, host, &key).await? {
+                        counters.moved_on_write.fetch_add(1, Relaxed);
                     }
                     client.send(host, cmd).await?
                 }
