@@ -38,6 +38,9 @@ pub struct MoveProgress {
     /// Keys seen on the old hosts (a key moved onto an old host that the
     /// walk reaches later is seen again there, and stays).
     pub scanned: u64,
+    /// Keys copied to their new owner (their old copies go a moment later:
+    /// see [`MoveOptions::delete_delay`]).
+    pub copied: u64,
     /// Keys copied to their new owner and deleted from the old host.
     pub moved: u64,
     /// Keys whose new owner already had them (a newer write): deleted from
@@ -327,7 +330,10 @@ fn copy_keys(
             .collect();
         for (&i, reply) in indexes.iter().zip(target.pipeline(restores)) {
             match reply {
-                Ok(_) => moving[i].restored = true,
+                Ok(_) => {
+                    moving[i].restored = true;
+                    progress.copied += 1;
+                }
                 // The new owner has the key: a write made there wins.
                 Err(e) if e.code() == Some("BUSYKEY") => {}
                 Err(e) => return Err(e),
@@ -459,6 +465,11 @@ const READS: &[&str] = &[
 impl Access {
     /// How `cmd` touches its key.
     pub(crate) fn of(cmd: &Cmd) -> Access {
+        match cmd.common() {
+            crate::cmd::Common::Get => return Access::Read,
+            crate::cmd::Common::Set if cmd.arg_count() == 2 => return Access::Overwrite,
+            _ => {}
+        }
         let name = cmd.name();
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         if READS.iter().any(|n| is(n)) {

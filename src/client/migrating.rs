@@ -32,7 +32,7 @@ use crate::error::{Error, HostId, Result};
 use crate::keyspec;
 use crate::migrate::{is_miss, move_now, Access, MoveProgress, RUN_IF_PRESENT};
 use crate::multikey::MultiKey;
-use crate::promise::Promise;
+use crate::promise::{Promise, ReplyContext, ReplySink, Waiter};
 use crate::resp::Value;
 use crate::router::Router;
 
@@ -73,6 +73,9 @@ pub(super) struct Migration {
     old: Cluster,
     new: Cluster,
     old_router: Arc<dyn Router>,
+    /// Each host's server (address and db), old and new, looked up once.
+    old_places: BTreeMap<HostId, Arc<str>>,
+    new_places: BTreeMap<HostId, Arc<str>>,
     work: Rc<RefCell<Followups>>,
 }
 
@@ -82,8 +85,16 @@ impl Migration {
         let Some(old) = cluster.migrating_from() else {
             return Ok(None);
         };
+        let places = |c: &Cluster| -> BTreeMap<HostId, Arc<str>> {
+            c.hosts()
+                .iter()
+                .map(|h| (h.name().id, h.name().addr.clone()))
+                .collect()
+        };
         Ok(Some(Migration {
             old_router: old.router()?,
+            old_places: places(old),
+            new_places: places(cluster),
             old: old.clone(),
             new: cluster.clone(),
             work: Rc::default(),
@@ -93,9 +104,50 @@ impl Migration {
     /// The old owner of `key` when it is another server than `new_host`.
     fn in_transit(&self, key: &[u8], new_host: HostId) -> Result<Option<HostId>> {
         let old_host = self.old_router.host_for_key(key)?;
-        let (o, n) = (self.old.host(old_host)?, self.new.host(new_host)?);
-        Ok((o.name().addr != n.name().addr).then_some(old_host))
+        let same = match (
+            self.old_places.get(&old_host),
+            self.new_places.get(&new_host),
+        ) {
+            (Some(o), Some(n)) => o == n,
+            _ => false,
+        };
+        Ok((!same).then_some(old_host))
     }
+}
+
+/// A migrating read's receiver: a hit settles the caller's promise (a
+/// plain bulk without an intermediate value, as a map's GET does); a miss
+/// queues the read for the key's old owner.
+struct ReadThrough<T> {
+    out: Promise<T>,
+    cmd: Rc<Cmd>,
+    work: Rc<RefCell<Followups>>,
+}
+
+impl<T: FromValue + 'static> ReplySink for ReadThrough<T> {
+    fn accept(&self, _index: u32, reply: Result<Value>, ctx: &ReplyContext<'_>) {
+        match reply {
+            Ok(v) if is_miss(&v) => {
+                let cmd = Cmd::clone(&self.cmd);
+                self.work
+                    .borrow_mut()
+                    .fallbacks
+                    .push((cmd, settle_into(&self.out)));
+            }
+            other => self
+                .out
+                .settle(other.and_then(T::from_value).map_err(|e| ctx.failed(e))),
+        }
+    }
+
+    fn accept_bulk(&self, index: u32, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
+        match bytes.and_then(|b| T::from_bulk(Some(b))) {
+            Some(result) => self.out.settle(result.map_err(|e| ctx.failed(e))),
+            None => self.accept(index, Ok(Value::from_bulk_bytes(bytes)), ctx),
+        }
+    }
+
+    fn release(&self, _index: u32) {}
 }
 
 /// A sink settling `out` with the reply converted to `T`.
@@ -131,12 +183,13 @@ impl Dispatch {
         let out = Promise::new();
         match Access::of(&cmd) {
             Access::Read => {
-                let first: Promise<Value> = self.send(host, &cmd);
-                let (sink, again) = (settle_into(&out), cmd.clone());
-                first.on_result(move |r| match r {
-                    Ok(v) if is_miss(&v) => work.borrow_mut().fallbacks.push((again, sink)),
-                    other => sink(other),
+                let cmd = Rc::new(cmd);
+                let sink = Rc::new(ReadThrough {
+                    out: out.clone(),
+                    cmd: cmd.clone(),
+                    work,
                 });
+                self.session.enqueue(host, &cmd, Waiter::new(sink, 0));
             }
             Access::Overwrite => {
                 let first: Promise<Value> = self.send(host, &cmd);
