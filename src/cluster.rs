@@ -18,7 +18,7 @@ use crate::driver::Driver;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::{HostMap, LoopOptions, Session};
 use crate::health::{HealthPolicy, HostHealth, HostWatch};
-use crate::router::{self, Router, RouterKind};
+use crate::router::{self, HashTag, HashTagRouter, Router, RouterKind};
 use crate::scripts::ScriptMemory;
 use crate::stats::{ClusterStats, Observer};
 
@@ -146,6 +146,7 @@ pub struct ClusterBuilder {
     resolver: Option<Arc<dyn Resolve>>,
     health: HealthPolicy,
     observer: Option<Arc<dyn Observer>>,
+    hash_tag: Option<HashTag>,
 }
 
 #[derive(Clone, Default)]
@@ -197,6 +198,22 @@ impl ClusterBuilder {
             RouterKind::Partition => RouterChoice::Partition,
             RouterKind::ConsistentHashing => RouterChoice::ConsistentHashing,
         };
+        self
+    }
+
+    /// Routes keys by their hash tag (off by default, as in rb): with
+    /// `b"{}"`, a key routes by the bytes between its first `{` and the
+    /// next `}` after it when there are any, as twemproxy and Redis Cluster
+    /// do; any two bytes work (`b"::"`). Every router applies it, custom
+    /// ones included (the cluster routes through a [`HashTagRouter`]), and
+    /// a command whose keys all carry the same tag goes to that tag's host
+    /// as one command (`RENAME`, `SUNIONSTORE`, `EVAL` over several keys,
+    /// `MGET` unsplit, ...); keys with different or missing tags keep rb's
+    /// rule (`MGET`, `MSET`, `DEL`, `UNLINK`, `EXISTS`, `TOUCH` split per
+    /// host, anything else is [`Error::Unroutable`] saying why).
+    #[must_use]
+    pub fn hash_tag(mut self, tag: impl Into<HashTag>) -> ClusterBuilder {
+        self.hash_tag = Some(tag.into());
         self
     }
 
@@ -265,6 +282,7 @@ impl ClusterBuilder {
                     table: Arc::new(hosts),
                     router_choice: self.router,
                     router: None,
+                    hash_tag: self.hash_tag,
                 }),
                 scripts: Arc::default(),
                 resolver,
@@ -333,6 +351,7 @@ struct ClusterState {
     router_choice: RouterChoice,
     /// Built on first use and dropped whenever the hosts change.
     router: Option<Arc<dyn Router>>,
+    hash_tag: Option<HashTag>,
 }
 
 impl Cluster {
@@ -395,6 +414,10 @@ impl Cluster {
                 router::build(RouterKind::ConsistentHashing, &hosts)?
             }
             RouterChoice::Custom(r) => r.clone(),
+        };
+        let router = match state.hash_tag {
+            Some(tag) => Arc::new(HashTagRouter::new(router, tag)),
+            None => router,
         };
         state.router = Some(router.clone());
         Ok(router)
@@ -941,6 +964,7 @@ impl std::fmt::Debug for ClusterBuilder {
             .field("defaults", &self.defaults)
             .field("hosts", &self.hosts)
             .field("router", &router)
+            .field("hash_tag", &self.hash_tag)
             .field(
                 "resolver",
                 &self.resolver.as_ref().map_or("System", |_| "Custom"),

@@ -136,5 +136,7 @@ pub use error::{Error, HostId, HostName, Phase, Result};
 pub use health::{HealthPolicy, HostHealth};
 pub use promise::{join_all, JoinAll, Promise, Reply};
 pub use resp::Value;
-pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};
+pub use router::{
+    ConsistentHashingRouter, HashTag, HashTagRouter, PartitionRouter, Router, RouterKind,
+};
 pub use stats::{ClusterStats, HostEvent, HostStats, LatencySummary, Observer, TotalStats};

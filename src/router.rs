@@ -1,8 +1,12 @@
-//! Routers: which host owns a key. Both built-in routers place every key on
-//! the same host as Python rb does, so Python and Rust services can share a
-//! fleet.
+//! Routers: which host owns a key. rb's two routers place every key on the
+//! same host as Python rb does, so Python and Rust services can share a
+//! fleet; [`HashTagRouter`] adds hash tags to any router.
 
 use std::sync::Arc;
+
+mod hash_tag;
+
+pub use hash_tag::{HashTag, HashTagRouter};
 
 use crate::cmd::Cmd;
 use crate::config::HostInfo;
@@ -11,6 +15,12 @@ use crate::error::{Error, HostId, Result};
 use crate::keyspec;
 
 /// Decides which host a key (and so a single-key command) goes to.
+///
+/// With hash tags on ([`crate::ClusterBuilder::hash_tag`]) a cluster
+/// routes through a [`HashTagRouter`] around its router, custom ones
+/// included: it calls [`Router::host_for_key`] with a tagged key's tag, and
+/// [`Router::host_for_command`] for commands with no tagged key, so a
+/// custom router gets hash tags without doing anything.
 #[doc(alias = "BaseRouter")]
 pub trait Router: Send + Sync {
     /// The host that owns `key`.
