@@ -18,7 +18,7 @@ use crate::driver::Driver;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::{HostMap, LoopOptions, Session};
 use crate::health::{HealthPolicy, HostHealth, HostWatch};
-use crate::router::{self, HashTag, HashTagRouter, Router, RouterKind};
+use crate::router::{self, HashTag, HashTagRouter, Router, RouterKind, TwemproxyRing};
 use crate::scripts::ScriptMemory;
 use crate::stats::{ClusterStats, Observer};
 
@@ -155,6 +155,7 @@ enum RouterChoice {
     Partition,
     ConsistentHashing,
     Custom(Arc<dyn Router>),
+    Twemproxy(TwemproxyRing),
 }
 
 impl ClusterBuilder {
@@ -197,6 +198,7 @@ impl ClusterBuilder {
         self.router = match kind {
             RouterKind::Partition => RouterChoice::Partition,
             RouterKind::ConsistentHashing => RouterChoice::ConsistentHashing,
+            RouterKind::Twemproxy(ring) => RouterChoice::Twemproxy(ring),
         };
         self
     }
@@ -256,7 +258,7 @@ impl ClusterBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::BadHostSetup`] for a duplicate id or hosts the router cannot use (a gap in the ids), [`Error::Config`] for a host with a user name but no password.
+    /// [`Error::BadHostSetup`] for a duplicate id or hosts the router cannot use (a gap in the ids), [`Error::Config`] for a host with a user name but no password, or hosts a twemproxy ring cannot use (a zero weight, two hosts with one name).
     pub fn build(self) -> Result<Cluster> {
         self.health.validate()?;
         let resolver = self.resolver.unwrap_or_else(|| Arc::new(SystemResolver));
@@ -414,6 +416,7 @@ impl Cluster {
                 router::build(RouterKind::ConsistentHashing, &hosts)?
             }
             RouterChoice::Custom(r) => r.clone(),
+            RouterChoice::Twemproxy(ring) => router::build(RouterKind::Twemproxy(*ring), &hosts)?,
         };
         let router = match state.hash_tag {
             Some(tag) => Arc::new(HashTagRouter::new(router, tag)),
@@ -959,6 +962,7 @@ impl std::fmt::Debug for ClusterBuilder {
             RouterChoice::Partition => "Partition",
             RouterChoice::ConsistentHashing => "ConsistentHashing",
             RouterChoice::Custom(_) => "Custom",
+            RouterChoice::Twemproxy(_) => "Twemproxy",
         };
         f.debug_struct("ClusterBuilder")
             .field("defaults", &self.defaults)

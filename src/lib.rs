@@ -16,6 +16,7 @@ mod digest;
 mod driver;
 pub mod error;
 mod event_loop;
+mod hashkit;
 // Until the engine calls them, the crate-internal halves (the per-host
 // states it records into) are unused.
 pub mod health;
@@ -137,6 +138,7 @@ pub use health::{HealthPolicy, HostHealth};
 pub use promise::{join_all, JoinAll, Promise, Reply};
 pub use resp::Value;
 pub use router::{
-    ConsistentHashingRouter, HashTag, HashTagRouter, PartitionRouter, Router, RouterKind,
+    ConsistentHashingRouter, Distribution, HashTag, HashTagRouter, PartitionRouter, Router,
+    RouterKind, TwemproxyHash, TwemproxyRing, TwemproxyRouter,
 };
 pub use stats::{ClusterStats, HostEvent, HostStats, LatencySummary, Observer, TotalStats};
