@@ -1,8 +1,10 @@
-//! Protocol benchmarks: RESP decoding, command encoding and key routing,
+//! Protocol benchmarks: RESP decoding, command encoding and key routing
+//! (rb's routers and twemproxy's rings with each of their twelve hashes),
 //! each with a plain baseline in the same group (a memcpy for decoding and
-//! encoding, the bare hash for routing) so results read as ratios.
+//! encoding, the bare hash and CRC-32 for routing) so results read as ratios.
 //!
-//! `cargo bench --bench protocol -- --noplot`
+//! `cargo bench --bench protocol -- --noplot` (one group:
+//! `cargo bench --bench protocol -- --noplot twemproxy`)
 //!
 //! Two benches measure internals and need the `fuzzing` feature (which
 //! makes them reachable as `rb::fuzzing`): splitting an MGET reply with the
@@ -18,7 +20,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Thro
 #[cfg(feature = "fuzzing")]
 use rb::fuzzing::{Frame, ReplyStream};
 use rb::resp::{decode, Decoder};
-use rb::{ConsistentHashingRouter, HostConfig, PartitionRouter, Router, Value};
+use rb::{
+    ConsistentHashingRouter, Distribution, HashTag, HashTagRouter, HostConfig, PartitionRouter,
+    Router, TwemproxyHash, TwemproxyRing, TwemproxyRouter, Value,
+};
 
 fn quick<'a>(
     c: &'a mut Criterion,
@@ -236,11 +241,90 @@ fn routers(c: &mut Criterion) {
     g.finish();
 }
 
+/// Twemproxy rings, one per hash, routing 1000 typical 16-byte keys over 8
+/// hosts, next to bare CRC-32 (crc32fast) and each bare hash in the same
+/// group: ns/key = the time per iteration / 1000.
+fn twemproxy_routers(c: &mut Criterion) {
+    let mut g = quick(c, "twemproxy_route_1000_16B_keys_8_hosts");
+    g.throughput(Throughput::Elements(1000));
+    let keys: Vec<Vec<u8>> = (0..1000)
+        .map(|i| format!("user:{i:06}:cart").into_bytes())
+        .collect();
+    assert!(keys.iter().all(|k| k.len() == 16));
+    let ring_over = |ring: TwemproxyRing| {
+        TwemproxyRouter::from_servers(
+            ring,
+            (0..8).map(|i| (i, format!("10.0.0.{}:6379", i + 1), 1 + i % 3)),
+        )
+        .unwrap()
+    };
+    g.bench_function("baseline_crc32fast", |b| {
+        b.iter(|| {
+            for k in &keys {
+                black_box(crc32fast::hash(black_box(k)));
+            }
+        })
+    });
+    for hash in TwemproxyHash::ALL {
+        let ketama = ring_over(TwemproxyRing::new(Distribution::Ketama, hash));
+        g.bench_function(format!("ketama/{hash}"), |b| {
+            b.iter(|| {
+                for k in &keys {
+                    black_box(ketama.host_for_key(black_box(k)).unwrap());
+                }
+            })
+        });
+        g.bench_function(format!("bare_hash/{hash}"), |b| {
+            b.iter(|| {
+                for k in &keys {
+                    black_box(hash.hash(black_box(k)));
+                }
+            })
+        });
+    }
+    let modula = ring_over(TwemproxyRing::new(
+        Distribution::Modula,
+        TwemproxyHash::Fnv1a64,
+    ));
+    g.bench_function("modula/fnv1a_64", |b| {
+        b.iter(|| {
+            for k in &keys {
+                black_box(modula.host_for_key(black_box(k)).unwrap());
+            }
+        })
+    });
+    // The same ring behind the cluster's hash-tag wrapper (keys untagged,
+    // so the cost is the scan for `{`), and with every key tagged.
+    let tagged = HashTagRouter::new(
+        Arc::new(ring_over(TwemproxyRing::default())),
+        HashTag::from(b"{}"),
+    );
+    g.bench_function("ketama/fnv1a_64+hash_tag_untagged_keys", |b| {
+        b.iter(|| {
+            for k in &keys {
+                black_box(tagged.host_for_key(black_box(k)).unwrap());
+            }
+        })
+    });
+    let tagged_keys: Vec<Vec<u8>> = (0..1000)
+        .map(|i| format!("{{u{i:05}}}:cart").into_bytes())
+        .collect();
+    g.bench_function("ketama/fnv1a_64+hash_tag_tagged_keys", |b| {
+        b.iter(|| {
+            for k in &tagged_keys {
+                black_box(tagged.host_for_key(black_box(k)).unwrap());
+            }
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     decode_bulk,
     decode_replies,
     encode_commands,
-    routers
+    routers,
+    twemproxy_routers
 );
 criterion_main!(benches);

@@ -209,7 +209,8 @@ impl Dispatch {
     }
 }
 
-/// The host of a script call with one key (see [`Dispatch::script_host`]).
+/// The host of a script call with one key (see [`Dispatch::script_host`]),
+/// or with several that the router places together (hash tags).
 fn script_host(router: &dyn Router, call: &ScriptCall) -> Result<HostId> {
     match call.keys.as_slice() {
         [key] => router.host_for_key(key),
@@ -217,13 +218,19 @@ fn script_host(router: &dyn Router, call: &ScriptCall) -> Result<HostId> {
             b"EVALSHA",
             "the script call has no key; use a fanout or a local client",
         )),
-        keys => Err(Error::unroutable(
-            b"EVALSHA",
-            format!(
-                "the script call has {} keys, which cannot be routed to one host; use execute_commands with one routing key",
-                keys.len()
-            ),
-        )),
+        keys => router.host_for_command(&call.evalsha()).map_err(|e| match e {
+            // rb's refusal, said for a script call.
+            Error::Unroutable { reason, .. } if &*reason == crate::keyspec::MOVABLE => {
+                Error::unroutable(
+                    b"EVALSHA",
+                    format!(
+                        "the script call has {} keys, which cannot be routed to one host; use execute_commands with one routing key (or hash tags)",
+                        keys.len()
+                    ),
+                )
+            }
+            e => e,
+        }),
     }
 }
 

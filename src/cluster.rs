@@ -18,7 +18,7 @@ use crate::driver::Driver;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::{HostMap, LoopOptions, Session};
 use crate::health::{HealthPolicy, HostHealth, HostWatch};
-use crate::router::{self, Router, RouterKind};
+use crate::router::{self, HashTag, HashTagRouter, Router, RouterKind, TwemproxyRing};
 use crate::scan::{Scan, ScanCursor, ScanOptions};
 use crate::scripts::ScriptMemory;
 use crate::stats::{ClusterStats, MigrationCounters, Observer};
@@ -148,6 +148,7 @@ pub struct ClusterBuilder {
     health: HealthPolicy,
     observer: Option<Arc<dyn Observer>>,
     previous: Option<Cluster>,
+    hash_tag: Option<HashTag>,
 }
 
 #[derive(Clone, Default)]
@@ -156,6 +157,7 @@ enum RouterChoice {
     Partition,
     ConsistentHashing,
     Custom(Arc<dyn Router>),
+    Twemproxy(TwemproxyRing),
 }
 
 impl ClusterBuilder {
@@ -198,7 +200,24 @@ impl ClusterBuilder {
         self.router = match kind {
             RouterKind::Partition => RouterChoice::Partition,
             RouterKind::ConsistentHashing => RouterChoice::ConsistentHashing,
+            RouterKind::Twemproxy(ring) => RouterChoice::Twemproxy(ring),
         };
+        self
+    }
+
+    /// Routes keys by their hash tag (off by default, as in rb): with
+    /// `b"{}"`, a key routes by the bytes between its first `{` and the
+    /// next `}` after it when there are any, as twemproxy and Redis Cluster
+    /// do; any two bytes work (`b"::"`). Every router applies it, custom
+    /// ones included (the cluster routes through a [`HashTagRouter`]), and
+    /// a command whose keys all carry the same tag goes to that tag's host
+    /// as one command (`RENAME`, `SUNIONSTORE`, `EVAL` over several keys,
+    /// `MGET` unsplit, ...); keys with different or missing tags keep rb's
+    /// rule (`MGET`, `MSET`, `DEL`, `UNLINK`, `EXISTS`, `TOUCH` split per
+    /// host, anything else is [`Error::Unroutable`] saying why).
+    #[must_use]
+    pub fn hash_tag(mut self, tag: impl Into<HashTag>) -> ClusterBuilder {
+        self.hash_tag = Some(tag.into());
         self
     }
 
@@ -253,7 +272,7 @@ impl ClusterBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::BadHostSetup`] for a duplicate id or hosts the router cannot use (a gap in the ids), [`Error::Config`] for a host with a user name but no password.
+    /// [`Error::BadHostSetup`] for a duplicate id or hosts the router cannot use (a gap in the ids), [`Error::Config`] for a host with a user name but no password, or hosts a twemproxy ring cannot use (a zero weight, two hosts with one name).
     pub fn build(self) -> Result<Cluster> {
         self.health.validate()?;
         let resolver = self.resolver.unwrap_or_else(|| Arc::new(SystemResolver));
@@ -279,6 +298,7 @@ impl ClusterBuilder {
                     table: Arc::new(hosts),
                     router_choice: self.router,
                     router: None,
+                    hash_tag: self.hash_tag,
                 }),
                 scripts: Arc::default(),
                 resolver,
@@ -352,6 +372,7 @@ struct ClusterState {
     router_choice: RouterChoice,
     /// Built on first use and dropped whenever the hosts change.
     router: Option<Arc<dyn Router>>,
+    hash_tag: Option<HashTag>,
 }
 
 impl Cluster {
@@ -414,6 +435,11 @@ impl Cluster {
                 router::build(RouterKind::ConsistentHashing, &hosts)?
             }
             RouterChoice::Custom(r) => r.clone(),
+            RouterChoice::Twemproxy(ring) => router::build(RouterKind::Twemproxy(*ring), &hosts)?,
+        };
+        let router = match state.hash_tag {
+            Some(tag) => Arc::new(HashTagRouter::new(router, tag)),
+            None => router,
         };
         state.router = Some(router.clone());
         Ok(router)
@@ -1002,11 +1028,13 @@ impl std::fmt::Debug for ClusterBuilder {
             RouterChoice::Partition => "Partition",
             RouterChoice::ConsistentHashing => "ConsistentHashing",
             RouterChoice::Custom(_) => "Custom",
+            RouterChoice::Twemproxy(_) => "Twemproxy",
         };
         f.debug_struct("ClusterBuilder")
             .field("defaults", &self.defaults)
             .field("hosts", &self.hosts)
             .field("router", &router)
+            .field("hash_tag", &self.hash_tag)
             .field(
                 "resolver",
                 &self.resolver.as_ref().map_or("System", |_| "Custom"),

@@ -81,6 +81,8 @@ pub struct HostConfig {
     pool_size: Option<usize>,
     max_reply_bytes: Option<usize>,
     max_reply_elements: Option<usize>,
+    weight: Option<u32>,
+    twemproxy_name: Option<String>,
 }
 
 impl HostConfig {
@@ -205,6 +207,59 @@ impl HostConfig {
         self
     }
 
+    /// The host's weight on a twemproxy ring (`host:port:weight` in
+    /// nutcracker.yml): its share of the keys, relative to the other hosts'.
+    /// Must be at least 1 there (and at most 2147483647, what nutcracker
+    /// reads); rb's own routers ignore it. Default 1.
+    #[must_use]
+    pub fn weight(mut self, weight: u32) -> HostConfig {
+        self.weight = Some(weight);
+        self
+    }
+
+    /// The host's name on a twemproxy ring (the optional `name` of
+    /// nutcracker.yml's `host:port:weight name`): the ring places the host
+    /// by this name instead of by its address, so the host can move without
+    /// moving its keys. rb's own routers ignore it. Default: none (the
+    /// address, as nutcracker derives it: see [`HostInfo::twemproxy_node_name`]).
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> HostConfig {
+        self.twemproxy_name = Some(name.into());
+        self
+    }
+
+    /// Parses one server line of a nutcracker.yml `servers:` list, as
+    /// nutcracker 0.5.0 does: `host:port:weight [name]`, or
+    /// `/path/to/unix.sock:weight [name]` (a path starting with `/`, with no
+    /// `:` in it). Fields are split from the end (the name after the last
+    /// space, the weight after the last `:` before it, the port after the
+    /// `:` before that), so an IPv6 address needs no brackets
+    /// (`::1:6379:1`). Surrounding whitespace is ignored, as YAML drops it.
+    ///
+    /// When the line has no name, nutcracker names the server by the text
+    /// of its address (`host:port`, only `host` for port 11211, `path:` for
+    /// a unix socket); that name is kept exactly when it differs from what
+    /// the parsed host and port would give (a port written `06379`).
+    ///
+    /// ```
+    /// let cfg = rb::HostConfig::from_twemproxy("127.0.0.1:6379:2 server1").unwrap();
+    /// let info = cfg.resolve(0);
+    /// assert_eq!((info.host.as_str(), info.port, info.weight), ("127.0.0.1", 6379, 2));
+    /// assert_eq!(info.twemproxy_node_name(), "server1");
+    /// assert!(rb::HostConfig::from_twemproxy("127.0.0.1:6379").is_err()); // no weight
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] quoting the line and naming the bad part: no
+    /// weight or port, a weight that is not a number from 1 to 2147483647,
+    /// a port that is not a number from 1 to 65535, an empty host, a `:` in
+    /// a unix socket path.
+    pub fn from_twemproxy(line: &str) -> Result<HostConfig> {
+        parse_twemproxy(line)
+            .map_err(|reason| Error::config(format!("twemproxy server line {line:?}: {reason}")))
+    }
+
     /// `self`, with every unset value taken from `defaults`.
     #[must_use]
     pub fn or(self, defaults: &HostConfig) -> HostConfig {
@@ -227,6 +282,8 @@ impl HostConfig {
             pool_size: pick(self.pool_size, &defaults.pool_size),
             max_reply_bytes: pick(self.max_reply_bytes, &defaults.max_reply_bytes),
             max_reply_elements: pick(self.max_reply_elements, &defaults.max_reply_elements),
+            weight: pick(self.weight, &defaults.weight),
+            twemproxy_name: pick(self.twemproxy_name, &defaults.twemproxy_name),
         }
     }
 
@@ -253,6 +310,8 @@ impl HostConfig {
             max_reply_elements: self
                 .max_reply_elements
                 .unwrap_or(DEFAULT_MAX_REPLY_ELEMENTS),
+            weight: self.weight.unwrap_or(1),
+            twemproxy_name: self.twemproxy_name.clone(),
             name: HostName {
                 id: host_id,
                 addr: "".into(),
@@ -345,6 +404,8 @@ impl fmt::Debug for HostConfig {
             .field("pool_size", &self.pool_size)
             .field("max_reply_bytes", &self.max_reply_bytes)
             .field("max_reply_elements", &self.max_reply_elements)
+            .field("weight", &self.weight)
+            .field("name", &self.twemproxy_name)
             .finish()
     }
 }
@@ -631,6 +692,80 @@ fn parse_url(url: &str) -> std::result::Result<HostConfig, String> {
     Ok(cfg)
 }
 
+/// nutcracker's `nc_atoi` over a whole field: digits only, at least one.
+fn twemproxy_number(field: &str) -> Option<u64> {
+    if field.is_empty() || field.len() > 10 || !field.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    field.parse().ok()
+}
+
+/// [`HostConfig::from_twemproxy`]'s parser (nutcracker's `conf_add_server`).
+fn parse_twemproxy(line: &str) -> std::result::Result<HostConfig, String> {
+    let line = line.trim();
+    let (rest, name) = match line.rsplit_once(' ') {
+        Some((rest, name)) => (rest, Some(name)),
+        None => (line, None),
+    };
+    let want = "want host:port:weight [name] or /path/to/socket:weight [name]";
+    let (addr_port, weight) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("no weight ({want})"))?;
+    let weight = match twemproxy_number(weight) {
+        Some(0) => return Err("zero weight (want at least 1)".into()),
+        Some(w) if w <= i32::MAX as u64 => w as u32,
+        _ => {
+            return Err(format!(
+                "bad weight {weight:?} (want a number from 1 to 2147483647)"
+            ))
+        }
+    };
+    let mut cfg = HostConfig::new().weight(weight);
+    // The name nutcracker gives a server line without one.
+    let derived;
+    if addr_port.starts_with('/') {
+        if addr_port.contains(':') {
+            return Err(format!(
+                "unix socket path {addr_port:?} contains ':' (nutcracker cannot parse it)"
+            ));
+        }
+        cfg = cfg.unix_socket_path(addr_port);
+        derived = format!("{addr_port}:");
+    } else {
+        let (host, port_text) = addr_port
+            .rsplit_once(':')
+            .ok_or_else(|| format!("no port ({want})"))?;
+        let port = match twemproxy_number(port_text) {
+            Some(p) if (1..=65535).contains(&p) => p as u16,
+            _ => {
+                return Err(format!(
+                    "bad port {port_text:?} (want a number from 1 to 65535)"
+                ))
+            }
+        };
+        if host.is_empty() {
+            return Err("empty host".into());
+        }
+        derived = if port == 11211 {
+            host.to_owned()
+        } else {
+            format!("{host}:{port_text}")
+        };
+        // Brackets are for URLs; connect to the bare address.
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        cfg = cfg.host(bare).port(port);
+    }
+    match name {
+        Some(name) => cfg = cfg.name(name),
+        None if cfg.resolve(0).twemproxy_node_name() != derived => cfg = cfg.name(derived),
+        None => {}
+    }
+    Ok(cfg)
+}
+
 /// A resolved host: every setting known. Fields mirror rb's `HostInfo`.
 #[derive(Clone, PartialEq)]
 pub struct HostInfo {
@@ -668,6 +803,10 @@ pub struct HostInfo {
     pub max_reply_bytes: usize,
     /// Most elements of one reply, nested ones included.
     pub max_reply_elements: usize,
+    /// Weight on a twemproxy ring ([`HostConfig::weight`]; rb's routers ignore it).
+    pub weight: u32,
+    /// Name on a twemproxy ring ([`HostConfig::name`]; rb's routers ignore it).
+    pub twemproxy_name: Option<String>,
     name: HostName,
 }
 
@@ -693,6 +832,24 @@ impl HostInfo {
     /// How errors name this host: `host 3 (127.0.0.1:6379/0)`.
     pub fn name(&self) -> &HostName {
         &self.name
+    }
+
+    /// The name a twemproxy ring places this host by: its
+    /// [`HostConfig::name`] when set, else what nutcracker 0.5.0 derives
+    /// from a server line without a name (`conf_add_server`):
+    /// `host:port`, only `host` when the port is 11211 (libmemcached's
+    /// default, kept for compatibility), and for a unix socket the path
+    /// followed by `:` (nutcracker takes the address and the byte after
+    /// it).
+    pub fn twemproxy_node_name(&self) -> String {
+        if let Some(name) = &self.twemproxy_name {
+            return name.clone();
+        }
+        match &self.unix_socket_path {
+            Some(path) => format!("{path}:"),
+            None if self.port == 11211 => self.host.clone(),
+            None => format!("{}:{}", self.host, self.port),
+        }
     }
 
     fn addr_string(&self) -> String {
@@ -887,6 +1044,105 @@ mod tests {
             .to_string();
         assert!(!e.contains("topsecret"), "{e}");
         assert!(e.contains("u:***@h:x"), "{e}");
+    }
+
+    #[test]
+    fn twemproxy_server_lines() {
+        let info = HostConfig::from_twemproxy("127.0.0.1:6379:1 server1")
+            .unwrap()
+            .resolve(3);
+        assert_eq!(
+            (info.host.as_str(), info.port, info.weight),
+            ("127.0.0.1", 6379, 1)
+        );
+        assert_eq!(info.twemproxy_name.as_deref(), Some("server1"));
+        assert_eq!(info.twemproxy_node_name(), "server1");
+        // No name: nutcracker's "host:port", or "host" for port 11211.
+        let info = HostConfig::from_twemproxy("  10.0.0.1:7000:25 ")
+            .unwrap()
+            .resolve(0);
+        assert_eq!((info.weight, info.twemproxy_name.as_deref()), (25, None));
+        assert_eq!(info.twemproxy_node_name(), "10.0.0.1:7000");
+        let info = HostConfig::from_twemproxy("cache1:11211:1")
+            .unwrap()
+            .resolve(0);
+        assert_eq!(info.twemproxy_node_name(), "cache1");
+        // The name is the line's text, even where the parsed port is not.
+        let info = HostConfig::from_twemproxy("10.0.0.1:06379:1")
+            .unwrap()
+            .resolve(0);
+        assert_eq!(
+            (info.port, info.twemproxy_node_name().as_str()),
+            (6379, "10.0.0.1:06379")
+        );
+        // IPv6 without brackets (fields split from the end); brackets dropped to connect.
+        let info = HostConfig::from_twemproxy("::1:6379:2").unwrap().resolve(0);
+        assert_eq!((info.host.as_str(), info.port), ("::1", 6379));
+        assert_eq!(info.twemproxy_node_name(), "::1:6379");
+        let info = HostConfig::from_twemproxy("[::1]:6379:2")
+            .unwrap()
+            .resolve(0);
+        assert_eq!(info.host, "::1");
+        assert_eq!(info.twemproxy_node_name(), "[::1]:6379");
+        // Unix sockets: "path:weight [name]"; unnamed, nutcracker names it "path:".
+        let info = HostConfig::from_twemproxy("/run/redis/a.sock:3")
+            .unwrap()
+            .resolve(0);
+        assert_eq!(info.unix_socket_path.as_deref(), Some("/run/redis/a.sock"));
+        assert_eq!(info.weight, 3);
+        assert_eq!(info.twemproxy_node_name(), "/run/redis/a.sock:");
+        let info = HostConfig::from_twemproxy("/tmp/b.sock:1 b")
+            .unwrap()
+            .resolve(0);
+        assert_eq!(info.twemproxy_node_name(), "b");
+        // Built by hand, the same names.
+        let by_hand = HostConfig::new().host("10.0.0.1").port(7000).resolve(0);
+        assert_eq!(
+            (by_hand.weight, by_hand.twemproxy_node_name().as_str()),
+            (1, "10.0.0.1:7000")
+        );
+        // Weight and name merge from the defaults like every setting.
+        let merged = HostConfig::new()
+            .or(&HostConfig::new().weight(4).name("n"))
+            .resolve(0);
+        assert_eq!(
+            (merged.weight, merged.twemproxy_node_name().as_str()),
+            (4, "n")
+        );
+    }
+
+    #[test]
+    fn bad_twemproxy_lines_name_the_part() {
+        for (line, part) in [
+            ("127.0.0.1:6379", "no port"),
+            ("127.0.0.1", "no weight"),
+            ("127.0.0.1:6379:0", "zero weight"),
+            ("127.0.0.1:6379:x", "bad weight \"x\""),
+            ("127.0.0.1:6379:-1", "bad weight"),
+            ("127.0.0.1:6379:2147483648", "bad weight"),
+            ("127.0.0.1:6379:99999999999999999999", "bad weight"),
+            ("127.0.0.1:6379:", "bad weight \"\""),
+            ("127.0.0.1:0:1", "bad port \"0\""),
+            ("127.0.0.1:65536:1", "bad port"),
+            ("127.0.0.1:+80:1", "bad port"),
+            (":6379:1", "empty host"),
+            ("127.0.0.1:6379:1 my server", "bad weight \"1 my\""),
+            ("127.0.0.1:6379:1  name", "bad weight \"1 \""),
+            ("/tmp/a:b.sock:1", "contains ':'"),
+            ("", "no weight"),
+            ("6379:1", "no port"),
+        ] {
+            let e = HostConfig::from_twemproxy(line).unwrap_err();
+            assert!(matches!(e, Error::Config { .. }), "{line:?}: {e:?}");
+            let text = e.to_string();
+            assert!(text.contains(part), "{line:?}: {text}");
+            assert!(text.contains(&format!("{line:?}")), "{line:?}: {text}");
+        }
+        // The largest weight nutcracker reads.
+        let info = HostConfig::from_twemproxy("h:1:2147483647")
+            .unwrap()
+            .resolve(0);
+        assert_eq!(info.weight, 2147483647);
     }
 }
 

@@ -91,16 +91,16 @@ fn spec_for(cmd: &Cmd) -> Option<&'static KeySpec> {
     lookup(&full).or(Some(spec))
 }
 
+/// Why commands with movable keys are refused.
+pub(crate) const MOVABLE: &str = "its keys are movable, so no single host can be determined";
+
 /// Calls `each` with every key argument of `cmd`, by its legacy key
 /// positions, until it returns false. Refuses unknown commands and movable keys.
 fn for_each_key<'c>(cmd: &'c Cmd, mut each: impl FnMut(&'c [u8]) -> bool) -> Result<()> {
     let spec = spec_for(cmd)
         .ok_or_else(|| Error::unroutable(cmd.name(), "the command is unknown to the router"))?;
     if spec.movable {
-        return Err(Error::unroutable(
-            cmd.name(),
-            "its keys are movable, so no single host can be determined",
-        ));
+        return Err(Error::unroutable(cmd.name(), MOVABLE));
     }
     if spec.first <= 0 || spec.step <= 0 {
         return Ok(());
@@ -141,6 +141,136 @@ pub fn keys(cmd: &Cmd) -> Result<Vec<&[u8]>> {
         true
     })?;
     Ok(keys)
+}
+
+/// Every key argument of `cmd`, the movable ones included: what hash tags
+/// need to tell whether a command's keys live together. Where the key
+/// positions depend on the arguments, they are found as Redis'
+/// `COMMAND GETKEYS` finds them: after `numkeys` (`EVAL`, `EVALSHA`, `FCALL`
+/// and their `_RO` forms, `LMPOP`, `BLMPOP`, `ZMPOP`, `BZMPOP`,
+/// `SINTERCARD`, `ZINTERCARD`, `ZDIFF`, `ZINTER`, `ZUNION`), the destination
+/// and the keys after `numkeys` (`ZDIFFSTORE`, `ZINTERSTORE`,
+/// `ZUNIONSTORE`), the first half after `STREAMS` (`XREAD`, `XREADGROUP`),
+/// the key and the `STORE` destination (`SORT`, `GEORADIUS`,
+/// `GEORADIUSBYMEMBER`; `SORT`'s `BY`/`GET` patterns are not keys).
+///
+/// ```
+/// use rb::{cmd, keyspec};
+/// let eval = cmd("EVAL").arg("return 1").arg(2).arg("a").arg("b").arg("argv");
+/// assert_eq!(keyspec::all_keys(&eval)?, [&b"a"[..], &b"b"[..]]);
+/// let zu = cmd("ZUNIONSTORE").arg("d").arg(2).arg("a").arg("b").arg("WEIGHTS").arg(1).arg(2);
+/// assert_eq!(keyspec::all_keys(&zu)?, [&b"d"[..], &b"a"[..], &b"b"[..]]);
+/// # Ok::<(), rb::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`Error::Unroutable`] naming the command: unknown to the table, movable
+/// keys of a command not listed above (`MIGRATE`), or a `numkeys` that is
+/// not a number or counts more keys than there are arguments.
+pub fn all_keys(cmd: &Cmd) -> Result<Vec<&[u8]>> {
+    let spec = spec_for(cmd)
+        .ok_or_else(|| Error::unroutable(cmd.name(), "the command is unknown to the router"))?;
+    if !spec.movable {
+        return keys(cmd);
+    }
+    let args: Vec<&[u8]> = cmd.args().collect();
+    // `count` keys after the `numkeys` argument at `at`.
+    let counted = |at: usize| -> Result<&[&[u8]]> {
+        let text = args.get(at).copied().unwrap_or_default();
+        let n: usize = std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| {
+                Error::unroutable(
+                    cmd.name(),
+                    format!(
+                        "numkeys {:?} is not a number",
+                        String::from_utf8_lossy(text)
+                    ),
+                )
+            })?;
+        args.get(at + 1..)
+            .and_then(|rest| rest.get(..n))
+            .ok_or_else(|| {
+                Error::unroutable(
+                    cmd.name(),
+                    format!("numkeys is {n} but fewer keys follow it"),
+                )
+            })
+    };
+    let is = |arg: &[u8], word: &str| arg.eq_ignore_ascii_case(word.as_bytes());
+    let mut out: Vec<&[u8]> = Vec::new();
+    match spec.name {
+        "eval" | "eval_ro" | "evalsha" | "evalsha_ro" | "fcall" | "fcall_ro" | "blmpop"
+        | "bzmpop" => out.extend(counted(1)?),
+        "lmpop" | "zmpop" | "sintercard" | "zintercard" | "zdiff" | "zinter" | "zunion" => {
+            out.extend(counted(0)?)
+        }
+        "zdiffstore" | "zinterstore" | "zunionstore" => {
+            out.extend(args.first().copied());
+            out.extend(counted(1)?);
+        }
+        "xread" | "xreadgroup" => {
+            // Redis' xreadGetKeys: skip the options up to STREAMS.
+            let mut i = 0;
+            let mut streams = None;
+            while let Some(&arg) = args.get(i) {
+                if is(arg, "block") || is(arg, "count") {
+                    i += 2;
+                } else if is(arg, "group") {
+                    i += 3;
+                } else if is(arg, "noack") {
+                    i += 1;
+                } else {
+                    if is(arg, "streams") {
+                        streams = Some(i);
+                    }
+                    break;
+                }
+            }
+            if let Some(at) = streams {
+                let rest = &args[at + 1..];
+                if rest.len() % 2 == 0 {
+                    out.extend(&rest[..rest.len() / 2]);
+                }
+            }
+        }
+        "sort" | "sort_ro" => {
+            // Redis' sortGetKeys: the key, and the last STORE's destination.
+            out.extend(args.first().copied());
+            let mut store = None;
+            let mut i = 1;
+            while let Some(&arg) = args.get(i) {
+                if is(arg, "limit") {
+                    i += 2;
+                } else if is(arg, "get") || is(arg, "by") {
+                    i += 1;
+                } else if is(arg, "store") && i + 1 < args.len() {
+                    store = Some(args[i + 1]);
+                }
+                i += 1;
+            }
+            out.extend(store);
+        }
+        "georadius" | "georadiusbymember" => {
+            // Redis' georadiusGetKeys: the key, and the last STORE or
+            // STOREDIST destination among the options.
+            out.extend(args.first().copied());
+            let mut store = None;
+            let mut i = 4;
+            while let Some(&arg) = args.get(i) {
+                if (is(arg, "store") || is(arg, "storedist")) && i + 1 < args.len() {
+                    store = Some(args[i + 1]);
+                    i += 1;
+                }
+                i += 1;
+            }
+            out.extend(store);
+        }
+        _ => return Err(Error::unroutable(cmd.name(), MOVABLE)),
+    }
+    Ok(out)
 }
 
 /// The one key `cmd` operates on.

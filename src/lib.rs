@@ -16,6 +16,7 @@ mod digest;
 mod driver;
 pub mod error;
 mod event_loop;
+mod hashkit;
 // Until the engine calls them, the crate-internal halves (the per-host
 // states it records into) are unused.
 pub mod health;
@@ -139,7 +140,10 @@ pub use error::{Error, HostId, HostName, Phase, Result};
 pub use health::{HealthPolicy, HostHealth};
 pub use promise::{join_all, JoinAll, Promise, Reply};
 pub use resp::Value;
-pub use router::{ConsistentHashingRouter, PartitionRouter, Router, RouterKind};
+pub use router::{
+    ConsistentHashingRouter, Distribution, HashTag, HashTagRouter, PartitionRouter, Router,
+    RouterKind, TwemproxyHash, TwemproxyRing, TwemproxyRouter,
+};
 pub use scan::{KeyScan, Scan, ScanCursor, ScanOptions};
 pub use stats::{
     ClusterStats, HostEvent, HostStats, LatencySummary, MigrationStats, Observer, TotalStats,

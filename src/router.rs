@@ -1,8 +1,16 @@
-//! Routers: which host owns a key. Both built-in routers place every key on
-//! the same host as Python rb does, so Python and Rust services can share a
-//! fleet.
+//! Routers: which host owns a key. rb's two routers place every key on the
+//! same host as Python rb does, so Python and Rust services can share a
+//! fleet; [`TwemproxyRouter`] places it where twemproxy (nutcracker) does,
+//! so services behind a twemproxy can drop the proxy and keep their keys;
+//! [`HashTagRouter`] adds hash tags to any of them.
 
 use std::sync::Arc;
+
+mod hash_tag;
+mod twemproxy;
+
+pub use hash_tag::{HashTag, HashTagRouter};
+pub use twemproxy::{Distribution, TwemproxyHash, TwemproxyRing, TwemproxyRouter};
 
 use crate::cmd::Cmd;
 use crate::config::HostInfo;
@@ -11,6 +19,12 @@ use crate::error::{Error, HostId, Result};
 use crate::keyspec;
 
 /// Decides which host a key (and so a single-key command) goes to.
+///
+/// With hash tags on ([`crate::ClusterBuilder::hash_tag`]) a cluster
+/// routes through a [`HashTagRouter`] around its router, custom ones
+/// included: it calls [`Router::host_for_key`] with a tagged key's tag, and
+/// [`Router::host_for_command`] for commands with no tagged key, so a
+/// custom router gets hash tags without doing anything.
 #[doc(alias = "BaseRouter")]
 pub trait Router: Send + Sync {
     /// The host that owns `key`.
@@ -45,6 +59,10 @@ pub enum RouterKind {
     Partition,
     /// [`ConsistentHashingRouter`].
     ConsistentHashing,
+    /// [`TwemproxyRouter`]: twemproxy's ketama or modula with one of its
+    /// hash functions, hosts weighted ([`crate::HostConfig::weight`]) and
+    /// named ([`crate::HostConfig::name`]) as in nutcracker.yml.
+    Twemproxy(TwemproxyRing),
 }
 
 /// Checks that the ids are exactly `0..n`, as the built-in routers need.
@@ -210,6 +228,7 @@ pub(crate) fn build(kind: RouterKind, hosts: &[Arc<HostInfo>]) -> Result<Arc<dyn
     Ok(match kind {
         RouterKind::Partition => Arc::new(PartitionRouter::new(hosts)?),
         RouterKind::ConsistentHashing => Arc::new(ConsistentHashingRouter::new(hosts)?),
+        RouterKind::Twemproxy(ring) => Arc::new(TwemproxyRouter::new(ring, hosts)?),
     })
 }
 

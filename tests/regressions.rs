@@ -21,8 +21,9 @@ use common::watch::{median, ms_list, watched, within};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, Error, HostConfig, Hosts, MapOptions, Phase, Protocol, Value};
 
-/// Held by the tests that measure wall time or memory, or that stream at
-/// full speed, so they neither disturb nor are disturbed by each other.
+/// Held by every test of this file: some measure wall time or stream at
+/// full speed, and on two cores any test running beside them disturbs
+/// what they measure.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -62,6 +63,7 @@ fn exists_in(setup: &TestSetup, db: usize, key: &str) -> bool {
 /// then `SELECT`). A host with a good db (1) is the control.
 #[test]
 fn failed_select_does_not_run_writes_in_db_0() {
+    let _serial = serial();
     let setup = TestSetup::new(1, 1).expect("start redis-server");
     let mut defects = Vec::new();
     for protocol in PROTOCOLS {
@@ -106,6 +108,7 @@ fn failed_select_does_not_run_writes_in_db_0() {
 /// (`HELLO 3 AUTH alice wrong`). The right password is the control.
 #[test]
 fn failed_auth_does_not_run_writes_as_the_default_user() {
+    let _serial = serial();
     let setup = TestSetup::with_config(1, 1, |_| "user alice on >right ~* +@all\n".into())
         .expect("start redis-server with an ACL user");
     let mut defects = Vec::new();
@@ -237,6 +240,7 @@ fn check_non_once_commands_are_refused(protocol: Protocol) {
 /// See [`check_non_once_commands_are_refused`]: RESP2.
 #[test]
 fn unsubscribe_and_client_reply_are_refused_and_replies_stay_in_step_resp2() {
+    let _serial = serial();
     check_non_once_commands_are_refused(Protocol::Resp2);
 }
 
@@ -244,6 +248,7 @@ fn unsubscribe_and_client_reply_are_refused_and_replies_stay_in_step_resp2() {
 /// unsubscribe confirmations are push frames).
 #[test]
 fn unsubscribe_and_client_reply_are_refused_and_replies_stay_in_step_resp3() {
+    let _serial = serial();
     check_non_once_commands_are_refused(Protocol::Resp3);
 }
 
@@ -258,6 +263,7 @@ fn unsubscribe_and_client_reply_are_refused_and_replies_stay_in_step_resp3() {
 /// the host holds the script, so it meets `NOSCRIPT`).
 #[test]
 fn script_call_keeps_list_order_after_script_flush_and_restart() {
+    let _serial = serial();
     let mut setup = TestSetup::new(1, 1).expect("start redis-server");
     let cluster = setup.make_cluster().expect("cluster");
     let run = |label: &str| -> (Result<Value, Error>, Result<Value, Error>) {
@@ -476,6 +482,7 @@ fn endless_array_reply_fails_fast_with_explicit_reply_limits() {
 /// cannot authenticate; silently sending no AUTH runs as the default user).
 #[test]
 fn username_without_password_is_a_config_error() {
+    let _serial = serial();
     let setup = TestSetup::new(1, 1).expect("start redis-server");
     let built = Cluster::builder()
         .host(0, setup.host_config(0, 0).username("u"))
@@ -501,6 +508,7 @@ fn username_without_password_is_a_config_error() {
 /// the read budget (2 s).
 #[test]
 fn slow_handshake_of_an_immediate_command_times_out_in_the_connect_phase_with_the_connect_budget() {
+    let _serial = serial();
     let proxy = Proxy::fake(Fault::Blackhole);
     let connect = Duration::from_millis(200);
     let cluster = one_host(
@@ -537,6 +545,7 @@ fn slow_handshake_of_an_immediate_command_times_out_in_the_connect_phase_with_th
 /// and answers `PING` with `+PONG`, and the PING succeeds.
 #[test]
 fn unix_connect_that_gets_eagain_is_retried_within_the_connect_budget() {
+    let _serial = serial();
     let dir = std::env::temp_dir().join(format!("rb-eagain-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -625,6 +634,7 @@ fn fake_pong_server(listener: UnixListener, stop: &AtomicBool) {
 /// closed connection.
 #[test]
 fn reset_during_a_map_is_reported_as_connection_reset() {
+    let _serial = serial();
     let setup = TestSetup::new(1, 1).expect("start redis-server");
     let proxy = Proxy::to_unix(setup.socket(0));
     let cluster = one_host(proxy.host_config());
@@ -649,6 +659,7 @@ fn reset_during_a_map_is_reported_as_connection_reset() {
 /// closure `idle_connections(0)` is 1.
 #[test]
 fn implicit_join_returns_the_finished_hosts_connection_to_the_pool() {
+    let _serial = serial();
     let setup = TestSetup::new(2, 1).expect("start redis-server");
     let cluster = setup.make_cluster().expect("cluster");
     let key0 = (0..)
@@ -690,6 +701,7 @@ fn implicit_join_returns_the_finished_hosts_connection_to_the_pool() {
 /// succeeds. Once on a fresh connection, once on a pooled one.
 #[test]
 fn no_retry_after_request_bytes_went_out_and_recovery_after_the_fault() {
+    let _serial = serial();
     let setup = TestSetup::new(1, 1).expect("start redis-server");
     let proxy = Proxy::to_unix(setup.socket(0));
     let cluster = one_host(proxy.host_config());
