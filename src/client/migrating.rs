@@ -19,6 +19,7 @@
 //! into single-key commands (runs of GETs and SETs still merge into
 //! MGET/MSET per host).
 
+use std::any::{Any, TypeId};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -77,7 +78,12 @@ pub(super) struct Migration {
     old_places: BTreeMap<HostId, Arc<str>>,
     new_places: BTreeMap<HostId, Arc<str>>,
     work: Rc<RefCell<Followups>>,
+    /// The map's reads, one table per reply type (usually one or two).
+    reads: RefCell<Vec<(TypeId, ReadTables)>>,
 }
+
+/// A read table, seen as its type (to add to it) and as its misses.
+type ReadTables = (Rc<dyn Any>, Rc<dyn Misses>);
 
 impl Migration {
     /// The migration of `cluster`, if it is migrating.
@@ -98,6 +104,7 @@ impl Migration {
             old: old.clone(),
             new: cluster.clone(),
             work: Rc::default(),
+            reads: RefCell::default(),
         }))
     }
 
@@ -115,26 +122,39 @@ impl Migration {
     }
 }
 
-/// A migrating read's receiver: a hit settles the caller's promise (a
-/// plain bulk without an intermediate value, as a map's GET does); a miss
-/// queues the read for the key's old owner.
-struct ReadThrough<T> {
-    out: Promise<T>,
-    cmd: Rc<Cmd>,
-    work: Rc<RefCell<Followups>>,
+/// A map's migrating reads of one reply type: each entry is a read sent
+/// to its key's new owner. A hit settles the caller's promise at once (a
+/// plain bulk straight into `T`, as a map's GET does); a miss is marked,
+/// and after the join the read is asked of the key's old owner. One table
+/// per map and type: a read costs an entry, not an allocation.
+struct ReadTable<T> {
+    entries: RefCell<Vec<ReadEntry<T>>>,
 }
 
-impl<T: FromValue + 'static> ReplySink for ReadThrough<T> {
-    fn accept(&self, _index: u32, reply: Result<Value>, ctx: &ReplyContext<'_>) {
+struct ReadEntry<T> {
+    out: Promise<T>,
+    cmd: Cmd,
+    host: HostId,
+    /// The new owner's reply, when it was a miss.
+    missed: RefCell<Option<Value>>,
+}
+
+/// The misses of a read table, whatever its type.
+trait Misses {
+    /// Empties the table: the reads to ask of the old owners; real misses
+    /// (the old owner is the same server) are settled here.
+    fn take(&self, m: &Migration) -> Vec<(Cmd, Sink)>;
+}
+
+impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
+    fn accept(&self, index: u32, reply: Result<Value>, ctx: &ReplyContext<'_>) {
+        let entries = self.entries.borrow();
+        let Some(entry) = entries.get(index as usize) else {
+            return;
+        };
         match reply {
-            Ok(v) if is_miss(&v) => {
-                let cmd = Cmd::clone(&self.cmd);
-                self.work
-                    .borrow_mut()
-                    .fallbacks
-                    .push((cmd, settle_into(&self.out)));
-            }
-            other => self
+            Ok(v) if is_miss(&v) => *entry.missed.borrow_mut() = Some(v),
+            other => entry
                 .out
                 .settle(other.and_then(T::from_value).map_err(|e| ctx.failed(e))),
         }
@@ -142,12 +162,36 @@ impl<T: FromValue + 'static> ReplySink for ReadThrough<T> {
 
     fn accept_bulk(&self, index: u32, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
         match bytes.and_then(|b| T::from_bulk(Some(b))) {
-            Some(result) => self.out.settle(result.map_err(|e| ctx.failed(e))),
+            Some(result) => {
+                if let Some(entry) = self.entries.borrow().get(index as usize) {
+                    entry.out.settle(result.map_err(|e| ctx.failed(e)));
+                }
+            }
             None => self.accept(index, Ok(Value::from_bulk_bytes(bytes)), ctx),
         }
     }
 
     fn release(&self, _index: u32) {}
+}
+
+impl<T: FromValue + 'static> Misses for ReadTable<T> {
+    fn take(&self, m: &Migration) -> Vec<(Cmd, Sink)> {
+        let entries = std::mem::take(&mut *self.entries.borrow_mut());
+        let mut fallbacks = Vec::new();
+        for entry in entries {
+            let Some(missed) = entry.missed.into_inner() else {
+                continue; // a hit: settled already
+            };
+            let old = keyspec::single_key(&entry.cmd).and_then(|key| m.in_transit(key, entry.host));
+            match old {
+                Ok(Some(_)) => fallbacks.push((entry.cmd, settle_into(&entry.out))),
+                // The key's owner did not change: a real miss.
+                Ok(None) => entry.out.settle(T::from_value(missed)),
+                Err(e) => entry.out.settle(Err(e)),
+            }
+        }
+        fallbacks
+    }
 }
 
 /// A sink settling `out` with the reply converted to `T`.
@@ -161,6 +205,12 @@ impl Dispatch {
     pub(super) fn migrating<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
         if let Some(kind) = MultiKey::of(&cmd) {
             return self.migrating_multi(kind, &cmd);
+        }
+        if Access::of(&cmd) == Access::Read {
+            return match self.router.host_for_command(&cmd) {
+                Ok(host) => self.migrating_read(host, cmd),
+                Err(e) => self.reject(e),
+            };
         }
         let routed = self.router.host_for_command(&cmd).and_then(|host| {
             let key = keyspec::single_key(&cmd)?.to_vec();
@@ -182,15 +232,7 @@ impl Dispatch {
         };
         let out = Promise::new();
         match Access::of(&cmd) {
-            Access::Read => {
-                let cmd = Rc::new(cmd);
-                let sink = Rc::new(ReadThrough {
-                    out: out.clone(),
-                    cmd: cmd.clone(),
-                    work,
-                });
-                self.session.enqueue(host, &cmd, Waiter::new(sink, 0));
-            }
+            Access::Read => return self.migrating_read(host, cmd),
             Access::Overwrite => {
                 let first: Promise<Value> = self.send(host, &cmd);
                 let sink = settle_into(&out);
@@ -204,6 +246,48 @@ impl Dispatch {
             }
             Access::Modify => self.modify(host, old, key, cmd, settle_into(&out), &work),
         }
+        out
+    }
+
+    /// A read: to the new owner through the map's read table for `T`; the
+    /// old owner is looked up only for a miss, after the join.
+    fn migrating_read<T: FromValue + 'static>(&mut self, host: HostId, cmd: Cmd) -> Promise<T> {
+        let table = self.migration.as_ref().and_then(|m| {
+            let mut tables = m.reads.borrow_mut();
+            let id = TypeId::of::<T>();
+            let i = match tables.iter().position(|(t, _)| *t == id) {
+                Some(i) => i,
+                None => {
+                    let table = Rc::new(ReadTable::<T> {
+                        entries: RefCell::new(Vec::new()),
+                    });
+                    tables.push((id, (table.clone() as Rc<dyn Any>, table as Rc<dyn Misses>)));
+                    tables.len() - 1
+                }
+            };
+            tables[i].1 .0.clone().downcast::<ReadTable<T>>().ok()
+        });
+        let Some(table) = table else {
+            return self.send(host, &cmd);
+        };
+        let out = Promise::new();
+        let index = {
+            let mut entries = table.entries.borrow_mut();
+            entries.push(ReadEntry {
+                out: out.clone(),
+                cmd,
+                host,
+                missed: RefCell::new(None),
+            });
+            entries.len() - 1
+        };
+        let Ok(slot) = u32::try_from(index) else {
+            return self.reject(Error::config("too many reads in one map"));
+        };
+        let entries = table.entries.borrow();
+        let cmd = &entries[index].cmd;
+        let waiter = Waiter::new(table.clone(), slot);
+        self.session.enqueue(host, cmd, waiter);
         out
     }
 
@@ -318,6 +402,16 @@ impl Dispatch {
 /// Runs what a migrating map left for after its join; returns whether it
 /// ran anything (then the map joins again: nothing here enqueues into it).
 pub(super) fn run_followups(m: &Migration, runs: &Runs) -> bool {
+    let tables: Vec<Rc<dyn Misses>> = m
+        .reads
+        .borrow()
+        .iter()
+        .map(|(_, (_, t))| t.clone())
+        .collect();
+    for table in tables {
+        let misses = table.take(m);
+        m.work.borrow_mut().fallbacks.extend(misses);
+    }
     let work = std::mem::take(&mut *m.work.borrow_mut());
     let runs = std::mem::take(&mut *runs.borrow_mut());
     if work.is_empty() && runs.is_empty() {
