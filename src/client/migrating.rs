@@ -453,15 +453,13 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs) -> bool {
         counters
             .fallback_reads
             .fetch_add(work.fallbacks.len() as u64, Relaxed);
-        let mut promises = Vec::with_capacity(work.fallbacks.len());
-        let sinks: Vec<Sink> = {
-            let _ = m.old.map(|c| {
-                for (c2, _) in &work.fallbacks {
-                    promises.push(crate::Execute::execute::<Value>(c, c2.clone()));
-                }
-            });
-            work.fallbacks.into_iter().map(|(_, s)| s).collect()
-        };
+        let (cmds, sinks): (Vec<Cmd>, Vec<Sink>) = work.fallbacks.into_iter().unzip();
+        let mut promises = Vec::with_capacity(cmds.len());
+        let _ = m.old.map(|c| {
+            for c2 in cmds {
+                promises.push(crate::Execute::execute::<Value>(c, c2));
+            }
+        });
         for (p, sink) in promises.into_iter().zip(sinks) {
             let r = p.take();
             if matches!(&r, Ok(v) if !is_miss(v)) {
