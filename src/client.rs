@@ -98,8 +98,9 @@ impl Dispatch {
     fn join(&mut self) {
         self.session.join();
         if let Some(m) = &self.migration {
-            if migrating::run_followups(m, &self.runs) {
+            if migrating::run_followups(m, &self.runs, &mut self.session) {
                 self.session.join();
+                migrating::settle_fallbacks(m);
             }
         }
     }
@@ -108,8 +109,9 @@ impl Dispatch {
     fn join_by(&mut self, deadline: Option<std::time::Instant>, budget: Option<Duration>) {
         self.session.join_by(deadline, budget);
         if let Some(m) = &self.migration {
-            if migrating::run_followups(m, &self.runs) {
+            if migrating::run_followups(m, &self.runs, &mut self.session) {
                 self.session.join_by(deadline, budget);
+                migrating::settle_fallbacks(m);
             }
         }
     }
@@ -381,6 +383,10 @@ impl MappingClient {
             Ok(m) => m,
             Err(e) => return MappingClient::broken(e),
         };
+        let mut session = session;
+        if let Some(old) = cluster.migrating_from() {
+            session.add_hosts(&old.host_map(), migrating::OLD_HOSTS);
+        }
         let batch = Batch::new(session, router);
         if let Some(d) = batch.dispatch.borrow_mut().as_mut() {
             d.migration = migration;

@@ -606,6 +606,11 @@ impl Cluster {
         stats
     }
 
+    /// The host table as it is now.
+    pub(crate) fn host_map(&self) -> Arc<HostMap> {
+        self.read().table.clone()
+    }
+
     /// A migrating cluster's counters of fallback reads and moves.
     pub(crate) fn migration_counters(&self) -> &Arc<MigrationCounters> {
         &self.inner.migration

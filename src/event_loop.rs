@@ -626,6 +626,18 @@ impl Session {
         }
     }
 
+    /// Lets this session reach `extra` hosts too, each at its id plus
+    /// `offset` (a migrating map reaches the old cluster's hosts so).
+    pub(crate) fn add_hosts(&mut self, extra: &HostMap, offset: HostId) {
+        let mut hosts = HostMap::clone(&self.hosts);
+        for (id, entry) in extra {
+            if let Some(shifted) = id.checked_add(offset) {
+                hosts.insert(shifted, entry.clone());
+            }
+        }
+        self.hosts = Arc::new(hosts);
+    }
+
     /// The hosts this session may reach.
     pub(crate) fn hosts(&self) -> &Arc<HostMap> {
         &self.hosts

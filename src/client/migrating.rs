@@ -30,6 +30,7 @@ use crate::cluster::Cluster;
 use crate::cmd::{cmd, Cmd};
 use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
+use crate::event_loop::Session;
 use crate::keyspec;
 use crate::migrate::{is_miss, move_now, Access, MoveProgress, RUN_IF_PRESENT};
 use crate::multikey::MultiKey;
@@ -38,6 +39,10 @@ use crate::resp::Value;
 use crate::router::Router;
 
 use super::Dispatch;
+
+/// Where a migrating map's session reaches the old cluster's hosts: at
+/// their id plus this.
+pub(super) const OLD_HOSTS: HostId = 1 << 31;
 
 /// Who gets a command's final reply.
 pub(super) type Sink = Box<dyn FnOnce(Result<Value>)>;
@@ -49,8 +54,8 @@ pub(super) type Runs = Rc<RefCell<Vec<(HostId, Cmd, Sink)>>>;
 /// Work left for after a join.
 #[derive(Default)]
 struct Followups {
-    /// Reads that missed on the new owner.
-    fallbacks: Vec<(Cmd, Sink)>,
+    /// Reads that missed on the new owner: (old host, command, sink).
+    fallbacks: Vec<(HostId, Cmd, Sink)>,
     /// Old copies of overwritten keys: (old host, key).
     stale: Vec<(HostId, Vec<u8>)>,
     /// Deletes: (old host, new host, command, sink).
@@ -78,6 +83,8 @@ pub(super) struct Migration {
     old_places: BTreeMap<HostId, Arc<str>>,
     new_places: BTreeMap<HostId, Arc<str>>,
     work: Rc<RefCell<Followups>>,
+    /// Reads asked of the old owners, to settle after the next join.
+    asking: RefCell<Vec<(Promise<Value>, Sink)>>,
     /// The map's reads, one table per reply type (usually one or two).
     reads: RefCell<Vec<(TypeId, ReadTables)>>,
 }
@@ -104,6 +111,7 @@ impl Migration {
             old: old.clone(),
             new: cluster.clone(),
             work: Rc::default(),
+            asking: RefCell::default(),
             reads: RefCell::default(),
         }))
     }
@@ -143,7 +151,7 @@ struct ReadEntry<T> {
 trait Misses {
     /// Empties the table: the reads to ask of the old owners; real misses
     /// (the old owner is the same server) are settled here.
-    fn take(&self, m: &Migration) -> Vec<(Cmd, Sink)>;
+    fn take(&self, m: &Migration) -> Vec<(HostId, Cmd, Sink)>;
 }
 
 impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
@@ -175,7 +183,7 @@ impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
 }
 
 impl<T: FromValue + 'static> Misses for ReadTable<T> {
-    fn take(&self, m: &Migration) -> Vec<(Cmd, Sink)> {
+    fn take(&self, m: &Migration) -> Vec<(HostId, Cmd, Sink)> {
         let entries = std::mem::take(&mut *self.entries.borrow_mut());
         let mut fallbacks = Vec::new();
         for entry in entries {
@@ -184,7 +192,7 @@ impl<T: FromValue + 'static> Misses for ReadTable<T> {
             };
             let old = keyspec::single_key(&entry.cmd).and_then(|key| m.in_transit(key, entry.host));
             match old {
-                Ok(Some(_)) => fallbacks.push((entry.cmd, settle_into(&entry.out))),
+                Ok(Some(old)) => fallbacks.push((old, entry.cmd, settle_into(&entry.out))),
                 // The key's owner did not change: a real miss.
                 Ok(None) => entry.out.settle(T::from_value(missed)),
                 Err(e) => entry.out.settle(Err(e)),
@@ -401,7 +409,7 @@ impl Dispatch {
 
 /// Runs what a migrating map left for after its join; returns whether it
 /// ran anything (then the map joins again: nothing here enqueues into it).
-pub(super) fn run_followups(m: &Migration, runs: &Runs) -> bool {
+pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -> bool {
     let tables: Vec<Rc<dyn Misses>> = m
         .reads
         .borrow()
@@ -448,24 +456,18 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs) -> bool {
             .push(cmd("DEL").arg(key.as_slice()));
     }
     let _ = run_grouped(&m.old, stale);
-    // Reads that missed: asked of the old owners, batched by their map.
-    if !work.fallbacks.is_empty() {
+    // Reads that missed: asked of the old owners in this same session
+    // (their hosts are in it at OLD_HOSTS + id), batched per host.
+    let asked = !work.fallbacks.is_empty();
+    if asked {
         counters
             .fallback_reads
             .fetch_add(work.fallbacks.len() as u64, Relaxed);
-        let (cmds, sinks): (Vec<Cmd>, Vec<Sink>) = work.fallbacks.into_iter().unzip();
-        let mut promises = Vec::with_capacity(cmds.len());
-        let _ = m.old.map(|c| {
-            for c2 in cmds {
-                promises.push(crate::Execute::execute::<Value>(c, c2));
-            }
-        });
-        for (p, sink) in promises.into_iter().zip(sinks) {
-            let r = p.take();
-            if matches!(&r, Ok(v) if !is_miss(v)) {
-                counters.fallback_hits.fetch_add(1, Relaxed);
-            }
-            sink(r);
+        let mut asking = m.asking.borrow_mut();
+        for (old, c, sink) in work.fallbacks {
+            let p: Promise<Value> = Promise::new();
+            session.enqueue(OLD_HOSTS + old, &c, p.sink());
+            asking.push((p, sink));
         }
     }
     // Keys to move before their command runs.
@@ -506,6 +508,24 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs) -> bool {
         }
     }
     true
+}
+
+/// Hands the old owners' answers (after the join that read them) to the
+/// reads that missed.
+pub(super) fn settle_fallbacks(m: &Migration) {
+    let asking = std::mem::take(&mut *m.asking.borrow_mut());
+    let counters = m.new.migration_counters();
+    let mut hits = 0;
+    for (p, sink) in asking {
+        let r = p.take();
+        if matches!(&r, Ok(v) if !is_miss(v)) {
+            hits += 1;
+        }
+        sink(r);
+    }
+    if hits > 0 {
+        counters.fallback_hits.fetch_add(hits, Relaxed);
+    }
 }
 
 /// Runs each host's commands as one pipeline; the replies by host, in order.
