@@ -500,9 +500,8 @@ impl Cluster {
         hosts.insert(id, HostEntry { info, pool, watch });
         state.table = Arc::new(hosts);
         state.router = None;
-        let table = state.table.clone();
         drop(state);
-        self.hosts_changed(table);
+        self.hosts_changed();
         Ok(id)
     }
 
@@ -523,20 +522,21 @@ impl Cluster {
         }
         state.table = Arc::new(hosts);
         state.router = None;
-        let table = state.table.clone();
         drop(state);
-        self.hosts_changed(table);
+        self.hosts_changed();
         true
     }
 
     /// Tells a running driver about a new host table (called with no
     /// lock held: [`Cluster::driver`] takes the driver's lock, then the
     /// state's).
-    fn hosts_changed(&self, table: Arc<HostMap>) {
+    fn hosts_changed(&self) {
         self.inner.generation.fetch_add(1, Ordering::Release);
-        let driver = self.lock_driver().upgrade();
-        if let Some(driver) = driver {
-            driver.set_hosts(table);
+        let guard = self.lock_driver();
+        if let Some(driver) = guard.upgrade() {
+            // Read under the driver's lock: of two changes racing here, the
+            // driver gets the table as it is after both.
+            driver.set_hosts(self.read().table.clone());
         }
     }
 

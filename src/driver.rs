@@ -47,9 +47,16 @@ pub(crate) struct Request {
     pub(crate) auto_batch: bool,
 }
 
+/// What a caller hands the driver: one request, or a group that must reach
+/// its host's pipeline together, with nothing in between (a transaction).
+pub(crate) enum Message {
+    One(Request),
+    Group(Vec<Request>),
+}
+
 /// What the callers and the driver thread share.
 struct Shared {
-    queue: mpsc::Sender<Request>,
+    queue: mpsc::Sender<Message>,
     waker: Arc<Waker>,
     /// The waker fired and the driver has not taken the queue since: more
     /// requests need no further wake (one syscall per batch, not per request).
@@ -157,16 +164,17 @@ impl Driver {
     pub(crate) fn submit(&self, request: Request) {
         // The receiver lives as long as the thread, which outlives every
         // handle: a send cannot fail while `self` exists.
-        let _ = self.shared.queue.send(request);
+        let _ = self.shared.queue.send(Message::One(request));
         self.shared.wake();
     }
 
-    /// Queues requests that must reach their hosts in this order (the
-    /// driver takes them in the order they were queued).
+    /// Queues requests that must reach their host's pipeline in this order
+    /// and together: no other caller's request goes between them.
     pub(crate) fn submit_all(&self, requests: impl IntoIterator<Item = Request>) {
-        for request in requests {
-            let _ = self.shared.queue.send(request);
-        }
+        let _ = self
+            .shared
+            .queue
+            .send(Message::Group(requests.into_iter().collect()));
         self.shared.wake();
     }
 
@@ -288,6 +296,70 @@ fn probe_down_hosts(session: &mut Session, timers: &mut Timers, now: Instant) ->
     next
 }
 
+/// How long a stopping driver keeps sending and reading what its callers
+/// queued before it closes the connections.
+const FLUSH_ON_STOP: Duration = Duration::from_millis(500);
+
+/// Puts one request into its host's pipeline, with its deadline.
+fn enqueue(
+    session: &mut Session,
+    timers: &mut Timers,
+    next_deadline: &mut Option<Instant>,
+    request: Request,
+) {
+    let Some(cmd) = request.sink.command() else {
+        return;
+    };
+    if let (Some(budget), Some(deadline)) = (request.budget, request.deadline) {
+        timers.push(
+            budget,
+            Timer {
+                deadline,
+                host: request.host,
+                command: CmdName::of(cmd.name()),
+                sink: request.sink.clone(),
+            },
+        );
+        *next_deadline = Some(next_deadline.map_or(deadline, |n: Instant| n.min(deadline)));
+    }
+    let waiter = Waiter::shared(request.sink.clone());
+    session.enqueue_batching(request.host, cmd, waiter, request.auto_batch);
+}
+
+/// Puts a group into its host's pipeline whole (see
+/// [`Session::enqueue_group`]), with each request's deadline.
+fn enqueue_group(
+    session: &mut Session,
+    timers: &mut Timers,
+    next_deadline: &mut Option<Instant>,
+    group: Vec<Request>,
+) {
+    let Some(host) = group.first().map(|r| r.host) else {
+        return;
+    };
+    for request in &group {
+        if let (Some(budget), Some(deadline), Some(cmd)) =
+            (request.budget, request.deadline, request.sink.command())
+        {
+            timers.push(
+                budget,
+                Timer {
+                    deadline,
+                    host,
+                    command: CmdName::of(cmd.name()),
+                    sink: request.sink.clone(),
+                },
+            );
+            *next_deadline = Some(next_deadline.map_or(deadline, |n: Instant| n.min(deadline)));
+        }
+    }
+    let items = group.iter().filter_map(|r| {
+        let cmd = r.sink.command()?;
+        Some((cmd, Waiter::shared(r.sink.clone())))
+    });
+    session.enqueue_group(host, items);
+}
+
 /// How long the driver keeps polling without sleeping after its last
 /// work: a reply or the next request that comes within it costs no thread
 /// wake-up (two context switches, tens of microseconds on a busy machine).
@@ -297,41 +369,29 @@ const SPIN: Duration = Duration::from_micros(50);
 /// turn, expire deadlines; until stopped. While work keeps coming it polls
 /// without sleeping (see [`SPIN`]); then it sleeps until a socket, the
 /// waker or a deadline wakes it.
-fn run(mut session: Session, requests: &mpsc::Receiver<Request>, shared: &Shared) {
+fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: &Shared) {
     let mut timers = Timers::default();
     let mut next_deadline = None;
-    let mut carried: Option<Request> = None;
+    let mut taken: Vec<Message> = Vec::new();
     let mut last_work = Instant::now();
     loop {
-        let mut taken = 0usize;
-        for request in carried
-            .take()
-            .into_iter()
-            .chain(std::iter::from_fn(|| requests.try_recv().ok()))
-        {
-            taken += 1;
-            let Some(cmd) = request.sink.command() else {
-                continue;
-            };
-            if let (Some(budget), Some(deadline)) = (request.budget, request.deadline) {
-                timers.push(
-                    budget,
-                    Timer {
-                        deadline,
-                        host: request.host,
-                        command: CmdName::of(cmd.name()),
-                        sink: request.sink.clone(),
-                    },
-                );
-                next_deadline = Some(next_deadline.map_or(deadline, |n: Instant| n.min(deadline)));
-            }
-            let waiter = Waiter::shared(request.sink.clone());
-            session.enqueue_batching(request.host, cmd, waiter, request.auto_batch);
-        }
+        taken.extend(std::iter::from_fn(|| requests.try_recv().ok()));
+        // A request made after a host change returned goes to the new host
+        // table: take the change after the requests, apply it before them.
         if let Some(hosts) = lock(&shared.hosts).take() {
             session.set_hosts(hosts);
         }
-        if shared.stop.load(Ordering::Acquire) {
+        let stopping = shared.stop.load(Ordering::Acquire);
+        let had_work = !taken.is_empty();
+        for message in taken.drain(..) {
+            match message {
+                Message::One(r) => enqueue(&mut session, &mut timers, &mut next_deadline, r),
+                Message::Group(group) => {
+                    enqueue_group(&mut session, &mut timers, &mut next_deadline, group)
+                }
+            }
+        }
+        if stopping {
             break;
         }
         let now = Instant::now();
@@ -339,7 +399,7 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Request>, shared: &Shared
             next_deadline = timers.expire(now, &session);
         }
         let next_probe = probe_down_hosts(&mut session, &mut timers, now);
-        if taken > 0 {
+        if had_work {
             last_work = now;
         }
         let busy = if now.saturating_duration_since(last_work) < SPIN {
@@ -354,8 +414,8 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Request>, shared: &Shared
         } else {
             shared.woken.store(false, Ordering::SeqCst);
             // A request queued before the flag dropped woke nobody.
-            if let Ok(request) = requests.try_recv() {
-                carried = Some(request);
+            if let Ok(message) = requests.try_recv() {
+                taken.push(message);
                 continue;
             }
             let wake = match (next_deadline, next_probe) {
@@ -369,6 +429,12 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Request>, shared: &Shared
         }
         // Nobody reads the driver's first failure; each reply has its own.
         let _ = session.take_failure();
+    }
+    // Stopped: the last handle is gone. What callers queued still goes out
+    // (a dropped reply does not cancel its request), for a short while.
+    let until = Instant::now() + FLUSH_ON_STOP;
+    while session.is_busy() && Instant::now() < until {
+        session.serve(Some(until));
     }
     // Stopped: nothing awaits the rest (the last handle is gone).
     session.cancel(|host| Error::Cancelled {

@@ -371,15 +371,37 @@ impl Session {
         self.enqueue_how(id, cmd, waiter, how);
     }
 
-    /// Queues a part of a group that leaves the connection as it found it
-    /// (`MULTI` ... `EXEC`, `WATCH` ... `UNWATCH`): never merged into a
-    /// batch, and the connection stays poolable.
-    pub(crate) fn enqueue_clean(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter) {
-        let how = How {
-            clean: true,
-            ..How::default()
+    /// Queues a group for one host that leaves its connection clean only
+    /// if it runs whole (`MULTI` ... `EXEC`, `WATCH` ... `UNWATCH`): the
+    /// host's health admits the group once, so it is sent whole or not at
+    /// all; never merged into batches.
+    pub(crate) fn enqueue_group<'c>(
+        &mut self,
+        id: HostId,
+        group: impl IntoIterator<Item = (&'c Cmd, Waiter)>,
+    ) {
+        let admitted = match self.slot(id) {
+            Ok(i) => self.slots[i].watch.admit().map(|()| Some(i)),
+            Err(e) => Err(e),
         };
-        self.enqueue_how(id, cmd, waiter, how);
+        match admitted {
+            Ok(_) => {
+                let how = How {
+                    clean: true,
+                    probe: true,
+                    ..How::default()
+                };
+                for (cmd, waiter) in group {
+                    self.enqueue_how(id, cmd, waiter, how);
+                }
+            }
+            Err(e) => {
+                let name = self.index.get(id).map(|i| self.slots[i].name().clone());
+                for (cmd, waiter) in group {
+                    self.refuse(&waiter, cmd, name.as_ref(), e.clone());
+                }
+            }
+        }
     }
 
     fn enqueue_how(&mut self, id: HostId, cmd: &Cmd, waiter: Waiter, how: How) {
@@ -586,6 +608,13 @@ impl Session {
         let events = self.turn(until);
         self.write_all();
         self.forget_failed_hosts();
+        // A connection kept across requests gets its one transparent
+        // reconnect afresh whenever it is idle.
+        for slot in &mut self.slots {
+            if slot.conn.is_some() && slot.pipeline.is_idle() {
+                slot.retried = false;
+            }
+        }
         if !self.opts.keep_idle {
             self.release_idle();
         }
@@ -615,6 +644,9 @@ impl Session {
                 Some(entry) => {
                     slot.pipeline = Pipeline::new(entry.info.clone());
                     slot.pool = entry.pool.clone();
+                    slot.watch = entry.watch.clone();
+                    // The old entry's end is not the new one's failure.
+                    slot.failed = None;
                 }
                 None => slot.failed = Some(Error::NoSuchHost { id }),
             }
@@ -636,6 +668,19 @@ impl Session {
             }
         }
         self.hosts = Arc::new(hosts);
+    }
+
+    /// Whether any request is queued, unsent or unanswered.
+    pub(crate) fn is_busy(&self) -> bool {
+        self.active_count() > 0
+    }
+
+    /// Host `id`'s connection has been left in a state a later user must
+    /// not see (a transaction cut short): it is closed, not pooled.
+    pub(crate) fn mark_dirty(&mut self, id: HostId) {
+        if let Some(i) = self.index.get(id) {
+            self.slots[i].dirty = true;
+        }
     }
 
     /// The hosts this session may reach.

@@ -41,17 +41,24 @@ impl Held {
     fn round_trip(&self, cmds: &[Cmd]) -> Vec<Result<Value>> {
         let mut session = self.session.borrow_mut();
         session.restart_request_budgets();
-        let promises: Vec<Promise<Value>> = cmds
-            .iter()
-            .map(|c| {
-                let p = Promise::new();
-                session.enqueue_clean(self.host, c, p.sink());
-                p
-            })
-            .collect();
+        let promises: Vec<Promise<Value>> = cmds.iter().map(|_| Promise::new()).collect();
+        session.enqueue_group(
+            self.host,
+            cmds.iter().zip(promises.iter().map(Promise::sink)),
+        );
         session.join();
         let _ = session.take_failure();
-        promises.iter().map(Promise::take).collect()
+        let replies: Vec<Result<Value>> = promises.iter().map(Promise::take).collect();
+        // A group that did not run whole (refused, or its connection
+        // failed) may have left MULTI or WATCH open: that connection must
+        // not serve anyone else.
+        if replies
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.code().is_none()))
+        {
+            session.mark_dirty(self.host);
+        }
+        replies
     }
 
     /// One command, now.
@@ -267,9 +274,12 @@ impl MappingClient {
             let result = Promise::new();
             let replies: Rc<RefCell<Vec<Result<Value>>>> = Rc::default();
             let last = commands.len() - 1;
-            for (i, c) in commands.iter().enumerate() {
-                let p: Promise<Value> = Promise::new();
-                d.session.enqueue_clean(host, c, p.sink());
+            let promises: Vec<Promise<Value>> = commands.iter().map(|_| Promise::new()).collect();
+            d.session.enqueue_group(
+                host,
+                commands.iter().zip(promises.iter().map(Promise::sink)),
+            );
+            for (i, p) in promises.into_iter().enumerate() {
                 let (replies, result, name) = (replies.clone(), result.clone(), name.clone());
                 p.on_result(move |r| {
                     replies.borrow_mut().push(r);

@@ -74,6 +74,14 @@ impl<T> Slot<T> {
         }
     }
 
+    /// The task awaiting the reply is gone: drop its waker, so settling
+    /// the slot later calls nothing of it.
+    fn forget_waker(&self) {
+        if let SlotState::Pending(waker) = &mut *self.lock() {
+            *waker = None;
+        }
+    }
+
     fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Result<T>> {
         let mut state = self.lock();
         match &mut *state {
@@ -244,6 +252,16 @@ impl<T: Send + 'static> Reply<T> {
         Reply::join_results(parts, move |results| {
             combine(results.into_iter().collect::<Result<Vec<P>>>()?)
         })
+    }
+}
+
+impl<T> Drop for Reply<T> {
+    /// A dropped reply's request still runs (its reply is read and
+    /// dropped); only the waker of the task that awaited it is forgotten.
+    fn drop(&mut self) {
+        if let Inner::Slot(slot) = &self.inner {
+            slot.forget_waker();
+        }
     }
 }
 
