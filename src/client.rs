@@ -100,7 +100,10 @@ impl Dispatch {
         if let Some(m) = &self.migration {
             if migrating::run_followups(m, &self.runs, &mut self.session) {
                 self.session.join();
-                migrating::settle_fallbacks(m);
+                if migrating::settle_fallbacks(m, &mut self.session) {
+                    self.session.join();
+                    migrating::settle_rechecks(m);
+                }
             }
         }
     }
@@ -111,7 +114,10 @@ impl Dispatch {
         if let Some(m) = &self.migration {
             if migrating::run_followups(m, &self.runs, &mut self.session) {
                 self.session.join_by(deadline, budget);
-                migrating::settle_fallbacks(m);
+                if migrating::settle_fallbacks(m, &mut self.session) {
+                    self.session.join_by(deadline, budget);
+                    migrating::settle_rechecks(m);
+                }
             }
         }
     }
@@ -798,21 +804,11 @@ where
 
     // A migrating cluster runs each list where its key now belongs: keys
     // still on their old owner move there first.
-    if let Some(old) = cluster.migrating_from() {
-        let old_router = old.router()?;
-        let mut leaving: HashMap<HostId, Vec<(Vec<u8>, HostId)>> = HashMap::new();
-        for (key, host, _) in &entries {
-            let key = crate::args::to_bytes(key);
-            let from = old_router.host_for_key(&key)?;
-            if old.host(from)?.name().addr != cluster.host(*host)?.name().addr {
-                leaving.entry(from).or_default().push((key, *host));
-            }
-        }
-        for (from, keys) in leaving {
-            let mut progress = crate::migrate::MoveProgress::default();
-            crate::migrate::move_now(old, cluster, from, keys, &mut progress)?;
-        }
-    }
+    let keys: Vec<Vec<u8>> = entries
+        .iter()
+        .map(|(k, _, _)| crate::args::to_bytes(k))
+        .collect();
+    migrating::move_in_transit(cluster, keys.iter().map(Vec::as_slice))?;
 
     // Every list, in order, each on its key's host; scripts loaded first
     // where the host may lack them or where calls follow them. A script

@@ -495,20 +495,3 @@ impl Access {
         Access::Modify
     }
 }
-
-/// Whether a read's reply says the key may be missing on that host (nil,
-/// nothing, zero, or TTL's -2), so the old owner is asked.
-pub(crate) fn is_miss(reply: &Value) -> bool {
-    match reply {
-        Value::Nil | Value::Int(0) | Value::Int(-2) => true,
-        Value::Array(v) | Value::Set(v) | Value::Push(v) => v.is_empty(),
-        Value::Map(m) => m.is_empty(),
-        _ => false,
-    }
-}
-
-/// Runs the command in `ARGV` only if `KEYS[1]` exists: `{1, reply}`, or
-/// `{0}` when the key is not there (a migrating cluster then moves it
-/// first). Errors come back as values, their codes kept.
-pub(crate) const RUN_IF_PRESENT: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then \
-return {1, redis.pcall(unpack(ARGV))} else return {0} end";

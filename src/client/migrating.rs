@@ -32,13 +32,13 @@ use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::Session;
 use crate::keyspec;
-use crate::migrate::{is_miss, move_now, Access, MoveProgress, RUN_IF_PRESENT};
+use crate::migrate::{move_now, Access, MoveProgress};
 use crate::multikey::MultiKey;
 use crate::promise::{Promise, ReplyContext, ReplySink, Waiter};
 use crate::resp::Value;
 use crate::router::Router;
 
-use super::Dispatch;
+use super::{AsyncClient, Dispatch};
 
 /// Where a migrating map's session reaches the old cluster's hosts: at
 /// their id plus this.
@@ -51,11 +51,31 @@ pub(super) type Sink = Box<dyn FnOnce(Result<Value>)>;
 /// command, sink).
 pub(super) type Runs = Rc<RefCell<Vec<(HostId, Cmd, Sink)>>>;
 
+/// A read to ask of the key's old owner.
+struct Fallback {
+    old: HostId,
+    new: HostId,
+    cmd: Cmd,
+    /// Whether the old owner's `EXISTS` decides if it had the key (else
+    /// the reply's nil does: GET).
+    by_existence: bool,
+    sink: Sink,
+}
+
+/// A read asked of an old owner, until its answers are in.
+struct Asked {
+    new: HostId,
+    cmd: Cmd,
+    exists: Option<Promise<Value>>,
+    reply: Promise<Value>,
+    sink: Sink,
+}
+
 /// Work left for after a join.
 #[derive(Default)]
 struct Followups {
-    /// Reads that missed on the new owner: (old host, command, sink).
-    fallbacks: Vec<(HostId, Cmd, Sink)>,
+    /// Reads that missed on the new owner.
+    fallbacks: Vec<Fallback>,
     /// Old copies of overwritten keys: (old host, key).
     stale: Vec<(HostId, Vec<u8>)>,
     /// Deletes: (old host, new host, command, sink).
@@ -84,7 +104,10 @@ pub(super) struct Migration {
     new_places: BTreeMap<HostId, Arc<str>>,
     work: Rc<RefCell<Followups>>,
     /// Reads asked of the old owners, to settle after the next join.
-    asking: RefCell<Vec<(Promise<Value>, Sink)>>,
+    asking: RefCell<Vec<Asked>>,
+    /// Reads the old owner missed too, asked of the new owner once more
+    /// (the key may have moved there meanwhile).
+    rechecks: RefCell<Vec<(Promise<Value>, Sink)>>,
     /// The map's reads, one table per reply type (usually one or two).
     reads: RefCell<Vec<(TypeId, ReadTables)>>,
 }
@@ -112,6 +135,7 @@ impl Migration {
             new: cluster.clone(),
             work: Rc::default(),
             asking: RefCell::default(),
+            rechecks: RefCell::default(),
             reads: RefCell::default(),
         }))
     }
@@ -151,7 +175,7 @@ struct ReadEntry<T> {
 trait Misses {
     /// Empties the table: the reads to ask of the old owners; real misses
     /// (the old owner is the same server) are settled here.
-    fn take(&self, m: &Migration) -> Vec<(HostId, Cmd, Sink)>;
+    fn take(&self, m: &Migration) -> Vec<Fallback>;
 }
 
 impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
@@ -161,7 +185,7 @@ impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
             return;
         };
         match reply {
-            Ok(v) if is_miss(&v) => *entry.missed.borrow_mut() = Some(v),
+            Ok(Value::Nil) => *entry.missed.borrow_mut() = Some(Value::Nil),
             other => entry
                 .out
                 .settle(other.and_then(T::from_value).map_err(|e| ctx.failed(e))),
@@ -183,7 +207,7 @@ impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
 }
 
 impl<T: FromValue + 'static> Misses for ReadTable<T> {
-    fn take(&self, m: &Migration) -> Vec<(HostId, Cmd, Sink)> {
+    fn take(&self, m: &Migration) -> Vec<Fallback> {
         let entries = std::mem::take(&mut *self.entries.borrow_mut());
         let mut fallbacks = Vec::new();
         for entry in entries {
@@ -192,7 +216,13 @@ impl<T: FromValue + 'static> Misses for ReadTable<T> {
             };
             let old = keyspec::single_key(&entry.cmd).and_then(|key| m.in_transit(key, entry.host));
             match old {
-                Ok(Some(old)) => fallbacks.push((old, entry.cmd, settle_into(&entry.out))),
+                Ok(Some(old)) => fallbacks.push(Fallback {
+                    old,
+                    new: entry.host,
+                    sink: settle_into(&entry.out),
+                    cmd: entry.cmd,
+                    by_existence: false,
+                }),
                 // The key's owner did not change: a real miss.
                 Ok(None) => entry.out.settle(T::from_value(missed)),
                 Err(e) => entry.out.settle(Err(e)),
@@ -214,7 +244,8 @@ impl Dispatch {
         if let Some(kind) = MultiKey::of(&cmd) {
             return self.migrating_multi(kind, &cmd);
         }
-        if Access::of(&cmd) == Access::Read {
+        if cmd.common() == crate::cmd::Common::Get {
+            // GET's nil means exactly "no such key": its reply decides.
             return match self.router.host_for_command(&cmd) {
                 Ok(host) => self.migrating_read(host, cmd),
                 Err(e) => self.reject(e),
@@ -240,7 +271,24 @@ impl Dispatch {
         };
         let out = Promise::new();
         match Access::of(&cmd) {
-            Access::Read => return self.migrating_read(host, cmd),
+            Access::Read => {
+                // Other reads' replies cannot tell a missing key (ZRANK 0,
+                // HGET nil on a hash that exists): the key's existence does.
+                let probe = crate::cmd::cmd("EXISTS").arg(key.as_slice());
+                let first: Promise<Value> = self.send(host, &probe);
+                let (pending, sink) = (self.pending_runs(), settle_into(&out));
+                first.on_result(move |r| match r {
+                    Ok(Value::Int(1)) => pending.borrow_mut().push((host, cmd, sink)),
+                    Ok(_) => work.borrow_mut().fallbacks.push(Fallback {
+                        old,
+                        new: host,
+                        cmd,
+                        by_existence: true,
+                        sink,
+                    }),
+                    Err(e) => sink(Err(e)),
+                });
+            }
             Access::Overwrite => {
                 let first: Promise<Value> = self.send(host, &cmd);
                 let sink = settle_into(&out);
@@ -310,49 +358,16 @@ impl Dispatch {
         sink: Sink,
         work: &Rc<RefCell<Followups>>,
     ) {
-        let is_script = [
-            "EVAL",
-            "EVALSHA",
-            "EVAL_RO",
-            "EVALSHA_RO",
-            "FCALL",
-            "FCALL_RO",
-        ]
-        .iter()
-        .any(|n| cmd.name().eq_ignore_ascii_case(n.as_bytes()));
-        let probe = if is_script {
-            // A script cannot run inside another: ask first.
-            crate::cmd::cmd("EXISTS").arg(key.as_slice())
-        } else {
-            let mut wrapped = crate::cmd::cmd("EVAL")
-                .arg(RUN_IF_PRESENT)
-                .arg(1)
-                .arg(key.as_slice());
-            wrapped.push_arg(cmd.name());
-            for a in cmd.args() {
-                wrapped.push_arg(a);
-            }
-            wrapped
-        };
+        // Whether the new owner has the key decides; the command itself
+        // then runs as it is (no wrapper: replies and sizes stay exact).
+        let probe = crate::cmd::cmd("EXISTS").arg(key.as_slice());
         let first: Promise<Value> = self.send(host, &probe);
         let work = work.clone();
         let pending = self.pending_runs();
-        first.on_result(move |r| match (r, is_script) {
-            (Ok(Value::Int(1)), true) => pending.borrow_mut().push((host, cmd, sink)),
-            (Ok(Value::Array(mut v)), false) if v.first() == Some(&Value::Int(1)) => {
-                let reply = v.pop().unwrap_or(Value::Nil);
-                sink(match reply {
-                    Value::Error { code, message } => Err(Error::Server {
-                        host: None,
-                        command: cmd.display_name().into(),
-                        code: code.into(),
-                        message: message.into(),
-                    }),
-                    other => Ok(other),
-                })
-            }
-            (Ok(_), _) => work.borrow_mut().moves.push((old, host, key, cmd, sink)),
-            (Err(e), _) => sink(Err(e)),
+        first.on_result(move |r| match r {
+            Ok(Value::Int(1)) => pending.borrow_mut().push((host, cmd, sink)),
+            Ok(_) => work.borrow_mut().moves.push((old, host, key, cmd, sink)),
+            Err(e) => sink(Err(e)),
         });
     }
 
@@ -464,10 +479,26 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
             .fallback_reads
             .fetch_add(work.fallbacks.len() as u64, Relaxed);
         let mut asking = m.asking.borrow_mut();
-        for (old, c, sink) in work.fallbacks {
-            let p: Promise<Value> = Promise::new();
-            session.enqueue(OLD_HOSTS + old, &c, p.sink());
-            asking.push((p, sink));
+        for f in work.fallbacks {
+            let exists = f.by_existence.then(|| {
+                let p: Promise<Value> = Promise::new();
+                let probe = crate::cmd::cmd("EXISTS");
+                let probe = match keyspec::single_key(&f.cmd) {
+                    Ok(key) => probe.arg(key),
+                    Err(_) => probe,
+                };
+                session.enqueue(OLD_HOSTS + f.old, &probe, p.sink());
+                p
+            });
+            let reply: Promise<Value> = Promise::new();
+            session.enqueue(OLD_HOSTS + f.old, &f.cmd, reply.sink());
+            asking.push(Asked {
+                new: f.new,
+                cmd: f.cmd,
+                exists,
+                reply,
+                sink: f.sink,
+            });
         }
     }
     // Keys to move before their command runs.
@@ -511,20 +542,42 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
 }
 
 /// Hands the old owners' answers (after the join that read them) to the
-/// reads that missed.
-pub(super) fn settle_fallbacks(m: &Migration) {
+/// reads that missed. A read the old owner missed too is asked of the new
+/// owner once more: a mover or a writer may have moved the key there
+/// between the two reads. Returns whether such rechecks were queued (the
+/// map then joins again and calls [`settle_rechecks`]).
+pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
     let asking = std::mem::take(&mut *m.asking.borrow_mut());
     let counters = m.new.migration_counters();
     let mut hits = 0;
-    for (p, sink) in asking {
-        let r = p.take();
-        if matches!(&r, Ok(v) if !is_miss(v)) {
-            hits += 1;
+    let mut rechecks = m.rechecks.borrow_mut();
+    for a in asking {
+        let r = a.reply.take();
+        let missing = match &a.exists {
+            Some(exists) => matches!(exists.take(), Ok(Value::Int(0))),
+            None => matches!(&r, Ok(Value::Nil)),
+        };
+        if missing && r.is_ok() {
+            let again: Promise<Value> = Promise::new();
+            session.enqueue(a.new, &a.cmd, again.sink());
+            rechecks.push((again, a.sink));
+        } else {
+            if r.is_ok() {
+                hits += 1;
+            }
+            (a.sink)(r);
         }
-        sink(r);
     }
     if hits > 0 {
         counters.fallback_hits.fetch_add(hits, Relaxed);
+    }
+    !rechecks.is_empty()
+}
+
+/// Settles the reads asked of the new owner once more.
+pub(super) fn settle_rechecks(m: &Migration) {
+    for (p, sink) in std::mem::take(&mut *m.rechecks.borrow_mut()) {
+        sink(p.take());
     }
 }
 
@@ -591,16 +644,42 @@ impl super::AsyncClient {
         Reply::from_future(async move {
             let reply: Value = match access {
                 Access::Read => {
-                    let first: Value = client.send(host, cmd.clone()).await?;
-                    if is_miss(&first) {
-                        counters.fallback_reads.fetch_add(1, Relaxed);
-                        let second: Value = old_client.send(old_host, cmd).await?;
-                        if !is_miss(&second) {
-                            counters.fallback_hits.fetch_add(1, Relaxed);
-                        }
-                        second
+                    // GET's nil means "no such key"; for any other read the
+                    // key's existence decides (ZRANK 0 is an answer).
+                    let is_get = cmd.common() == crate::cmd::Common::Get;
+                    let exists = |c: &AsyncClient, h: HostId| {
+                        c.send::<i64>(h, crate::cmd::cmd("EXISTS").arg(key.as_slice()))
+                    };
+                    let (here, first) = if is_get {
+                        let first: Value = client.send(host, cmd.clone()).await?;
+                        (first != Value::Nil, Some(first))
                     } else {
-                        first
+                        (exists(&client, host).await? == 1, None)
+                    };
+                    if here {
+                        match first {
+                            Some(v) => v,
+                            None => client.send(host, cmd).await?,
+                        }
+                    } else {
+                        counters.fallback_reads.fetch_add(1, Relaxed);
+                        let there = if is_get {
+                            None
+                        } else {
+                            Some(exists(&old_client, old_host))
+                        };
+                        let second: Value = old_client.send(old_host, cmd.clone()).await?;
+                        let found = match there {
+                            Some(e) => e.await? == 1,
+                            None => second != Value::Nil,
+                        };
+                        if found {
+                            counters.fallback_hits.fetch_add(1, Relaxed);
+                            second
+                        } else {
+                            // Moved to the new owner between the two reads?
+                            client.send(host, cmd).await?
+                        }
                     }
                 }
                 Access::Overwrite => {
@@ -721,4 +800,37 @@ async fn move_key(
         let _: Vec<i64> = new.send(new_host, cas(key, &payload)).await?;
     }
     Ok(restored)
+}
+
+/// On a migrating cluster, moves each of `keys` that is still on its old
+/// owner to its new one now (a transaction or a command list then runs
+/// where every key is). Nothing to do on a cluster that is not migrating.
+///
+/// # Errors
+///
+/// A routing error or the move's.
+pub(super) fn move_in_transit<'k>(
+    cluster: &Cluster,
+    keys: impl IntoIterator<Item = &'k [u8]>,
+) -> Result<()> {
+    let Some(old) = cluster.migrating_from() else {
+        return Ok(());
+    };
+    let (old_router, new_router) = (old.router()?, cluster.router()?);
+    let mut leaving: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
+    for key in keys {
+        let (from, to) = (old_router.host_for_key(key)?, new_router.host_for_key(key)?);
+        if old.host(from)?.name().addr != cluster.host(to)?.name().addr {
+            leaving.entry(from).or_default().push((key.to_vec(), to));
+        }
+    }
+    for (from, keys) in leaving {
+        let mut progress = MoveProgress::default();
+        move_now(old, cluster, from, keys, &mut progress)?;
+        cluster
+            .migration_counters()
+            .moved_on_write
+            .fetch_add(progress.moved, Relaxed);
+    }
+    Ok(())
 }

@@ -83,7 +83,15 @@ fn run<T: FromValue + 'static>(
 ) -> Result<T> {
     let tx = Transaction::new(host, router, None);
     f(&tx)?;
-    let commands = pipeline(tx.into_commands()?);
+    let queued = tx.into_commands()?;
+    // On a migrating cluster every key the transaction touches moves to
+    // its new owner first, so nothing in it reads or changes a stale copy.
+    let mut touched = Vec::new();
+    for c in &queued {
+        touched.extend(crate::keyspec::all_keys(c)?.into_iter().map(<[u8]>::to_vec));
+    }
+    super::migrating::move_in_transit(cluster, touched.iter().map(Vec::as_slice))?;
+    let commands = pipeline(queued);
     let held = Held::new(cluster, host)?;
     let replies = held.round_trip(&commands);
     let name = held.name.clone();
@@ -107,6 +115,8 @@ where
     K: ToArg,
     F: FnMut(&Transaction<'_>) -> Result<()>,
 {
+    let watched: Vec<Vec<u8>> = keys.iter().map(crate::args::to_bytes).collect();
+    super::migrating::move_in_transit(cluster, watched.iter().map(Vec::as_slice))?;
     let held = Held::new(cluster, host)?;
     let result = watch_loop(&held, router, keys, &mut f);
     held.finish();
@@ -145,6 +155,15 @@ where
         host: held.name.clone(),
         tries: WATCH_TRIES,
     })
+}
+
+/// Why a map's or the async client's transaction is refused while the
+/// cluster migrates.
+fn migrating_transaction() -> Error {
+    Error::Unsupported {
+        command: "MULTI".into(),
+        reason: "a transaction in a map or on the async client cannot move its keys first while the cluster migrates; use the routing client's transaction".into(),
+    }
 }
 
 impl RoutingClient {
@@ -257,6 +276,9 @@ impl MappingClient {
         F: FnOnce(&Transaction<'_>) -> Result<()>,
     {
         self.batch.with(|d| {
+            if d.migration.is_some() {
+                return d.reject(migrating_transaction());
+            }
             let router = d.router.clone();
             let prepared = host_of_keys(&*router, keys).and_then(|host| {
                 let tx = Transaction::new(host, Some(&*router), None);
@@ -311,6 +333,9 @@ impl AsyncClient {
         K: ToArg,
         F: FnOnce(&Transaction<'_>) -> Result<()>,
     {
+        if self.cluster().migrating_from().is_some() {
+            return Reply::ready(Err(migrating_transaction()));
+        }
         let prepared = self.cluster().router().and_then(|router| {
             let host = host_of_keys(&*router, keys)?;
             let tx = Transaction::new(host, Some(&*router), None);
