@@ -403,22 +403,25 @@ impl Dispatch {
                 })
                 .collect(),
         };
-        Promise::all_owned(parts).map_owned(move |replies| {
-            let joined = match kind {
-                MultiKey::Mget => Value::Array(replies),
-                MultiKey::Mset => Value::SimpleString("OK".into()),
-                MultiKey::Count => Value::Int(
-                    replies
-                        .iter()
-                        .map(|r| match r {
-                            Value::Int(n) => *n,
-                            _ => 0,
-                        })
-                        .sum(),
-                ),
-            };
-            T::from_value(joined)
-        })
+        Promise::all_owned(parts).map_owned(move |replies| T::from_value(join_parts(kind, replies)))
+    }
+}
+
+/// The reply of a multi-key command taken apart per key, from its parts'
+/// replies: MGET's values in order, MSET's OK, or the counts summed.
+fn join_parts(kind: MultiKey, replies: Vec<Value>) -> Value {
+    match kind {
+        MultiKey::Mget => Value::Array(replies),
+        MultiKey::Mset => Value::SimpleString("OK".into()),
+        MultiKey::Count => Value::Int(
+            replies
+                .iter()
+                .map(|r| match r {
+                    Value::Int(n) => *n,
+                    _ => 0,
+                })
+                .sum(),
+        ),
     }
 }
 
@@ -739,19 +742,7 @@ impl super::AsyncClient {
                 .collect(),
         };
         crate::Reply::join(parts, move |replies| {
-            T::from_value(match kind {
-                MultiKey::Mget => Value::Array(replies),
-                MultiKey::Mset => Value::SimpleString("OK".into()),
-                MultiKey::Count => Value::Int(
-                    replies
-                        .iter()
-                        .map(|r| match r {
-                            Value::Int(n) => *n,
-                            _ => 0,
-                        })
-                        .sum(),
-                ),
-            })
+            T::from_value(join_parts(kind, replies))
         })
     }
 }
