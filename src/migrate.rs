@@ -38,8 +38,8 @@ pub struct MoveProgress {
     /// Keys seen on the old hosts (a key moved onto an old host that the
     /// walk reaches later is seen again there, and stays).
     pub scanned: u64,
-    /// Keys copied to their new owner (their old copies go a moment later:
-    /// see [`MoveOptions::delete_delay`]).
+    /// Keys copied to their new owner (their old copies go right after,
+    /// or after [`MoveOptions::delete_delay`]).
     pub copied: u64,
     /// Keys copied to their new owner and deleted from the old host.
     pub moved: u64,
@@ -78,8 +78,11 @@ pub struct MoveOptions {
 }
 
 /// How long a copied key stays on its old host too (see
-/// [`MoveOptions::delete_delay`]).
-pub const DELETE_DELAY: Duration = Duration::from_secs(1);
+/// [`MoveOptions::delete_delay`]): none. A migrating cluster's read that
+/// misses on both owners asks the new one again, which covers a key moved
+/// between its two reads; an old copy kept longer would only be a stale
+/// copy for a read to find after the key changed on its new owner.
+pub const DELETE_DELAY: Duration = Duration::ZERO;
 
 /// A progress callback.
 type ProgressFn = Arc<dyn Fn(&MoveProgress) + Send + Sync>;
@@ -118,10 +121,11 @@ impl MoveOptions {
     }
 
     /// How long a copied key stays on its old host as well before it is
-    /// deleted there (default [`DELETE_DELAY`], 1 s): a migrating cluster's
-    /// read that missed on the new owner just before the copy then still
-    /// finds the key on the old one. Longer than any read's time between
-    /// its two lookups.
+    /// deleted there (default [`DELETE_DELAY`]: none, deleted right after
+    /// the copy). For clients that read the old owner without rechecking
+    /// the new one; rb's migrating clusters do not need it, and a key that
+    /// changes on its new owner meanwhile can be read stale from the old
+    /// copy while it waits.
     #[must_use]
     pub fn delete_delay(mut self, delay: Duration) -> MoveOptions {
         self.delete_delay = Some(delay);

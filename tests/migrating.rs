@@ -161,9 +161,7 @@ fn nothing_is_lost_while_the_mover_runs() {
     let report = move_keys(
         &old,
         &new,
-        MoveOptions::new()
-            .batch(500)
-            .delete_delay(Duration::from_millis(300)),
+        MoveOptions::new().batch(500).keys_per_second(40_000),
     )
     .expect("move");
     println!("moved: {:?}", report.progress);

@@ -5,6 +5,8 @@
 //! unpack; a key moved between a map's two reads read as nil; a
 //! transaction incremented a fresh key instead of the old value.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
@@ -148,4 +150,44 @@ fn a_transaction_moves_its_keys_first() {
         after.as_deref().map(String::from_utf8_lossy)
     );
     assert_eq!(n, 6);
+}
+
+/// After the mover's copy, a write on the new owner that empties the key
+/// (HDEL of its last field) and a read of it: nil, not the old copy (with
+/// a delayed delete of old copies, the read found the stale field).
+#[test]
+fn a_key_emptied_on_its_new_owner_is_not_read_from_the_old_copy() {
+    let setup = TestSetup::new(3, 1).expect("servers");
+    let old = over(&setup, 2, None);
+    let new = over(&setup, 3, Some(&old));
+    let h = moving_key(&old, &new, "h");
+    old.routing_client().hset(&h, "f", "old").expect("HSET");
+    let copied = Arc::new(AtomicBool::new(false));
+    let seen = copied.clone();
+    let (o2, n2) = (old.clone(), new.clone());
+    let mover = std::thread::spawn(move || {
+        move_keys(
+            &o2,
+            &n2,
+            MoveOptions::new().progress(move |p| {
+                if p.copied > 0 {
+                    seen.store(true, Ordering::SeqCst)
+                }
+            }),
+        )
+    });
+    // Wait for the mover's first copy (it reports after each batch).
+    while !copied.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    let client = new.routing_client();
+    let removed = client.hdel(&h, &["f"]).expect("HDEL");
+    let after = client.hget(&h, "f").expect("HGET");
+    println!(
+        "HDEL removed {removed}; HGET right after: {:?}",
+        after.as_deref().map(String::from_utf8_lossy)
+    );
+    mover.join().unwrap().expect("move");
+    assert_eq!(removed, 1);
+    assert_eq!(after, None, "read the field the HDEL removed");
 }
