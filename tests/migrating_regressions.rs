@@ -191,3 +191,45 @@ fn a_key_emptied_on_its_new_owner_is_not_read_from_the_old_copy() {
     assert_eq!(removed, 1);
     assert_eq!(after, None, "read the field the HDEL removed");
 }
+
+/// An overwrite is done when the old copy is gone too: when its old owner
+/// cannot delete it, the write says so (the copy left there could be read
+/// once the new value expires or is deleted).
+#[test]
+fn an_overwrite_reports_an_old_copy_it_could_not_delete() {
+    use common::proxy::{Fault, Proxy};
+    let setup = TestSetup::new(3, 1).expect("servers");
+    let proxy = Proxy::to_unix(setup.socket(1));
+    let old = Cluster::builder()
+        .host(0, setup.host_config(0, 0))
+        .host(1, proxy.host_config())
+        .health(rb::HealthPolicy::disabled())
+        .build()
+        .expect("old");
+    let new = {
+        let mut b = Cluster::builder().migrating_from(&old);
+        for i in 0..3 {
+            b = b.host(i as u32, setup.host_config(i, 0));
+        }
+        b.build().expect("new")
+    };
+    let k = (0..)
+        .map(|i| format!("o{i}"))
+        .find(|k| host_of(&old, k) == 1 && host_of(&new, k) != 1)
+        .expect("a key leaving host 1");
+    old.routing_client()
+        .set(&k, "old")
+        .expect("SET on the old owner");
+    proxy.set_fault(Fault::Refuse);
+    let err = new
+        .routing_client()
+        .set(&k, "new")
+        .expect_err("the old copy stays");
+    assert_eq!(err.host().map(|h| h.id), Some(1), "{err}");
+    proxy.set_fault(Fault::None);
+    new.routing_client().set(&k, "new").expect("SET");
+    assert_eq!(
+        old.local_client(1).expect("local").get(&k).expect("GET"),
+        None
+    );
+}

@@ -76,8 +76,9 @@ struct Asked {
 struct Followups {
     /// Reads that missed on the new owner.
     fallbacks: Vec<Fallback>,
-    /// Old copies of overwritten keys: (old host, key).
-    stale: Vec<(HostId, Vec<u8>)>,
+    /// Overwrites: (old host, key, the new owner's reply, sink). The old
+    /// copy goes before the caller hears the write is done.
+    stale: Vec<(HostId, Vec<u8>, Promise<Value>, Sink)>,
     /// Deletes: (old host, new host, command, sink).
     deletes: Vec<(HostId, HostId, Cmd, Sink)>,
     /// Modifications of keys the new owner lacks: (old host, new host,
@@ -291,9 +292,9 @@ impl Dispatch {
             }
             Access::Overwrite => {
                 let first: Promise<Value> = self.send(host, &cmd);
-                let sink = settle_into(&out);
-                first.on_result(sink);
-                work.borrow_mut().stale.push((old, key));
+                work.borrow_mut()
+                    .stale
+                    .push((old, key, first, settle_into(&out)));
             }
             Access::Delete => {
                 work.borrow_mut()
@@ -467,13 +468,22 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
     }
     // Old copies of overwritten keys.
     let mut stale: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
-    for (old, key) in work.stale {
+    for (old, key, _, _) in &work.stale {
         stale
-            .entry(old)
+            .entry(*old)
             .or_default()
             .push(cmd("DEL").arg(key.as_slice()));
     }
-    let _ = run_grouped(&m.old, stale);
+    let mut dels = run_grouped(&m.old, stale);
+    for (old, _, first, sink) in work.stale {
+        // The write is done when the old copy is gone too: a copy left
+        // there could be read once the new value expires or is deleted.
+        let del = take_next(&mut dels, old);
+        sink(match (first.take(), del) {
+            (Ok(v), Ok(_)) => Ok(v),
+            (Ok(_), Err(e)) | (Err(e), _) => Err(e),
+        });
+    }
     // Reads that missed: asked of the old owners in this same session
     // (their hosts are in it at OLD_HOSTS + id), batched per host.
     let asked = !work.fallbacks.is_empty();
@@ -686,11 +696,12 @@ impl super::AsyncClient {
                     }
                 }
                 Access::Overwrite => {
-                    let r = client.send::<Value>(host, cmd).await;
-                    let _: Result<Value> = old_client
+                    let r: Value = client.send(host, cmd).await?;
+                    // Done when the old copy is gone too.
+                    let _: Value = old_client
                         .send(old_host, crate::cmd::cmd("DEL").arg(key.as_slice()))
-                        .await;
-                    r?
+                        .await?;
+                    r
                 }
                 Access::Delete => {
                     let a: Value = old_client.send(old_host, cmd.clone()).await?;

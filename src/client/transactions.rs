@@ -118,12 +118,18 @@ where
     let watched: Vec<Vec<u8>> = keys.iter().map(crate::args::to_bytes).collect();
     super::migrating::move_in_transit(cluster, watched.iter().map(Vec::as_slice))?;
     let held = Held::new(cluster, host)?;
-    let result = watch_loop(&held, router, keys, &mut f);
+    let result = watch_loop(cluster, &held, router, keys, &mut f);
     held.finish();
     result
 }
 
-fn watch_loop<T, K, F>(held: &Held, router: Option<&dyn Router>, keys: &[K], f: &mut F) -> Result<T>
+fn watch_loop<T, K, F>(
+    cluster: &Cluster,
+    held: &Held,
+    router: Option<&dyn Router>,
+    keys: &[K],
+    f: &mut F,
+) -> Result<T>
 where
     T: FromValue + 'static,
     K: ToArg,
@@ -137,7 +143,17 @@ where
         held.call(watch.clone())?;
         let reader = |c: Cmd| held.call(c);
         let tx = Transaction::new(held.host, router, Some(&reader));
-        let queued = match f(&tx).and_then(|()| tx.into_commands()) {
+        // On a migrating cluster, keys the queued commands touch besides the
+        // watched ones move to their new owner before MULTI.
+        let queued = f(&tx).and_then(|()| tx.into_commands()).and_then(|queued| {
+            let mut touched = Vec::new();
+            for c in &queued {
+                touched.extend(crate::keyspec::all_keys(c)?.into_iter().map(<[u8]>::to_vec));
+            }
+            super::migrating::move_in_transit(cluster, touched.iter().map(Vec::as_slice))?;
+            Ok(queued)
+        });
+        let queued = match queued {
             Ok(queued) => queued,
             Err(e) => {
                 // Leave the connection as it was: nothing watched.
