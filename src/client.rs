@@ -108,6 +108,26 @@ impl Dispatch {
         }
     }
 
+    /// Rejects everything outstanding, in the session and (migrating)
+    /// waiting for after a join, as cancelled.
+    fn cancel(&mut self) {
+        self.session.cancel(|host| Error::Cancelled {
+            host: host.clone(),
+            command: None,
+        });
+        if let Some(m) = &self.migration {
+            let error = Error::Cancelled {
+                host: crate::error::HostName {
+                    id: HostId::MAX,
+                    addr: "(a migrating map's step after its join)".into(),
+                },
+                command: None,
+            };
+            m.cancel(&self.runs, &error);
+        }
+        self.loads = ScriptLoads::default();
+    }
+
     /// [`Dispatch::join`] with a deadline (the explicit clients' join).
     fn join_by(&mut self, deadline: Option<std::time::Instant>, budget: Option<Duration>) {
         self.session.join_by(deadline, budget);
@@ -307,11 +327,7 @@ impl Batch {
     fn cancel(&self) {
         if let Ok(mut guard) = self.dispatch.try_borrow_mut() {
             if let Some(d) = guard.as_mut() {
-                d.session.cancel(|host| Error::Cancelled {
-                    host: host.clone(),
-                    command: None,
-                });
-                d.loads = ScriptLoads::default();
+                d.cancel();
             }
         }
     }
@@ -322,7 +338,9 @@ impl Batch {
         let Ok(mut guard) = self.dispatch.try_borrow_mut() else {
             return Some(reentrant("finish"));
         };
-        let mut d = guard.take()?;
+        let Some(mut d) = guard.take() else {
+            return self.broken.clone();
+        };
         d.join();
         d.session.finish()
     }
@@ -338,10 +356,7 @@ impl Drop for Batch {
     /// (as cancelled) rather than leaving promises pending forever.
     fn drop(&mut self) {
         if let Some(mut d) = self.dispatch.get_mut().take() {
-            d.session.cancel(|host| Error::Cancelled {
-                host: host.clone(),
-                command: None,
-            });
+            d.cancel();
             let _ = d.session.finish();
         }
     }
@@ -395,7 +410,10 @@ impl MappingClient {
         }
         let batch = Batch::new(session, router);
         if let Some(d) = batch.dispatch.borrow_mut().as_mut() {
-            d.migration = migration;
+            d.migration = migration.map(|mut m| {
+                m.failures = d.failures.clone();
+                m
+            });
         }
         MappingClient { batch }
     }

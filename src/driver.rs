@@ -375,13 +375,15 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: &Shared
     let mut taken: Vec<Message> = Vec::new();
     let mut last_work = Instant::now();
     loop {
+        // Read before draining: whatever was queued before the last handle
+        // dropped (and set it) is drained below, and flushed.
+        let stopping = shared.stop.load(Ordering::Acquire);
         taken.extend(std::iter::from_fn(|| requests.try_recv().ok()));
         // A request made after a host change returned goes to the new host
         // table: take the change after the requests, apply it before them.
         if let Some(hosts) = lock(&shared.hosts).take() {
             session.set_hosts(hosts);
         }
-        let stopping = shared.stop.load(Ordering::Acquire);
         let had_work = !taken.is_empty();
         for message in taken.drain(..) {
             match message {

@@ -109,6 +109,8 @@ pub(super) struct Migration {
     /// Reads the old owner missed too, asked of the new owner once more
     /// (the key may have moved there meanwhile).
     rechecks: RefCell<Vec<(Promise<Value>, Sink)>>,
+    /// The map's first failure (follow-ups' failures are the map's too).
+    pub(super) failures: super::Failures,
     /// The map's reads, one table per reply type (usually one or two).
     reads: RefCell<Vec<(TypeId, ReadTables)>>,
 }
@@ -117,11 +119,55 @@ pub(super) struct Migration {
 type ReadTables = (Rc<dyn Any>, Rc<dyn Misses>);
 
 impl Migration {
+    /// Rejects everything waiting for after a join (reads that missed,
+    /// moves, deletes, overwrites, rechecks) with `error`: the map was
+    /// cancelled or dropped. What already went to a server is the
+    /// session's to cancel.
+    pub(super) fn cancel(&self, runs: &Runs, error: &Error) {
+        for (_, (_, table)) in self.reads.borrow().iter() {
+            table.cancel(error);
+        }
+        let work = std::mem::take(&mut *self.work.borrow_mut());
+        for f in work.fallbacks {
+            (f.sink)(Err(error.clone()));
+        }
+        for (_, _, _, sink) in work.stale {
+            sink(Err(error.clone()));
+        }
+        for (_, _, _, sink) in work.deletes {
+            sink(Err(error.clone()));
+        }
+        for (_, _, _, _, sink) in work.moves {
+            sink(Err(error.clone()));
+        }
+        for (_, _, sink) in std::mem::take(&mut *runs.borrow_mut()) {
+            sink(Err(error.clone()));
+        }
+        for a in std::mem::take(&mut *self.asking.borrow_mut()) {
+            (a.sink)(Err(error.clone()));
+        }
+        for (_, sink) in std::mem::take(&mut *self.rechecks.borrow_mut()) {
+            sink(Err(error.clone()));
+        }
+    }
+
     /// The migration of `cluster`, if it is migrating.
     pub(super) fn of(cluster: &Cluster) -> Result<Option<Migration>> {
         let Some(old) = cluster.migrating_from() else {
             return Ok(None);
         };
+        // The old hosts join a map's session at OLD_HOSTS + id: both id
+        // sets must stay below it.
+        if let Some(id) = cluster
+            .host_ids()
+            .into_iter()
+            .chain(old.host_ids())
+            .find(|&id| id >= OLD_HOSTS)
+        {
+            return Err(Error::config(format!(
+                "a migrating cluster needs host ids below 2^31 in both clusters; host {id} is not"
+            )));
+        }
         let places = |c: &Cluster| -> BTreeMap<HostId, Arc<str>> {
             c.hosts()
                 .iter()
@@ -137,6 +183,7 @@ impl Migration {
             work: Rc::default(),
             asking: RefCell::default(),
             rechecks: RefCell::default(),
+            failures: super::Failures::default(),
             reads: RefCell::default(),
         }))
     }
@@ -177,6 +224,9 @@ trait Misses {
     /// Empties the table: the reads to ask of the old owners; real misses
     /// (the old owner is the same server) are settled here.
     fn take(&self, m: &Migration) -> Vec<Fallback>;
+
+    /// Empties the table, rejecting the misses still waiting with `error`.
+    fn cancel(&self, error: &Error);
 }
 
 impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
@@ -208,6 +258,14 @@ impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
 }
 
 impl<T: FromValue + 'static> Misses for ReadTable<T> {
+    fn cancel(&self, error: &Error) {
+        for entry in std::mem::take(&mut *self.entries.borrow_mut()) {
+            if entry.missed.into_inner().is_some() {
+                entry.out.settle(Err(error.clone()));
+            }
+        }
+    }
+
     fn take(&self, m: &Migration) -> Vec<Fallback> {
         let entries = std::mem::take(&mut *self.entries.borrow_mut());
         let mut fallbacks = Vec::new();
@@ -220,7 +278,7 @@ impl<T: FromValue + 'static> Misses for ReadTable<T> {
                 Ok(Some(old)) => fallbacks.push(Fallback {
                     old,
                     new: entry.host,
-                    sink: settle_into(&entry.out),
+                    sink: settle_into(&entry.out, &m.failures),
                     cmd: entry.cmd,
                     by_existence: false,
                 }),
@@ -233,10 +291,17 @@ impl<T: FromValue + 'static> Misses for ReadTable<T> {
     }
 }
 
-/// A sink settling `out` with the reply converted to `T`.
-fn settle_into<T: FromValue + 'static>(out: &Promise<T>) -> Sink {
-    let out = out.clone();
-    Box::new(move |r: Result<Value>| out.settle(r.and_then(T::from_value)))
+/// A sink settling `out` with the reply converted to `T`; a failure is
+/// also the map's (its join reports the first).
+fn settle_into<T: FromValue + 'static>(out: &Promise<T>, failures: &super::Failures) -> Sink {
+    let (out, failures) = (out.clone(), failures.clone());
+    Box::new(move |r: Result<Value>| {
+        let r = r.and_then(T::from_value);
+        if let Err(e) = &r {
+            super::note_failure(&failures, e);
+        }
+        out.settle(r)
+    })
 }
 
 impl Dispatch {
@@ -277,7 +342,7 @@ impl Dispatch {
                 // HGET nil on a hash that exists): the key's existence does.
                 let probe = crate::cmd::cmd("EXISTS").arg(key.as_slice());
                 let first: Promise<Value> = self.send(host, &probe);
-                let (pending, sink) = (self.pending_runs(), settle_into(&out));
+                let (pending, sink) = (self.pending_runs(), settle_into(&out, &self.failures));
                 first.on_result(move |r| match r {
                     Ok(Value::Int(1)) => pending.borrow_mut().push((host, cmd, sink)),
                     Ok(_) => work.borrow_mut().fallbacks.push(Fallback {
@@ -294,14 +359,21 @@ impl Dispatch {
                 let first: Promise<Value> = self.send(host, &cmd);
                 work.borrow_mut()
                     .stale
-                    .push((old, key, first, settle_into(&out)));
+                    .push((old, key, first, settle_into(&out, &self.failures)));
             }
             Access::Delete => {
                 work.borrow_mut()
                     .deletes
-                    .push((old, host, cmd, settle_into(&out)));
+                    .push((old, host, cmd, settle_into(&out, &self.failures)));
             }
-            Access::Modify => self.modify(host, old, key, cmd, settle_into(&out), &work),
+            Access::Modify => self.modify(
+                host,
+                old,
+                key,
+                cmd,
+                settle_into(&out, &self.failures),
+                &work,
+            ),
         }
         out
     }
@@ -493,6 +565,10 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
             .fetch_add(work.fallbacks.len() as u64, Relaxed);
         let mut asking = m.asking.borrow_mut();
         for f in work.fallbacks {
+            // The read first, then EXISTS: a key the mover takes between
+            // them reads as missing and is rechecked on the new owner.
+            let reply: Promise<Value> = Promise::new();
+            session.enqueue(OLD_HOSTS + f.old, &f.cmd, reply.sink());
             let exists = f.by_existence.then(|| {
                 let p: Promise<Value> = Promise::new();
                 let probe = crate::cmd::cmd("EXISTS");
@@ -503,8 +579,6 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
                 session.enqueue(OLD_HOSTS + f.old, &probe, p.sink());
                 p
             });
-            let reply: Promise<Value> = Promise::new();
-            session.enqueue(OLD_HOSTS + f.old, &f.cmd, reply.sink());
             asking.push(Asked {
                 new: f.new,
                 cmd: f.cmd,
@@ -676,12 +750,14 @@ impl super::AsyncClient {
                         }
                     } else {
                         counters.fallback_reads.fetch_add(1, Relaxed);
+                        // The read first, then EXISTS (see the map's form).
+                        let second = old_client.send::<Value>(old_host, cmd.clone());
                         let there = if is_get {
                             None
                         } else {
                             Some(exists(&old_client, old_host))
                         };
-                        let second: Value = old_client.send(old_host, cmd.clone()).await?;
+                        let second: Value = second.await?;
                         let found = match there {
                             Some(e) => e.await? == 1,
                             None => second != Value::Nil,
