@@ -98,6 +98,7 @@ impl Dispatch {
     fn join(&mut self) {
         self.session.join();
         if let Some(m) = &self.migration {
+            let _bounded = StepsDeadline::set(self.session.deadline());
             if migrating::run_followups(m, &self.runs, &mut self.session) {
                 self.session.join();
                 if migrating::settle_fallbacks(m, &mut self.session) {
@@ -132,6 +133,11 @@ impl Dispatch {
     fn join_by(&mut self, deadline: Option<std::time::Instant>, budget: Option<Duration>) {
         self.session.join_by(deadline, budget);
         if let Some(m) = &self.migration {
+            let cap = match (deadline, self.session.deadline()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let _bounded = StepsDeadline::set(cap);
             if migrating::run_followups(m, &self.runs, &mut self.session) {
                 self.session.join_by(deadline, budget);
                 if migrating::settle_fallbacks(m, &mut self.session) {
@@ -633,6 +639,29 @@ fn run_now<T: FromValue + 'static>(
     promise.take()
 }
 
+thread_local! {
+    /// The deadline of the map whose after-join steps this thread runs:
+    /// their [`LocalClient::pipeline`]s (old-copy deletes, moves) give up
+    /// then, so a map's timeout bounds them too.
+    static STEPS_DEADLINE: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Sets [`STEPS_DEADLINE`] while it lives.
+struct StepsDeadline(Option<std::time::Instant>);
+
+impl StepsDeadline {
+    fn set(deadline: Option<std::time::Instant>) -> StepsDeadline {
+        StepsDeadline(STEPS_DEADLINE.with(|d| d.replace(deadline)))
+    }
+}
+
+impl Drop for StepsDeadline {
+    fn drop(&mut self) {
+        STEPS_DEADLINE.with(|d| d.set(self.0));
+    }
+}
+
 /// Sends each command to the host that owns its key, and waits for the
 /// reply (rb's routing client). Multi-key MGET/MSET/DEL/UNLINK/EXISTS/TOUCH
 /// are split per host and run on all of them in parallel.
@@ -774,7 +803,14 @@ impl LocalClient {
                 p
             })
             .collect();
-        session.join();
+        match STEPS_DEADLINE.with(std::cell::Cell::get) {
+            // A migrating map's step after its join: bounded by the map.
+            Some(d) => {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                session.join_by(Some(d), Some(left));
+            }
+            None => session.join(),
+        }
         let _ = session.finish();
         promises.iter().map(Promise::take).collect()
     }

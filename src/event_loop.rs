@@ -670,6 +670,11 @@ impl Session {
         self.hosts = Arc::new(hosts);
     }
 
+    /// When this session's join gives up (a map's timeout), if ever.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.opts.deadline
+    }
+
     /// Whether any request is queued, unsent or unanswered.
     pub(crate) fn is_busy(&self) -> bool {
         self.active_count() > 0

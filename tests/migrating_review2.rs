@@ -136,10 +136,9 @@ fn cancel_rejects_migrating_reads_waiting_for_their_fallback() {
     assert!(!miss.is_pending(), "cancel left a promise pending");
 }
 
-/// The old copy's DEL of a migrating overwrite failed (a paused old
-/// server) and the join said Ok. It reports the failure now. (The DEL runs
-/// on a local client with the old host's read timeout, not bounded by the
-/// map's own: issue 11's notes.)
+/// The old copy's DEL of a migrating overwrite (a paused old server) held
+/// a `join(200 ms)` for the old host's whole 3 s read timeout, and the
+/// join said Ok. The map's timeout bounds it now, and the join reports it.
 #[test]
 fn a_follow_up_failure_is_the_joins_failure() {
     let setup = TestSetup::new(3, 1).expect("servers");
@@ -162,5 +161,9 @@ fn a_follow_up_failure_is_the_joins_failure() {
         set.value()
     );
     assert!(r.is_err(), "the SET failed, the join must say so");
+    assert!(
+        took < Duration::from_millis(1000),
+        "join(200 ms) took {took:?}"
+    );
     assert!(set.value().is_err());
 }
