@@ -96,17 +96,8 @@ impl Dispatch {
     /// Joins, then runs what a migrating cluster left for after the join
     /// (fallback reads, moves, deletes), and joins again.
     fn join(&mut self) {
-        self.session.join();
-        if let Some(m) = &self.migration {
-            let _bounded = StepsDeadline::set(self.session.deadline());
-            if migrating::run_followups(m, &self.runs, &mut self.session) {
-                self.session.join();
-                if migrating::settle_fallbacks(m, &mut self.session) {
-                    self.session.join();
-                    migrating::settle_rechecks(m);
-                }
-            }
-        }
+        let deadline = self.session.deadline();
+        self.join_then_steps(deadline, Session::join);
     }
 
     /// Rejects everything outstanding, in the session and (migrating)
@@ -131,19 +122,31 @@ impl Dispatch {
 
     /// [`Dispatch::join`] with a deadline (the explicit clients' join).
     fn join_by(&mut self, deadline: Option<std::time::Instant>, budget: Option<Duration>) {
-        self.session.join_by(deadline, budget);
-        if let Some(m) = &self.migration {
-            let cap = match (deadline, self.session.deadline()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let _bounded = StepsDeadline::set(cap);
-            if migrating::run_followups(m, &self.runs, &mut self.session) {
-                self.session.join_by(deadline, budget);
-                if migrating::settle_fallbacks(m, &mut self.session) {
-                    self.session.join_by(deadline, budget);
-                    migrating::settle_rechecks(m);
-                }
+        let steps_deadline = match (deadline, self.session.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.join_then_steps(steps_deadline, |s| s.join_by(deadline, budget));
+    }
+
+    /// Joins with `join`; on a migrating cluster, then runs the steps left
+    /// for after it (fallback reads, moves, deletes; bounded by
+    /// `steps_deadline`) and joins again for what they queued.
+    fn join_then_steps(
+        &mut self,
+        steps_deadline: Option<std::time::Instant>,
+        join: impl Fn(&mut Session),
+    ) {
+        join(&mut self.session);
+        let Some(m) = &self.migration else {
+            return;
+        };
+        let _bounded = StepsDeadline::set(steps_deadline);
+        if migrating::run_followups(m, &self.runs, &mut self.session) {
+            join(&mut self.session);
+            if migrating::settle_fallbacks(m, &mut self.session) {
+                join(&mut self.session);
+                migrating::settle_rechecks(m);
             }
         }
     }

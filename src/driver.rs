@@ -310,7 +310,16 @@ fn enqueue(
     let Some(cmd) = request.sink.command() else {
         return;
     };
-    if let (Some(budget), Some(deadline)) = (request.budget, request.deadline) {
+    arm_timer(timers, next_deadline, &request);
+    let waiter = Waiter::shared(request.sink.clone());
+    session.enqueue_batching(request.host, cmd, waiter, request.auto_batch);
+}
+
+/// Starts `request`'s deadline, if it has one.
+fn arm_timer(timers: &mut Timers, next_deadline: &mut Option<Instant>, request: &Request) {
+    if let (Some(budget), Some(deadline), Some(cmd)) =
+        (request.budget, request.deadline, request.sink.command())
+    {
         timers.push(
             budget,
             Timer {
@@ -322,8 +331,6 @@ fn enqueue(
         );
         *next_deadline = Some(next_deadline.map_or(deadline, |n: Instant| n.min(deadline)));
     }
-    let waiter = Waiter::shared(request.sink.clone());
-    session.enqueue_batching(request.host, cmd, waiter, request.auto_batch);
 }
 
 /// Puts a group into its host's pipeline whole (see
@@ -338,20 +345,7 @@ fn enqueue_group(
         return;
     };
     for request in &group {
-        if let (Some(budget), Some(deadline), Some(cmd)) =
-            (request.budget, request.deadline, request.sink.command())
-        {
-            timers.push(
-                budget,
-                Timer {
-                    deadline,
-                    host,
-                    command: CmdName::of(cmd.name()),
-                    sink: request.sink.clone(),
-                },
-            );
-            *next_deadline = Some(next_deadline.map_or(deadline, |n: Instant| n.min(deadline)));
-        }
+        arm_timer(timers, next_deadline, request);
     }
     let items = group.iter().filter_map(|r| {
         let cmd = r.sink.command()?;

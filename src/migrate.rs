@@ -186,12 +186,11 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
     while let Some(page_at) = scan.position() {
         let host = page_at.host();
         let keys = scan.next_page()?;
-        let from = old.host(host)?;
         progress.scanned += keys.len() as u64;
         let mut leaving = Vec::new();
         for key in keys {
             let to = router.host_for_key(&key)?;
-            if new.host(to)?.name().addr == from.name().addr {
+            if same_server(old, host, new, to)? {
                 progress.stayed += 1;
             } else {
                 leaving.push((key, to));
@@ -250,6 +249,21 @@ fn settle_due(
         }
     }
     Ok(())
+}
+
+/// Whether host `old_host` of `old` and host `new_host` of `new` are the
+/// same server and database (a key owned by both stays where it is).
+///
+/// # Errors
+///
+/// [`Error::NoSuchHost`] for an id either cluster lacks.
+pub(crate) fn same_server(
+    old: &Cluster,
+    old_host: HostId,
+    new: &Cluster,
+    new_host: HostId,
+) -> Result<bool> {
+    Ok(old.host(old_host)?.name().addr == new.host(new_host)?.name().addr)
 }
 
 /// Moves keys from `host` of `old` to their owners in `new` now: copies

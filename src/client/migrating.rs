@@ -32,7 +32,7 @@ use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::Session;
 use crate::keyspec;
-use crate::migrate::{move_now, Access, MoveProgress};
+use crate::migrate::{move_now, same_server, Access, MoveProgress};
 use crate::multikey::MultiKey;
 use crate::promise::{Promise, ReplyContext, ReplySink, Waiter};
 use crate::resp::Value;
@@ -342,7 +342,7 @@ impl Dispatch {
                 // HGET nil on a hash that exists): the key's existence does.
                 let probe = crate::cmd::cmd("EXISTS").arg(key.as_slice());
                 let first: Promise<Value> = self.send(host, &probe);
-                let (pending, sink) = (self.pending_runs(), settle_into(&out, &self.failures));
+                let (pending, sink) = (self.runs.clone(), settle_into(&out, &self.failures));
                 first.on_result(move |r| match r {
                     Ok(Value::Int(1)) => pending.borrow_mut().push((host, cmd, sink)),
                     Ok(_) => work.borrow_mut().fallbacks.push(Fallback {
@@ -436,7 +436,7 @@ impl Dispatch {
         let probe = crate::cmd::cmd("EXISTS").arg(key.as_slice());
         let first: Promise<Value> = self.send(host, &probe);
         let work = work.clone();
-        let pending = self.pending_runs();
+        let pending = self.runs.clone();
         first.on_result(move |r| match r {
             Ok(Value::Int(1)) => pending.borrow_mut().push((host, cmd, sink)),
             Ok(_) => work.borrow_mut().moves.push((old, host, key, cmd, sink)),
@@ -444,39 +444,42 @@ impl Dispatch {
         });
     }
 
-    /// Scripts on keys the new owner has, to run after the join.
-    fn pending_runs(&self) -> Runs {
-        self.runs.clone()
-    }
-
     /// MGET/MSET/DEL/UNLINK/EXISTS/TOUCH taken apart per key.
     fn migrating_multi<T: FromValue + 'static>(&mut self, kind: MultiKey, cmd: &Cmd) -> Promise<T> {
-        let args: Vec<Vec<u8>> = cmd.args().map(<[u8]>::to_vec).collect();
-        let name = String::from_utf8_lossy(cmd.name()).into_owned();
-        let parts: Vec<Promise<Value>> = match kind {
-            MultiKey::Mset => args
-                .chunks(2)
-                .map(|pair| {
-                    let mut c = crate::cmd::cmd("SET");
-                    for a in pair {
-                        c.push_arg(a.as_slice());
-                    }
-                    self.migrating::<Value>(c)
-                })
-                .collect(),
-            _ => args
-                .iter()
-                .map(|k| {
-                    let single = if matches!(kind, MultiKey::Mget) {
-                        crate::cmd::cmd("GET")
-                    } else {
-                        crate::cmd::cmd(&name)
-                    };
-                    self.migrating::<Value>(single.arg(k.as_slice()))
-                })
-                .collect(),
-        };
+        let parts: Vec<Promise<Value>> = single_key_parts(kind, cmd)
+            .into_iter()
+            .map(|part| self.migrating::<Value>(part))
+            .collect();
         Promise::all_owned(parts).map_owned(move |replies| T::from_value(join_parts(kind, replies)))
+    }
+}
+
+/// A multi-key command taken apart per key: `SET key value` per pair of an
+/// MSET, `GET key` per key of an MGET, the same command per key of a
+/// DEL/UNLINK/EXISTS/TOUCH.
+fn single_key_parts(kind: MultiKey, cmd: &Cmd) -> Vec<Cmd> {
+    let args: Vec<&[u8]> = cmd.args().collect();
+    match kind {
+        MultiKey::Mset => args
+            .chunks(2)
+            .map(|pair| {
+                let mut c = crate::cmd::cmd("SET");
+                for a in pair {
+                    c.push_arg(*a);
+                }
+                c
+            })
+            .collect(),
+        MultiKey::Mget => args
+            .iter()
+            .map(|k| crate::cmd::cmd("GET").arg(*k))
+            .collect(),
+        MultiKey::Count => {
+            let name = String::from_utf8_lossy(cmd.name()).into_owned();
+            args.iter()
+                .map(|k| crate::cmd::cmd(&name).arg(*k))
+                .collect()
+        }
     }
 }
 
@@ -715,7 +718,7 @@ impl super::AsyncClient {
             let host = cluster.router()?.host_for_command(&cmd)?;
             let key = keyspec::single_key(&cmd)?.to_vec();
             let old_host = old.router()?.host_for_key(&key)?;
-            let moving = old.host(old_host)?.name().addr != cluster.host(host)?.name().addr;
+            let moving = !same_server(&old, old_host, &cluster, host)?;
             Ok::<_, Error>((host, key, old_host, moving))
         })();
         let (host, key, old_host, moving) = match routed {
@@ -806,36 +809,14 @@ impl super::AsyncClient {
         kind: MultiKey,
         cmd: &Cmd,
     ) -> crate::Reply<T> {
-        let args: Vec<Vec<u8>> = cmd.args().map(<[u8]>::to_vec).collect();
-        let name = String::from_utf8_lossy(cmd.name()).into_owned();
-        let parts: Vec<crate::Reply<Value>> = match kind {
-            MultiKey::Mset => args
-                .chunks(2)
-                .map(|pair| {
-                    let mut c = cmd_of("SET");
-                    for a in pair {
-                        c.push_arg(a.as_slice());
-                    }
-                    self.migrating::<Value>(c)
-                })
-                .collect(),
-            MultiKey::Mget => args
-                .iter()
-                .map(|k| self.migrating::<Value>(cmd_of("GET").arg(k.as_slice())))
-                .collect(),
-            MultiKey::Count => args
-                .iter()
-                .map(|k| self.migrating::<Value>(cmd_of(&name).arg(k.as_slice())))
-                .collect(),
-        };
+        let parts: Vec<crate::Reply<Value>> = single_key_parts(kind, cmd)
+            .into_iter()
+            .map(|part| self.migrating::<Value>(part))
+            .collect();
         crate::Reply::join(parts, move |replies| {
             T::from_value(join_parts(kind, replies))
         })
     }
-}
-
-fn cmd_of(name: &str) -> Cmd {
-    crate::cmd::cmd(name)
 }
 
 /// Moves one key from `old_host` (through `old`) to `new_host` (through
@@ -898,7 +879,7 @@ pub(super) fn move_in_transit<'k>(
     let mut leaving: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
     for key in keys {
         let (from, to) = (old_router.host_for_key(key)?, new_router.host_for_key(key)?);
-        if old.host(from)?.name().addr != cluster.host(to)?.name().addr {
+        if !same_server(old, from, cluster, to)? {
             leaving.entry(from).or_default().push((key.to_vec(), to));
         }
     }

@@ -74,6 +74,19 @@ impl Held {
     }
 }
 
+/// On a migrating cluster, moves every key `commands` touch to its new
+/// owner first, so nothing in a transaction reads or changes a stale copy.
+fn move_keys_of(cluster: &Cluster, commands: &[Cmd]) -> Result<()> {
+    if cluster.migrating_from().is_none() {
+        return Ok(());
+    }
+    let mut touched = Vec::new();
+    for c in commands {
+        touched.extend(crate::keyspec::all_keys(c)?.into_iter().map(<[u8]>::to_vec));
+    }
+    super::migrating::move_in_transit(cluster, touched.iter().map(Vec::as_slice))
+}
+
 /// A transaction on a held connection.
 fn run<T: FromValue + 'static>(
     cluster: &Cluster,
@@ -84,13 +97,7 @@ fn run<T: FromValue + 'static>(
     let tx = Transaction::new(host, router, None);
     f(&tx)?;
     let queued = tx.into_commands()?;
-    // On a migrating cluster every key the transaction touches moves to
-    // its new owner first, so nothing in it reads or changes a stale copy.
-    let mut touched = Vec::new();
-    for c in &queued {
-        touched.extend(crate::keyspec::all_keys(c)?.into_iter().map(<[u8]>::to_vec));
-    }
-    super::migrating::move_in_transit(cluster, touched.iter().map(Vec::as_slice))?;
+    move_keys_of(cluster, &queued)?;
     let commands = pipeline(queued);
     let held = Held::new(cluster, host)?;
     let replies = held.round_trip(&commands);
@@ -145,14 +152,9 @@ where
         let tx = Transaction::new(held.host, router, Some(&reader));
         // On a migrating cluster, keys the queued commands touch besides the
         // watched ones move to their new owner before MULTI.
-        let queued = f(&tx).and_then(|()| tx.into_commands()).and_then(|queued| {
-            let mut touched = Vec::new();
-            for c in &queued {
-                touched.extend(crate::keyspec::all_keys(c)?.into_iter().map(<[u8]>::to_vec));
-            }
-            super::migrating::move_in_transit(cluster, touched.iter().map(Vec::as_slice))?;
-            Ok(queued)
-        });
+        let queued = f(&tx)
+            .and_then(|()| tx.into_commands())
+            .and_then(|queued| move_keys_of(cluster, &queued).map(|()| queued));
         let queued = match queued {
             Ok(queued) => queued,
             Err(e) => {
