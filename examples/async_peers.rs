@@ -5,6 +5,7 @@
 //! cargo run --release --example async_peers            # 5 rounds of each
 //! cargo run --release --example async_peers -- 9       # 9 rounds of each
 //! cargo run --release --example async_peers -- 5 B     # scenario B only
+//! cargo run --release --example async_peers -- 5 AB rb  # rb's clients only
 //! ```
 //!
 //! Four redis-servers listen on 127.0.0.1 (TCP); rb seeds 10,000 keys with
@@ -46,7 +47,8 @@ const VALUE_LEN: usize = 32;
 const TASKS: usize = 1_000;
 const GETS_PER_TASK: usize = 100;
 const RUNS_A: usize = 10;
-/// Scenario B.
+/// Scenario B; and the name of its sync client.
+const SYNC_B: &str = "rb RoutingClient (sync)";
 const SEQUENTIAL_GETS: usize = 20_000;
 /// Scenario C.
 const THREADS: usize = 8;
@@ -82,6 +84,13 @@ struct Key {
 /// from its own starting point.
 fn key_index(worker: usize, op: usize) -> usize {
     (worker * 7_919 + op * 37) % KEYS
+}
+
+/// Key `i`'s value, made once: checking a reply costs the harness a
+/// compare, not a `format!` per GET (the same for every client).
+fn expected(i: usize) -> &'static [u8] {
+    static VALUES: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    VALUES.get_or_init(|| (0..KEYS).map(value_of).collect())[i].as_slice()
 }
 
 fn value_of(i: usize) -> Vec<u8> {
@@ -131,7 +140,7 @@ struct Tally {
 impl Tally {
     fn add<E: std::fmt::Display>(&mut self, got: Result<Option<Vec<u8>>, E>, index: usize) {
         match got {
-            Ok(Some(v)) if v == value_of(index) => self.good += 1,
+            Ok(Some(v)) if v == expected(index) => self.good += 1,
             other => {
                 self.bad += 1;
                 if self.first_bad.is_none() {
@@ -446,13 +455,13 @@ fn summarize(scenario: &'static str, client: &'static str, rounds: &[Round]) -> 
 fn alternate(
     rounds: usize,
     n: usize,
-    mut run: impl FnMut(usize, usize) -> Round,
+    mut run: impl FnMut(usize, usize) -> Option<Round>,
 ) -> Vec<Vec<Round>> {
     let mut out = vec![Vec::new(); n];
     for round in 0..rounds {
         for step in 0..n {
             let which = (round + step) % n;
-            out[which].push(run(which, round));
+            out[which].extend(run(which, round));
         }
     }
     out
@@ -466,6 +475,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rounds = rounds.max(1);
     let only = std::env::args().nth(2).unwrap_or_else(|| "ABC".into());
     let run = |scenario: char| only.contains(scenario);
+    // Only the clients whose names contain this (e.g. "rb"), if given.
+    let clients = std::env::args().nth(3);
+    let wanted = |name: &str| clients.as_deref().map_or(true, |c| name.contains(c));
 
     let setup = TestSetup::with_tcp(NODES, 1)?;
     let ports = (0..NODES)
@@ -548,15 +560,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     eprintln!("A: {RUNS_A} x {TASKS} tasks x {GETS_PER_TASK} GETs on a 2-worker tokio runtime");
     let a = alternate(rounds_of('A'), peers.len(), |i, _| {
-        scenario_a(&rt, &peers[i], &keys, RUNS_A)
+        wanted(peers[i].name()).then(|| scenario_a(&rt, &peers[i], &keys, RUNS_A))
     });
 
     eprintln!("B: one task, {SEQUENTIAL_GETS} sequential GETs");
     // 0..3: the async peers on the runtime; 3: rb's sync client.
     let b = alternate(rounds_of('B'), peers.len() + 1, |i, round| {
         match peers.get(i) {
-            Some(peer) => scenario_b_async(&rt, peer, &keys, round),
-            None => scenario_b_sync(&sync_client, &keys, round),
+            Some(peer) => wanted(peer.name()).then(|| scenario_b_async(&rt, peer, &keys, round)),
+            None => wanted(SYNC_B).then(|| scenario_b_sync(&sync_client, &keys, round)),
         }
     });
 
@@ -567,19 +579,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ThreadPeer::RedisSync,
     ];
     let c = alternate(rounds_of('C'), thread_peers.len(), |i, _| {
-        scenario_c(
-            &thread_peers[i],
-            &async_client,
-            &sync_client,
-            &mut redis_sync,
-            &keys,
-        )
+        wanted(thread_peers[i].name()).then(|| {
+            scenario_c(
+                &thread_peers[i],
+                &async_client,
+                &sync_client,
+                &mut redis_sync,
+                &keys,
+            )
+        })
     });
 
     let names = ["rb AsyncClient", "redis-rs multiplexed", "fred"];
     let sa: Vec<Summary> = (0..3).map(|i| summarize("A", names[i], &a[i])).collect();
     let mut sb: Vec<Summary> = (0..3).map(|i| summarize("B", names[i], &b[i])).collect();
-    sb.push(summarize("B", "rb RoutingClient (sync)", &b[3]));
+    sb.push(summarize("B", SYNC_B, &b[3]));
     let sc: Vec<Summary> = thread_peers
         .iter()
         .enumerate()
