@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use crate::cmd::{cmd, Cmd, Common};
 use crate::config::{HostInfo, Protocol};
 use crate::error::{Error, HostName, Phase, Result};
-use crate::resp::plain_bulk_or_nil;
+use crate::resp::plain_bulk_header;
 use crate::resp::{Frame, ReplyStream, Value};
 
 mod batch;
@@ -117,6 +117,9 @@ pub(crate) struct Pipeline {
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
+    /// A huge bulk reply under way, read straight to the front of `rbuf`
+    /// (its header dropped): its length. See [`Pipeline::start_big_bulk`].
+    big_bulk: Option<usize>,
     replies: ReplyStream,
     /// Bytes of the reply being decoded already handed over (the elements
     /// of a split `MGET` reply), for `max_reply_bytes`.
@@ -185,6 +188,7 @@ impl Pipeline {
             handshake: Handshake::default(),
             rbuf: Vec::new(),
             rstart: 0,
+            big_bulk: None,
             rend: 0,
             replies,
             reply_taken: 0,
@@ -262,6 +266,7 @@ impl Pipeline {
         self.rbuf = rbuf;
         self.rstart = 0;
         self.rend = 0;
+        self.big_bulk = None;
         self.replies = ReplyStream::with_max_elements(self.host.max_reply_elements);
         self.reply_taken = 0;
     }
@@ -276,6 +281,7 @@ impl Pipeline {
         }
         self.rstart = 0;
         self.rend = 0;
+        self.big_bulk = None;
         self.sent = false;
         self.handshake = Handshake::default();
         rbuf
@@ -391,6 +397,7 @@ impl Pipeline {
         !self.is_active()
             && self.is_ready()
             && self.rstart == self.rend
+            && self.big_bulk.is_none()
             && !self.replies.is_mid_reply()
     }
 
@@ -412,6 +419,19 @@ impl Pipeline {
     /// arrived and one huge bulk gets a buffer of its size, not the next
     /// power of two.
     pub(crate) fn read_buffer(&mut self) -> &mut [u8] {
+        if let Some(len) = self.big_bulk {
+            // A huge bulk's body and `\r\n`, and nothing past them: the
+            // buffer becomes the value as it is (no move once grown).
+            let want = len + 2;
+            if self.rend < want {
+                let have = self.rbuf.len();
+                if have - self.rend < READ_CHUNK && have < want {
+                    self.grow(have.clamp(READ_CHUNK, GROW_STEP).min(want - have));
+                }
+                let end = self.rbuf.len().min(self.rend + READ_STEP).min(want);
+                return &mut self.rbuf[self.rend..end];
+            }
+        }
         if self.rstart == self.rend {
             self.rstart = 0;
             self.rend = 0;
@@ -429,21 +449,26 @@ impl Pipeline {
                 // far as its headers tell) and by at most GROW_STEP at a
                 // time, so each step's zeroing is short.
                 let need = self.replies.need().max(pending + READ_CHUNK);
-                let grow = len
-                    .clamp(READ_CHUNK, GROW_STEP)
-                    .min(need.saturating_sub(self.rend))
-                    .max(READ_CHUNK);
-                self.rbuf.reserve_exact(grow);
-                let mut left = grow;
-                while left > 0 {
-                    let n = left.min(ZEROS.len());
-                    self.rbuf.extend_from_slice(&ZEROS[..n]);
-                    left -= n;
-                }
+                self.grow(
+                    len.clamp(READ_CHUNK, GROW_STEP)
+                        .min(need.saturating_sub(self.rend))
+                        .max(READ_CHUNK),
+                );
             }
         }
         let end = self.rbuf.len().min(self.rend + READ_STEP);
         &mut self.rbuf[self.rend..end]
+    }
+
+    /// Adds `n` zeroed bytes of read room.
+    fn grow(&mut self, n: usize) {
+        self.rbuf.reserve_exact(n);
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(ZEROS.len());
+            self.rbuf.extend_from_slice(&ZEROS[..k]);
+            left -= k;
+        }
     }
 
     /// `n` bytes were read into [`Pipeline::read_buffer`].
@@ -479,13 +504,15 @@ impl Pipeline {
         let host = self.host.clone();
         let name = host.name();
         while self.rstart < self.rend {
-            let big = if self.rend - self.rstart > KEEP_READ_BUFFER && self.handshake.is_done() {
-                self.take_big_bulk()
-            } else {
-                None
-            };
-            let next = match big {
-                Some(value) => Some((Frame::Reply(Value::BulkString(value)), 0)),
+            if self.big_bulk.is_none() {
+                self.start_big_bulk();
+            }
+            let next = match self.big_bulk {
+                Some(len) => match self.take_big_bulk(len) {
+                    Ok(Some(value)) => Some((Frame::Reply(Value::BulkString(value)), 0)),
+                    Ok(None) => None,
+                    Err(e) => return Err(e.with_context(name, "")),
+                },
                 None => {
                     let split = if self.handshake.is_done() {
                         self.expects.front().and_then(Expect::split_len)
@@ -565,7 +592,7 @@ impl Pipeline {
             };
         }
         let pending = self.rend - self.rstart;
-        let reply_bytes = (self.reply_taken + pending).max(self.replies.need());
+        let reply_bytes = (self.reply_taken + pending).max(self.reply_need());
         if reply_bytes > self.host.max_reply_bytes {
             return Err(Error::Protocol {
                 host: Some(name.clone()),
@@ -599,40 +626,84 @@ impl Pipeline {
         }
         self.rstart = 0;
         self.rend = 0;
+        self.big_bulk = None;
         self.replies = ReplyStream::with_max_elements(self.host.max_reply_elements);
         self.reply_taken = 0;
         self.sent = false;
     }
 
-    /// A whole bulk string of over a megabyte at the front of the buffer,
-    /// as a reply (not an `MGET` element): the read buffer itself becomes
-    /// the value, less its header, instead of copying it. The bytes after
-    /// it move to a new buffer. So one huge bulk costs its size in memory
-    /// once, not twice.
-    fn take_big_bulk(&mut self) -> Option<Vec<u8>> {
-        if self.replies.is_splitting() || self.expects.front().and_then(Expect::split_len).is_some()
+    /// The bytes the reply under way needs in all, as far as its headers
+    /// tell (a huge bulk's from the front of the buffer, without header).
+    fn reply_need(&self) -> usize {
+        match self.big_bulk {
+            Some(len) => len + 2,
+            None => self.replies.need(),
+        }
+    }
+
+    /// A reply that is a bulk string of over a megabyte (not an `MGET`
+    /// element), as soon as its header is in: the header is dropped and
+    /// the body read so far moved to the front of the read buffer (a copy
+    /// of at most a few read steps), so that the body is read straight
+    /// into place and the buffer itself becomes the value, with no copy of
+    /// the body at the end ([`Pipeline::take_big_bulk`]). One huge bulk
+    /// costs its size in memory once, and no work past its last read.
+    fn start_big_bulk(&mut self) {
+        if !self.handshake.is_done()
+            || self.replies.is_splitting()
+            || self.expects.front().and_then(Expect::split_len).is_some()
         {
-            return None;
+            return;
         }
-        let (Some(body), used) = plain_bulk_or_nil(&self.rbuf[self.rstart..self.rend])? else {
-            return None;
+        let Some((len, header)) = plain_bulk_header(&self.rbuf[self.rstart..self.rend]) else {
+            return;
         };
-        if body.len() <= KEEP_READ_BUFFER {
-            return None;
+        if len <= KEEP_READ_BUFFER || len + 2 > self.host.max_reply_bytes {
+            // Small, or refused by the limit check after decoding.
+            return;
         }
-        let header = used - body.len() - 2;
-        let end = self.rstart + used;
+        self.rbuf.copy_within(self.rstart + header..self.rend, 0);
+        // Address room for all of it now (no page is touched before the
+        // bytes come), so the buffer never moves while it fills.
+        self.rbuf
+            .reserve_exact((len + 2).saturating_sub(self.rbuf.len()));
+        self.rend -= self.rstart + header;
+        self.rstart = 0;
+        self.big_bulk = Some(len);
+        // The decoder may have seen part of the header: it starts afresh
+        // after the bulk.
+        self.replies.reset();
+    }
+
+    /// The huge bulk of `len` bytes at the front of the read buffer, once
+    /// it and its `\r\n` are all in: the read buffer itself, cut to the
+    /// body; the bytes after it move to a new buffer.
+    ///
+    /// # Errors
+    ///
+    /// The body is not followed by `\r\n`.
+    fn take_big_bulk(&mut self, len: usize) -> Result<Option<Vec<u8>>> {
+        let end = len + 2;
+        let Some(terminator) = self.rbuf.get(len..end).filter(|_| self.rend >= end) else {
+            // Not all in yet: nothing is decoded until it is.
+            self.rstart = 0;
+            return Ok(None);
+        };
+        if terminator != b"\r\n" {
+            return Err(Error::protocol(format!(
+                "a bulk string of {len} bytes is not followed by \\r\\n"
+            )));
+        }
         let tail = &self.rbuf[end..self.rend];
         let mut next = vec![0u8; tail.len().max(READ_CHUNK)];
         next[..tail.len()].copy_from_slice(tail);
         let tail_len = tail.len();
         let mut value = std::mem::replace(&mut self.rbuf, next);
-        value.truncate(end - 2);
-        value.drain(..self.rstart + header);
+        value.truncate(len);
         self.rstart = 0;
         self.rend = tail_len;
-        self.replies.reset();
-        Some(value)
+        self.big_bulk = None;
+        Ok(Some(value))
     }
 }
 

@@ -20,7 +20,7 @@
 use crate::error::{Error, Result};
 
 pub(crate) mod split;
-pub(crate) use split::plain_bulk_or_nil;
+pub(crate) use split::{plain_bulk_header, plain_bulk_or_nil};
 pub(crate) use split::{Frame, ReplyStream};
 
 /// Longest bulk string accepted: 512 MiB, Redis' default `proto-max-bulk-len`.

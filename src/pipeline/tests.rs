@@ -576,3 +576,59 @@ fn the_tally_counts_wire_commands_and_latencies() {
     assert!(lost.is_rejected());
     assert_eq!(p.tally().abandoned, 1);
 }
+
+#[test]
+fn a_huge_bulk_is_read_into_place_and_handed_over_without_a_copy() {
+    let len = (2 << 20) + 3;
+    let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut wire = format!("${len}\r\n").into_bytes();
+    wire.extend_from_slice(&body);
+    wire.extend_from_slice(b"\r\n+OK\r\n");
+    // Reads of one byte over the header and the end, and of several sizes
+    // in between (a header split across reads, the tail after the body).
+    for chunk in [1usize, 7, 4096, 300_000, wire.len()] {
+        let failures = Failures::default();
+        let mut p = Pipeline::new(host(HostConfig::new()));
+        p.connection_started(false, Vec::new());
+        let get = push(&mut p, &cmd("GET").arg("k"));
+        let ok = push(&mut p, &cmd("SET").arg("k").arg("v"));
+        p.flush_batch();
+        drain_output(&mut p);
+        let (head, rest) = wire.split_at(64);
+        feed(&mut p, head, chunk.min(8), &failures).expect("header");
+        assert!(get.is_pending() && p.big_bulk == Some(len), "chunk {chunk}");
+        // From here the buffer does not move: the body is read into place.
+        let buffer = p.rbuf.as_ptr();
+        let (middle, end) = rest.split_at(rest.len() - 12);
+        feed(&mut p, middle, chunk, &failures).expect("body");
+        assert_eq!(p.rbuf.as_ptr(), buffer, "chunk {chunk}: not moved");
+        feed(&mut p, end, chunk.min(3), &failures).expect("end");
+        match get.take() {
+            Ok(Value::BulkString(v)) => {
+                assert!(v == body, "chunk {chunk}: the body");
+                assert_eq!(v.as_ptr(), buffer, "chunk {chunk}: the read buffer itself");
+            }
+            other => panic!("chunk {chunk}: {other:?}"),
+        }
+        assert!(
+            matches!(ok.value(), Ok(Value::SimpleString(s)) if s == "OK"),
+            "chunk {chunk}"
+        );
+        assert!(p.is_idle() && p.big_bulk.is_none());
+    }
+}
+
+#[test]
+fn a_huge_bulk_not_ended_by_crlf_fails_the_stream() {
+    let len = (1 << 20) + 1;
+    let mut wire = format!("${len}\r\n").into_bytes();
+    wire.extend(std::iter::repeat(b'x').take(len));
+    wire.extend_from_slice(b"xx");
+    let failures = Failures::default();
+    let mut p = Pipeline::new(host(HostConfig::new()));
+    p.connection_started(false, Vec::new());
+    let _get = push(&mut p, &cmd("GET").arg("k"));
+    drain_output(&mut p);
+    let e = feed(&mut p, &wire, 65_536, &failures).unwrap_err();
+    assert!(e.to_string().contains("not followed by"), "{e}");
+}

@@ -222,6 +222,23 @@ pub(crate) fn plain_bulk_or_nil(buf: &[u8]) -> Option<(Option<&[u8]>, usize)> {
     if buf.starts_with(b"$-1\r\n") {
         return Some((None, 5));
     }
+    let (len, start) = plain_bulk_header(buf)?;
+    let end = start + len;
+    if buf.get(end..end + 2)? != b"\r\n" {
+        return None;
+    }
+    Some((Some(&buf[start..end]), end + 2))
+}
+
+/// The header of a plain bulk string at the front of `buf` (`$<len>\r\n`,
+/// `len` at most [`MAX_BULK_LEN`]): its length and the header's; `None`
+/// for anything else, complete or not (which the general path decodes and
+/// validates).
+#[inline]
+pub(crate) fn plain_bulk_header(buf: &[u8]) -> Option<(usize, usize)> {
+    if buf.first() != Some(&b'$') {
+        return None;
+    }
     let mut len = 0usize;
     let mut i = 1;
     loop {
@@ -239,12 +256,7 @@ pub(crate) fn plain_bulk_or_nil(buf: &[u8]) -> Option<(Option<&[u8]>, usize)> {
     if i == 1 || len > MAX_BULK_LEN || buf.get(i + 1) != Some(&b'\n') {
         return None;
     }
-    let start = i + 2;
-    let end = start + len;
-    if buf.get(end..end + 2)? != b"\r\n" {
-        return None;
-    }
-    Some((Some(&buf[start..end]), end + 2))
+    Some((len, i + 2))
 }
 
 #[cfg(test)]
