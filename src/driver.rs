@@ -17,7 +17,7 @@
 //! request to that host connects afresh.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use mio::Waker;
 use crate::error::{Error, HostId, HostName, Result};
 use crate::event_loop::{HostMap, LoopOptions, Session};
 use crate::pipeline::CmdName;
-use crate::promise::{ReplyContext, ReplySink, Slot, Waiter};
+use crate::promise::{ReplyContext, ReplySink, ReplySource, Slot, Waiter};
 use crate::resp::Value;
 use crate::scripts::ScriptMemory;
 
@@ -64,6 +64,45 @@ struct Shared {
     stop: AtomicBool,
     /// A new host table to switch to.
     hosts: Mutex<Option<Arc<HostMap>>>,
+    /// The driver's recent load ([`RecentLoad`], counted up to just past
+    /// [`SPIN_GATE`]): whether a caller waits alone.
+    recent_load: AtomicUsize,
+    /// A reply is spinning (see [`ReplySource`]): one at a time.
+    spinning: AtomicBool,
+}
+
+/// A pending reply may spin only while at most this many requests were in
+/// flight lately (its own).
+const SPIN_GATE: usize = 1;
+
+/// How far back the driver's load counts for [`SPIN_GATE`]: a moment
+/// with nothing in flight between two rounds of many callers' requests is
+/// not a lone caller.
+const LOAD_MEMORY: Duration = Duration::from_millis(10);
+
+/// The most requests taken in one turn or in flight at the end of one,
+/// over about the last [`LOAD_MEMORY`].
+struct RecentLoad {
+    peak: usize,
+    since: Instant,
+}
+
+impl RecentLoad {
+    fn new(now: Instant) -> RecentLoad {
+        RecentLoad {
+            peak: 0,
+            since: now,
+        }
+    }
+
+    /// A turn ended at `now` with `load`; the recent peak.
+    fn turn(&mut self, now: Instant, load: usize) -> usize {
+        if load >= self.peak || now.saturating_duration_since(self.since) > LOAD_MEMORY {
+            self.peak = load;
+            self.since = now;
+        }
+        self.peak
+    }
 }
 
 impl Shared {
@@ -134,6 +173,8 @@ impl Driver {
                     woken: AtomicBool::new(false),
                     stop: AtomicBool::new(false),
                     hosts: Mutex::new(None),
+                    recent_load: AtomicUsize::new(0),
+                    spinning: AtomicBool::new(false),
                 });
                 if ready_tx.send(Ok(shared.clone())).is_err() {
                     return;
@@ -182,6 +223,20 @@ impl Driver {
     pub(crate) fn set_hosts(&self, hosts: Arc<HostMap>) {
         *lock(&self.shared.hosts) = Some(hosts);
         self.shared.wake();
+    }
+}
+
+impl ReplySource for Driver {
+    /// A lone caller may spin; never the driver thread itself (a waker
+    /// that polls inline), which would wait on itself.
+    fn try_start_spin(&self) -> bool {
+        self.shared.recent_load.load(Ordering::Relaxed) <= SPIN_GATE
+            && std::thread::current().id() != self.thread_id
+            && !self.shared.spinning.swap(true, Ordering::Acquire)
+    }
+
+    fn end_spin(&self) {
+        self.shared.spinning.store(false, Ordering::Release);
     }
 }
 
@@ -368,6 +423,7 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: &Shared
     let mut next_deadline = None;
     let mut taken: Vec<Message> = Vec::new();
     let mut last_work = Instant::now();
+    let mut load = RecentLoad::new(Instant::now());
     loop {
         // Read before draining: whatever was queued before the last handle
         // dropped (and set it) is drained below, and flushed.
@@ -379,6 +435,7 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: &Shared
             session.set_hosts(hosts);
         }
         let had_work = !taken.is_empty();
+        let taken_now = taken.len();
         for message in taken.drain(..) {
             match message {
                 Message::One(r) => enqueue(&mut session, &mut timers, &mut next_deadline, r),
@@ -423,6 +480,11 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: &Shared
         if busy {
             last_work = Instant::now();
         }
+        let peak = load.turn(
+            now,
+            taken_now.max(session.requests_in_flight(SPIN_GATE + 1)),
+        );
+        shared.recent_load.store(peak, Ordering::Relaxed);
         // Nobody reads the driver's first failure; each reply has its own.
         let _ = session.take_failure();
     }
@@ -438,4 +500,26 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: &Shared
         command: None,
     });
     let _ = session.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recent_load_remembers_a_peak_for_a_while() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut load = RecentLoad::new(t0);
+        assert_eq!(load.turn(at(0), 1), 1);
+        // Many callers' requests, then a moment with none in flight: not
+        // a lone caller yet.
+        assert_eq!(load.turn(at(1), 2), 2);
+        assert_eq!(load.turn(at(2), 0), 2);
+        assert_eq!(load.turn(at(1 + 10), 1), 2);
+        // Quiet for longer than the memory: the peak falls to what is now.
+        assert_eq!(load.turn(at(1 + 11), 1), 1);
+        assert_eq!(load.turn(at(20), 0), 1);
+        assert_eq!(load.turn(at(30), 0), 0);
+    }
 }

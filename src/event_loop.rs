@@ -675,6 +675,19 @@ impl Session {
         self.opts.deadline
     }
 
+    /// How many requests are queued, unsent or unanswered, on all hosts,
+    /// counted up to `cap`.
+    pub(crate) fn requests_in_flight(&self, cap: usize) -> usize {
+        let mut n = 0;
+        for slot in &self.slots {
+            if n >= cap {
+                break;
+            }
+            n += slot.pipeline.requests_in_flight(cap - n);
+        }
+        n
+    }
+
     /// Whether any request is queued, unsent or unanswered.
     pub(crate) fn is_busy(&self) -> bool {
         self.active_count() > 0

@@ -386,6 +386,20 @@ impl Pipeline {
         self.sent
     }
 
+    /// How many requests are queued, unsent or unanswered (each GET of a
+    /// merged MGET counts), counted up to `cap`: a count for a cheap
+    /// "is anyone else waiting" check, O(`cap`).
+    pub(crate) fn requests_in_flight(&self, cap: usize) -> usize {
+        let mut n = self.batcher.len();
+        for expect in &self.expects {
+            if n >= cap {
+                break;
+            }
+            n += expect.requests();
+        }
+        n.min(cap)
+    }
+
     /// Requests are queued, unsent or unanswered.
     pub(crate) fn is_active(&self) -> bool {
         !self.expects.is_empty() || self.batcher.len() > 0 || self.written < self.out.len()

@@ -25,7 +25,7 @@ mod block;
 mod reply;
 use block::Block;
 pub use reply::{join_all, JoinAll, Reply};
-pub(crate) use reply::{KeepAlive, Slot};
+pub(crate) use reply::{KeepAlive, ReplySource, Slot};
 
 type Callback<T> = Box<dyn FnOnce(Result<&T, &Error>)>;
 type Taker<T> = Box<dyn FnOnce(Result<T>)>;

@@ -379,6 +379,7 @@ impl AsyncClient {
             parts.push(Reply::from_slot(
                 slot as std::sync::Arc<Slot<Value>>,
                 keep.clone(),
+                self.spin(),
             ));
         }
         driver.submit_all(requests);

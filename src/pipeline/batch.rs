@@ -67,6 +67,16 @@ pub(crate) enum Expect {
 }
 
 impl Expect {
+    /// How many requests it still answers.
+    pub(crate) fn requests(&self) -> usize {
+        match self {
+            Expect::One { .. } => 1,
+            Expect::Batch {
+                waiters, delivered, ..
+            } => waiters.len().saturating_sub(*delivered),
+        }
+    }
+
     /// For a merged `MGET` not yet answered: its number of keys, so the
     /// reader can hand over the reply's elements one by one.
     pub(crate) fn split_len(&self) -> Option<usize> {

@@ -578,6 +578,29 @@ fn the_tally_counts_wire_commands_and_latencies() {
 }
 
 #[test]
+fn requests_in_flight_count_each_merged_get_up_to_the_cap() {
+    let failures = Failures::default();
+    let mut p = Pipeline::new(host(HostConfig::new()));
+    p.connection_started(false, Vec::new());
+    assert_eq!(p.requests_in_flight(10), 0);
+    let _gets: Vec<_> = (0..3)
+        .map(|i| push(&mut p, &cmd("GET").arg(format!("k{i}"))))
+        .collect();
+    // Still in the batcher.
+    assert_eq!(p.requests_in_flight(10), 3);
+    let _incr = push(&mut p, &cmd("INCR").arg("s"));
+    p.flush_batch();
+    assert_eq!(p.requests_in_flight(10), 4, "MGET of 3 + INCR");
+    assert_eq!(p.requests_in_flight(2), 2, "counted up to the cap");
+    drain_output(&mut p);
+    // The MGET's first element comes alone: two of its GETs still wait.
+    feed(&mut p, b"*3\r\n$1\r\na\r\n", 1, &failures).expect("part");
+    assert_eq!(p.requests_in_flight(10), 3);
+    feed(&mut p, b"$-1\r\n$1\r\nc\r\n:1\r\n", 1, &failures).expect("rest");
+    assert_eq!(p.requests_in_flight(10), 0);
+}
+
+#[test]
 fn a_huge_bulk_is_read_into_place_and_handed_over_without_a_copy() {
     let len = (2 << 20) + 3;
     let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();

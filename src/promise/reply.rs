@@ -7,12 +7,13 @@
 //! request still runs and its reply is read and dropped, so the host's
 //! pipeline stays in step.
 
-use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 use super::{ReplyContext, ReplySink};
 use crate::convert::FromValue;
@@ -23,6 +24,9 @@ use crate::resp::Value;
 /// awaiting it left its waker.
 pub(crate) struct Slot<T> {
     state: Mutex<SlotState<T>>,
+    /// Set once the state is `Ready`: what a spinning poller watches,
+    /// without taking the lock.
+    ready: AtomicBool,
     /// The request itself, for the driver to encode. Kept here so that its
     /// buffer is freed by the thread that made it (with the reply), not by
     /// the driver: a free from another thread costs an allocator lock.
@@ -39,6 +43,7 @@ impl<T> Slot<T> {
     pub(crate) fn new() -> Arc<Slot<T>> {
         Arc::new(Slot {
             state: Mutex::new(SlotState::Pending(None)),
+            ready: AtomicBool::new(false),
             command: None,
         })
     }
@@ -47,6 +52,7 @@ impl<T> Slot<T> {
     pub(crate) fn for_command(command: crate::cmd::Cmd) -> Arc<Slot<T>> {
         Arc::new(Slot {
             state: Mutex::new(SlotState::Pending(None)),
+            ready: AtomicBool::new(false),
             command: Some(command),
         })
     }
@@ -64,6 +70,7 @@ impl<T> Slot<T> {
                 SlotState::Pending(waker) => {
                     let waker = waker.take();
                     *state = SlotState::Ready(result);
+                    self.ready.store(true, Ordering::Release);
                     waker
                 }
                 _ => return,
@@ -72,6 +79,11 @@ impl<T> Slot<T> {
         if let Some(w) = waker {
             w.wake();
         }
+    }
+
+    /// Whether the reply is in (taken or not), without locking.
+    fn is_settled(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     /// The task awaiting the reply is gone: drop its waker, so settling
@@ -140,8 +152,29 @@ impl<T: FromValue> ReplySink for Slot<T> {
     }
 }
 
+/// The driver a reply waits on, as the reply sees it: kept running while
+/// the reply is outstanding, and asked whether a pending reply may spin.
+pub(crate) trait ReplySource: Send + Sync {
+    /// Whether a pending reply may spin now: nobody else waits on the
+    /// driver and no other reply spins. A `true` must be followed by
+    /// [`ReplySource::end_spin`].
+    fn try_start_spin(&self) -> bool;
+
+    /// The spin that [`ReplySource::try_start_spin`] allowed is over.
+    fn end_spin(&self);
+}
+
+/// A source that never lets a reply spin (for replies settled by hand).
+impl ReplySource for () {
+    fn try_start_spin(&self) -> bool {
+        false
+    }
+
+    fn end_spin(&self) {}
+}
+
 /// What keeps the driver thread running while a reply is outstanding.
-pub(crate) type KeepAlive = Arc<dyn Any + Send + Sync>;
+pub(crate) type KeepAlive = Arc<dyn ReplySource>;
 
 /// The answer of an async request: a `Future<Output = Result<T>>`.
 ///
@@ -161,14 +194,14 @@ pub(crate) type KeepAlive = Arc<dyn Any + Send + Sync>;
 #[must_use = "a Reply does nothing with its answer unless awaited or waited on"]
 pub struct Reply<T> {
     inner: Inner<T>,
-    _keep: Option<KeepAlive>,
+    source: Option<KeepAlive>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send>>;
 
 enum Inner<T> {
     Done(Option<Result<T>>),
-    Slot(Arc<Slot<T>>),
+    Slot(Arc<Slot<T>>, SpinWait),
     Future(BoxFuture<T>),
 }
 
@@ -182,7 +215,7 @@ impl<T> fmt::Debug for Reply<T> {
             Inner::Done(Some(Ok(_))) => "ready",
             Inner::Done(Some(Err(_))) => "failed",
             Inner::Done(None) => "taken",
-            Inner::Slot(_) | Inner::Future(_) => "waiting",
+            Inner::Slot(..) | Inner::Future(_) => "waiting",
         };
         f.debug_struct("Reply").field("state", &state).finish()
     }
@@ -193,15 +226,17 @@ impl<T: Send + 'static> Reply<T> {
     pub fn ready(result: Result<T>) -> Reply<T> {
         Reply {
             inner: Inner::Done(Some(result)),
-            _keep: None,
+            source: None,
         }
     }
 
-    /// The reply the driver settles through `slot`.
-    pub(crate) fn from_slot(slot: Arc<Slot<T>>, keep: KeepAlive) -> Reply<T> {
+    /// The reply the driver settles through `slot`; while pending, its
+    /// task keeps polling for up to `spin` before it sleeps (see
+    /// [`SpinWait`]).
+    pub(crate) fn from_slot(slot: Arc<Slot<T>>, keep: KeepAlive, spin: Duration) -> Reply<T> {
         Reply {
-            inner: Inner::Slot(slot),
-            _keep: Some(keep),
+            inner: Inner::Slot(slot, SpinWait::new(spin)),
+            source: Some(keep),
         }
     }
 
@@ -211,7 +246,7 @@ impl<T: Send + 'static> Reply<T> {
     ) -> Reply<T> {
         Reply {
             inner: Inner::Future(Box::pin(future)),
-            _keep: None,
+            source: None,
         }
     }
 
@@ -259,7 +294,7 @@ impl<T> Drop for Reply<T> {
     /// A dropped reply's request still runs (its reply is read and
     /// dropped); only the waker of the task that awaited it is forgotten.
     fn drop(&mut self) {
-        if let Inner::Slot(slot) = &self.inner {
+        if let Inner::Slot(slot, _) = &self.inner {
             slot.forget_waker();
         }
     }
@@ -272,9 +307,167 @@ impl<T> Future for Reply<T> {
         let this = self.get_mut();
         match &mut this.inner {
             Inner::Done(result) => Poll::Ready(result.take().unwrap_or_else(|| Err(taken_error()))),
-            Inner::Slot(slot) => slot.poll_take(cx),
+            Inner::Slot(slot, spin) => {
+                if let Poll::Ready(result) = slot.poll_take(cx) {
+                    return Poll::Ready(result);
+                }
+                // The waker is registered: a reply that comes while we
+                // spin is taken here, or wakes the task if we gave up.
+                let source = this.source.as_deref();
+                if spin.start(source) && spin.until_settled(slot, source) {
+                    return slot.poll_take(cx);
+                }
+                Poll::Pending
+            }
             Inner::Future(f) => f.as_mut().poll(cx),
         }
+    }
+}
+
+/// Spin-then-park for a pending reply: the polling thread watches the slot
+/// for up to a short window before it lets the task sleep until the driver
+/// wakes it.
+///
+/// Waking a sleeping thread costs tens of microseconds on a busy or virtual
+/// machine, as much as a loopback round trip: a caller waiting alone on a
+/// nearby host gets its reply sooner by not sleeping. Spinning holds the
+/// thread, so it is for the lone caller only: a reply spins only when its
+/// source allows it ([`ReplySource::try_start_spin`]: the driver has had
+/// at most one request in flight lately, and no other reply spins). And
+/// each thread learns whether it pays ([`SpinRecord`]).
+struct SpinWait {
+    window: Duration,
+    state: Spin,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spin {
+    /// Not polled pending yet.
+    Fresh,
+    /// Spinning, until then.
+    Spinning(Instant),
+    /// Sleeping until woken.
+    Off,
+}
+
+/// A thread's record of its spins: after [`FREE_MISSES`] spins in a row
+/// that ran out, each further one makes the thread let the next 1, 3, 7,
+/// ... 63 pending replies sleep at once, so a distant host costs one spin
+/// per 64 replies; a spin that catches its reply clears the record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SpinRecord {
+    /// Spins in a row that ran out (at most `FREE_MISSES + MAX_BACKOFF`).
+    misses: u32,
+    /// Pending replies to let sleep before the next spin.
+    skip: u32,
+}
+
+/// Spins that may run out in a row before the thread lets any reply sleep
+/// at once (a spin cut short by the scheduler is not a slow host).
+const FREE_MISSES: u32 = 2;
+/// The longest back-off: 2^6 - 1 = 63 replies sleep between two spins.
+const MAX_BACKOFF: u32 = 6;
+
+impl SpinRecord {
+    /// A reply is pending: whether it may spin (else it counts as skipped).
+    fn may_spin(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// A spin ended: it caught its reply, or ran out.
+    fn spun(&mut self, caught: bool) {
+        *self = if caught {
+            SpinRecord::default()
+        } else {
+            let misses = (self.misses + 1).min(FREE_MISSES + MAX_BACKOFF);
+            SpinRecord {
+                misses,
+                skip: (1 << misses.saturating_sub(FREE_MISSES)) - 1,
+            }
+        };
+    }
+}
+
+thread_local! {
+    static SPIN_RECORD: std::cell::Cell<SpinRecord> =
+        const { std::cell::Cell::new(SpinRecord { misses: 0, skip: 0 }) };
+}
+
+fn with_record<R>(f: impl FnOnce(&mut SpinRecord) -> R) -> R {
+    SPIN_RECORD.with(|cell| {
+        let mut record = cell.get();
+        let out = f(&mut record);
+        cell.set(record);
+        out
+    })
+}
+
+impl SpinWait {
+    fn new(window: Duration) -> SpinWait {
+        let state = if window.is_zero() {
+            Spin::Off
+        } else {
+            Spin::Fresh
+        };
+        SpinWait { window, state }
+    }
+
+    /// The reply is pending for the first time: whether to spin now. A
+    /// `true` holds the source's spin until [`SpinWait::until_settled`].
+    fn start(&mut self, source: Option<&dyn ReplySource>) -> bool {
+        if self.state != Spin::Fresh {
+            return false;
+        }
+        self.state = Spin::Off;
+        let Some(source) = source else {
+            return false;
+        };
+        if !with_record(SpinRecord::may_spin) || !source.try_start_spin() {
+            return false;
+        }
+        match Instant::now().checked_add(self.window) {
+            Some(until) => {
+                self.state = Spin::Spinning(until);
+                true
+            }
+            None => {
+                source.end_spin();
+                false
+            }
+        }
+    }
+
+    /// Spins until `slot` settles (true) or the window runs out (false);
+    /// then lets the source's spin go and updates the thread's record.
+    fn until_settled<T>(&mut self, slot: &Slot<T>, source: Option<&dyn ReplySource>) -> bool {
+        let Spin::Spinning(until) = self.state else {
+            return false;
+        };
+        self.state = Spin::Off;
+        let caught = loop {
+            // A clock read per 64 looks at the slot (an atomic load each).
+            for _ in 0..64 {
+                if slot.is_settled() {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            if slot.is_settled() {
+                break true;
+            }
+            if Instant::now() >= until {
+                break false;
+            }
+        };
+        if let Some(source) = source {
+            source.end_spin();
+        }
+        with_record(|r| r.spun(caught));
+        caught
     }
 }
 
@@ -382,7 +575,7 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
 
     fn ctx_failures() -> RefCell<Option<Error>> {
         RefCell::new(None)
@@ -392,7 +585,7 @@ mod tests {
     fn a_slot_settles_once_and_wakes_its_waiter() {
         let slot = Slot::<i64>::new();
         let keep: KeepAlive = Arc::new(());
-        let reply = Reply::from_slot(slot.clone(), keep);
+        let reply = Reply::from_slot(slot.clone(), keep, Duration::ZERO);
         let waiter = std::thread::spawn(move || reply.wait());
         let failures = ctx_failures();
         let ctx = ReplyContext {
@@ -416,7 +609,7 @@ mod tests {
             failures: &failures,
         };
         slot.accept_bulk(0, Some(b"not a number"), &ctx);
-        let err = Reply::from_slot(slot, Arc::new(()))
+        let err = Reply::from_slot(slot, Arc::new(()), Duration::ZERO)
             .wait()
             .expect_err("type");
         assert!(err.to_string().contains("GET"), "{err}");
@@ -427,7 +620,7 @@ mod tests {
         let slots: Vec<Arc<Slot<i64>>> = (0..100).map(|_| Slot::new()).collect();
         let replies: Vec<Reply<i64>> = slots
             .iter()
-            .map(|s| Reply::from_slot(s.clone(), Arc::new(())))
+            .map(|s| Reply::from_slot(s.clone(), Arc::new(()), Duration::ZERO))
             .collect();
         let all = std::thread::spawn(move || block_on(join_all(replies)));
         // Settle in reverse: the join still answers in the callers' order.
@@ -465,5 +658,118 @@ mod tests {
         fn check<T: Send + 'static>() {}
         check::<Reply<Option<Vec<u8>>>>();
         check::<JoinAll<i64>>();
+    }
+
+    /// A source that allows (or refuses) spins, counts them, and tells a
+    /// test when one starts.
+    struct TestSource {
+        allow: bool,
+        starts: std::sync::atomic::AtomicUsize,
+        ends: std::sync::atomic::AtomicUsize,
+        started: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    }
+
+    impl TestSource {
+        fn new(allow: bool) -> (Arc<TestSource>, std::sync::mpsc::Receiver<()>) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let source = TestSource {
+                allow,
+                starts: Default::default(),
+                ends: Default::default(),
+                started: Mutex::new(Some(tx)),
+            };
+            (Arc::new(source), rx)
+        }
+        fn counts(&self) -> (usize, usize) {
+            (
+                self.starts.load(Ordering::SeqCst),
+                self.ends.load(Ordering::SeqCst),
+            )
+        }
+    }
+
+    impl ReplySource for TestSource {
+        fn try_start_spin(&self) -> bool {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+            if let Some(tx) = self.started.lock().ok().and_then(|g| g.clone()) {
+                let _ = tx.send(());
+            }
+            self.allow
+        }
+        fn end_spin(&self) {
+            self.ends.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn noop_cx_poll<T>(reply: &mut Reply<T>) -> Poll<Result<T>> {
+        let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+        Pin::new(reply).poll(&mut Context::from_waker(&waker))
+    }
+
+    #[test]
+    fn the_spin_record_backs_off_after_free_misses_and_clears_on_a_catch() {
+        let mut r = SpinRecord::default();
+        let mut skips = Vec::new();
+        for _ in 0..10 {
+            r.spun(false);
+            skips.push(r.skip);
+        }
+        assert_eq!(skips, [0, 0, 1, 3, 7, 15, 31, 63, 63, 63]);
+        // Skipped replies do not spin, then one may.
+        let allowed: Vec<bool> = (0..64).map(|_| r.may_spin()).collect();
+        assert_eq!(allowed.iter().filter(|a| **a).count(), 1);
+        assert!(allowed[63]);
+        r.spun(true);
+        assert_eq!(r, SpinRecord::default());
+        assert!(r.may_spin());
+    }
+
+    #[test]
+    fn a_lone_pending_reply_catches_its_answer_within_the_poll() {
+        let slot = Slot::<i64>::new();
+        let (source, started) = TestSource::new(true);
+        let mut reply = Reply::from_slot(slot.clone(), source.clone(), Duration::from_secs(30));
+        let settler = std::thread::spawn(move || {
+            // Settles once the poll below has started spinning.
+            if started.recv().is_ok() {
+                slot.settle(Ok(5));
+            }
+        });
+        // One poll: it spins until the other thread settles the slot.
+        assert!(matches!(noop_cx_poll(&mut reply), Poll::Ready(Ok(5))));
+        settler.join().expect("settler");
+        assert_eq!(source.counts(), (1, 1));
+        assert_eq!(SPIN_RECORD.with(Cell::get), SpinRecord::default());
+    }
+
+    #[test]
+    fn a_spin_that_runs_out_leaves_the_reply_pending_and_counts_a_miss() {
+        let slot = Slot::<i64>::new();
+        let (source, _started) = TestSource::new(true);
+        let mut reply = Reply::from_slot(slot.clone(), source.clone(), Duration::from_millis(2));
+        let before = SPIN_RECORD.with(Cell::get).misses;
+        assert!(noop_cx_poll(&mut reply).is_pending());
+        assert_eq!(source.counts(), (1, 1));
+        assert_eq!(SPIN_RECORD.with(Cell::get).misses, before + 1);
+        // A reply spins once, on its first pending poll only.
+        assert!(noop_cx_poll(&mut reply).is_pending());
+        assert_eq!(source.counts(), (1, 1));
+        slot.settle(Ok(9));
+        assert!(matches!(noop_cx_poll(&mut reply), Poll::Ready(Ok(9))));
+    }
+
+    #[test]
+    fn a_reply_the_source_refuses_sleeps_at_once() {
+        let slot = Slot::<i64>::new();
+        let (source, _started) = TestSource::new(false);
+        // Were it to spin, this poll would take an hour.
+        let mut reply = Reply::from_slot(slot, source.clone(), Duration::from_secs(3600));
+        assert!(noop_cx_poll(&mut reply).is_pending());
+        assert_eq!(source.counts(), (1, 0));
+        // And no window at all never asks.
+        let (source, _started) = TestSource::new(true);
+        let mut reply = Reply::from_slot(Slot::<i64>::new(), source.clone(), Duration::ZERO);
+        assert!(noop_cx_poll(&mut reply).is_pending());
+        assert_eq!(source.counts(), (0, 0));
     }
 }
