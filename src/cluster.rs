@@ -148,6 +148,7 @@ pub struct ClusterBuilder {
     health: HealthPolicy,
     observer: Option<Arc<dyn Observer>>,
     previous: Option<Cluster>,
+    copy_forward: bool,
     hash_tag: Option<HashTag>,
 }
 
@@ -259,6 +260,31 @@ impl ClusterBuilder {
         self
     }
 
+    /// With [`ClusterBuilder::migrating_from`]: a read that finds its key
+    /// only on the old owner also moves the key to its new owner, as the
+    /// mover does (value and TTL, never over a value the new owner has
+    /// gained meanwhile, the old copy deleted if unchanged), so the next
+    /// read of it is a hit there. The read's answer is the old owner's; it
+    /// comes once the move is done, and a move that fails does not fail it
+    /// ([`MigrationStats::copy_forward_failures`](crate::MigrationStats)
+    /// counts those). Default off: reads then only read.
+    ///
+    /// ```no_run
+    /// use rb::Cluster;
+    /// # let old = Cluster::from_urls(["redis://10.0.0.1:6379"])?;
+    /// let new = Cluster::builder()
+    ///     .hosts([rb::HostConfig::new().host("10.0.0.1"), rb::HostConfig::new().host("10.0.0.2")])
+    ///     .migrating_from(&old)
+    ///     .copy_forward(true)
+    ///     .build()?;
+    /// # Ok::<(), rb::Error>(())
+    /// ```
+    #[must_use]
+    pub fn copy_forward(mut self, on: bool) -> ClusterBuilder {
+        self.copy_forward = on;
+        self
+    }
+
     /// Resolves host names with a resolver of your own (see [`Resolve`]).
     /// Default: [`SystemResolver`].
     #[must_use]
@@ -308,6 +334,7 @@ impl ClusterBuilder {
                 health: self.health,
                 observer: self.observer,
                 previous: self.previous,
+                copy_forward: self.copy_forward,
                 migration: Arc::default(),
             }),
         };
@@ -352,6 +379,9 @@ struct ClusterInner {
     observer: Option<Arc<dyn Observer>>,
     /// The cluster this one takes over from, while migrating.
     previous: Option<Cluster>,
+    /// Whether a read found on the old owner moves its key
+    /// ([`ClusterBuilder::copy_forward`]).
+    copy_forward: bool,
     migration: Arc<MigrationCounters>,
 }
 
@@ -614,6 +644,12 @@ impl Cluster {
     /// A migrating cluster's counters of fallback reads and moves.
     pub(crate) fn migration_counters(&self) -> &Arc<MigrationCounters> {
         &self.inner.migration
+    }
+
+    /// Whether a read found on the old owner moves its key there and then
+    /// ([`ClusterBuilder::copy_forward`]).
+    pub(crate) fn copies_forward(&self) -> bool {
+        self.inner.previous.is_some() && self.inner.copy_forward
     }
 
     /// Runs `f` with the current router and host timeouts, from a copy

@@ -581,6 +581,11 @@ pub struct MigrationStats {
     pub fallback_hits: u64,
     /// Keys moved to their new owner before a command modified them.
     pub moved_on_write: u64,
+    /// Keys copied to their new owner after a read found them on the old
+    /// one ([`ClusterBuilder::copy_forward`](crate::ClusterBuilder::copy_forward)).
+    pub copied_forward: u64,
+    /// Copy-forward moves that failed (the reads still answered).
+    pub copy_forward_failures: u64,
 }
 
 /// The counters behind [`MigrationStats`].
@@ -589,6 +594,8 @@ pub(crate) struct MigrationCounters {
     pub(crate) fallback_reads: AtomicU64,
     pub(crate) fallback_hits: AtomicU64,
     pub(crate) moved_on_write: AtomicU64,
+    pub(crate) copied_forward: AtomicU64,
+    pub(crate) copy_forward_failures: AtomicU64,
 }
 
 impl MigrationCounters {
@@ -597,6 +604,8 @@ impl MigrationCounters {
             fallback_reads: self.fallback_reads.load(Relaxed),
             fallback_hits: self.fallback_hits.load(Relaxed),
             moved_on_write: self.moved_on_write.load(Relaxed),
+            copied_forward: self.copied_forward.load(Relaxed),
+            copy_forward_failures: self.copy_forward_failures.load(Relaxed),
         }
     }
 }

@@ -10,7 +10,7 @@ use rb::migrate::{move_keys, MoveOptions};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, HostConfig, RouterKind};
 
-fn over(setup: &TestSetup, n: usize, kind: RouterKind, from: Option<&Cluster>) -> Cluster {
+fn builder_over(setup: &TestSetup, n: usize, kind: RouterKind) -> rb::ClusterBuilder {
     let mut b = Cluster::builder().router(kind);
     for i in 0..n {
         b = b.host(
@@ -18,10 +18,140 @@ fn over(setup: &TestSetup, n: usize, kind: RouterKind, from: Option<&Cluster>) -
             HostConfig::new().unix_socket_path(setup.socket(i).to_string_lossy().into_owned()),
         );
     }
+    b
+}
+
+fn over(setup: &TestSetup, n: usize, kind: RouterKind, from: Option<&Cluster>) -> Cluster {
+    let mut b = builder_over(setup, n, kind);
     if let Some(old) = from {
         b = b.migrating_from(old);
     }
     b.build().expect("cluster")
+}
+
+/// Where each of `keys` is, by the plain clusters `old` and `new` (each
+/// asked of its own owner): (on the old owner, on the new owner, the new
+/// copy's PTTL).
+fn places(old: &Cluster, new: &Cluster, key: &str) -> (bool, bool, i64) {
+    let on_old = old.routing_client().exists(&[key]).expect("EXISTS old") == 1;
+    let client = new.routing_client();
+    let on_new = client.exists(&[key]).expect("EXISTS new") == 1;
+    let ttl: i64 = client.cmd(rb::cmd("PTTL").arg(key)).expect("PTTL");
+    (on_old, on_new, ttl)
+}
+
+#[test]
+fn copy_forward_moves_what_reads_find_on_the_old_owner() {
+    let setup = TestSetup::new(5, 1).expect("servers");
+    let old = over(&setup, 4, RouterKind::Partition, None);
+    let plain_new = over(&setup, 5, RouterKind::Partition, None);
+    let copying = builder_over(&setup, 5, RouterKind::Partition)
+        .migrating_from(&old)
+        .copy_forward(true)
+        .build()
+        .expect("cluster");
+    let reading = over(&setup, 5, RouterKind::Partition, Some(&old));
+    let old_router = old.router().expect("router");
+    let new_router = plain_new.router().expect("router");
+    let moving: Vec<String> = (0..400)
+        .map(|i| format!("cf:{i}"))
+        .filter(|k| {
+            old_router.host_for_key(k.as_bytes()).expect("old")
+                != new_router.host_for_key(k.as_bytes()).expect("new")
+        })
+        .take(60)
+        .collect();
+    assert_eq!(moving.len(), 60, "keys that change owner");
+    old.map(|c| {
+        for (i, k) in moving.iter().enumerate() {
+            match i % 3 {
+                0 => drop(c.set(k.as_str(), i)),
+                1 => {
+                    drop(c.cmd::<()>(rb::cmd("SET").arg(k.as_str()).arg(i).arg("PX").arg(600_000)))
+                }
+                _ => drop(c.hset(k.as_str(), "f", i)),
+            }
+        }
+    })
+    .expect("fill");
+    // Without copy-forward, reads only read: every key stays put.
+    let strings: Vec<&String> = moving
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 2)
+        .map(|(_, k)| k)
+        .collect();
+    let hashes: Vec<&String> = moving
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 == 2)
+        .map(|(_, k)| k)
+        .collect();
+    let half = strings.len() / 2;
+    let got = reading
+        .map(|c| {
+            strings
+                .iter()
+                .map(|k| c.get(k.as_str()))
+                .collect::<Vec<_>>()
+        })
+        .expect("map");
+    assert!(got.iter().all(|p| p.value().expect("GET").is_some()));
+    assert!(
+        moving.iter().all(|k| places(&old, &plain_new, k).0),
+        "still on the old owners"
+    );
+    assert_eq!(reading.stats().migration.expect("stats").copied_forward, 0);
+
+    // With it: a map's GETs (half the strings), the routing client's HGETs
+    // (the EXISTS path), the async client's GETs (the other half).
+    let got = copying
+        .map(|c| {
+            strings[..half]
+                .iter()
+                .map(|k| c.get(k.as_str()))
+                .collect::<Vec<_>>()
+        })
+        .expect("map");
+    for (p, k) in got.iter().zip(&strings[..half]) {
+        assert!(p.value().expect("GET").is_some(), "{k}");
+    }
+    let client = copying.routing_client();
+    for k in &hashes {
+        assert!(client.hget(k.as_str(), "f").expect("HGET").is_some(), "{k}");
+    }
+    let a = copying.async_client();
+    for k in &strings[half..] {
+        assert!(a.get(k.as_str()).wait().expect("GET").is_some(), "{k}");
+    }
+    for (i, k) in moving.iter().enumerate() {
+        let (on_old, on_new, ttl) = places(&old, &plain_new, k);
+        assert!(!on_old && on_new, "{k}: moved (old {on_old}, new {on_new})");
+        if i % 3 == 1 {
+            assert!(ttl > 590_000 && ttl <= 600_000, "{k}: TTL kept, {ttl}");
+        } else {
+            assert_eq!(ttl, -1, "{k}: no TTL");
+        }
+    }
+    let stats = copying.stats().migration.expect("stats");
+    println!("{stats:?}");
+    assert_eq!(stats.copied_forward, moving.len() as u64);
+    assert_eq!(stats.copy_forward_failures, 0);
+    // The next reads are hits on the new owner: no fallback.
+    let before = stats.fallback_reads;
+    let got = copying
+        .map(|c| {
+            moving
+                .iter()
+                .map(|k| c.exists(&[k.as_str()]))
+                .collect::<Vec<_>>()
+        })
+        .expect("map");
+    assert!(got.iter().all(|p| p.value().expect("EXISTS") == 1));
+    assert_eq!(
+        copying.stats().migration.expect("stats").fallback_reads,
+        before
+    );
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! A key whose old and new owners are the same server is sent as usual.
 //! For a key in transit, by what the command does ([`Access`]):
 //! - a read goes to the new owner; a miss there is asked again of the old
-//!   owner after the map's first join, all such reads batched per host;
+//!   owner after the map's first join, all such reads batched per host
+//!   (with copy-forward, a key found there is then moved to its new owner);
 //! - an overwrite (`SET`, `SETEX`) goes to the new owner, and the old copy
 //!   is deleted after the join (so a later fallback read cannot see it);
 //! - a delete runs on the old owner first, then on the new one (so the
@@ -64,6 +65,7 @@ struct Fallback {
 
 /// A read asked of an old owner, until its answers are in.
 struct Asked {
+    old: HostId,
     new: HostId,
     cmd: Cmd,
     exists: Option<Promise<Value>>,
@@ -583,6 +585,7 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
                 p
             });
             asking.push(Asked {
+                old: f.old,
                 new: f.new,
                 cmd: f.cmd,
                 exists,
@@ -641,6 +644,9 @@ pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
     let counters = m.new.migration_counters();
     let mut hits = 0;
     let mut rechecks = m.rechecks.borrow_mut();
+    // Keys found on their old owner, to move (copy-forward), by old host.
+    let mut forward: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
+    let copy_forward = m.new.copies_forward();
     for a in asking {
         let r = a.reply.take();
         let missing = match &a.exists {
@@ -654,12 +660,26 @@ pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
         } else {
             if r.is_ok() {
                 hits += 1;
+                if let (true, Ok(key)) = (copy_forward, keyspec::single_key(&a.cmd)) {
+                    forward
+                        .entry(a.old)
+                        .or_default()
+                        .push((key.to_vec(), a.new));
+                }
             }
             (a.sink)(r);
         }
     }
     if hits > 0 {
         counters.fallback_hits.fetch_add(hits, Relaxed);
+    }
+    for (old, keys) in forward {
+        let n = keys.len() as u64;
+        let mut progress = MoveProgress::default();
+        match move_now(&m.old, &m.new, old, keys, &mut progress) {
+            Ok(()) => counters.copied_forward.fetch_add(progress.copied, Relaxed),
+            Err(_) => counters.copy_forward_failures.fetch_add(n, Relaxed),
+        };
     }
     !rechecks.is_empty()
 }
@@ -767,6 +787,15 @@ impl super::AsyncClient {
                         };
                         if found {
                             counters.fallback_hits.fetch_add(1, Relaxed);
+                            if cluster.copies_forward() {
+                                // The read stands whatever the move does.
+                                match move_key(&old_client, &client, old_host, host, &key).await {
+                                    Ok(copied) => counters
+                                        .copied_forward
+                                        .fetch_add(u64::from(copied), Relaxed),
+                                    Err(_) => counters.copy_forward_failures.fetch_add(1, Relaxed),
+                                };
+                            }
                             second
                         } else {
                             // Moved to the new owner between the two reads?
