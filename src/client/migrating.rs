@@ -204,21 +204,26 @@ impl Migration {
     }
 }
 
-/// A map's migrating reads of one reply type: each entry is a read sent
-/// to its key's new owner. A hit settles the caller's promise at once (a
+/// A map's migrating GETs of one reply type: each entry is a GET sent to
+/// its key's new owner. A hit settles the caller's promise at once (a
 /// plain bulk straight into `T`, as a map's GET does); a miss is marked,
-/// and after the join the read is asked of the key's old owner. One table
-/// per map and type: a read costs an entry, not an allocation.
+/// and after the join the GET is asked of the key's old owner. One table
+/// per map and type, the keys in one buffer: a GET costs an entry, not an
+/// allocation (its command goes back to the pool once encoded, as a plain
+/// map's does).
 struct ReadTable<T> {
     entries: RefCell<Vec<ReadEntry<T>>>,
+    /// Every entry's key, one after another.
+    keys: RefCell<Vec<u8>>,
 }
 
 struct ReadEntry<T> {
     out: Promise<T>,
-    cmd: Cmd,
     host: HostId,
-    /// The new owner's reply, when it was a miss.
-    missed: RefCell<Option<Value>>,
+    /// The key's place in [`ReadTable::keys`].
+    key: std::ops::Range<usize>,
+    /// The new owner answered nil.
+    missed: std::cell::Cell<bool>,
 }
 
 /// The misses of a read table, whatever its type.
@@ -238,7 +243,7 @@ impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
             return;
         };
         match reply {
-            Ok(Value::Nil) => *entry.missed.borrow_mut() = Some(Value::Nil),
+            Ok(Value::Nil) => entry.missed.set(true),
             other => entry
                 .out
                 .settle(other.and_then(T::from_value).map_err(|e| ctx.failed(e))),
@@ -261,8 +266,9 @@ impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
 
 impl<T: FromValue + 'static> Misses for ReadTable<T> {
     fn cancel(&self, error: &Error) {
+        self.keys.borrow_mut().clear();
         for entry in std::mem::take(&mut *self.entries.borrow_mut()) {
-            if entry.missed.into_inner().is_some() {
+            if entry.missed.get() {
                 entry.out.settle(Err(error.clone()));
             }
         }
@@ -270,22 +276,23 @@ impl<T: FromValue + 'static> Misses for ReadTable<T> {
 
     fn take(&self, m: &Migration) -> Vec<Fallback> {
         let entries = std::mem::take(&mut *self.entries.borrow_mut());
+        let keys = std::mem::take(&mut *self.keys.borrow_mut());
         let mut fallbacks = Vec::new();
         for entry in entries {
-            let Some(missed) = entry.missed.into_inner() else {
+            if !entry.missed.get() {
                 continue; // a hit: settled already
-            };
-            let old = keyspec::single_key(&entry.cmd).and_then(|key| m.in_transit(key, entry.host));
-            match old {
+            }
+            let key = keys.get(entry.key.clone()).unwrap_or_default();
+            match m.in_transit(key, entry.host) {
                 Ok(Some(old)) => fallbacks.push(Fallback {
                     old,
                     new: entry.host,
                     sink: settle_into(&entry.out, &m.failures),
-                    cmd: entry.cmd,
+                    cmd: cmd("GET").arg(key),
                     by_existence: false,
                 }),
                 // The key's owner did not change: a real miss.
-                Ok(None) => entry.out.settle(T::from_value(missed)),
+                Ok(None) => entry.out.settle(T::from_value(Value::Nil)),
                 Err(e) => entry.out.settle(Err(e)),
             }
         }
@@ -391,6 +398,7 @@ impl Dispatch {
                 None => {
                     let table = Rc::new(ReadTable::<T> {
                         entries: RefCell::new(Vec::new()),
+                        keys: RefCell::new(Vec::new()),
                     });
                     tables.push((id, (table.clone() as Rc<dyn Any>, table as Rc<dyn Misses>)));
                     tables.len() - 1
@@ -401,24 +409,28 @@ impl Dispatch {
         let Some(table) = table else {
             return self.send(host, &cmd);
         };
-        let out = Promise::new();
-        let index = {
-            let mut entries = table.entries.borrow_mut();
-            entries.push(ReadEntry {
-                out: out.clone(),
-                cmd,
-                host,
-                missed: RefCell::new(None),
-            });
-            entries.len() - 1
+        let key = match keyspec::single_key(&cmd) {
+            Ok(key) => key,
+            Err(e) => return self.reject(e),
         };
-        let Ok(slot) = u32::try_from(index) else {
+        let Ok(slot) = u32::try_from(table.entries.borrow().len()) else {
             return self.reject(Error::config("too many reads in one map"));
         };
-        let entries = table.entries.borrow();
-        let cmd = &entries[index].cmd;
+        let out = Promise::new();
+        let key = {
+            let mut keys = table.keys.borrow_mut();
+            let start = keys.len();
+            keys.extend_from_slice(key);
+            start..keys.len()
+        };
+        table.entries.borrow_mut().push(ReadEntry {
+            out: out.clone(),
+            host,
+            key,
+            missed: std::cell::Cell::new(false),
+        });
         let waiter = Waiter::new(table.clone(), slot);
-        self.session.enqueue(host, cmd, waiter);
+        self.session.enqueue(host, &cmd, waiter);
         out
     }
 
