@@ -81,27 +81,39 @@ const SPIN_GATE: usize = 1;
 const LOAD_MEMORY: Duration = Duration::from_millis(10);
 
 /// The most requests taken in one turn or in flight at the end of one,
-/// over about the last [`LOAD_MEMORY`].
+/// over the last [`LOAD_MEMORY`] at least: the maxima of the current and
+/// the previous window of that length.
 struct RecentLoad {
-    peak: usize,
+    current: usize,
+    previous: usize,
     since: Instant,
 }
 
 impl RecentLoad {
     fn new(now: Instant) -> RecentLoad {
         RecentLoad {
-            peak: 0,
+            current: 0,
+            previous: 0,
             since: now,
         }
     }
 
     /// A turn ended at `now` with `load`; the recent peak.
     fn turn(&mut self, now: Instant, load: usize) -> usize {
-        if load >= self.peak || now.saturating_duration_since(self.since) > LOAD_MEMORY {
-            self.peak = load;
+        let age = now.saturating_duration_since(self.since);
+        if age > LOAD_MEMORY {
+            // A window passed: the last one becomes the previous (or, if
+            // more than one passed, nothing was seen in between).
+            self.previous = if age > 2 * LOAD_MEMORY {
+                0
+            } else {
+                self.current
+            };
+            self.current = 0;
             self.since = now;
         }
-        self.peak
+        self.current = self.current.max(load);
+        self.current.max(self.previous)
     }
 }
 
@@ -516,10 +528,26 @@ mod tests {
         // a lone caller yet.
         assert_eq!(load.turn(at(1), 2), 2);
         assert_eq!(load.turn(at(2), 0), 2);
-        assert_eq!(load.turn(at(1 + 10), 1), 2);
+        assert_eq!(load.turn(at(11), 1), 2);
+        assert_eq!(load.turn(at(20), 1), 2);
         // Quiet for longer than the memory: the peak falls to what is now.
-        assert_eq!(load.turn(at(1 + 11), 1), 1);
-        assert_eq!(load.turn(at(20), 0), 1);
-        assert_eq!(load.turn(at(30), 0), 0);
+        assert_eq!(load.turn(at(22), 1), 1);
+        assert_eq!(load.turn(at(40), 0), 1);
+        assert_eq!(load.turn(at(70), 0), 0);
+    }
+
+    /// Found by review: a peak older than the memory was replaced by the
+    /// current turn's load, forgetting the loads seen since.
+    #[test]
+    fn the_recent_load_keeps_loads_below_an_old_peak() {
+        let t0 = Instant::now();
+        let at = |us: u64| t0 + Duration::from_micros(us);
+        let mut load = RecentLoad::new(t0);
+        load.turn(at(0), 50);
+        for us in (1_000..=10_000).step_by(100) {
+            load.turn(at(us), 8);
+        }
+        let peak = load.turn(at(10_200), 1);
+        assert!(peak >= 8, "recent peak {peak}: 8 were in flight 0.2 ms ago");
     }
 }

@@ -118,8 +118,8 @@ pub(crate) struct Pipeline {
     rstart: usize,
     rend: usize,
     /// A huge bulk reply under way, read straight to the front of `rbuf`
-    /// (its header dropped): its length. See [`Pipeline::start_big_bulk`].
-    big_bulk: Option<usize>,
+    /// (its header dropped). See [`Pipeline::start_big_bulk`].
+    big_bulk: Option<BigBulk>,
     replies: ReplyStream,
     /// Bytes of the reply being decoded already handed over (the elements
     /// of a split `MGET` reply), for `max_reply_bytes`.
@@ -433,7 +433,7 @@ impl Pipeline {
     /// arrived and one huge bulk gets a buffer of its size, not the next
     /// power of two.
     pub(crate) fn read_buffer(&mut self) -> &mut [u8] {
-        if let Some(len) = self.big_bulk {
+        if let Some(BigBulk { len, .. }) = self.big_bulk {
             // A huge bulk's body and `\r\n`, and nothing past them: the
             // buffer becomes the value as it is (no move once grown).
             let want = len + 2;
@@ -522,7 +522,7 @@ impl Pipeline {
                 self.start_big_bulk();
             }
             let next = match self.big_bulk {
-                Some(len) => match self.take_big_bulk(len) {
+                Some(BigBulk { len, .. }) => match self.take_big_bulk(len) {
                     Ok(Some(value)) => Some((Frame::Reply(Value::BulkString(value)), 0)),
                     Ok(None) => None,
                     Err(e) => return Err(e.with_context(name, "")),
@@ -647,10 +647,10 @@ impl Pipeline {
     }
 
     /// The bytes the reply under way needs in all, as far as its headers
-    /// tell (a huge bulk's from the front of the buffer, without header).
+    /// tell (a huge bulk's header included, as the decoder counts it).
     fn reply_need(&self) -> usize {
         match self.big_bulk {
-            Some(len) => len + 2,
+            Some(big) => big.header + big.len + 2,
             None => self.replies.need(),
         }
     }
@@ -672,18 +672,21 @@ impl Pipeline {
         let Some((len, header)) = plain_bulk_header(&self.rbuf[self.rstart..self.rend]) else {
             return;
         };
-        if len <= KEEP_READ_BUFFER || len + 2 > self.host.max_reply_bytes {
+        if len <= KEEP_READ_BUFFER || header + len + 2 > self.host.max_reply_bytes {
             // Small, or refused by the limit check after decoding.
             return;
         }
         self.rbuf.copy_within(self.rstart + header..self.rend, 0);
-        // Address room for all of it now (no page is touched before the
-        // bytes come), so the buffer never moves while it fills.
-        self.rbuf
-            .reserve_exact((len + 2).saturating_sub(self.rbuf.len()));
+        // Address room for all of it now where the system gives it (no
+        // page is touched before the bytes come), so the buffer does not
+        // move while it fills; where it does not (a limit on address
+        // space), the buffer grows with the bytes, as any reply's does.
+        let _ = self
+            .rbuf
+            .try_reserve_exact((len + 2).saturating_sub(self.rbuf.len()));
         self.rend -= self.rstart + header;
         self.rstart = 0;
-        self.big_bulk = Some(len);
+        self.big_bulk = Some(BigBulk { len, header });
         // The decoder may have seen part of the header: it starts afresh
         // after the bulk.
         self.replies.reset();
@@ -719,6 +722,16 @@ impl Pipeline {
         self.big_bulk = None;
         Ok(Some(value))
     }
+}
+
+/// A huge bulk reply under way (see [`Pipeline::start_big_bulk`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BigBulk {
+    /// The body's length.
+    len: usize,
+    /// The length of its header (`$<len>\r\n`), dropped from the buffer
+    /// but counted against `max_reply_bytes`.
+    header: usize,
 }
 
 /// Frees a read buffer grown for a huge reply. Giving hundreds of

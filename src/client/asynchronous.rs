@@ -91,7 +91,8 @@ impl AsyncOptions {
     /// many tasks waiting, or many threads, never spins; and a thread
     /// whose spins keep running out (a distant host) spins for one reply
     /// in 64. The spin holds the polling thread (a runtime worker) for at
-    /// most this long.
+    /// most this long, and after 32 replies in a row caught by spinning
+    /// the next one sleeps, so the task yields to its runtime.
     #[must_use]
     pub fn spin(mut self, window: Duration) -> AsyncOptions {
         self.spin = window;

@@ -688,10 +688,15 @@ pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
     for (old, keys) in forward {
         let n = keys.len() as u64;
         let mut progress = MoveProgress::default();
-        match move_now(&m.old, &m.new, old, keys, &mut progress) {
-            Ok(()) => counters.copied_forward.fetch_add(progress.copied, Relaxed),
-            Err(_) => counters.copy_forward_failures.fetch_add(n, Relaxed),
-        };
+        let failed = move_now(&m.old, &m.new, old, keys, &mut progress).is_err();
+        // Keys copied before a failure count as copied (their old copies
+        // stay for the mover to delete); the rest as failures.
+        counters.copied_forward.fetch_add(progress.copied, Relaxed);
+        if failed {
+            counters
+                .copy_forward_failures
+                .fetch_add(n.saturating_sub(progress.copied), Relaxed);
+        }
     }
     !rechecks.is_empty()
 }

@@ -619,7 +619,10 @@ fn a_huge_bulk_is_read_into_place_and_handed_over_without_a_copy() {
         drain_output(&mut p);
         let (head, rest) = wire.split_at(64);
         feed(&mut p, head, chunk.min(8), &failures).expect("header");
-        assert!(get.is_pending() && p.big_bulk == Some(len), "chunk {chunk}");
+        assert!(
+            get.is_pending() && p.big_bulk.map(|b| b.len) == Some(len),
+            "chunk {chunk}"
+        );
         // From here the buffer does not move: the body is read into place.
         let buffer = p.rbuf.as_ptr();
         let (middle, end) = rest.split_at(rest.len() - 12);
@@ -654,4 +657,67 @@ fn a_huge_bulk_not_ended_by_crlf_fails_the_stream() {
     drain_output(&mut p);
     let e = feed(&mut p, &wire, 65_536, &failures).unwrap_err();
     assert!(e.to_string().contains("not followed by"), "{e}");
+}
+
+#[test]
+fn a_huge_bulk_counts_its_header_against_max_reply_bytes() {
+    // Found by review: the header was dropped before the limit check.
+    let len = (1 << 20) + 100;
+    let mut wire = format!("${len}\r\n").into_bytes();
+    wire.extend(std::iter::repeat(b'x').take(len));
+    wire.extend_from_slice(b"\r\n");
+    for (max, refused) in [(wire.len() - 1, true), (wire.len(), false)] {
+        let failures = Failures::default();
+        let mut p = Pipeline::new(host(HostConfig::new().max_reply_bytes(max)));
+        p.connection_started(false, Vec::new());
+        let _get = push(&mut p, &cmd("GET").arg("k"));
+        p.flush_batch();
+        drain_output(&mut p);
+        let r = feed(&mut p, &wire, 65_536, &failures);
+        assert_eq!(
+            r.is_err(),
+            refused,
+            "max {max} for a {}-byte reply: {r:?}",
+            wire.len()
+        );
+    }
+}
+
+/// Found by review: the room for a huge bulk was reserved with
+/// `reserve_exact` as soon as its 12-byte header came, which aborts the
+/// process where address space is limited (`ulimit -v`). The test runs
+/// itself again in a child process under such a limit.
+#[test]
+fn a_huge_bulk_header_alone_does_not_abort_under_an_address_space_limit() {
+    const INNER: &str = "RB_TEST_UNDER_ULIMIT";
+    if std::env::var_os(INNER).is_some() {
+        let failures = Failures::default();
+        let mut p = Pipeline::new(host(HostConfig::new()));
+        p.connection_started(false, Vec::new());
+        let get = push(&mut p, &cmd("GET").arg("k"));
+        p.flush_batch();
+        drain_output(&mut p);
+        let wire = format!("${}\r\nabc", crate::resp::MAX_BULK_LEN);
+        feed(&mut p, wire.as_bytes(), 64, &failures).expect("header");
+        assert!(get.is_pending());
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let name =
+        "pipeline::tests::a_huge_bulk_header_alone_does_not_abort_under_an_address_space_limit";
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 600000 && exec \"$0\" --exact {name} --test-threads 1"
+        ))
+        .arg(exe)
+        .env(INNER, "1")
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
