@@ -284,6 +284,10 @@ struct Timer {
 #[derive(Default)]
 struct Timers {
     queues: HashMap<Duration, VecDeque<Timer>>,
+    /// Per host, when its health last heard of a timeout: requests made
+    /// before then that time out too are no new evidence (they were in
+    /// flight together), however the driver's turns group them.
+    reported: HashMap<HostId, Instant>,
 }
 
 impl Timers {
@@ -296,8 +300,9 @@ impl Timers {
     fn expire(&mut self, now: Instant, session: &Session) -> Option<Instant> {
         let failures = std::cell::RefCell::new(None);
         let mut next: Option<Instant> = None;
-        // Per host: how many expired, and one of their errors.
-        let mut expired: Vec<(HostId, u64, Error)> = Vec::new();
+        // Per host: how many expired, one of their errors, and when the
+        // newest of them was made.
+        let mut expired: Vec<(HostId, u64, Error, Instant)> = Vec::new();
         for (budget, queue) in &mut self.queues {
             while let Some(t) = queue.front() {
                 if !t.sink.is_pending() {
@@ -310,9 +315,13 @@ impl Timers {
                         failures: &failures,
                     };
                     t.sink.accept(0, Err(e.clone()), &ctx);
-                    match expired.iter_mut().find(|(h, _, _)| *h == t.host) {
-                        Some((_, n, _)) => *n += 1,
-                        None => expired.push((t.host, 1, e)),
+                    let made = t.deadline.checked_sub(*budget).unwrap_or(t.deadline);
+                    match expired.iter_mut().find(|(h, ..)| *h == t.host) {
+                        Some((_, n, _, newest)) => {
+                            *n += 1;
+                            *newest = (*newest).max(made);
+                        }
+                        None => expired.push((t.host, 1, e, made)),
                     }
                     queue.pop_front();
                 } else {
@@ -322,8 +331,12 @@ impl Timers {
             }
         }
         self.queues.retain(|_, q| !q.is_empty());
-        for (host, n, e) in expired {
-            session.requests_expired(host, n, &e);
+        for (host, n, e, newest) in expired {
+            let evidence = self.reported.get(&host).map_or(true, |&at| newest > at);
+            if evidence {
+                self.reported.insert(host, now);
+            }
+            session.requests_expired(host, n, &e, evidence);
         }
         next
     }

@@ -707,12 +707,14 @@ impl Session {
     }
 
     /// Requests to `id` passed their own deadlines (`error` says which):
-    /// `n` of them count as timed out, and the host's health hears of it
-    /// once.
-    pub(crate) fn requests_expired(&self, id: HostId, n: u64, error: &Error) {
+    /// `n` of them count as timed out, and, with `evidence`, the host's
+    /// health hears of it once.
+    pub(crate) fn requests_expired(&self, id: HostId, n: u64, error: &Error, evidence: bool) {
         if let Some(entry) = self.hosts.get(&id) {
             entry.watch.counters.deadline_passed(n);
-            entry.watch.failed(error, Instant::now());
+            if evidence {
+                entry.watch.failed(error, Instant::now());
+            }
         }
     }
 

@@ -235,3 +235,45 @@ fn the_driver_brings_a_host_back_without_a_request() {
     );
     client.get(&key).wait().expect("up again");
 }
+
+/// Async requests that were in flight together on a silent host are one
+/// piece of evidence, however the driver's turns group their timeouts:
+/// ten requests made 5 ms apart (all before the first times out) leave the
+/// host Up (one failure of three); two more rounds, each made after the
+/// last timeout was heard, take it Down. Before, each turn's timeouts
+/// counted: the ten took the host Down at once.
+#[test]
+fn async_timeouts_in_flight_together_count_once() {
+    let (_setup, proxy, cluster, _events) = rig(quick());
+    let key = key_of(&cluster, FAULTY);
+    let client = cluster.async_client_with(
+        rb::AsyncOptions::new()
+            .timeout(Duration::from_millis(100))
+            .spin(Duration::ZERO),
+    );
+    client.get(&key).wait().expect("connected");
+    proxy.set_fault(Fault::Blackhole);
+    let round = || {
+        let replies: Vec<_> = (0..10)
+            .map(|_| {
+                let r = client.get(&key);
+                std::thread::sleep(Duration::from_millis(5));
+                r
+            })
+            .collect();
+        for r in replies {
+            assert!(r.wait().expect_err("blackholed").is_timeout());
+        }
+    };
+    round();
+    assert!(
+        cluster.health(FAULTY).expect("health").is_up(),
+        "one failure"
+    );
+    round();
+    round();
+    assert!(
+        !cluster.health(FAULTY).expect("health").is_up(),
+        "three failures"
+    );
+}
