@@ -600,6 +600,25 @@ fn requests_in_flight_count_each_merged_get_up_to_the_cap() {
     assert_eq!(p.requests_in_flight(10), 0);
 }
 
+/// A connected pipeline for `config` whose GET of `k` went out: the
+/// pipeline and the GET's promise.
+fn awaiting_a_get(config: HostConfig) -> (Pipeline, Promise<Value>) {
+    let mut p = Pipeline::new(host(config));
+    p.connection_started(false, Vec::new());
+    let get = push(&mut p, &cmd("GET").arg("k"));
+    p.flush_batch();
+    drain_output(&mut p);
+    (p, get)
+}
+
+/// A bulk of `len` bytes `x`, then `end`.
+fn bulk_of(len: usize, end: &[u8]) -> Vec<u8> {
+    let mut wire = format!("${len}\r\n").into_bytes();
+    wire.resize(wire.len() + len, b'x');
+    wire.extend_from_slice(end);
+    wire
+}
+
 #[test]
 fn a_huge_bulk_is_read_into_place_and_handed_over_without_a_copy() {
     let len = (2 << 20) + 3;
@@ -646,34 +665,19 @@ fn a_huge_bulk_is_read_into_place_and_handed_over_without_a_copy() {
 
 #[test]
 fn a_huge_bulk_not_ended_by_crlf_fails_the_stream() {
-    let len = (1 << 20) + 1;
-    let mut wire = format!("${len}\r\n").into_bytes();
-    wire.extend(std::iter::repeat(b'x').take(len));
-    wire.extend_from_slice(b"xx");
-    let failures = Failures::default();
-    let mut p = Pipeline::new(host(HostConfig::new()));
-    p.connection_started(false, Vec::new());
-    let _get = push(&mut p, &cmd("GET").arg("k"));
-    drain_output(&mut p);
-    let e = feed(&mut p, &wire, 65_536, &failures).unwrap_err();
+    let wire = bulk_of((1 << 20) + 1, b"xx");
+    let (mut p, _get) = awaiting_a_get(HostConfig::new());
+    let e = feed(&mut p, &wire, 65_536, &Failures::default()).unwrap_err();
     assert!(e.to_string().contains("not followed by"), "{e}");
 }
 
 #[test]
 fn a_huge_bulk_counts_its_header_against_max_reply_bytes() {
     // Found by review: the header was dropped before the limit check.
-    let len = (1 << 20) + 100;
-    let mut wire = format!("${len}\r\n").into_bytes();
-    wire.extend(std::iter::repeat(b'x').take(len));
-    wire.extend_from_slice(b"\r\n");
+    let wire = bulk_of((1 << 20) + 100, b"\r\n");
     for (max, refused) in [(wire.len() - 1, true), (wire.len(), false)] {
-        let failures = Failures::default();
-        let mut p = Pipeline::new(host(HostConfig::new().max_reply_bytes(max)));
-        p.connection_started(false, Vec::new());
-        let _get = push(&mut p, &cmd("GET").arg("k"));
-        p.flush_batch();
-        drain_output(&mut p);
-        let r = feed(&mut p, &wire, 65_536, &failures);
+        let (mut p, _get) = awaiting_a_get(HostConfig::new().max_reply_bytes(max));
+        let r = feed(&mut p, &wire, 65_536, &Failures::default());
         assert_eq!(
             r.is_err(),
             refused,
@@ -691,14 +695,9 @@ fn a_huge_bulk_counts_its_header_against_max_reply_bytes() {
 fn a_huge_bulk_header_alone_does_not_abort_under_an_address_space_limit() {
     const INNER: &str = "RB_TEST_UNDER_ULIMIT";
     if std::env::var_os(INNER).is_some() {
-        let failures = Failures::default();
-        let mut p = Pipeline::new(host(HostConfig::new()));
-        p.connection_started(false, Vec::new());
-        let get = push(&mut p, &cmd("GET").arg("k"));
-        p.flush_batch();
-        drain_output(&mut p);
+        let (mut p, get) = awaiting_a_get(HostConfig::new());
         let wire = format!("${}\r\nabc", crate::resp::MAX_BULK_LEN);
-        feed(&mut p, wire.as_bytes(), 64, &failures).expect("header");
+        feed(&mut p, wire.as_bytes(), 64, &Failures::default()).expect("header");
         assert!(get.is_pending());
         return;
     }
