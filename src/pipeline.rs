@@ -523,7 +523,10 @@ impl Pipeline {
             }
             let next = match self.big_bulk {
                 Some(BigBulk { len, .. }) => match self.take_big_bulk(len) {
-                    Ok(Some(value)) => Some((Frame::Reply(Value::BulkString(value)), 0)),
+                    Ok(Some(value)) => {
+                        let value = self.unless_unwanted(value);
+                        Some((Frame::Reply(Value::BulkString(value)), 0))
+                    }
                     Ok(None) => None,
                     Err(e) => return Err(e.with_context(name, "")),
                 },
@@ -690,6 +693,18 @@ impl Pipeline {
         // The decoder may have seen part of the header: it starts afresh
         // after the bulk.
         self.replies.reset();
+    }
+
+    /// A huge bulk's body, or an empty one when nothing would see it (its
+    /// promise and callbacks are gone): then the body is freed off this
+    /// thread, so a caller's deadline does not wait for the pages to go.
+    fn unless_unwanted(&self, value: Vec<u8>) -> Vec<u8> {
+        if self.expects.front().is_some_and(|e| !e.is_wanted()) {
+            release(value);
+            Vec::new()
+        } else {
+            value
+        }
     }
 
     /// The huge bulk of `len` bytes at the front of the read buffer, once

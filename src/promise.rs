@@ -435,6 +435,14 @@ pub(crate) trait ReplySink {
     fn is_pending(&self) -> bool {
         true
     }
+
+    /// Whether anything would see entry `index`'s reply: a promise handle
+    /// besides the waiter's own, or a callback. A huge reply nobody wants
+    /// is freed off the event loop's thread (freeing hundreds of megabytes
+    /// takes tens of milliseconds).
+    fn is_wanted(&self, _index: u32) -> bool {
+        true
+    }
 }
 
 impl<T: FromValue> ReplySink for Block<T> {
@@ -463,6 +471,10 @@ impl<T: FromValue> ReplySink for Block<T> {
 
     fn release(&self, index: u32) {
         Block::release(self, index)
+    }
+
+    fn is_wanted(&self, index: u32) -> bool {
+        self.is_watched(index)
     }
 }
 
@@ -520,6 +532,15 @@ impl Waiter {
     /// Settles the promise with a reply shared by many.
     pub(crate) fn accept_shared(&self, reply: &Value, ctx: &ReplyContext<'_>) {
         self.sink().accept_shared(self.index, reply, ctx)
+    }
+
+    /// Whether anything would see the reply (see [`ReplySink::is_wanted`]);
+    /// an async reply is wanted while any other handle to its slot lives.
+    pub(crate) fn is_wanted(&self) -> bool {
+        match &self.sink {
+            Sink::Local(s) => s.is_wanted(self.index),
+            Sink::Shared(s) => std::sync::Arc::strong_count(s) > 1,
+        }
     }
 }
 
@@ -623,6 +644,21 @@ impl<T: 'static> Promise<T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reply_is_wanted_while_a_promise_or_a_callback_would_see_it() {
+        let p: Promise<Value> = Promise::new();
+        let waiter = p.sink();
+        assert!(waiter.is_wanted());
+        drop(p);
+        assert!(!waiter.is_wanted(), "only the waiter is left");
+
+        let q: Promise<Value> = Promise::new();
+        let waiter = q.sink();
+        q.done(|_| {}, |_| {});
+        drop(q);
+        assert!(waiter.is_wanted(), "a callback waits for it");
+    }
+
     use super::*;
     use std::cell::Cell;
 

@@ -67,6 +67,14 @@ pub(crate) enum Expect {
 }
 
 impl Expect {
+    /// Whether anything would see its reply (a merged batch: always).
+    pub(crate) fn is_wanted(&self) -> bool {
+        match self {
+            Expect::One { waiter, .. } => waiter.is_wanted(),
+            Expect::Batch { .. } => true,
+        }
+    }
+
     /// How many requests it still answers.
     pub(crate) fn requests(&self) -> usize {
         match self {

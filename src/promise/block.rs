@@ -96,6 +96,17 @@ impl<T> Block<T> {
         entry.handles.set(entry.handles.get().saturating_add(1));
     }
 
+    /// Whether entry `index` has a handle besides one waiter's, or a
+    /// subscriber (a callback, a taker).
+    pub(super) fn is_watched(&self, index: u32) -> bool {
+        let entry = self.entry(index);
+        entry.handles.get() > 1
+            || match entry.state.try_borrow() {
+                Ok(state) => matches!(&*state, State::Pending(Some(_))),
+                Err(_) => true,
+            }
+    }
+
     /// One handle to entry `index` fewer; the last one drops its value.
     pub(super) fn release(&self, index: u32) {
         let entry = self.entry(index);

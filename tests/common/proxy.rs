@@ -57,6 +57,11 @@ pub enum Fault {
     /// A fake server: any request is answered with `$<n>\r\n`, `n` bytes as
     /// fast as the client takes them, and `\r\n`.
     HugeBulk(usize),
+    /// A fake server: each command of a request is answered with its own
+    /// `$<n>\r\n`, `n` bytes as fast as the client takes them, and `\r\n`
+    /// (commands are counted by the `*` that starts each; keep arguments
+    /// free of a `*` after a line end).
+    HugeBulkEach(usize),
     /// A fake server: any request is answered with
     /// `*9223372036854775807\r\n` and then `:1\r\n` forever, as fast as the
     /// client takes them, until the client closes (or the fault changes,
@@ -505,6 +510,16 @@ fn pump(shared: &Shared, client: &TcpStream, mut up: Option<Up>) -> End {
                 Fault::Refuse => break End::Close,
                 Fault::HugeBulk(len) => {
                     if stream_bulk(&mut client_w, len, shared).is_err() {
+                        break End::Close;
+                    }
+                }
+                Fault::HugeBulkEach(len) => {
+                    let commands = data
+                        .iter()
+                        .enumerate()
+                        .filter(|&(i, &b)| b == b'*' && (i == 0 || data[i - 1] == b'\n'))
+                        .count();
+                    if (0..commands).any(|_| stream_bulk(&mut client_w, len, shared).is_err()) {
                         break End::Close;
                     }
                 }
