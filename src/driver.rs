@@ -277,6 +277,8 @@ struct Timer {
     host: HostId,
     command: CmdName,
     sink: SharedSink,
+    /// A Down host's probe: its outcome always reaches the health.
+    probe: bool,
 }
 
 /// Deadlines in queues per budget: requests with one budget expire in the
@@ -300,9 +302,10 @@ impl Timers {
     fn expire(&mut self, now: Instant, session: &Session) -> Option<Instant> {
         let failures = std::cell::RefCell::new(None);
         let mut next: Option<Instant> = None;
-        // Per host: how many expired, one of their errors, and when the
-        // newest of them was made.
-        let mut expired: Vec<(HostId, u64, Error, Instant)> = Vec::new();
+        // Per host: how many expired, one of their errors, when the newest
+        // of them was made, and whether one was a probe (whose outcome is
+        // always evidence).
+        let mut expired: Vec<(HostId, u64, Error, Instant, bool)> = Vec::new();
         for (budget, queue) in &mut self.queues {
             while let Some(t) = queue.front() {
                 if !t.sink.is_pending() {
@@ -317,11 +320,12 @@ impl Timers {
                     t.sink.accept(0, Err(e.clone()), &ctx);
                     let made = t.deadline.checked_sub(*budget).unwrap_or(t.deadline);
                     match expired.iter_mut().find(|(h, ..)| *h == t.host) {
-                        Some((_, n, _, newest)) => {
+                        Some((_, n, _, newest, probe)) => {
                             *n += 1;
                             *newest = (*newest).max(made);
+                            *probe |= t.probe;
                         }
-                        None => expired.push((t.host, 1, e, made)),
+                        None => expired.push((t.host, 1, e, made, t.probe)),
                     }
                     queue.pop_front();
                 } else {
@@ -331,8 +335,8 @@ impl Timers {
             }
         }
         self.queues.retain(|_, q| !q.is_empty());
-        for (host, n, e, newest) in expired {
-            let evidence = self.reported.get(&host).map_or(true, |&at| newest > at);
+        for (host, n, e, newest, probe) in expired {
+            let evidence = probe || self.reported.get(&host).map_or(true, |&at| newest > at);
             if evidence {
                 self.reported.insert(host, now);
             }
@@ -367,6 +371,7 @@ fn probe_down_hosts(session: &mut Session, timers: &mut Timers, now: Instant) ->
                     host: id,
                     command: CmdName::of(b"PING"),
                     sink: sink.clone(),
+                    probe: true,
                 },
             );
             next = Some(next.map_or(deadline, |n| n.min(deadline)));
@@ -407,6 +412,7 @@ fn arm_timer(timers: &mut Timers, next_deadline: &mut Option<Instant>, request: 
                 host: request.host,
                 command: CmdName::of(cmd.name()),
                 sink: request.sink.clone(),
+                probe: false,
             },
         );
         *next_deadline = Some(next_deadline.map_or(deadline, |n: Instant| n.min(deadline)));
@@ -547,6 +553,73 @@ mod tests {
         assert_eq!(load.turn(at(22), 1), 1);
         assert_eq!(load.turn(at(40), 0), 1);
         assert_eq!(load.turn(at(70), 0), 0);
+    }
+
+    /// Found by review: a host taken Down by another client sharing its health
+    /// (a map's timeouts), with an async request in flight. In the turn in
+    /// which that request's timeout is reported and the host's probe comes
+    /// due, the probe's PING is "made" at the very instant recorded as the
+    /// last report, so its own timeout is never evidence: the health does
+    /// not hear the probe fail and keeps it out for `max_open_for`.
+    #[test]
+    fn a_probe_made_in_the_turn_of_a_report_is_heard() {
+        use crate::health::HealthPolicy;
+        let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = blackhole.local_addr().unwrap().port();
+        let cluster = crate::Cluster::builder()
+            .host(
+                0,
+                crate::HostConfig::new()
+                    .host("127.0.0.1")
+                    .port(port)
+                    .connect_timeout(Duration::from_millis(50)),
+            )
+            .health(
+                HealthPolicy::new()
+                    .failures(3)
+                    .open_for(Duration::from_millis(100))
+                    .max_open_for(Duration::from_secs(10)),
+            )
+            .build()
+            .unwrap();
+        let mut session = cluster.immediate_session(false, None);
+        let hosts = session.hosts().clone();
+        let health = &hosts.get(&0).unwrap().watch.health;
+        let now = Instant::now();
+        // Down since a second ago (another client's failures): its probe
+        // is due.
+        let e = session.request_timeout(0, Duration::from_millis(50));
+        for _ in 0..3 {
+            health.record_failure(&e, now - Duration::from_secs(1));
+        }
+        let mut timers = Timers::default();
+        // An async GET made 50 ms ago (before the outage began for this
+        // driver) times out now.
+        let get: SharedSink = Slot::<Value>::new();
+        timers.push(
+            Duration::from_millis(50),
+            Timer {
+                deadline: now,
+                host: 0,
+                command: CmdName::of(b"GET"),
+                sink: get,
+                probe: false,
+            },
+        );
+        // One turn of the driver's loop: expire, then probe, same `now`.
+        timers.expire(now, &session);
+        probe_down_hosts(&mut session, &mut timers, now);
+        assert!(health.next_probe_at().is_some(), "Down, probe out");
+        // The PING gets no answer: its deadline passes.
+        let later = now + Duration::from_millis(60);
+        timers.expire(later, &session);
+        let next = health.next_probe_at().expect("still Down");
+        assert!(
+            next < now + Duration::from_secs(1),
+            "the failed probe was not heard: next probe in {:?} (the lease), \
+             not after a doubled 100 ms period",
+            next.saturating_duration_since(now)
+        );
     }
 
     /// Found by review: a peak older than the memory was replaced by the

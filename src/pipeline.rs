@@ -524,7 +524,7 @@ impl Pipeline {
             let next = match self.big_bulk {
                 Some(BigBulk { len, .. }) => match self.take_big_bulk(len) {
                     Ok(Some(value)) => {
-                        let value = self.unless_unwanted(value);
+                        let value = self.unless_discarded(value);
                         Some((Frame::Reply(Value::BulkString(value)), 0))
                     }
                     Ok(None) => None,
@@ -695,11 +695,12 @@ impl Pipeline {
         self.replies.reset();
     }
 
-    /// A huge bulk's body, or an empty one when nothing would see it (its
-    /// promise and callbacks are gone): then the body is freed off this
-    /// thread, so a caller's deadline does not wait for the pages to go.
-    fn unless_unwanted(&self, value: Vec<u8>) -> Vec<u8> {
-        if self.expects.front().is_some_and(|e| !e.is_wanted()) {
+    /// A huge bulk's body, or an empty one when the body may be dropped
+    /// unconverted ([`Expect::may_discard`]: its promise and callbacks are
+    /// gone, and its conversion cannot fail): then the body is freed off
+    /// this thread, so a caller's deadline does not wait for the pages.
+    fn unless_discarded(&self, value: Vec<u8>) -> Vec<u8> {
+        if self.expects.front().is_some_and(Expect::may_discard) {
             release(value);
             Vec::new()
         } else {
@@ -757,6 +758,8 @@ fn release(buffer: Vec<u8>) {
     if buffer.len() <= GROW_STEP {
         return;
     }
+    #[cfg(test)]
+    tests::RELEASED.with(|n| n.set(n.get() + buffer.len()));
     // When no thread can be spawned, the closure (and the buffer in it) is
     // dropped here instead.
     let _ = std::thread::Builder::new()

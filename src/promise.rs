@@ -436,16 +436,18 @@ pub(crate) trait ReplySink {
         true
     }
 
-    /// Whether anything would see entry `index`'s reply: a promise handle
-    /// besides the waiter's own, or a callback. A huge reply nobody wants
-    /// is freed off the event loop's thread (freeing hundreds of megabytes
-    /// takes tens of milliseconds).
-    fn is_wanted(&self, _index: u32) -> bool {
-        true
+    /// Whether entry `index`'s reply may be dropped unconverted with no
+    /// difference anyone could see: no promise handle besides the waiter's
+    /// own, no callback, and a conversion that cannot fail (a failure
+    /// would be the map's). A huge reply that may be is freed off the
+    /// event loop's thread (freeing hundreds of megabytes takes tens of
+    /// milliseconds).
+    fn may_discard(&self, _index: u32) -> bool {
+        false
     }
 }
 
-impl<T: FromValue> ReplySink for Block<T> {
+impl<T: FromValue + 'static> ReplySink for Block<T> {
     fn accept(&self, index: u32, reply: Result<Value>, ctx: &ReplyContext<'_>) {
         let result = reply.and_then(T::from_value).map_err(|e| ctx.failed(e));
         settle_cell(&self.entry(index).state, result)
@@ -473,9 +475,18 @@ impl<T: FromValue> ReplySink for Block<T> {
         Block::release(self, index)
     }
 
-    fn is_wanted(&self, index: u32) -> bool {
-        self.is_watched(index)
+    fn may_discard(&self, index: u32) -> bool {
+        takes_any_bulk::<T>() && !self.is_watched(index)
     }
+}
+
+/// Whether every bulk string converts to `T` (the bytes as they are).
+fn takes_any_bulk<T: 'static>() -> bool {
+    use std::any::TypeId;
+    let t = TypeId::of::<T>();
+    t == TypeId::of::<Vec<u8>>()
+        || t == TypeId::of::<Option<Vec<u8>>>()
+        || t == TypeId::of::<Value>()
 }
 
 /// A request's claim on the promise (or async reply) its reply settles:
@@ -534,12 +545,13 @@ impl Waiter {
         self.sink().accept_shared(self.index, reply, ctx)
     }
 
-    /// Whether anything would see the reply (see [`ReplySink::is_wanted`]);
-    /// an async reply is wanted while any other handle to its slot lives.
-    pub(crate) fn is_wanted(&self) -> bool {
+    /// Whether the reply may be dropped unconverted (see
+    /// [`ReplySink::may_discard`]); an async reply may once no other handle
+    /// to its slot lives (its conversion's failure would reach nobody).
+    pub(crate) fn may_discard(&self) -> bool {
         match &self.sink {
-            Sink::Local(s) => s.is_wanted(self.index),
-            Sink::Shared(s) => std::sync::Arc::strong_count(s) > 1,
+            Sink::Local(s) => s.may_discard(self.index),
+            Sink::Shared(s) => std::sync::Arc::strong_count(s) == 1,
         }
     }
 }
@@ -645,18 +657,29 @@ impl<T: 'static> Promise<T> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_reply_is_wanted_while_a_promise_or_a_callback_would_see_it() {
+    fn a_reply_may_be_discarded_only_unseen_and_unfailing() {
         let p: Promise<Value> = Promise::new();
         let waiter = p.sink();
-        assert!(waiter.is_wanted());
+        assert!(!waiter.may_discard());
         drop(p);
-        assert!(!waiter.is_wanted(), "only the waiter is left");
+        assert!(waiter.may_discard(), "only the waiter is left");
 
         let q: Promise<Value> = Promise::new();
         let waiter = q.sink();
         q.done(|_| {}, |_| {});
         drop(q);
-        assert!(waiter.is_wanted(), "a callback waits for it");
+        assert!(!waiter.may_discard(), "a callback waits for it");
+
+        // Found by review: a conversion that can fail is the map's failure
+        // (an i64 from a bulk, a String from bytes that are not UTF-8).
+        let n: Promise<i64> = Promise::new();
+        let waiter = n.sink();
+        drop(n);
+        assert!(!waiter.may_discard(), "its conversion may fail");
+        let v: Promise<Option<Vec<u8>>> = Promise::new();
+        let waiter = v.sink();
+        drop(v);
+        assert!(waiter.may_discard());
     }
 
     use super::*;

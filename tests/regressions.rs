@@ -368,6 +368,11 @@ fn map_timeout_holds_against_a_peer_streaming_at_full_speed() {
         )
         .expect("bounded")
     });
+    assert!(
+        times.iter().all(|t| *t >= budget),
+        "a timeout before the deadline: {}",
+        ms_list(&times)
+    );
     assert_on_budget("a map with timeout", budget, &times);
 }
 

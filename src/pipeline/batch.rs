@@ -67,11 +67,12 @@ pub(crate) enum Expect {
 }
 
 impl Expect {
-    /// Whether anything would see its reply (a merged batch: always).
-    pub(crate) fn is_wanted(&self) -> bool {
+    /// Whether its reply may be dropped unconverted (a merged batch's may
+    /// not).
+    pub(crate) fn may_discard(&self) -> bool {
         match self {
-            Expect::One { waiter, .. } => waiter.is_wanted(),
-            Expect::Batch { .. } => true,
+            Expect::One { waiter, .. } => waiter.may_discard(),
+            Expect::Batch { .. } => false,
         }
     }
 

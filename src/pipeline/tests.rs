@@ -600,6 +600,60 @@ fn requests_in_flight_count_each_merged_get_up_to_the_cap() {
     assert_eq!(p.requests_in_flight(10), 0);
 }
 
+thread_local! {
+    /// Bytes this thread handed to [`release`] to free off the thread.
+    pub(super) static RELEASED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A huge bulk nothing would see (its promise dropped, a conversion that
+/// cannot fail) is freed off the thread; one whose promise is kept, or
+/// whose conversion may fail, is delivered. (The deadline test showed the
+/// cost: a 512 MiB body freed on a map's thread took 30-41 ms.)
+#[test]
+fn a_huge_bulk_nothing_would_see_is_freed_off_the_thread() {
+    let len = 5 << 20;
+    let wire = bulk_of(len, b"\r\n");
+    let failures = Failures::default();
+    let (mut p, get) = awaiting_a_get(HostConfig::new());
+    drop(get);
+    let before = RELEASED.with(std::cell::Cell::get);
+    feed(&mut p, &wire, 1 << 20, &failures).expect("reply");
+    assert_eq!(
+        RELEASED.with(std::cell::Cell::get) - before,
+        len,
+        "freed off the thread"
+    );
+    assert!(p.is_idle());
+
+    let (mut p, get) = awaiting_a_get(HostConfig::new());
+    feed(&mut p, &wire, 1 << 20, &failures).expect("reply");
+    assert_eq!(
+        RELEASED.with(std::cell::Cell::get) - before,
+        len,
+        "kept: not freed"
+    );
+    assert!(matches!(get.take(), Ok(Value::BulkString(v)) if v.len() == len));
+
+    // A conversion that may fail is made, whoever holds the promise.
+    let mut p = Pipeline::new(host(HostConfig::new()));
+    p.connection_started(false, Vec::new());
+    let n: Promise<i64> = Promise::new();
+    p.push(&cmd("GET").arg("k"), n.sink(), None, 256);
+    drain_output(&mut p);
+    drop(n);
+    let e = feed(&mut p, &wire, 1 << 20, &failures);
+    assert!(e.is_ok());
+    assert_eq!(
+        RELEASED.with(std::cell::Cell::get) - before,
+        len,
+        "converted, not freed"
+    );
+    assert!(failures
+        .borrow()
+        .as_ref()
+        .is_some_and(|e| e.to_string().contains("i64")));
+}
+
 /// A connected pipeline for `config` whose GET of `k` went out: the
 /// pipeline and the GET's promise.
 fn awaiting_a_get(config: HostConfig) -> (Pipeline, Promise<Value>) {
