@@ -276,7 +276,10 @@ struct Timer {
     deadline: Instant,
     host: HostId,
     command: CmdName,
-    sink: SharedSink,
+    /// Weak: the request's waiter and its `Reply` keep the slot; a slot
+    /// only a timer would keep is done with (and a huge reply nobody holds
+    /// any more can then be freed off this thread).
+    sink: std::sync::Weak<dyn ReplySink + Send + Sync>,
     /// A Down host's probe: its outcome always reaches the health.
     probe: bool,
 }
@@ -308,16 +311,19 @@ impl Timers {
         let mut expired: Vec<(HostId, u64, Error, Instant, bool)> = Vec::new();
         for (budget, queue) in &mut self.queues {
             while let Some(t) = queue.front() {
-                if !t.sink.is_pending() {
+                let live = t.sink.upgrade().filter(|s| s.is_pending());
+                let Some(sink) = live else {
                     queue.pop_front();
-                } else if t.deadline <= now {
+                    continue;
+                };
+                if t.deadline <= now {
                     let e = session.request_timeout(t.host, *budget);
                     let ctx = ReplyContext {
                         host: e.host(),
                         command: t.command.as_str(),
                         failures: &failures,
                     };
-                    t.sink.accept(0, Err(e.clone()), &ctx);
+                    sink.accept(0, Err(e.clone()), &ctx);
                     let made = t.deadline.checked_sub(*budget).unwrap_or(t.deadline);
                     match expired.iter_mut().find(|(h, ..)| *h == t.host) {
                         Some((_, n, _, newest, probe)) => {
@@ -370,7 +376,7 @@ fn probe_down_hosts(session: &mut Session, timers: &mut Timers, now: Instant) ->
                     deadline,
                     host: id,
                     command: CmdName::of(b"PING"),
-                    sink: sink.clone(),
+                    sink: Arc::downgrade(&sink),
                     probe: true,
                 },
             );
@@ -411,7 +417,7 @@ fn arm_timer(timers: &mut Timers, next_deadline: &mut Option<Instant>, request: 
                 deadline,
                 host: request.host,
                 command: CmdName::of(cmd.name()),
-                sink: request.sink.clone(),
+                sink: Arc::downgrade(&request.sink),
                 probe: false,
             },
         );
@@ -602,7 +608,7 @@ mod tests {
                 deadline: now,
                 host: 0,
                 command: CmdName::of(b"GET"),
-                sink: get,
+                sink: Arc::downgrade(&get),
                 probe: false,
             },
         );
@@ -620,6 +626,29 @@ mod tests {
              not after a doubled 100 ms period",
             next.saturating_duration_since(now)
         );
+    }
+
+    /// A dropped `Reply` whose request has a deadline: the driver's timer
+    /// must not keep its slot wanted, or a huge reply nobody will read is
+    /// freed on the driver's thread, holding every other caller up.
+    #[test]
+    fn a_timer_does_not_keep_a_dropped_replys_slot_wanted() {
+        let reply: SharedSink = Slot::<Value>::new();
+        let waiter = Waiter::shared(reply.clone());
+        let mut timers = Timers::default();
+        timers.push(
+            Duration::from_millis(50),
+            Timer {
+                deadline: Instant::now() + Duration::from_millis(50),
+                host: 0,
+                command: CmdName::of(b"GET"),
+                sink: Arc::downgrade(&reply),
+                probe: false,
+            },
+        );
+        assert!(!waiter.may_discard(), "the Reply holds it");
+        drop(reply);
+        assert!(waiter.may_discard(), "only the waiter and a timer are left");
     }
 
     /// Found by review: a peak older than the memory was replaced by the
