@@ -471,8 +471,8 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: &Shared
         if let Some(hosts) = lock(&shared.hosts).take() {
             session.set_hosts(hosts);
         }
-        let had_work = !taken.is_empty();
         let taken_now = taken.len();
+        let had_work = taken_now > 0;
         for message in taken.drain(..) {
             match message {
                 Message::One(r) => enqueue(&mut session, &mut timers, &mut next_deadline, r),

@@ -719,7 +719,6 @@ impl Pipeline {
         let end = len + 2;
         let Some(terminator) = self.rbuf.get(len..end).filter(|_| self.rend >= end) else {
             // Not all in yet: nothing is decoded until it is.
-            self.rstart = 0;
             return Ok(None);
         };
         if terminator != b"\r\n" {

@@ -230,9 +230,9 @@ impl<T: Send + 'static> Reply<T> {
         }
     }
 
-    /// The reply the driver settles through `slot`; while pending, its
-    /// task keeps polling for up to `spin` before it sleeps (see
-    /// [`SpinWait`]).
+    /// The reply the driver settles through `slot`; on its first pending
+    /// poll the polling thread may watch the slot for up to `spin` before
+    /// the task sleeps (see [`SpinWait`]).
     pub(crate) fn from_slot(slot: Arc<Slot<T>>, keep: KeepAlive, spin: Duration) -> Reply<T> {
         Reply {
             inner: Inner::Slot(slot, SpinWait::new(spin)),
@@ -314,7 +314,7 @@ impl<T> Future for Reply<T> {
                 // The waker is registered: a reply that comes while we
                 // spin is taken here, or wakes the task if we gave up.
                 let source = this.source.as_deref();
-                if spin.start(source) && spin.until_settled(slot, source) {
+                if spin.until_settled(slot, source) {
                     return slot.poll_take(cx);
                 }
                 Poll::Pending
@@ -336,18 +336,9 @@ impl<T> Future for Reply<T> {
 /// at most one request in flight lately, and no other reply spins). And
 /// each thread learns whether it pays ([`SpinRecord`]).
 struct SpinWait {
+    /// How long to spin; zero once the reply has had its chance (a
+    /// reply spins at most once, on its first pending poll).
     window: Duration,
-    state: Spin,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Spin {
-    /// Not polled pending yet.
-    Fresh,
-    /// Spinning, until then.
-    Spinning(Instant),
-    /// Sleeping until woken.
-    Off,
 }
 
 /// A thread's record of its spins: after [`FREE_MISSES`] spins in a row
@@ -424,46 +415,24 @@ fn with_record<R>(f: impl FnOnce(&mut SpinRecord) -> R) -> R {
 
 impl SpinWait {
     fn new(window: Duration) -> SpinWait {
-        let state = if window.is_zero() {
-            Spin::Off
-        } else {
-            Spin::Fresh
-        };
-        SpinWait { window, state }
+        SpinWait { window }
     }
 
-    /// The reply is pending for the first time: whether to spin now. A
-    /// `true` holds the source's spin until [`SpinWait::until_settled`].
-    fn start(&mut self, source: Option<&dyn ReplySource>) -> bool {
-        if self.state != Spin::Fresh {
-            return false;
-        }
-        self.state = Spin::Off;
-        let Some(source) = source else {
+    /// On the reply's first pending poll, if `source` allows it, spins
+    /// until `slot` settles (true) or the window runs out (false); then
+    /// lets the source's spin go and updates the thread's record.
+    fn until_settled<T>(&mut self, slot: &Slot<T>, source: Option<&dyn ReplySource>) -> bool {
+        let window = std::mem::take(&mut self.window);
+        let Some(source) = source.filter(|_| !window.is_zero()) else {
             return false;
         };
         if !with_record(SpinRecord::may_spin) || !source.try_start_spin() {
             return false;
         }
-        match Instant::now().checked_add(self.window) {
-            Some(until) => {
-                self.state = Spin::Spinning(until);
-                true
-            }
-            None => {
-                source.end_spin();
-                false
-            }
-        }
-    }
-
-    /// Spins until `slot` settles (true) or the window runs out (false);
-    /// then lets the source's spin go and updates the thread's record.
-    fn until_settled<T>(&mut self, slot: &Slot<T>, source: Option<&dyn ReplySource>) -> bool {
-        let Spin::Spinning(until) = self.state else {
+        let Some(until) = Instant::now().checked_add(window) else {
+            source.end_spin();
             return false;
         };
-        self.state = Spin::Off;
         let caught = loop {
             // A clock read per 64 looks at the slot (an atomic load each).
             for _ in 0..64 {
@@ -479,9 +448,7 @@ impl SpinWait {
                 break false;
             }
         };
-        if let Some(source) = source {
-            source.end_spin();
-        }
+        source.end_spin();
         with_record(|r| r.spun(caught));
         caught
     }
