@@ -5,8 +5,8 @@
 //! readers and writers use it, moves every key whose owner changed with
 //! `rb::migrate::move_keys`, printing progress. At the end it checks that
 //! every key is where the new router says, with the last value written, and
-//! prints the figures: keys moved per second (DUMP/RESTORE, and the servers'
-//! own MIGRATE for comparison), the read cost of a migrating cluster over a
+//! prints the figures: keys moved per second (`Transfer::DumpRestore` and
+//! `Transfer::Migrate`, without traffic), the read cost of a migrating cluster over a
 //! plain one (hits and misses), and the share of keys each router moves.
 //!
 //! ```sh
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rb::migrate::{move_keys, MoveOptions};
+use rb::migrate::{move_keys, MoveOptions, Transfer};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, HostConfig, RouterKind};
 
@@ -132,11 +132,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         miss_migrating.as_secs_f64() / miss_plain.as_secs_f64(),
     );
 
-    // The servers' own MIGRATE, for comparison with move_keys' DUMP/RESTORE.
-    flush_all(&setup)?;
-    fill(&old, keys)?;
-    let migrate_rate = migrate_with_server_command(&setup, &old, &new_plain)?;
-    flush_all(&setup)?;
+    // The mover's two ways of copying, without traffic, alternating.
+    let mut rates = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        rates
+            .0
+            .push(move_rate(&setup, keys, Transfer::DumpRestore)?);
+        rates.1.push(move_rate(&setup, keys, Transfer::Migrate)?);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (dump_restore_rate, migrate_rate) = (median(&mut rates.0), median(&mut rates.1));
+    println!(
+        "move_keys without traffic (medians of 3 alternating): DUMP/RESTORE {dump_restore_rate:.0} keys/s, MIGRATE {migrate_rate:.0} keys/s ({:.2}x)",
+        migrate_rate / dump_restore_rate
+    );
 
     // The move itself, under traffic.
     fill(&old, keys)?;
@@ -212,7 +224,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let p = &report.progress;
     println!(
-        "\nmoved {} keys in {:.2?} ({:.0} keys/s with DUMP/RESTORE; the servers' MIGRATE: {migrate_rate:.0} keys/s); {} reads and {incrs} INCRs ran meanwhile",
+        "\nmoved {} keys in {:.2?} ({:.0} keys/s, Transfer::Auto: MIGRATE here) under traffic; {} reads and {incrs} INCRs ran meanwhile",
         p.moved,
         report.elapsed,
         p.moved as f64 / report.elapsed.as_secs_f64(),
@@ -250,45 +262,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Moves the keys whose owner changes with the servers' `MIGRATE` (batches
-/// of 1,000 keys per command, server to server); keys per second.
-fn migrate_with_server_command(setup: &TestSetup, old: &Cluster, new: &Cluster) -> rb::Result<f64> {
-    let router = new.router()?;
-    let start = Instant::now();
-    let mut moved = 0u64;
-    for host in old.host_ids() {
-        let local = old.local_client(host)?;
-        let mut cursor = 0u64;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) =
-                local.scan(cursor, &rb::ScanOptions::new().count(1000))?;
-            let mut by_target: std::collections::BTreeMap<u32, Vec<Vec<u8>>> = Default::default();
-            for k in keys {
-                let to = router.host_for_key(&k)?;
-                if to != host {
-                    by_target.entry(to).or_default().push(k);
-                }
-            }
-            for (to, keys) in by_target {
-                let port = setup.tcp_port(to as usize).unwrap_or(0);
-                let mut c = rb::cmd("MIGRATE")
-                    .arg("127.0.0.1")
-                    .arg(port)
-                    .arg("")
-                    .arg(0)
-                    .arg(5000)
-                    .arg("KEYS");
-                for k in &keys {
-                    c.push_arg(k.as_slice());
-                }
-                let _: rb::Value = local.cmd(c)?;
-                moved += keys.len() as u64;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-    }
-    Ok(moved as f64 / start.elapsed().as_secs_f64())
+/// Keys per second of `move_keys` with `transfer`, without traffic (the
+/// fleet is filled first and emptied after).
+fn move_rate(setup: &TestSetup, keys: usize, transfer: Transfer) -> rb::Result<f64> {
+    flush_all(setup)?;
+    let old = over(setup, 4, RouterKind::Partition, None)?;
+    let new = over(setup, 5, RouterKind::Partition, None)?;
+    fill(&old, keys)?;
+    let report = move_keys(
+        &old,
+        &new,
+        MoveOptions::new().batch(1000).transfer(transfer),
+    )?;
+    flush_all(setup)?;
+    Ok(report.progress.moved as f64 / report.elapsed.as_secs_f64())
 }

@@ -21,6 +21,7 @@ use crate::health::{HealthPolicy, HostHealth, HostWatch};
 use crate::router::{self, HashTag, HashTagRouter, Router, RouterKind, TwemproxyRing};
 use crate::scan::{Scan, ScanCursor, ScanOptions};
 use crate::scripts::ScriptMemory;
+use crate::server_facts::ServerFacts;
 use crate::stats::{ClusterStats, MigrationCounters, Observer};
 
 /// Options of a map or fanout (rb's `map(timeout=, max_concurrency=, auto_batch=)`).
@@ -336,6 +337,7 @@ impl ClusterBuilder {
                 previous: self.previous,
                 copy_forward: self.copy_forward,
                 migration: Arc::default(),
+                server_facts: Arc::default(),
             }),
         };
         cluster.router()?;
@@ -383,6 +385,8 @@ struct ClusterInner {
     /// ([`ClusterBuilder::copy_forward`]).
     copy_forward: bool,
     migration: Arc<MigrationCounters>,
+    /// What moving keys taught about the servers.
+    server_facts: Arc<ServerFacts>,
 }
 
 impl ClusterInner {
@@ -644,6 +648,11 @@ impl Cluster {
     /// A migrating cluster's counters of fallback reads and moves.
     pub(crate) fn migration_counters(&self) -> &Arc<MigrationCounters> {
         &self.inner.migration
+    }
+
+    /// What moving keys taught about the servers (see [`ServerFacts`]).
+    pub(crate) fn server_facts(&self) -> &Arc<ServerFacts> {
+        &self.inner.server_facts
     }
 
     /// Whether a read found on the old owner moves its key there and then

@@ -29,6 +29,7 @@ pub mod resp;
 pub mod router;
 pub mod scan;
 mod scripts;
+mod server_facts;
 pub mod stats;
 pub mod testing;
 #[cfg(feature = "tls")]

@@ -4,7 +4,8 @@
 //! key that the new cluster's router puts on another server, in batches:
 //! `DUMP` and `PTTL` on the old host, `RESTORE` (value and TTL) on the new
 //! owner, then deletes it from the old host only if it still holds what was
-//! copied. It never overwrites a key the new owner already has (`RESTORE`
+//! copied; or, where the servers can reach each other, the old server's own
+//! `MIGRATE` does both in one step ([`Transfer`]). It never overwrites a key the new owner already has (`RESTORE`
 //! without `REPLACE`: a write made during the move wins), and a key deleted
 //! from the old host while it was being copied is deleted from the new
 //! owner too (if the copy is still what is there), so a delete made during
@@ -21,6 +22,10 @@ use crate::cmd::{cmd, Cmd};
 use crate::error::{Error, HostId, Result};
 use crate::resp::Value;
 use crate::scan::{ScanCursor, ScanOptions};
+
+mod by_server;
+
+pub use by_server::Transfer;
 
 /// Deletes each key of `KEYS` whose `DUMP` is still the `ARGV` at the same
 /// position; answers 1 (deleted) or 0 (changed or gone) per key.
@@ -74,6 +79,7 @@ pub struct MoveOptions {
     keys_per_second: Option<u64>,
     from: Option<ScanCursor>,
     delete_delay: Option<Duration>,
+    transfer: Transfer,
     progress: Option<ProgressFn>,
 }
 
@@ -94,6 +100,7 @@ impl fmt::Debug for MoveOptions {
             .field("keys_per_second", &self.keys_per_second)
             .field("from", &self.from)
             .field("delete_delay", &self.delete_delay)
+            .field("transfer", &self.transfer)
             .field("progress", &self.progress.is_some())
             .finish()
     }
@@ -129,6 +136,14 @@ impl MoveOptions {
     #[must_use]
     pub fn delete_delay(mut self, delay: Duration) -> MoveOptions {
         self.delete_delay = Some(delay);
+        self
+    }
+
+    /// How keys are copied (default [`Transfer::Auto`]: the servers'
+    /// `MIGRATE` where it can work, else `DUMP`/`RESTORE`).
+    #[must_use]
+    pub fn transfer(mut self, transfer: Transfer) -> MoveOptions {
+        self.transfer = transfer;
         self
     }
 
@@ -171,12 +186,24 @@ struct Moving {
 /// # Errors
 ///
 /// The first failure of a host (the move stops there; the last progress
-/// report says where to resume), or the new router's error.
+/// report says where to resume), or the new router's error;
+/// [`Error::Config`] for [`Transfer::Migrate`] with a `delete_delay` (it
+/// deletes at once) or a new owner `MIGRATE` cannot reach.
 pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<MoveReport> {
     let started = Instant::now();
     let router = new.router()?;
     let count = opts.batch.unwrap_or(1000);
     let delay = opts.delete_delay.unwrap_or(DELETE_DELAY);
+    let transfer = match (opts.transfer, delay.is_zero()) {
+        (Transfer::Migrate, false) => {
+            return Err(Error::config(
+                "Transfer::Migrate deletes each key as it copies it: a delete_delay needs Transfer::DumpRestore",
+            ))
+        }
+        (Transfer::Auto, false) => Transfer::DumpRestore,
+        (t, _) => t,
+    };
+    let routes = by_server::Routes::new(transfer);
     let mut scan = old.scan_from(
         opts.from.unwrap_or_else(ScanCursor::start),
         ScanOptions::new().count(count).dedupe(false),
@@ -196,6 +223,7 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
                 leaving.push((key, to));
             }
         }
+        let leaving = by_server::migrate_page(old, new, host, leaving, &routes, &mut progress)?;
         if !leaving.is_empty() {
             let keys = copy_keys(old, new, host, leaving, &mut progress)?;
             waiting.push_back(Copied {
@@ -267,7 +295,12 @@ pub(crate) fn same_server(
 }
 
 /// Moves keys from `host` of `old` to their owners in `new` now: copies
-/// them, then deletes them from `host` where unchanged.
+/// them, then deletes them from `host` where unchanged. Always through the
+/// client (`DUMP`/`RESTORE`), never `MIGRATE`: a `MIGRATE` blocks its old
+/// server until the new owner answers, so two of them crossing between
+/// the same two servers (a client's move one way, the mover's the other)
+/// would each wait out the other's timeout. The mover is the only one to
+/// `MIGRATE`, one batch at a time.
 pub(crate) fn move_now(
     old: &Cluster,
     new: &Cluster,

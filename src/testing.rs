@@ -147,6 +147,19 @@ impl TestSetup {
         Self::start(servers, databases_each, false, &extra)
     }
 
+    /// [`TestSetup::with_tcp`] and [`TestSetup::with_config`] together.
+    ///
+    /// # Errors
+    ///
+    /// As [`TestSetup::with_config`], and when no free port is found.
+    pub fn with_tcp_config(
+        servers: usize,
+        databases_each: usize,
+        extra: impl Fn(usize) -> String,
+    ) -> Result<TestSetup> {
+        Self::start(servers, databases_each, true, &extra)
+    }
+
     fn start(
         servers: usize,
         databases_each: usize,

@@ -866,7 +866,8 @@ impl super::AsyncClient {
 }
 
 /// Moves one key from `old_host` (through `old`) to `new_host` (through
-/// `new`) as the mover does; whether this call copied it.
+/// `new`) with `DUMP`/`RESTORE` (see [`move_now`] for why not `MIGRATE`):
+/// whether this call copied it.
 async fn move_key(
     old: &super::AsyncClient,
     new: &super::AsyncClient,

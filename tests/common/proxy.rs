@@ -67,6 +67,11 @@ pub enum Fault {
     /// client takes them, until the client closes (or the fault changes,
     /// which closes the connection).
     EndlessArray,
+    /// Bytes both ways are held back (in order) until the fault changes.
+    Hold,
+    /// Requests are forwarded (first those held by [`Fault::Hold`]); replies
+    /// are held back until the fault changes.
+    HoldReplies,
 }
 
 /// Where the proxy forwards to.
@@ -151,6 +156,7 @@ struct Shared {
     stop: AtomicBool,
     accepted: AtomicUsize,
     forwarded: AtomicU64,
+    received: AtomicU64,
     /// `None` while refusing (closed).
     listener: Mutex<Option<TcpListener>>,
     /// A clone of every open client socket, to shut them down from outside.
@@ -201,6 +207,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             accepted: AtomicUsize::new(0),
             forwarded: AtomicU64::new(0),
+            received: AtomicU64::new(0),
             listener: Mutex::new(Some(listener)),
             clients: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
@@ -284,6 +291,11 @@ impl Proxy {
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Client bytes the proxy has read so far (forwarded or not).
+    pub fn received_bytes(&self) -> u64 {
+        self.shared.received.load(Ordering::SeqCst)
     }
 
     /// Client bytes forwarded to the upstream server so far.
@@ -465,9 +477,29 @@ fn pump(shared: &Shared, client: &TcpStream, mut up: Option<Up>) -> End {
     let mut buf = vec![0u8; 64 * 1024];
     // Server -> client chunks held back by `Delay`, with their due times.
     let mut delayed: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
+    // Bytes held back by `Hold` (both) and `HoldReplies` (replies).
+    let (mut held_up, mut held_down) = (Vec::new(), Vec::new());
     let end = loop {
         if shared.stopped() {
             break End::Close;
+        }
+        let fault = shared.fault();
+        if fault != Fault::Hold && !held_up.is_empty() {
+            if let Some(u) = up.as_mut() {
+                if write_all(u, &held_up, shared, &always).is_err() {
+                    break End::Close;
+                }
+                shared
+                    .forwarded
+                    .fetch_add(held_up.len() as u64, Ordering::SeqCst);
+            }
+            held_up.clear();
+        }
+        if !matches!(fault, Fault::Hold | Fault::HoldReplies) && !held_down.is_empty() {
+            if write_all(&mut client_w, &held_down, shared, &always).is_err() {
+                break End::Close;
+            }
+            held_down.clear();
         }
         let now = Instant::now();
         while delayed.front().is_some_and(|(due, _)| *due <= now) {
@@ -491,8 +523,10 @@ fn pump(shared: &Shared, client: &TcpStream, mut up: Option<Up>) -> End {
                 Ok(n) => n,
             };
             let data = &buf[..n];
+            shared.received.fetch_add(n as u64, Ordering::SeqCst);
             match shared.fault() {
-                Fault::None | Fault::Delay(_) | Fault::CutMidReply => {
+                Fault::Hold => held_up.extend_from_slice(data),
+                Fault::None | Fault::Delay(_) | Fault::CutMidReply | Fault::HoldReplies => {
                     if let Some(u) = up.as_mut() {
                         if write_all(u, data, shared, &always).is_err() {
                             break End::Close;
@@ -550,6 +584,7 @@ fn pump(shared: &Shared, client: &TcpStream, mut up: Option<Up>) -> End {
                     break End::Close;
                 }
                 Fault::Blackhole => {}
+                Fault::Hold | Fault::HoldReplies => held_down.extend_from_slice(data),
                 _ if !delayed.is_empty() => {
                     // Keep the order behind chunks still held back.
                     let due = delayed.back().map_or_else(Instant::now, |(d, _)| *d);

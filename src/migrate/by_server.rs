@@ -1,0 +1,293 @@
+//! Moving a batch of keys with the old server's own `MIGRATE`.
+//!
+//! `MIGRATE host port "" db timeout KEYS ...` (no `COPY`, no `REPLACE`)
+//! sends the keys server to server and deletes each one the new owner took,
+//! all while the old server runs nothing else: the copy and the delete are
+//! one step there. So a delete that reaches the old host before it is gone
+//! from there, then the new owner (the order a migrating cluster deletes
+//! in), cannot be undone by the move; with `DUMP`/`RESTORE` through the
+//! client the key is restored after such a delete and must be taken back,
+//! which fails if a write reached the restored copy first. It is also one
+//! round trip per batch instead of three, and the values never pass
+//! through this process.
+//!
+//! `MIGRATE` reports only its first error, so the batch is wrapped in two
+//! scripts on the old host, pipelined with it: one before (which keys
+//! exist, and their `DUMP` sizes for the progress report) and one after
+//! (which keys are still there). A key still there was not taken: either
+//! the new owner has its own (a newer write, which wins: the old copy is
+//! deleted) or the copy failed (the key is handed back to be copied
+//! through the client, which reports that key's own error).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::MoveProgress;
+use crate::cluster::Cluster;
+use crate::cmd::{cmd, Cmd};
+use crate::commands::Commands;
+use crate::config::HostInfo;
+use crate::convert::FromValue;
+use crate::error::{Error, HostId, Result};
+use crate::resp::Value;
+use crate::server_facts::ServerFacts;
+use crate::LocalClient;
+
+/// The `DUMP` size of each key of `KEYS`, or -1 for a key that does not exist.
+const DUMP_SIZES: &str = "local out = {} \
+for i, k in ipairs(KEYS) do \
+  local d = redis.call('DUMP', k) \
+  if d then out[i] = #d else out[i] = -1 end \
+end \
+return out";
+
+/// 1 for each key of `KEYS` that exists, else 0.
+const PRESENT: &str = "local out = {} \
+for i, k in ipairs(KEYS) do out[i] = redis.call('EXISTS', k) end \
+return out";
+
+/// How [`move_keys`](super::move_keys) copies a key to its new owner.
+///
+/// `MIGRATE` is the safer: the old server copies and deletes in one step,
+/// so a delete made during the move can never be undone, which
+/// `DUMP`/`RESTORE` cannot promise (a key deleted while in flight is
+/// restored and then taken back, unless a write reached the restored copy
+/// first). `DUMP`/`RESTORE` was the faster here (1.4x the keys per second,
+/// `examples/resize.rs`): the old server reads `MIGRATE`'s answers a byte
+/// at a time. Run one mover per fleet at a time: a `MIGRATE` blocks its
+/// old server until the new owner answers, so two crossing between the
+/// same two servers would each wait out the other's timeout (rb's own
+/// moves on write never `MIGRATE`, for that reason).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Transfer {
+    /// `MIGRATE` where it can work: the new owner is a TCP host without TLS
+    /// and another server than the old host (`MIGRATE` to itself would
+    /// wait on itself). A pair of hosts whose first `MIGRATE` moves nothing
+    /// and fails (the old server cannot reach the address this process
+    /// uses, or cannot log in) falls back to `DUMP`/`RESTORE` for the rest
+    /// of the move. With a [`delete_delay`](super::MoveOptions::delete_delay),
+    /// always `DUMP`/`RESTORE`.
+    #[default]
+    Auto,
+    /// `DUMP` and `PTTL` on the old host, `RESTORE` on the new owner, then a
+    /// compare-and-delete on the old host: works over any connection
+    /// (unix sockets, TLS, hosts that cannot reach each other).
+    DumpRestore,
+    /// `MIGRATE` only: a move fails where it cannot work.
+    Migrate,
+}
+
+/// Which pairs of hosts move keys with `MIGRATE` (what is learned is kept
+/// in the new cluster's [`ServerFacts`]).
+pub(super) struct Routes {
+    transfer: Transfer,
+}
+
+impl Routes {
+    pub(super) fn new(transfer: Transfer) -> Routes {
+        Routes { transfer }
+    }
+
+    /// The start of a `MIGRATE` from `from` of `old` to `to` of `new`, or
+    /// `None` to copy through this process.
+    ///
+    /// # Errors
+    ///
+    /// With [`Transfer::Migrate`], [`Error::Config`] when `MIGRATE` cannot
+    /// reach `to`; a host's failure to answer `INFO server`.
+    fn start(&self, old: &Cluster, from: HostId, new: &Cluster, to: HostId) -> Result<Option<Cmd>> {
+        if self.transfer == Transfer::DumpRestore {
+            return Ok(None);
+        }
+        let (source, target) = (old.host(from)?, new.host(to)?);
+        let facts = new.server_facts();
+        let (from_place, to_place) = (&source.name().addr, &target.name().addr);
+        if self.transfer == Transfer::Auto && facts.cannot_migrate(from_place, to_place) {
+            return Ok(None);
+        }
+        let start = migrate_start(&target);
+        let usable = match start {
+            Some(_) => run_id(facts, old, from)? != run_id(facts, new, to)?,
+            None => false,
+        };
+        match (usable, self.transfer) {
+            (true, _) => Ok(start),
+            (false, Transfer::Migrate) => Err(Error::config(format!(
+                "{}: MIGRATE cannot reach it (a unix socket, TLS, or the old host's own server): use Transfer::DumpRestore",
+                target.name()
+            ))),
+            (false, _) => Ok(None),
+        }
+    }
+}
+
+/// The `run_id` of a host's server, asked once.
+fn run_id(facts: &ServerFacts, cluster: &Cluster, host: HostId) -> Result<Arc<str>> {
+    let place = cluster.host(host)?.name().addr.clone();
+    if let Some(id) = facts.run_id(&place) {
+        return Ok(id);
+    }
+    let info: String = cluster.local_client(host)?.cmd(cmd("INFO").arg("server"))?;
+    Ok(facts.learn_run_id(&place, &info))
+}
+
+/// `MIGRATE host port "" db timeout [AUTH ...]` for a new owner `MIGRATE`
+/// can reach: `None` for a unix socket or TLS.
+fn migrate_start(to: &HostInfo) -> Option<Cmd> {
+    if to.unix_socket_path.is_some() || to.tls {
+        return None;
+    }
+    // MIGRATE's timeout bounds each wait on the new owner, not the whole.
+    let timeout_ms = to.connect_timeout.as_millis().clamp(1000, 60_000) as u64;
+    let mut c = cmd("MIGRATE")
+        .arg(to.host.as_str())
+        .arg(to.port)
+        .arg("")
+        .arg(to.db)
+        .arg(timeout_ms);
+    match (&to.username, &to.password) {
+        (Some(user), Some(password)) => {
+            c.push_arg("AUTH2");
+            c.push_arg(user.as_str());
+            c.push_arg(password.as_str());
+        }
+        (None, Some(password)) => {
+            c.push_arg("AUTH");
+            c.push_arg(password.as_str());
+        }
+        _ => {}
+    }
+    Some(c)
+}
+
+/// Moves what it can of one page's leaving keys from `host` of `old` with
+/// `MIGRATE` (counted in `progress`); the keys left to copy through this
+/// process.
+///
+/// # Errors
+///
+/// A host's failure; with [`Transfer::Migrate`], a `MIGRATE` that left
+/// keys the new owner lacks.
+pub(super) fn migrate_page(
+    old: &Cluster,
+    new: &Cluster,
+    host: HostId,
+    leaving: Vec<(Vec<u8>, HostId)>,
+    routes: &Routes,
+    progress: &mut MoveProgress,
+) -> Result<Vec<(Vec<u8>, HostId)>> {
+    if routes.transfer == Transfer::DumpRestore {
+        return Ok(leaving);
+    }
+    let mut by_owner: BTreeMap<HostId, Vec<Vec<u8>>> = BTreeMap::new();
+    for (key, to) in leaving {
+        by_owner.entry(to).or_default().push(key);
+    }
+    let source = old.local_client(host)?;
+    let mut rest = Vec::new();
+    for (to, keys) in by_owner {
+        let Some(start) = routes.start(old, host, new, to)? else {
+            rest.extend(keys.into_iter().map(|k| (k, to)));
+            continue;
+        };
+        let target = new.local_client(to)?;
+        let tried = keys.len();
+        let (not_copied, failure) = migrate_batch(&source, &target, start, keys, progress)?;
+        if not_copied.is_empty() {
+            continue;
+        }
+        match failure {
+            Some(e) if routes.transfer == Transfer::Migrate => return Err(e),
+            None if routes.transfer == Transfer::Migrate => {
+                return Err(Error::protocol(format!(
+                    "MIGRATE answered OK and left {} keys the new owner lacks",
+                    not_copied.len()
+                )))
+            }
+            // Nothing got through: this pair copies through the client.
+            Some(_) if not_copied.len() == tried => {
+                new.server_facts()
+                    .migrate_failed(&old.host(host)?.name().addr, &new.host(to)?.name().addr);
+            }
+            _ => {}
+        }
+        rest.extend(not_copied.into_iter().map(|k| (k, to)));
+    }
+    Ok(rest)
+}
+
+/// One `MIGRATE` of `keys` from `source` to `target`, between the two
+/// scripts: the keys neither moved nor found on `target` (to copy another
+/// way) and `MIGRATE`'s error, if any.
+fn migrate_batch(
+    source: &LocalClient,
+    target: &LocalClient,
+    start: Cmd,
+    keys: Vec<Vec<u8>>,
+    progress: &mut MoveProgress,
+) -> Result<(Vec<Vec<u8>>, Option<Error>)> {
+    let mut migrate = start;
+    migrate.push_arg("KEYS");
+    for k in &keys {
+        migrate.push_arg(k.as_slice());
+    }
+    let mut replies = source
+        .pipeline([script(DUMP_SIZES, &keys), migrate, script(PRESENT, &keys)])
+        .into_iter();
+    let mut next = || {
+        replies
+            .next()
+            .unwrap_or_else(|| Err(Error::protocol("a pipelined reply is missing")))
+    };
+    let sizes: Vec<i64> = FromValue::from_value(next()?)?;
+    let failure = next().err();
+    let present: Vec<i64> = FromValue::from_value(next()?)?;
+    if sizes.len() != keys.len() || present.len() != keys.len() {
+        return Err(Error::protocol(
+            "a script answered for the wrong number of keys",
+        ));
+    }
+    let mut stayed = Vec::new();
+    for ((key, size), present) in keys.into_iter().zip(sizes).zip(present) {
+        if present == 1 {
+            stayed.push(key);
+        } else if size >= 0 {
+            progress.copied += 1;
+            progress.moved += 1;
+            progress.bytes += size as u64;
+        } else {
+            progress.vanished += 1;
+        }
+    }
+    if stayed.is_empty() {
+        return Ok((stayed, failure));
+    }
+    // Not taken: the new owner's own (a write made during the move wins,
+    // the old copy goes) or not copied at all.
+    let found = target.pipeline(stayed.iter().map(|k| cmd("EXISTS").arg(k.as_slice())));
+    let mut theirs = Vec::new();
+    let mut not_copied = Vec::new();
+    for (key, found) in stayed.into_iter().zip(found) {
+        match found? {
+            Value::Int(1) => theirs.push(key),
+            _ => not_copied.push(key),
+        }
+    }
+    if !theirs.is_empty() {
+        for deleted in source.pipeline(theirs.iter().map(|k| cmd("DEL").arg(k.as_slice()))) {
+            deleted?;
+        }
+        progress.skipped += theirs.len() as u64;
+    }
+    Ok((not_copied, failure))
+}
+
+/// `EVAL source n keys...`.
+fn script(source: &str, keys: &[Vec<u8>]) -> Cmd {
+    let mut eval = cmd("EVAL").arg(source).arg(keys.len());
+    for k in keys {
+        eval.push_arg(k.as_slice());
+    }
+    eval
+}

@@ -1,0 +1,466 @@
+//! The mover's two ways of copying against real servers: `MIGRATE` (the
+//! old server sends the keys itself) where the servers reach each other,
+//! `DUMP`/`RESTORE` through the client elsewhere, and what only `MIGRATE`
+//! gets right: a key deleted while it is being moved stays deleted even
+//! when a write reaches the new owner right after.
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::proxy::{Fault, Proxy, Upstream};
+use rb::migrate::{move_keys, MoveOptions, Transfer};
+use rb::testing::TestSetup;
+use rb::{Cluster, Commands, HostConfig, HostId, RouterKind};
+
+/// Server `i` of `setup` over TCP.
+fn tcp(setup: &TestSetup, i: usize) -> HostConfig {
+    let port = setup.tcp_port(i).expect("a TCP port");
+    HostConfig::new().host("127.0.0.1").port(port)
+}
+
+/// A cluster over the TCP ports of servers `0..n` of `setup` (host `i`
+/// on server `i`).
+fn over_tcp(setup: &TestSetup, n: usize) -> Cluster {
+    let mut b = Cluster::builder().router(RouterKind::Partition);
+    for i in 0..n {
+        b = b.host(i as u32, tcp(setup, i));
+    }
+    b.build().expect("cluster")
+}
+
+/// A cluster over the unix sockets of servers `0..n` of `setup`.
+fn over_unix(setup: &TestSetup, n: usize) -> Cluster {
+    let mut b = Cluster::builder().router(RouterKind::Partition);
+    for i in 0..n {
+        let path = setup.socket(i).to_string_lossy().into_owned();
+        b = b.host(i as u32, HostConfig::new().unix_socket_path(path));
+    }
+    b.build().expect("cluster")
+}
+
+/// Calls of `command` a host's server has seen (`INFO commandstats`).
+fn calls(cluster: &Cluster, host: HostId, command: &str) -> u64 {
+    let info: String = cluster
+        .local_client(host)
+        .expect("local")
+        .cmd(rb::cmd("INFO").arg("commandstats"))
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a count"))
+}
+
+fn total_calls(cluster: &Cluster, hosts: usize, command: &str) -> u64 {
+    (0..hosts as HostId)
+        .map(|h| calls(cluster, h, command))
+        .sum()
+}
+
+/// Keys `k:0..n` (every 10th with a 1000 s TTL) through `cluster`; when.
+fn fill(cluster: &Cluster, n: usize) -> Instant {
+    let at = Instant::now();
+    cluster
+        .map(|c| {
+            for i in 0..n {
+                let key = format!("k:{i}");
+                if i % 10 == 0 {
+                    c.set_with(
+                        &key,
+                        i,
+                        rb::SetOptions::new().expiry(rb::Expiry::Seconds(1000)),
+                    );
+                } else {
+                    c.set(&key, i);
+                }
+            }
+        })
+        .expect("fill");
+    at
+}
+
+/// Whether `key`'s owner differs between the clusters.
+fn leaves(old: &Cluster, new: &Cluster, key: &str) -> bool {
+    let owner = |c: &Cluster| {
+        c.router()
+            .expect("router")
+            .host_for_key(key.as_bytes())
+            .expect("route")
+    };
+    owner(old) != owner(new)
+}
+
+/// Every key on its owner in `new` only, with its value (or `newer`) and
+/// its TTL within a second of what `fill` (at `filled`) set.
+fn check_placed(new: &Cluster, servers: usize, n: usize, filled: Instant, newer: &[String]) {
+    let router = new.router().expect("router");
+    let mut held = 0;
+    for h in 0..servers as HostId {
+        held += new
+            .local_client(h)
+            .expect("local")
+            .dbsize()
+            .expect("DBSIZE");
+    }
+    assert_eq!(held as usize, n, "each key once");
+    for i in 0..n {
+        let key = format!("k:{i}");
+        let local = new
+            .local_client(router.host_for_key(key.as_bytes()).expect("route"))
+            .expect("local");
+        let v: Option<String> = local
+            .get(&key)
+            .expect("GET")
+            .map(|b| String::from_utf8(b).expect("utf-8"));
+        let want = if newer.contains(&key) {
+            "newer".to_owned()
+        } else {
+            i.to_string()
+        };
+        assert_eq!(v.as_deref(), Some(want.as_str()), "{key}");
+        let ttl = local.ttl(&key).expect("TTL");
+        if i % 10 == 0 && !newer.contains(&key) {
+            let left = 1000 - filled.elapsed().as_secs() as i64;
+            assert!(
+                (left - 1..=left).contains(&ttl),
+                "{key}: ttl {ttl}, want {left}"
+            );
+        }
+    }
+}
+
+#[test]
+fn migrate_moves_every_key_with_its_ttl_and_counts_it() {
+    let setup = TestSetup::with_tcp(5, 1).expect("servers");
+    let (old, new) = (over_tcp(&setup, 4), over_tcp(&setup, 5));
+    let filled = fill(&old, 10_000);
+    // Newer writes on the new owners of 50 leaving keys: they win.
+    let newer: Vec<String> = (0..10_000)
+        .map(|i| format!("k:{i}"))
+        .filter(|k| leaves(&old, &new, k))
+        .take(50)
+        .collect();
+    let client = new.routing_client();
+    for k in &newer {
+        client.set(k, "newer").expect("SET");
+    }
+    // What the copied keys weigh, as DUMP gives it.
+    let mut dumps: std::collections::BTreeMap<HostId, Vec<rb::Cmd>> = Default::default();
+    for i in 0..10_000 {
+        let k = format!("k:{i}");
+        if leaves(&old, &new, &k) && !newer.contains(&k) {
+            let owner = old
+                .router()
+                .expect("r")
+                .host_for_key(k.as_bytes())
+                .expect("route");
+            dumps
+                .entry(owner)
+                .or_default()
+                .push(rb::cmd("DUMP").arg(&k));
+        }
+    }
+    let mut bytes = 0;
+    for (owner, cmds) in dumps {
+        for dump in old.local_client(owner).expect("local").pipeline(cmds) {
+            match dump.expect("DUMP") {
+                rb::Value::BulkString(d) => bytes += d.len() as u64,
+                other => panic!("DUMP answered {other:?}"),
+            }
+        }
+    }
+    let report = move_keys(
+        &old,
+        &new,
+        MoveOptions::new().batch(300).transfer(Transfer::Migrate),
+    )
+    .expect("move");
+    let p = &report.progress;
+    println!("{p:?}");
+    assert_eq!(p.skipped, 50, "{p:?}");
+    assert_eq!(
+        (p.vanished, p.copied, p.bytes),
+        (0, p.moved, bytes),
+        "{p:?}"
+    );
+    assert_eq!(p.moved + p.skipped + p.stayed, p.scanned, "{p:?}");
+    assert!(total_calls(&old, 4, "migrate") > 0, "MIGRATE was used");
+    assert_eq!(
+        total_calls(&old, 4, "pttl"),
+        0,
+        "nothing went through the client"
+    );
+    check_placed(&new, 5, 10_000, filled, &newer);
+}
+
+#[test]
+fn auto_uses_migrate_over_tcp_and_the_client_elsewhere() {
+    let setup = TestSetup::with_tcp(3, 1).expect("servers");
+    // Over TCP: MIGRATE.
+    let (old, new) = (over_tcp(&setup, 2), over_tcp(&setup, 3));
+    let filled = fill(&old, 2000);
+    let report = move_keys(&old, &new, MoveOptions::new()).expect("move");
+    assert!(report.progress.moved > 0);
+    assert!(total_calls(&old, 2, "migrate") > 0);
+    assert_eq!(total_calls(&old, 2, "pttl"), 0);
+    check_placed(&new, 3, 2000, filled, &[]);
+    // Over unix sockets: MIGRATE cannot reach a socket; Migrate says so.
+    new.all(|c| {
+        c.flushdb();
+    })
+    .expect("FLUSHDB");
+    let (old, new) = (over_unix(&setup, 2), over_unix(&setup, 3));
+    let filled = fill(&old, 2000);
+    let err = move_keys(&old, &new, MoveOptions::new().transfer(Transfer::Migrate))
+        .expect_err("MIGRATE cannot reach a unix socket");
+    assert!(err.to_string().contains("MIGRATE cannot reach"), "{err}");
+    let migrates = total_calls(&old, 2, "migrate");
+    move_keys(&old, &new, MoveOptions::new()).expect("move");
+    assert_eq!(
+        total_calls(&old, 2, "migrate"),
+        migrates,
+        "no MIGRATE to a socket"
+    );
+    assert!(
+        total_calls(&old, 2, "pttl") > 0,
+        "copied through the client"
+    );
+    check_placed(&new, 3, 2000, filled, &[]);
+}
+
+/// Hosts that are databases of one server: `MIGRATE` to itself would wait
+/// on itself, so Auto copies through the client and Migrate refuses.
+#[test]
+fn hosts_on_one_server_are_not_migrated_to_themselves() {
+    let setup = TestSetup::with_tcp(1, 1).expect("server");
+    let port = setup.tcp_port(0).expect("port");
+    let db = |d: i64| HostConfig::new().host("127.0.0.1").port(port).db(d);
+    let old = Cluster::builder().host(0, db(0)).build().expect("old");
+    let new = Cluster::builder()
+        .host(0, db(0))
+        .host(1, db(1))
+        .build()
+        .expect("new");
+    let filled = fill(&old, 1000);
+    let err = move_keys(&old, &new, MoveOptions::new().transfer(Transfer::Migrate))
+        .expect_err("the same server");
+    assert!(err.to_string().contains("MIGRATE cannot reach"), "{err}");
+    let started = Instant::now();
+    let report = move_keys(&old, &new, MoveOptions::new()).expect("move");
+    assert!(report.progress.moved > 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no MIGRATE waited on itself"
+    );
+    assert_eq!(calls(&old, 0, "migrate"), 0);
+    check_placed(&new, 2, 1000, filled, &[]);
+}
+
+/// Old servers without MIGRATE (renamed away): Auto's first MIGRATE of a
+/// pair fails outright, and that pair copies through the client from then on.
+#[test]
+fn auto_falls_back_when_migrate_fails() {
+    let setup = TestSetup::with_tcp_config(3, 1, |i| {
+        if i < 2 {
+            "rename-command MIGRATE \"\"".to_owned()
+        } else {
+            String::new()
+        }
+    })
+    .expect("servers");
+    let (old, new) = (over_tcp(&setup, 2), over_tcp(&setup, 3));
+    let filled = fill(&old, 3000);
+    let report = move_keys(&old, &new, MoveOptions::new().batch(200)).expect("move");
+    assert!(report.progress.moved > 0, "{:?}", report.progress);
+    check_placed(&new, 3, 3000, filled, &[]);
+    new.all(|c| {
+        c.flushdb();
+    })
+    .expect("FLUSHDB");
+    fill(&old, 3000);
+    let err = move_keys(&old, &new, MoveOptions::new().transfer(Transfer::Migrate))
+        .expect_err("no MIGRATE");
+    assert!(
+        err.to_string().to_lowercase().contains("unknown command"),
+        "{err}"
+    );
+}
+
+/// The `nth` key `k:<i>` whose owner differs between `old` and `new`.
+fn a_leaving_key(old: &Cluster, new: &Cluster, nth: usize) -> String {
+    (0..)
+        .map(|i| format!("k:{i}"))
+        .filter(|k| leaves(old, new, k))
+        .nth(nth)
+        .expect("a key that moves")
+}
+
+/// A delete made while the mover has a key in flight, then an INCR made
+/// after the delete has returned: the INCR must see no key (answer 1).
+/// The mover reaches the new owner through a proxy that holds its bytes,
+/// so the delete lands while the key is in flight. With `DUMP`/`RESTORE`
+/// the key is restored after the delete and the INCR lands on the restored
+/// copy before the mover can take it back (it answers 43, and 43 stays);
+/// with `MIGRATE` the old server moves and deletes in one step, so the
+/// delete either finds the key there (and then on the new owner, where it
+/// deletes it) or waits for the move.
+#[test]
+fn a_delete_during_the_move_stays_deleted() {
+    let setup = TestSetup::with_tcp(2, 1).expect("servers");
+    let old = Cluster::builder()
+        .host(0, tcp(&setup, 0))
+        .build()
+        .expect("old");
+    let direct = over_tcp(&setup, 2);
+    let migrating = Cluster::builder()
+        .host(0, tcp(&setup, 0))
+        .host(1, tcp(&setup, 1))
+        .migrating_from(&old)
+        .build()
+        .expect("migrating");
+    let addr = format!("127.0.0.1:{}", setup.tcp_port(1).expect("port"))
+        .parse()
+        .expect("addr");
+    let proxy = Proxy::start(Upstream::Tcp(addr));
+    // The mover's view: the new owner through the proxy.
+    let mover_new = Cluster::builder()
+        .host(0, tcp(&setup, 0))
+        .host(1, proxy.host_config())
+        .build()
+        .expect("mover's cluster");
+    let key = a_leaving_key(&old, &direct, 0);
+    // A first move, so that the mover knows the servers (it asks each
+    // one's run_id once) and its next bytes to the proxy are the key's.
+    old.routing_client()
+        .set(a_leaving_key(&old, &direct, 1), 1)
+        .expect("SET");
+    move_keys(
+        &old,
+        &mover_new,
+        MoveOptions::new().transfer(Transfer::Migrate),
+    )
+    .expect("warm-up");
+    old.routing_client().set(&key, 42).expect("SET");
+    let warm = proxy.received_bytes();
+    proxy.set_fault(Fault::Hold);
+    let mover = {
+        let (old, new) = (old.clone(), mover_new.clone());
+        std::thread::spawn(move || {
+            move_keys(&old, &new, MoveOptions::new().transfer(Transfer::Migrate))
+        })
+    };
+    // The key is in flight: its bytes are at the proxy.
+    let since = Instant::now();
+    while proxy.received_bytes() == warm {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "the mover never sent"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (done_tx, done) = mpsc::channel();
+    let deleter = {
+        let (client, key) = (migrating.routing_client(), key.clone());
+        std::thread::spawn(move || {
+            let r = client.del(&[&key]);
+            let _ = done_tx.send(());
+            r
+        })
+    };
+    if done.recv_timeout(Duration::from_millis(500)).is_ok() {
+        // The delete returned with the key in flight (DUMP/RESTORE): let
+        // the copy land, and write before the mover can look back.
+        proxy.set_fault(Fault::HoldReplies);
+        let target = direct.local_client(1).expect("local");
+        let since = Instant::now();
+        while target.exists(&[&key]).expect("EXISTS") == 0
+            && since.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    } else {
+        // The old server is busy moving (MIGRATE): the delete waits for it.
+        proxy.set_fault(Fault::None);
+    }
+    deleter.join().expect("deleter").expect("DEL");
+    let after: i64 = migrating.routing_client().incr(&key).expect("INCR");
+    proxy.set_fault(Fault::None);
+    mover.join().expect("mover").expect("move");
+    assert_eq!(after, 1, "an INCR after the delete found the deleted value");
+    let on_new = direct
+        .local_client(1)
+        .expect("local")
+        .get(&key)
+        .expect("GET");
+    let on_old = old.local_client(0).expect("local").get(&key).expect("GET");
+    assert_eq!((on_old, on_new), (None, Some(b"1".to_vec())));
+}
+
+/// A command that changes a key the new owner lacks moves it first, over
+/// TCP too with `DUMP`/`RESTORE`, never `MIGRATE` (a client's `MIGRATE`
+/// crossing the mover's between the same two servers would block both
+/// until a timeout: seen as a 4 -> 5 move under INCR traffic taking 21.5 s
+/// instead of 1.5 s), in maps and through the async client; a key both
+/// owners hold changes the new owner's value (its old copy is the
+/// mover's to delete).
+#[test]
+fn writes_move_their_keys_through_the_client() {
+    let setup = TestSetup::with_tcp(3, 1).expect("servers");
+    let old = over_tcp(&setup, 2);
+    let mut b = Cluster::builder().router(RouterKind::Partition);
+    for i in 0..3 {
+        b = b.host(i as u32, tcp(&setup, i));
+    }
+    let migrating = b.migrating_from(&old).build().expect("migrating");
+    let direct = over_tcp(&setup, 3);
+    let keys: Vec<String> = (0..400)
+        .map(|i| format!("n:{i}"))
+        .filter(|k| leaves(&old, &direct, k))
+        .take(60)
+        .collect();
+    old.map(|c| {
+        for (i, k) in keys.iter().enumerate() {
+            c.set(k, i);
+        }
+    })
+    .expect("fill");
+    // The last ten also have a newer value on their new owner.
+    direct
+        .map(|c| {
+            for k in &keys[50..] {
+                c.set(k, 1000);
+            }
+        })
+        .expect("newer");
+    let before = (
+        total_calls(&old, 2, "migrate"),
+        total_calls(&old, 2, "pttl"),
+    );
+    let in_map = migrating
+        .map(|c| keys[..25].iter().map(|k| c.incr(k)).collect::<Vec<_>>())
+        .expect("map");
+    for (i, p) in in_map.into_iter().enumerate() {
+        assert_eq!(p.value().expect("INCR"), i as i64 + 1, "{}", keys[i]);
+    }
+    let client = migrating.async_client();
+    for (i, k) in keys.iter().enumerate().skip(25) {
+        let want = if i >= 50 { 1001 } else { i as i64 + 1 };
+        assert_eq!(client.incr(k).wait().expect("INCR"), want, "{k}");
+    }
+    assert_eq!(total_calls(&old, 2, "migrate"), before.0, "no MIGRATE");
+    assert!(
+        total_calls(&old, 2, "pttl") > before.1,
+        "through the client"
+    );
+    for k in &keys[..50] {
+        let owner = old
+            .router()
+            .expect("r")
+            .host_for_key(k.as_bytes())
+            .expect("route");
+        let left = old.local_client(owner).expect("local").get(k).expect("GET");
+        assert_eq!(left, None, "{k} left on its old owner");
+    }
+}
