@@ -1,6 +1,7 @@
 //! What a cluster has learned about its servers while keys move between
-//! them: which hosts are the same server and which pairs of hosts cannot
-//! `MIGRATE` to each other. Looked up by a host's place (`host:port/db`), which
+//! them: which hosts are the same server, which pairs of hosts cannot
+//! `MIGRATE` to each other, and each old host's write epoch (see
+//! [`write_epoch`]). Looked up by a host's place (`host:port/db`), which
 //! outlives host ids when hosts are added or replaced.
 
 use std::collections::{HashMap, HashSet};
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub(crate) struct ServerFacts {
     run_ids: Mutex<HashMap<Arc<str>, Arc<str>>>,
     no_migrate: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+    epochs: Mutex<HashMap<Arc<str>, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -39,6 +41,21 @@ impl ServerFacts {
     pub(crate) fn migrate_failed(&self, from: &Arc<str>, to: &Arc<str>) {
         lock(&self.no_migrate).insert((from.clone(), to.clone()));
     }
+
+    /// The write epochs known now, by place.
+    pub(crate) fn epochs(&self) -> HashMap<Arc<str>, u64> {
+        lock(&self.epochs).clone()
+    }
+
+    /// The write epoch known now of the server at `place`.
+    pub(crate) fn epoch(&self, place: &Arc<str>) -> Option<u64> {
+        lock(&self.epochs).get(place).copied()
+    }
+
+    /// Remembers the write epoch just read at `place`.
+    pub(crate) fn learn_epoch(&self, place: &Arc<str>, epoch: u64) {
+        lock(&self.epochs).insert(place.clone(), epoch);
+    }
 }
 
 /// A field of an `INFO` reply (`name:value` lines).
@@ -50,6 +67,29 @@ pub(crate) fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// A server's write epoch from its `INFO persistence`: it changes whenever
+/// a key there changes (the server's count of changes since its last save,
+/// with the save count and time so that a save's reset cannot repeat a
+/// value). If two reads of it are equal, no key left that server between
+/// them: a read that missed a key on its new owner before the first and
+/// on this old owner after the second missed a key that was nowhere. `None`
+/// when the reply lacks the count.
+pub(crate) fn write_epoch(info: &str) -> Option<u64> {
+    let changes = info_field(info, "rdb_changes_since_last_save")?;
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    for field in [
+        changes,
+        info_field(info, "rdb_last_save_time").unwrap_or(""),
+        info_field(info, "rdb_saves").unwrap_or(""),
+        info_field(info, "rdb_bgsave_in_progress").unwrap_or(""),
+    ] {
+        for b in field.bytes().chain([b'|']) {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    Some(hash)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +99,18 @@ mod tests {
         let info = "# Server\r\nrun_id_x:no\r\nrun_id:abc123\r\n";
         assert_eq!(info_field(info, "run_id"), Some("abc123"));
         assert_eq!(info_field(info, "run"), None);
+    }
+
+    #[test]
+    fn the_epoch_changes_with_the_count_and_the_saves() {
+        let at = |changes: u32, saves: u32| {
+            write_epoch(&format!(
+                "# Persistence\r\nloading:0\r\nrdb_changes_since_last_save:{changes}\r\nrdb_last_save_time:1700000000\r\nrdb_saves:{saves}\r\n"
+            ))
+        };
+        assert_eq!(at(5, 0), at(5, 0));
+        assert_ne!(at(5, 0), at(6, 0));
+        assert_ne!(at(5, 0), at(5, 1));
+        assert_eq!(write_epoch("# Persistence\r\nloading:0\r\n"), None);
     }
 }

@@ -579,6 +579,10 @@ pub struct MigrationStats {
     pub fallback_reads: u64,
     /// Of those, the ones the old owner answered (the key had not moved yet).
     pub fallback_hits: u64,
+    /// Reads that missed on both owners and asked the new owner again (the
+    /// key may have moved between the two reads): only while the old
+    /// owner's keys change.
+    pub rechecks: u64,
     /// Keys moved to their new owner before a command modified them.
     pub moved_on_write: u64,
     /// Keys copied to their new owner after a read found them on the old
@@ -593,6 +597,7 @@ pub struct MigrationStats {
 pub(crate) struct MigrationCounters {
     pub(crate) fallback_reads: AtomicU64,
     pub(crate) fallback_hits: AtomicU64,
+    pub(crate) rechecks: AtomicU64,
     pub(crate) moved_on_write: AtomicU64,
     pub(crate) copied_forward: AtomicU64,
     pub(crate) copy_forward_failures: AtomicU64,
@@ -603,6 +608,7 @@ impl MigrationCounters {
         MigrationStats {
             fallback_reads: self.fallback_reads.load(Relaxed),
             fallback_hits: self.fallback_hits.load(Relaxed),
+            rechecks: self.rechecks.load(Relaxed),
             moved_on_write: self.moved_on_write.load(Relaxed),
             copied_forward: self.copied_forward.load(Relaxed),
             copy_forward_failures: self.copy_forward_failures.load(Relaxed),

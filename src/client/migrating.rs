@@ -22,7 +22,7 @@
 
 use std::any::{Any, TypeId};
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -38,6 +38,7 @@ use crate::multikey::MultiKey;
 use crate::promise::{Promise, ReplyContext, ReplySink, Waiter};
 use crate::resp::Value;
 use crate::router::Router;
+use crate::server_facts::write_epoch;
 
 use super::{AsyncClient, Dispatch};
 
@@ -104,13 +105,18 @@ pub(super) struct Migration {
     old_router: Arc<dyn Router>,
     /// Each host's server (address and db), old and new, looked up once.
     old_places: BTreeMap<HostId, Arc<str>>,
-    new_places: BTreeMap<HostId, Arc<str>>,
+    /// The (old host, new host) pairs that are one server.
+    same_server: BTreeSet<(HostId, HostId)>,
     work: Rc<RefCell<Followups>>,
     /// Reads asked of the old owners, to settle after the next join.
     asking: RefCell<Vec<Asked>>,
     /// Reads the old owner missed too, asked of the new owner once more
     /// (the key may have moved there meanwhile).
     rechecks: RefCell<Vec<(Promise<Value>, Sink)>>,
+    /// The old hosts' write epochs known before this map sent anything.
+    epochs_before: HashMap<Arc<str>, u64>,
+    /// Each old host's write epoch, read after its fallback reads.
+    epoch_reads: RefCell<Vec<(HostId, Promise<Value>)>>,
     /// The map's first failure (follow-ups' failures are the map's too).
     pub(super) failures: super::Failures,
     /// The map's reads, one table per reply type (usually one or two).
@@ -176,10 +182,22 @@ impl Migration {
                 .map(|h| (h.name().id, h.name().addr.clone()))
                 .collect()
         };
+        let (old_places, new_places) = (places(old), places(cluster));
+        let same_server = old_places
+            .iter()
+            .flat_map(|(&o, op)| {
+                new_places
+                    .iter()
+                    .filter(move |(_, np)| *np == op)
+                    .map(move |(&n, _)| (o, n))
+            })
+            .collect();
         Ok(Some(Migration {
+            epochs_before: cluster.server_facts().epochs(),
+            epoch_reads: RefCell::default(),
             old_router: old.router()?,
-            old_places: places(old),
-            new_places: places(cluster),
+            old_places,
+            same_server,
             old: old.clone(),
             new: cluster.clone(),
             work: Rc::default(),
@@ -193,24 +211,19 @@ impl Migration {
     /// The old owner of `key` when it is another server than `new_host`.
     fn in_transit(&self, key: &[u8], new_host: HostId) -> Result<Option<HostId>> {
         let old_host = self.old_router.host_for_key(key)?;
-        let same = match (
-            self.old_places.get(&old_host),
-            self.new_places.get(&new_host),
-        ) {
-            (Some(o), Some(n)) => o == n,
-            _ => false,
-        };
+        let same = self.same_server.contains(&(old_host, new_host));
         Ok((!same).then_some(old_host))
     }
 }
 
 /// A map's migrating GETs of one reply type: each entry is a GET sent to
-/// its key's new owner. A hit settles the caller's promise at once (a
-/// plain bulk straight into `T`, as a map's GET does); a miss is marked,
-/// and after the join the GET is asked of the key's old owner. One table
-/// per map and type, the keys in one buffer: a GET costs an entry, not an
-/// allocation (its command goes back to the pool once encoded, as a plain
-/// map's does).
+/// its key's new owner, then (on a miss, after the join) to its old owner,
+/// then (if that misses too and the old owner's keys changed meanwhile) to
+/// the new owner once more, all answered into this table. A hit settles
+/// the caller's promise at once (a plain bulk straight into `T`, as a
+/// map's GET does). One table per map and type, the keys in one buffer: a
+/// GET costs an entry, not an allocation, on every round (its command goes
+/// back to the pool once encoded, as a plain map's does).
 struct ReadTable<T> {
     entries: RefCell<Vec<ReadEntry<T>>>,
     /// Every entry's key, one after another.
@@ -222,18 +235,70 @@ struct ReadEntry<T> {
     host: HostId,
     /// The key's place in [`ReadTable::keys`].
     key: std::ops::Range<usize>,
-    /// The new owner answered nil.
-    missed: std::cell::Cell<bool>,
+    state: std::cell::Cell<ReadState>,
 }
 
-/// The misses of a read table, whatever its type.
-trait Misses {
-    /// Empties the table: the reads to ask of the old owners; real misses
-    /// (the old owner is the same server) are settled here.
-    fn take(&self, m: &Migration) -> Vec<Fallback>;
+/// Where a migrating GET stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadState {
+    /// Asked of the new owner.
+    New,
+    /// The new owner answered nil.
+    MissedNew,
+    /// Asked of this old owner.
+    AskingOld(HostId),
+    /// This old owner answered nil too.
+    MissedOld(HostId),
+    /// This old owner had it (settled; copy-forward may move it).
+    FoundOld(HostId),
+    /// Asked of the new owner once more.
+    Rechecking,
+    /// Settled.
+    Done,
+}
 
-    /// Empties the table, rejecting the misses still waiting with `error`.
+/// The reads of a table, whatever its type, between a map's joins.
+trait Misses {
+    /// Asks the old owners (in `session`, batched per host) for the reads
+    /// the new owners missed, adding the hosts asked to `asked`; settles
+    /// real misses (the old owner is the same server). How many it asked.
+    fn ask_old(
+        self: Rc<Self>,
+        m: &Migration,
+        session: &mut Session,
+        asked: &mut BTreeSet<HostId>,
+    ) -> u64;
+
+    /// After the old owners answered: a read the old owner had is a hit
+    /// (its key goes to `forward` with copy-forward); one it missed is
+    /// settled as nil if its old host is `unchanged`, else asked of the
+    /// new owner once more. (hits, rechecks).
+    fn after_old(
+        self: Rc<Self>,
+        m: &Migration,
+        unchanged: &BTreeSet<HostId>,
+        session: &mut Session,
+        forward: &mut BTreeMap<HostId, Vec<(Vec<u8>, HostId)>>,
+    ) -> (u64, u64);
+
+    /// Rejects every read not yet settled with `error`.
     fn cancel(&self, error: &Error);
+}
+
+impl<T: FromValue + 'static> ReadTable<T> {
+    /// Settles `entry` with `reply` (converted to `T`) and marks it.
+    fn settle(entry: &ReadEntry<T>, reply: Result<Value>, ctx: &ReplyContext<'_>) {
+        let found_old = match (entry.state.get(), &reply) {
+            (ReadState::AskingOld(old), Ok(_)) => Some(old),
+            _ => None,
+        };
+        entry
+            .state
+            .set(found_old.map_or(ReadState::Done, ReadState::FoundOld));
+        entry
+            .out
+            .settle(reply.and_then(T::from_value).map_err(|e| ctx.failed(e)));
+    }
 }
 
 impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
@@ -242,11 +307,16 @@ impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
         let Some(entry) = entries.get(index as usize) else {
             return;
         };
-        match reply {
-            Ok(Value::Nil) => entry.missed.set(true),
-            other => entry
-                .out
-                .settle(other.and_then(T::from_value).map_err(|e| ctx.failed(e))),
+        match (entry.state.get(), reply) {
+            (ReadState::New, Ok(Value::Nil)) => entry.state.set(ReadState::MissedNew),
+            (ReadState::AskingOld(old), Ok(Value::Nil)) => {
+                entry.state.set(ReadState::MissedOld(old));
+            }
+            (ReadState::New | ReadState::AskingOld(_) | ReadState::Rechecking, reply) => {
+                Self::settle(entry, reply, ctx);
+            }
+            // Not waiting for a reply: nothing to do.
+            _ => {}
         }
     }
 
@@ -254,6 +324,11 @@ impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
         match bytes.and_then(|b| T::from_bulk(Some(b))) {
             Some(result) => {
                 if let Some(entry) = self.entries.borrow().get(index as usize) {
+                    let state = match entry.state.get() {
+                        ReadState::AskingOld(old) => ReadState::FoundOld(old),
+                        _ => ReadState::Done,
+                    };
+                    entry.state.set(state);
                     entry.out.settle(result.map_err(|e| ctx.failed(e)));
                 }
             }
@@ -268,35 +343,91 @@ impl<T: FromValue + 'static> Misses for ReadTable<T> {
     fn cancel(&self, error: &Error) {
         self.keys.borrow_mut().clear();
         for entry in std::mem::take(&mut *self.entries.borrow_mut()) {
-            if entry.missed.get() {
+            if !matches!(entry.state.get(), ReadState::Done | ReadState::FoundOld(_)) {
                 entry.out.settle(Err(error.clone()));
             }
         }
     }
 
-    fn take(&self, m: &Migration) -> Vec<Fallback> {
-        let entries = std::mem::take(&mut *self.entries.borrow_mut());
-        let keys = std::mem::take(&mut *self.keys.borrow_mut());
-        let mut fallbacks = Vec::new();
-        for entry in entries {
-            if !entry.missed.get() {
-                continue; // a hit: settled already
+    fn ask_old(
+        self: Rc<Self>,
+        m: &Migration,
+        session: &mut Session,
+        asked: &mut BTreeSet<HostId>,
+    ) -> u64 {
+        let entries = self.entries.borrow();
+        let keys = self.keys.borrow();
+        let mut count = 0;
+        for (slot, entry) in entries.iter().enumerate() {
+            if entry.state.get() != ReadState::MissedNew {
+                continue;
             }
             let key = keys.get(entry.key.clone()).unwrap_or_default();
             match m.in_transit(key, entry.host) {
-                Ok(Some(old)) => fallbacks.push(Fallback {
-                    old,
-                    new: entry.host,
-                    sink: settle_into(&entry.out, &m.failures),
-                    cmd: cmd("GET").arg(key),
-                    by_existence: false,
-                }),
+                Ok(Some(old)) => {
+                    entry.state.set(ReadState::AskingOld(old));
+                    let sink: Rc<dyn ReplySink> = self.clone();
+                    // Slots fit in u32: migrating_read checked when adding.
+                    let waiter = Waiter::new(sink, slot as u32);
+                    session.enqueue(OLD_HOSTS + old, &Cmd::get_command().arg(key), waiter);
+                    asked.insert(old);
+                    count += 1;
+                }
                 // The key's owner did not change: a real miss.
-                Ok(None) => entry.out.settle(T::from_value(Value::Nil)),
-                Err(e) => entry.out.settle(Err(e)),
+                Ok(None) => {
+                    entry.state.set(ReadState::Done);
+                    entry.out.settle(T::from_value(Value::Nil));
+                }
+                Err(e) => {
+                    entry.state.set(ReadState::Done);
+                    super::note_failure(&m.failures, &e);
+                    entry.out.settle(Err(e));
+                }
             }
         }
-        fallbacks
+        count
+    }
+
+    fn after_old(
+        self: Rc<Self>,
+        m: &Migration,
+        unchanged: &BTreeSet<HostId>,
+        session: &mut Session,
+        forward: &mut BTreeMap<HostId, Vec<(Vec<u8>, HostId)>>,
+    ) -> (u64, u64) {
+        let entries = self.entries.borrow();
+        let keys = self.keys.borrow();
+        let copy_forward = m.new.copies_forward();
+        let (mut hits, mut rechecks) = (0, 0);
+        for (slot, entry) in entries.iter().enumerate() {
+            match entry.state.get() {
+                ReadState::FoundOld(old) => {
+                    entry.state.set(ReadState::Done);
+                    hits += 1;
+                    if copy_forward {
+                        let key = keys.get(entry.key.clone()).unwrap_or_default();
+                        forward
+                            .entry(old)
+                            .or_default()
+                            .push((key.to_vec(), entry.host));
+                    }
+                }
+                ReadState::MissedOld(old) if unchanged.contains(&old) => {
+                    entry.state.set(ReadState::Done);
+                    entry.out.settle(T::from_value(Value::Nil));
+                }
+                ReadState::MissedOld(_) => {
+                    entry.state.set(ReadState::Rechecking);
+                    let key = keys.get(entry.key.clone()).unwrap_or_default();
+                    let sink: Rc<dyn ReplySink> = self.clone();
+                    let waiter = Waiter::new(sink, slot as u32);
+                    session.enqueue(entry.host, &Cmd::get_command().arg(key), waiter);
+                    rechecks += 1;
+                }
+                _ => {}
+            }
+        }
+        (hits, rechecks)
     }
 }
 
@@ -427,7 +558,7 @@ impl Dispatch {
             out: out.clone(),
             host,
             key,
-            missed: std::cell::Cell::new(false),
+            state: std::cell::Cell::new(ReadState::New),
         });
         let waiter = Waiter::new(table.clone(), slot);
         self.session.enqueue(host, &cmd, waiter);
@@ -524,16 +655,20 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
         .iter()
         .map(|(_, (_, t))| t.clone())
         .collect();
+    // GETs that missed: asked of the old owners in this same session
+    // (their hosts are in it at OLD_HOSTS + id), batched per host.
+    let mut asked_hosts = BTreeSet::new();
+    let mut asked = 0;
     for table in tables {
-        let misses = table.take(m);
-        m.work.borrow_mut().fallbacks.extend(misses);
+        asked += table.ask_old(m, session, &mut asked_hosts);
     }
     let work = std::mem::take(&mut *m.work.borrow_mut());
     let runs = std::mem::take(&mut *runs.borrow_mut());
-    if work.is_empty() && runs.is_empty() {
+    if work.is_empty() && runs.is_empty() && asked == 0 {
         return false;
     }
     let counters = m.new.migration_counters().clone();
+    counters.fallback_reads.fetch_add(asked, Relaxed);
     // Deletes: the old owner first, then the new one.
     let mut old_side: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
     for (old, _, c, _) in &work.deletes {
@@ -573,10 +708,8 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
             (Ok(_), Err(e)) | (Err(e), _) => Err(e),
         });
     }
-    // Reads that missed: asked of the old owners in this same session
-    // (their hosts are in it at OLD_HOSTS + id), batched per host.
-    let asked = !work.fallbacks.is_empty();
-    if asked {
+    // Other reads that missed: asked the same way.
+    if !work.fallbacks.is_empty() {
         counters
             .fallback_reads
             .fetch_add(work.fallbacks.len() as u64, Relaxed);
@@ -605,7 +738,16 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
                 sink: f.sink,
             });
         }
+        asked_hosts.extend(asking.iter().map(|a| a.old));
     }
+    // Each old host's write epoch, after its reads (see settle_fallbacks).
+    let mut epochs = m.epoch_reads.borrow_mut();
+    for old in asked_hosts {
+        let p: Promise<Value> = Promise::new();
+        session.enqueue(OLD_HOSTS + old, &epoch_probe(), p.sink());
+        epochs.push((old, p));
+    }
+    drop(epochs);
     // Keys to move before their command runs.
     let mut by_old: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
     for (old, new, key, _, _) in &work.moves {
@@ -648,16 +790,31 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
 
 /// Hands the old owners' answers (after the join that read them) to the
 /// reads that missed. A read the old owner missed too is asked of the new
-/// owner once more: a mover or a writer may have moved the key there
-/// between the two reads. Returns whether such rechecks were queued (the
-/// map then joins again and calls [`settle_rechecks`]).
+/// owner once more (a mover or a writer may have moved the key there
+/// between the two reads), unless the old host's write epoch read after
+/// the miss equals one read before the map sent its first read: then no
+/// key left that host in between, and the key was nowhere. Returns whether
+/// rechecks were queued (the map then joins again and calls
+/// [`settle_rechecks`]).
 pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
     let asking = std::mem::take(&mut *m.asking.borrow_mut());
     let counters = m.new.migration_counters();
-    let mut hits = 0;
-    let mut rechecks = m.rechecks.borrow_mut();
+    let unchanged = unchanged_hosts(m);
     // Keys found on their old owner, to move (copy-forward), by old host.
     let mut forward: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
+    let (mut hits, mut rechecked) = (0, 0);
+    let tables: Vec<Rc<dyn Misses>> = m
+        .reads
+        .borrow()
+        .iter()
+        .map(|(_, (_, t))| t.clone())
+        .collect();
+    for table in tables {
+        let (h, r) = table.after_old(m, &unchanged, session, &mut forward);
+        hits += h;
+        rechecked += r;
+    }
+    let mut rechecks = m.rechecks.borrow_mut();
     let copy_forward = m.new.copies_forward();
     for a in asking {
         let r = a.reply.take();
@@ -665,12 +822,12 @@ pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
             Some(exists) => matches!(exists.take(), Ok(Value::Int(0))),
             None => matches!(&r, Ok(Value::Nil)),
         };
-        if missing && r.is_ok() {
+        if missing && r.is_ok() && !unchanged.contains(&a.old) {
             let again: Promise<Value> = Promise::new();
             session.enqueue(a.new, &a.cmd, again.sink());
             rechecks.push((again, a.sink));
         } else {
-            if r.is_ok() {
+            if r.is_ok() && !missing {
                 hits += 1;
                 if let (true, Ok(key)) = (copy_forward, keyspec::single_key(&a.cmd)) {
                     forward
@@ -685,6 +842,10 @@ pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
     if hits > 0 {
         counters.fallback_hits.fetch_add(hits, Relaxed);
     }
+    rechecked += rechecks.len() as u64;
+    if rechecked > 0 {
+        counters.rechecks.fetch_add(rechecked, Relaxed);
+    }
     for (old, keys) in forward {
         let n = keys.len() as u64;
         let mut progress = MoveProgress::default();
@@ -698,7 +859,37 @@ pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
                 .fetch_add(n.saturating_sub(progress.copied), Relaxed);
         }
     }
-    !rechecks.is_empty()
+    rechecked > 0
+}
+
+/// `INFO persistence`: what a server's write epoch is read from.
+fn epoch_probe() -> Cmd {
+    cmd("INFO").arg("persistence")
+}
+
+/// The old hosts whose write epoch, read after this map's fallback reads,
+/// equals the one known before the map began; every epoch read is
+/// remembered for later maps.
+fn unchanged_hosts(m: &Migration) -> BTreeSet<HostId> {
+    let facts = m.new.server_facts();
+    let mut unchanged = BTreeSet::new();
+    for (old, read) in std::mem::take(&mut *m.epoch_reads.borrow_mut()) {
+        let (Some(place), Ok(info)) = (m.old_places.get(&old), read.take()) else {
+            continue;
+        };
+        let Some(epoch) = String::from_value(info)
+            .ok()
+            .as_deref()
+            .and_then(write_epoch)
+        else {
+            continue;
+        };
+        if m.epochs_before.get(place) == Some(&epoch) {
+            unchanged.insert(old);
+        }
+        facts.learn_epoch(place, epoch);
+    }
+    unchanged
 }
 
 /// Settles the reads asked of the new owner once more.
@@ -768,6 +959,16 @@ impl super::AsyncClient {
         let client = self.clone();
         let counters = cluster.migration_counters().clone();
         let access = Access::of(&cmd);
+        // The old host's write epoch known before anything is sent (see
+        // settle_fallbacks).
+        let (old_place, epoch_before) = match (access, old.host(old_host)) {
+            (Access::Read, Ok(info)) => {
+                let place = info.name().addr.clone();
+                let epoch = cluster.server_facts().epoch(&place);
+                (Some(place), epoch)
+            }
+            _ => (None, None),
+        };
         Reply::from_future(async move {
             let reply: Value = match access {
                 Access::Read => {
@@ -797,11 +998,16 @@ impl super::AsyncClient {
                         } else {
                             Some(exists(&old_client, old_host))
                         };
+                        let epoch_after = old_client.send::<String>(old_host, epoch_probe());
                         let second: Value = second.await?;
                         let found = match there {
                             Some(e) => e.await? == 1,
                             None => second != Value::Nil,
                         };
+                        let epoch_after = epoch_after.await.ok().as_deref().and_then(write_epoch);
+                        if let (Some(place), Some(epoch)) = (&old_place, epoch_after) {
+                            cluster.server_facts().learn_epoch(place, epoch);
+                        }
                         if found {
                             counters.fallback_hits.fetch_add(1, Relaxed);
                             if cluster.copies_forward() {
@@ -814,8 +1020,13 @@ impl super::AsyncClient {
                                 };
                             }
                             second
+                        } else if epoch_before.is_some() && epoch_before == epoch_after {
+                            // No key left the old host since before the
+                            // first read: the key is nowhere.
+                            second
                         } else {
                             // Moved to the new owner between the two reads?
+                            counters.rechecks.fetch_add(1, Relaxed);
                             client.send(host, cmd).await?
                         }
                     }
