@@ -208,6 +208,16 @@ impl Migration {
         }))
     }
 
+    /// The map's read tables (a copy of the list: no borrow of it is held
+    /// while they run).
+    fn read_tables(&self) -> Vec<Rc<dyn Misses>> {
+        self.reads
+            .borrow()
+            .iter()
+            .map(|(_, (_, t))| t.clone())
+            .collect()
+    }
+
     /// The old owner of `key` when it is another server than `new_host`.
     fn in_transit(&self, key: &[u8], new_host: HostId) -> Result<Option<HostId>> {
         let old_host = self.old_router.host_for_key(key)?;
@@ -649,12 +659,7 @@ fn join_parts(kind: MultiKey, replies: Vec<Value>) -> Value {
 /// Runs what a migrating map left for after its join; returns whether it
 /// ran anything (then the map joins again: nothing here enqueues into it).
 pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -> bool {
-    let tables: Vec<Rc<dyn Misses>> = m
-        .reads
-        .borrow()
-        .iter()
-        .map(|(_, (_, t))| t.clone())
-        .collect();
+    let tables = m.read_tables();
     // GETs that missed: asked of the old owners in this same session
     // (their hosts are in it at OLD_HOSTS + id), batched per host.
     let mut asked_hosts = BTreeSet::new();
@@ -803,12 +808,7 @@ pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
     // Keys found on their old owner, to move (copy-forward), by old host.
     let mut forward: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
     let (mut hits, mut rechecked) = (0, 0);
-    let tables: Vec<Rc<dyn Misses>> = m
-        .reads
-        .borrow()
-        .iter()
-        .map(|(_, (_, t))| t.clone())
-        .collect();
+    let tables = m.read_tables();
     for table in tables {
         let (h, r) = table.after_old(m, &unchanged, session, &mut forward);
         hits += h;
