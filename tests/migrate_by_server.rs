@@ -464,3 +464,45 @@ fn writes_move_their_keys_through_the_client() {
         assert_eq!(left, None, "{k} left on its old owner");
     }
 }
+
+/// Servers with a password: MIGRATE logs in to the new owner (AUTH), and
+/// no error names the password (the old servers here lack MIGRATE, so
+/// Transfer::Migrate fails).
+#[test]
+fn migrate_logs_in_and_never_shows_the_password() {
+    const SECRET: &str = "s3cr3t-Pa55";
+    let setup =
+        TestSetup::with_tcp_config(3, 1, |_| format!("requirepass {SECRET}")).expect("servers");
+    let with_password = |n: usize| {
+        let mut b = Cluster::builder().router(RouterKind::Partition);
+        for i in 0..n {
+            b = b.host(i as u32, tcp(&setup, i).password(SECRET));
+        }
+        b.build().expect("cluster")
+    };
+    let (old, new) = (with_password(2), with_password(3));
+    let filled = fill(&old, 2000);
+    let report = move_keys(&old, &new, MoveOptions::new().transfer(Transfer::Migrate))
+        .expect("move with AUTH");
+    assert!(report.progress.moved > 0);
+    assert!(total_calls(&old, 2, "migrate") > 0);
+    check_placed(&new, 3, 2000, filled, &[]);
+    // A MIGRATE that fails: its error and Debug say nothing of the secret.
+    for h in 0..2 {
+        let _: String = old
+            .local_client(h)
+            .expect("local")
+            .cmd(rb::cmd("ACL").arg("SETUSER").arg("default").arg("-migrate"))
+            .expect("ACL");
+    }
+    new.all(|c| {
+        c.flushdb();
+    })
+    .expect("FLUSHDB");
+    fill(&old, 2000);
+    let err = move_keys(&old, &new, MoveOptions::new().transfer(Transfer::Migrate))
+        .expect_err("MIGRATE is not allowed");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains(SECRET), "{shown}");
+    assert!(shown.contains("MIGRATE"), "{shown}");
+}
