@@ -149,6 +149,7 @@ impl Dispatch {
                 migrating::settle_rechecks(m);
             }
         }
+        migrating::compact(m);
     }
 
     /// Runs a script on `host` (see [`ScriptLoads::call`]); with `followed`,

@@ -2,15 +2,18 @@
 //!
 //! [`move_keys`] walks every host of the old cluster (`SCAN`), and for each
 //! key that the new cluster's router puts on another server, in batches:
-//! `DUMP` and `PTTL` on the old host, `RESTORE` (value and TTL) on the new
-//! owner, then deletes it from the old host only if it still holds what was
-//! copied; or, where the servers can reach each other, the old server's own
-//! `MIGRATE` does both in one step ([`Transfer`]). It never overwrites a key the new owner already has (`RESTORE`
-//! without `REPLACE`: a write made during the move wins), and a key deleted
-//! from the old host while it was being copied is deleted from the new
-//! owner too (if the copy is still what is there), so a delete made during
-//! the move is not undone. Every batch's progress carries the position to
-//! resume from after a crash ([`MoveOptions::resume_from`]).
+//! the old server's own `MIGRATE` copies it and deletes it in one step
+//! where the servers reach each other; elsewhere `DUMP` and `PTTL` on the
+//! old host, `RESTORE` (value and TTL) on the new owner, then a delete from
+//! the old host only if it still holds what was copied ([`Transfer`]). It
+//! never overwrites a key the new owner already has (`RESTORE` without
+//! `REPLACE`: a write made during the move wins; the old copy goes, or
+//! after [`SAME_COPY_GRACE`] if the new owner holds the very same value),
+//! and a key deleted from the old host while it was being copied is
+//! deleted from the new owner too (if the copy is still what is there), so
+//! a delete made during the move is not undone. Every batch's progress
+//! carries the position to resume from after a crash
+//! ([`MoveOptions::resume_from`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -89,6 +92,15 @@ pub struct MoveOptions {
 /// between its two reads; an old copy kept longer would only be a stale
 /// copy for a read to find after the key changed on its new owner.
 pub const DELETE_DELAY: Duration = Duration::ZERO;
+
+/// How long an old copy whose new owner holds the very same value is left
+/// before the mover deletes it. Such a pair is usually another move's
+/// half-way point: a client's move on write or copy-forward, which copied
+/// the key and is about to delete the old copy itself, and which would
+/// take its copy back (a delete made meanwhile, it would conclude) if the
+/// old copy vanished first. Still there after this, it is a crashed
+/// move's leftover.
+pub const SAME_COPY_GRACE: Duration = Duration::from_secs(2);
 
 /// A progress callback.
 type ProgressFn = Arc<dyn Fn(&MoveProgress) + Send + Sync>;
@@ -204,6 +216,9 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
         (t, _) => t,
     };
     let routes = by_server::Routes::new(transfer);
+    // Old copies to delete later (see SAME_COPY_GRACE), in walk order.
+    let mut same_copies: VecDeque<Copied> = VecDeque::new();
+    let mut pages = 0u64;
     let mut scan = old.scan_from(
         opts.from.unwrap_or_else(ScanCursor::start),
         ScanOptions::new().count(count).dedupe(false),
@@ -223,20 +238,32 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
                 leaving.push((key, to));
             }
         }
-        let leaving = by_server::migrate_page(old, new, host, leaving, &routes, &mut progress)?;
+        pages += 1;
+        let left = by_server::migrate_page(old, new, host, leaving, &routes, &mut progress)?;
+        let leaving = left.to_copy;
+        if !left.same_copies.is_empty() {
+            same_copies.push_back(Copied::new(host, left.same_copies, page_at, pages));
+        }
         if !leaving.is_empty() {
             let keys = copy_keys(old, new, host, leaving, &mut progress)?;
-            waiting.push_back(Copied {
-                host,
-                keys,
-                at: Instant::now(),
-                page_at,
-            });
+            waiting.push_back(Copied::new(host, keys, page_at, pages));
         }
-        settle_due(old, new, &mut waiting, delay, &mut progress)?;
-        // Resume where no copied key still waits for its delete: a restart
+        settle_due(
+            old,
+            new,
+            &mut waiting,
+            &mut same_copies,
+            delay,
+            &mut progress,
+        )?;
+        delete_due(old, &mut same_copies, SAME_COPY_GRACE)?;
+        // Resume where no old copy still waits for its delete: a restart
         // scans those again, finds their copies there, and deletes them.
-        progress.resume_at = waiting.front().map(|c| c.page_at).or(scan.position());
+        let first_waiting = [waiting.front(), same_copies.front()]
+            .into_iter()
+            .flatten()
+            .min_by_key(|c| c.page);
+        progress.resume_at = first_waiting.map(|c| c.page_at).or(scan.position());
         if let Some(report) = &opts.progress {
             report(&progress);
         }
@@ -252,7 +279,20 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
             std::thread::sleep(wait);
         }
     }
-    settle_due(old, new, &mut waiting, Duration::ZERO, &mut progress)?;
+    settle_due(
+        old,
+        new,
+        &mut waiting,
+        &mut same_copies,
+        Duration::ZERO,
+        &mut progress,
+    )?;
+    if let Some(last) = same_copies.back() {
+        if let Some(wait) = SAME_COPY_GRACE.checked_sub(last.at.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    delete_due(old, &mut same_copies, Duration::ZERO)?;
     progress.resume_at = None;
     if let Some(report) = &opts.progress {
         report(&progress);
@@ -263,17 +303,34 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
     })
 }
 
-/// Deletes from the old hosts the copies that have waited `delay`.
+/// Deletes from the old hosts the copies that have waited `delay`; old
+/// copies the same as their new owner's go to `same_copies`.
 fn settle_due(
     old: &Cluster,
     new: &Cluster,
     waiting: &mut VecDeque<Copied>,
+    same_copies: &mut VecDeque<Copied>,
     delay: Duration,
     progress: &mut MoveProgress,
 ) -> Result<()> {
     while waiting.front().is_some_and(|c| c.at.elapsed() >= delay) {
         if let Some(batch) = waiting.pop_front() {
-            settle_copies(old, new, batch.host, batch.keys, progress)?;
+            let same = settle_copies(old, new, batch.host, batch.keys, progress)?;
+            if !same.is_empty() {
+                same_copies.push_back(Copied::new(batch.host, same, batch.page_at, batch.page));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the old copies that have waited `grace` (see
+/// [`SAME_COPY_GRACE`]), each only if it is still as it was.
+fn delete_due(old: &Cluster, same_copies: &mut VecDeque<Copied>, grace: Duration) -> Result<()> {
+    while same_copies.front().is_some_and(|c| c.at.elapsed() >= grace) {
+        if let Some(batch) = same_copies.pop_front() {
+            let source = old.local_client(batch.host)?;
+            delete_if_unchanged(&source, batch.keys.iter().map(|m| (&m.key, &m.payload)))?;
         }
     }
     Ok(())
@@ -309,7 +366,8 @@ pub(crate) fn move_now(
     progress: &mut MoveProgress,
 ) -> Result<()> {
     let copied = copy_keys(old, new, host, leaving, progress)?;
-    settle_copies(old, new, host, copied, progress)
+    // Old copies the same as the new owner's are another move's to delete.
+    settle_copies(old, new, host, copied, progress).map(drop)
 }
 
 /// Keys copied from one old host, to delete from it later.
@@ -319,6 +377,20 @@ struct Copied {
     at: Instant,
     /// The walk's position before the page they came from.
     page_at: ScanCursor,
+    /// That page's number in the walk.
+    page: u64,
+}
+
+impl Copied {
+    fn new(host: HostId, keys: Vec<Moving>, page_at: ScanCursor, page: u64) -> Copied {
+        Copied {
+            host,
+            keys,
+            at: Instant::now(),
+            page_at,
+            page,
+        }
+    }
 }
 
 /// Copies one page's leaving keys from `host` of `old` to their owners in
@@ -396,22 +468,26 @@ fn copy_keys(
 
 /// Deletes copied keys from their old host where they are still as copied;
 /// a copy of a key deleted there meanwhile is deleted from the new owner
-/// too (if it is still the copy), so that delete stands.
+/// too (if it is still the copy), so that delete stands. Of the keys the
+/// new owner already had, the old copy goes if the new owner's differs (a
+/// newer write); the old copies the same as the new owner's are returned
+/// (see [`SAME_COPY_GRACE`]).
 fn settle_copies(
     old: &Cluster,
     new: &Cluster,
     host: HostId,
     moving: Vec<Moving>,
     progress: &mut MoveProgress,
-) -> Result<()> {
+) -> Result<Vec<Moving>> {
     let source = old.local_client(host)?;
-    let deleted = delete_if_unchanged(&source, moving.iter().map(|m| (&m.key, &m.payload)))?;
+    let (copied, found): (Vec<Moving>, Vec<Moving>) = moving.into_iter().partition(|m| m.restored);
+    let deleted = delete_if_unchanged(&source, copied.iter().map(|m| (&m.key, &m.payload)))?;
     let mut undo: BTreeMap<HostId, Vec<&Moving>> = BTreeMap::new();
-    for (m, deleted) in moving.iter().zip(deleted) {
-        match (deleted, m.restored) {
-            (true, true) => progress.moved += 1,
-            (true, false) | (false, false) => progress.skipped += 1,
-            (false, true) => undo.entry(m.to).or_default().push(m),
+    for (m, deleted) in copied.iter().zip(deleted) {
+        if deleted {
+            progress.moved += 1;
+        } else {
+            undo.entry(m.to).or_default().push(m);
         }
     }
     for (to, copies) in undo {
@@ -419,7 +495,27 @@ fn settle_copies(
         delete_if_unchanged(&target, copies.iter().map(|m| (&m.key, &m.payload)))?;
         progress.vanished += copies.len() as u64;
     }
-    Ok(())
+    progress.skipped += found.len() as u64;
+    let mut by_owner: BTreeMap<HostId, Vec<Moving>> = BTreeMap::new();
+    for m in found {
+        by_owner.entry(m.to).or_default().push(m);
+    }
+    let (mut stale, mut same) = (Vec::new(), Vec::new());
+    for (to, found) in by_owner {
+        let target = new.local_client(to)?;
+        let theirs = target.pipeline(found.iter().map(|m| cmd("DUMP").arg(m.key.as_slice())));
+        for (m, theirs) in found.into_iter().zip(theirs) {
+            let theirs: Option<Vec<u8>> = crate::convert::FromValue::from_value(theirs?)?;
+            match theirs {
+                Some(t) if t == m.payload => same.push(m),
+                // Another value, or deleted there since (then by a delete
+                // that reached the old host first): the old copy goes.
+                _ => stale.push(m),
+            }
+        }
+    }
+    delete_if_unchanged(&source, stale.iter().map(|m| (&m.key, &m.payload)))?;
+    Ok(same)
 }
 
 /// Runs [`DELETE_IF_UNCHANGED`] on one host for `(key, payload)` pairs;

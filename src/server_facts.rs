@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub(crate) struct ServerFacts {
     run_ids: Mutex<HashMap<Arc<str>, Arc<str>>>,
     no_migrate: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+    migrate_ok: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
     epochs: Mutex<HashMap<Arc<str>, u64>>,
 }
 
@@ -40,6 +41,17 @@ impl ServerFacts {
     /// Remembers that a `MIGRATE` from `from` to `to` failed outright.
     pub(crate) fn migrate_failed(&self, from: &Arc<str>, to: &Arc<str>) {
         lock(&self.no_migrate).insert((from.clone(), to.clone()));
+    }
+
+    /// Whether a canary showed that a `MIGRATE` from `from` lands on the
+    /// server this client reaches as `to`.
+    pub(crate) fn migrate_checked(&self, from: &Arc<str>, to: &Arc<str>) -> bool {
+        lock(&self.migrate_ok).contains(&(from.clone(), to.clone()))
+    }
+
+    /// Remembers that a canary `MIGRATE` from `from` landed on `to`.
+    pub(crate) fn migrate_works(&self, from: &Arc<str>, to: &Arc<str>) {
+        lock(&self.migrate_ok).insert((from.clone(), to.clone()));
     }
 
     /// The write epochs known now, by place.

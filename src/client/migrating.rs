@@ -116,7 +116,7 @@ pub(super) struct Migration {
     /// The old hosts' write epochs known before this map sent anything.
     epochs_before: HashMap<Arc<str>, u64>,
     /// Each old host's write epoch, read after its fallback reads.
-    epoch_reads: RefCell<Vec<(HostId, Promise<Value>)>>,
+    epoch_reads: RefCell<Vec<(HostId, Rc<EpochRead>)>>,
     /// The map's first failure (follow-ups' failures are the map's too).
     pub(super) failures: super::Failures,
     /// The map's reads, one table per reply type (usually one or two).
@@ -293,6 +293,10 @@ trait Misses {
 
     /// Rejects every read not yet settled with `error`.
     fn cancel(&self, error: &Error);
+
+    /// Empties the table when every read in it is settled (a long-lived
+    /// mapping client keeps no entry, key or value past its join).
+    fn compact(&self);
 }
 
 impl<T: FromValue + 'static> ReadTable<T> {
@@ -350,6 +354,14 @@ impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
 }
 
 impl<T: FromValue + 'static> Misses for ReadTable<T> {
+    fn compact(&self) {
+        let mut entries = self.entries.borrow_mut();
+        if entries.iter().all(|e| e.state.get() == ReadState::Done) {
+            entries.clear();
+            self.keys.borrow_mut().clear();
+        }
+    }
+
     fn cancel(&self, error: &Error) {
         self.keys.borrow_mut().clear();
         for entry in std::mem::take(&mut *self.entries.borrow_mut()) {
@@ -748,9 +760,13 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
     // Each old host's write epoch, after its reads (see settle_fallbacks).
     let mut epochs = m.epoch_reads.borrow_mut();
     for old in asked_hosts {
-        let p: Promise<Value> = Promise::new();
-        session.enqueue(OLD_HOSTS + old, &epoch_probe(), p.sink());
-        epochs.push((old, p));
+        let read = Rc::new(EpochRead::default());
+        session.enqueue(
+            OLD_HOSTS + old,
+            &epoch_probe(),
+            Waiter::new(read.clone(), 0),
+        );
+        epochs.push((old, read));
     }
     drop(epochs);
     // Keys to move before their command runs.
@@ -862,6 +878,21 @@ pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
     rechecked > 0
 }
 
+/// An old host's write epoch as its `INFO persistence` gives it. A refusal
+/// (an ACL without `INFO`) or a failure leaves it unknown (the misses are
+/// then rechecked) and is not the map's failure: the reads are.
+#[derive(Default)]
+struct EpochRead(std::cell::Cell<Option<u64>>);
+
+impl ReplySink for EpochRead {
+    fn accept(&self, _index: u32, reply: Result<Value>, _ctx: &ReplyContext<'_>) {
+        let info = reply.and_then(String::from_value).ok();
+        self.0.set(info.as_deref().and_then(write_epoch));
+    }
+
+    fn release(&self, _index: u32) {}
+}
+
 /// `INFO persistence`: what a server's write epoch is read from.
 fn epoch_probe() -> Cmd {
     cmd("INFO").arg("persistence")
@@ -874,14 +905,7 @@ fn unchanged_hosts(m: &Migration) -> BTreeSet<HostId> {
     let facts = m.new.server_facts();
     let mut unchanged = BTreeSet::new();
     for (old, read) in std::mem::take(&mut *m.epoch_reads.borrow_mut()) {
-        let (Some(place), Ok(info)) = (m.old_places.get(&old), read.take()) else {
-            continue;
-        };
-        let Some(epoch) = String::from_value(info)
-            .ok()
-            .as_deref()
-            .and_then(write_epoch)
-        else {
+        let (Some(place), Some(epoch)) = (m.old_places.get(&old), read.0.get()) else {
             continue;
         };
         if m.epochs_before.get(place) == Some(&epoch) {
@@ -890,6 +914,14 @@ fn unchanged_hosts(m: &Migration) -> BTreeSet<HostId> {
         facts.learn_epoch(place, epoch);
     }
     unchanged
+}
+
+/// After a join and its steps: empties the read tables whose reads are all
+/// settled.
+pub(super) fn compact(m: &Migration) {
+    for table in m.read_tables() {
+        table.compact();
+    }
 }
 
 /// Settles the reads asked of the new owner once more.

@@ -14,22 +14,29 @@
 //! `MIGRATE` reports only its first error, so the batch is wrapped in two
 //! scripts on the old host, pipelined with it: one before (which keys
 //! exist, and their `DUMP` sizes for the progress report) and one after
-//! (which keys are still there). A key still there was not taken: either
-//! the new owner has its own (a newer write, which wins: the old copy is
-//! deleted) or the copy failed (the key is handed back to be copied
-//! through the client, which reports that key's own error).
+//! (which keys are still there). A key still there was not taken: the new
+//! owner has another value (a newer write, which wins: the old copy is
+//! deleted), or the same value (another move's copy, whose own delete of
+//! the old copy is to come: left for [`super::SAME_COPY_GRACE`]; or this
+//! `MIGRATE`'s, when it timed out reading the answers), or nothing (the
+//! copy failed: the key is handed back to be copied through the client,
+//! which reports that key's own error).
+//!
+//! The old server resolves the new owner's address itself, so before a
+//! pair of hosts first uses `MIGRATE`, a canary key is migrated and looked
+//! for through this client: a tunnel, NAT or custom resolver that makes
+//! the address lead elsewhere from the old server is caught there.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::MoveProgress;
+use super::{delete_if_unchanged, MoveProgress, Moving};
 use crate::cluster::Cluster;
 use crate::cmd::{cmd, Cmd};
 use crate::commands::Commands;
 use crate::config::HostInfo;
 use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
-use crate::resp::Value;
 use crate::server_facts::ServerFacts;
 use crate::LocalClient;
 
@@ -61,13 +68,16 @@ return out";
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Transfer {
-    /// `MIGRATE` where it can work: the new owner is a TCP host without TLS
-    /// and another server than the old host (`MIGRATE` to itself would
-    /// wait on itself). A pair of hosts whose first `MIGRATE` moves nothing
-    /// and fails (the old server cannot reach the address this process
-    /// uses, or cannot log in) falls back to `DUMP`/`RESTORE` for the rest
-    /// of the move. With a [`delete_delay`](super::MoveOptions::delete_delay),
-    /// always `DUMP`/`RESTORE`.
+    /// `MIGRATE` where it can work: the new owner is a TCP host without TLS,
+    /// another server than the old host (`MIGRATE` to itself would wait on
+    /// itself; told by `run_id`), and a canary key migrated from the old
+    /// host arrives where this client reaches the new owner. A pair of
+    /// hosts that fails any of these, or whose `MIGRATE` moves nothing and
+    /// fails (the old server cannot reach the address, cannot log in, may
+    /// not run `MIGRATE` or `INFO`), copies with `DUMP`/`RESTORE` for the
+    /// life of the new cluster. With a
+    /// [`delete_delay`](super::MoveOptions::delete_delay), always
+    /// `DUMP`/`RESTORE`.
     #[default]
     Auto,
     /// `DUMP` and `PTTL` on the old host, `RESTORE` on the new owner, then a
@@ -108,8 +118,42 @@ impl Routes {
         }
         let start = migrate_start(&target);
         let usable = match start {
-            Some(_) => run_id(facts, old, from)? != run_id(facts, new, to)?,
+            Some(_) => match (run_id(facts, old, from), run_id(facts, new, to)) {
+                (Ok(a), Ok(b)) => a != b,
+                // No INFO (an ACL without it): MIGRATE cannot be checked
+                // safe; Auto copies through the client, which needs none.
+                (Err(e), _) | (_, Err(e)) if self.transfer == Transfer::Migrate => return Err(e),
+                _ => {
+                    facts.migrate_failed(from_place, to_place);
+                    false
+                }
+            },
             None => false,
+        };
+        // The old server resolves the address itself: it must lead where
+        // this client's does (no tunnel, NAT or resolver of the client's).
+        let usable = match (&start, usable) {
+            (Some(start), true) if !facts.migrate_checked(from_place, to_place) => {
+                match (canary(old, from, new, to, start)?, self.transfer) {
+                    (Ok(true), _) => {
+                        facts.migrate_works(from_place, to_place);
+                        true
+                    }
+                    (Err(e), Transfer::Migrate) => return Err(e),
+                    (Ok(false), Transfer::Migrate) => {
+                        return Err(Error::config(format!(
+                            "{}: MIGRATE from {} does not reach it as this client does (another server at that address from there): use Transfer::DumpRestore",
+                            target.name(),
+                            source.name()
+                        )))
+                    }
+                    _ => {
+                        facts.migrate_failed(from_place, to_place);
+                        false
+                    }
+                }
+            }
+            (_, usable) => usable,
         };
         match (usable, self.transfer) {
             (true, _) => Ok(start),
@@ -120,6 +164,42 @@ impl Routes {
             (false, _) => Ok(None),
         }
     }
+}
+
+/// Whether a `MIGRATE` from `from` of `old` lands on the server this
+/// client reaches as `to` of `new` (`Err`: the `MIGRATE` failed): a canary
+/// key (with a minute's TTL, in case it lands elsewhere) is migrated and
+/// looked for through the client.
+fn canary(
+    old: &Cluster,
+    from: HostId,
+    new: &Cluster,
+    to: HostId,
+    start: &Cmd,
+) -> Result<Result<bool>> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let canary = format!("rb:migrate-canary:{}:{nanos}", std::process::id());
+    let mut migrate = start.clone();
+    migrate.push_arg("KEYS");
+    migrate.push_arg(canary.as_str());
+    let source = old.local_client(from)?;
+    let set = cmd("SET").arg(canary.as_str()).arg(1).arg("PX").arg(60_000);
+    if let Some(Err(e)) = source
+        .pipeline([set, migrate])
+        .into_iter()
+        .find(Result::is_err)
+    {
+        source.pipeline([cmd("DEL").arg(canary.as_str())]);
+        return Ok(Err(e));
+    }
+    let found = new
+        .local_client(to)?
+        .pipeline([cmd("DEL").arg(canary.as_str())])
+        .pop()
+        .unwrap_or_else(|| Err(Error::protocol("a pipelined reply is missing")))?;
+    Ok(Ok(found == crate::resp::Value::Int(1)))
 }
 
 /// The `run_id` of a host's server, asked once.
@@ -176,9 +256,12 @@ pub(super) fn migrate_page(
     leaving: Vec<(Vec<u8>, HostId)>,
     routes: &Routes,
     progress: &mut MoveProgress,
-) -> Result<Vec<(Vec<u8>, HostId)>> {
+) -> Result<PageLeft> {
     if routes.transfer == Transfer::DumpRestore {
-        return Ok(leaving);
+        return Ok(PageLeft {
+            to_copy: leaving,
+            same_copies: Vec::new(),
+        });
     }
     let mut by_owner: BTreeMap<HostId, Vec<Vec<u8>>> = BTreeMap::new();
     for (key, to) in leaving {
@@ -186,6 +269,7 @@ pub(super) fn migrate_page(
     }
     let source = old.local_client(host)?;
     let mut rest = Vec::new();
+    let mut same = Vec::new();
     for (to, keys) in by_owner {
         let Some(start) = routes.start(old, host, new, to)? else {
             rest.extend(keys.into_iter().map(|k| (k, to)));
@@ -193,7 +277,12 @@ pub(super) fn migrate_page(
         };
         let target = new.local_client(to)?;
         let tried = keys.len();
-        let (not_copied, failure) = migrate_batch(&source, &target, start, keys, progress)?;
+        let BatchLeft {
+            not_copied,
+            same_copies,
+            failure,
+        } = migrate_batch(&source, &target, start, to, keys, progress)?;
+        same.extend(same_copies);
         if not_copied.is_empty() {
             continue;
         }
@@ -214,19 +303,39 @@ pub(super) fn migrate_page(
         }
         rest.extend(not_copied.into_iter().map(|k| (k, to)));
     }
-    Ok(rest)
+    Ok(PageLeft {
+        to_copy: rest,
+        same_copies: same,
+    })
 }
 
-/// One `MIGRATE` of `keys` from `source` to `target`, between the two
-/// scripts: the keys neither moved nor found on `target` (to copy another
-/// way) and `MIGRATE`'s error, if any.
+/// What a page's `MIGRATE`s left: keys to copy through the client, and old
+/// copies the same as their new owner's (see [`super::SAME_COPY_GRACE`]).
+pub(super) struct PageLeft {
+    pub(super) to_copy: Vec<(Vec<u8>, HostId)>,
+    pub(super) same_copies: Vec<Moving>,
+}
+
+/// What one `MIGRATE` left: keys the new owner lacks, old copies the same
+/// as their new owner's, and `MIGRATE`'s error.
+struct BatchLeft {
+    not_copied: Vec<Vec<u8>>,
+    same_copies: Vec<Moving>,
+    failure: Option<Error>,
+}
+
+/// One `MIGRATE` of `keys` from `source` to `target` (new host `to`),
+/// between the two scripts: the keys neither moved nor found on `target`
+/// (to copy another way), old copies the same as their new owner's (left
+/// for later, see [`super::SAME_COPY_GRACE`]) and `MIGRATE`'s error, if any.
 fn migrate_batch(
     source: &LocalClient,
     target: &LocalClient,
     start: Cmd,
+    to: HostId,
     keys: Vec<Vec<u8>>,
     progress: &mut MoveProgress,
-) -> Result<(Vec<Vec<u8>>, Option<Error>)> {
+) -> Result<BatchLeft> {
     let mut migrate = start;
     migrate.push_arg("KEYS");
     for k in &keys {
@@ -261,26 +370,64 @@ fn migrate_batch(
         }
     }
     if stayed.is_empty() {
-        return Ok((stayed, failure));
+        return Ok(BatchLeft {
+            not_copied: stayed,
+            same_copies: Vec::new(),
+            failure,
+        });
     }
-    // Not taken: the new owner's own (a write made during the move wins,
-    // the old copy goes) or not copied at all.
-    let found = target.pipeline(stayed.iter().map(|k| cmd("EXISTS").arg(k.as_slice())));
-    let mut theirs = Vec::new();
-    let mut not_copied = Vec::new();
-    for (key, found) in stayed.into_iter().zip(found) {
-        match found? {
-            Value::Int(1) => theirs.push(key),
-            _ => not_copied.push(key),
+    // Not taken: the new owner has its own (a newer write: the old copy
+    // goes), or the same (another mover's copy, or this MIGRATE's when it
+    // timed out reading the answers: left for later), or nothing (not
+    // copied at all: another way).
+    let dump = |k: &Vec<u8>| cmd("DUMP").arg(k.as_slice());
+    let theirs = target.pipeline(stayed.iter().map(dump));
+    let ours = source.pipeline(stayed.iter().map(dump));
+    let timed_out = failure.as_ref().is_some_and(|e| e.code() == Some("IOERR"));
+    let (mut not_copied, mut stale, mut same) = (Vec::new(), Vec::new(), Vec::new());
+    for ((key, theirs), ours) in stayed.into_iter().zip(theirs).zip(ours) {
+        let (theirs, ours): (Option<Vec<u8>>, Option<Vec<u8>>) = (
+            FromValue::from_value(theirs?)?,
+            FromValue::from_value(ours?)?,
+        );
+        let (theirs, payload) = match (theirs, ours) {
+            // Gone from the old host since: nothing to move.
+            (_, None) => {
+                progress.vanished += 1;
+                continue;
+            }
+            (None, Some(_)) => {
+                not_copied.push(key);
+                continue;
+            }
+            (Some(theirs), Some(ours)) => (theirs, ours),
+        };
+        let m = Moving {
+            key,
+            to,
+            payload,
+            restored: false,
+        };
+        if theirs != m.payload {
+            stale.push(m);
+        } else {
+            if timed_out {
+                progress.copied += 1;
+                progress.moved += 1;
+                progress.bytes += m.payload.len() as u64;
+            } else {
+                progress.skipped += 1;
+            }
+            same.push(m);
         }
     }
-    if !theirs.is_empty() {
-        for deleted in source.pipeline(theirs.iter().map(|k| cmd("DEL").arg(k.as_slice()))) {
-            deleted?;
-        }
-        progress.skipped += theirs.len() as u64;
-    }
-    Ok((not_copied, failure))
+    progress.skipped += stale.len() as u64;
+    delete_if_unchanged(source, stale.iter().map(|m| (&m.key, &m.payload)))?;
+    Ok(BatchLeft {
+        not_copied,
+        same_copies: same,
+        failure,
+    })
 }
 
 /// `EVAL source n keys...`.
