@@ -6,15 +6,24 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+mod common;
+
 use rb::migrate::{move_keys, MoveOptions};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, HostConfig, RouterKind, ScanCursor};
 
-/// A cluster over servers `0..n` of `setup` (socket paths), with `kind`.
-fn over(sockets: &[String], n: usize, kind: RouterKind) -> Cluster {
+/// A cluster over servers `0..n` of `setup` (socket paths, or
+/// `127.0.0.1:port` for TCP), with `kind`.
+fn over(places: &[String], n: usize, kind: RouterKind) -> Cluster {
     let mut b = Cluster::builder().router(kind);
-    for (i, path) in sockets.iter().take(n).enumerate() {
-        b = b.host(i as u32, HostConfig::new().unix_socket_path(path.clone()));
+    for (i, place) in places.iter().take(n).enumerate() {
+        let host = match place.strip_prefix("127.0.0.1:") {
+            Some(port) => HostConfig::new()
+                .host("127.0.0.1")
+                .port(port.parse().expect("a port")),
+            None => HostConfig::new().unix_socket_path(place.clone()),
+        };
+        b = b.host(i as u32, host);
     }
     b.build().expect("cluster")
 }
@@ -212,17 +221,46 @@ fn a_killed_mover_resumes_from_its_position() {
         return;
     }
     let setup = TestSetup::new(5, 1).expect("servers");
-    let paths = sockets(&setup);
+    killed_mover_resumes(
+        &setup,
+        sockets(&setup),
+        "a_killed_mover_resumes_from_its_position",
+    );
+}
+
+/// The same over TCP, where the mover moves keys with MIGRATE.
+#[test]
+fn a_killed_migrating_mover_resumes_from_its_position() {
+    if child_mover() {
+        return;
+    }
+    let setup = TestSetup::with_tcp(5, 1).expect("servers");
+    let places = (0..5)
+        .map(|i| format!("127.0.0.1:{}", setup.tcp_port(i).expect("port")))
+        .collect();
+    killed_mover_resumes(
+        &setup,
+        places,
+        "a_killed_migrating_mover_resumes_from_its_position",
+    );
+    let all = over(&sockets(&setup), 5, RouterKind::Partition);
+    let migrates: u64 = (0..4)
+        .map(|h| common::command_calls(&all, h, "migrate"))
+        .sum();
+    assert!(migrates > 0, "the keys moved with MIGRATE");
+}
+
+/// Fills 4 of `setup`'s servers, starts a mover to 5 in a child process
+/// (this test binary running `test`), kills it about half-way, resumes
+/// from its last reported position and checks every key.
+fn killed_mover_resumes(setup: &TestSetup, paths: Vec<String>, test: &str) {
+    assert_eq!(setup.server_count(), 5);
     let old = over(&paths, 4, RouterKind::Partition);
     let new = over(&paths, 5, RouterKind::Partition);
     let filled = fill(&old, 30_000);
     let exe = std::env::current_exe().expect("this test binary");
     let mut child = Command::new(exe)
-        .args([
-            "a_killed_mover_resumes_from_its_position",
-            "--exact",
-            "--nocapture",
-        ])
+        .args([test, "--exact", "--nocapture"])
         .env("RB_MOVER_SOCKETS", paths.join("\n"))
         .stdout(Stdio::piped())
         .spawn()
@@ -248,4 +286,31 @@ fn a_killed_mover_resumes_from_its_position() {
     println!("resumed: {:?}", report.progress);
     assert!(report.progress.moved > 0, "the killed mover had work left");
     check_placed(&new, 30_000, filled);
+}
+
+/// Growing (partition 4 -> 5), then shrinking and changing the router
+/// (partition 5 -> ketama 4) over TCP, where the mover uses MIGRATE.
+#[test]
+fn growing_and_shrinking_with_migrate() {
+    let setup = TestSetup::with_tcp(5, 1).expect("servers");
+    let places: Vec<String> = (0..5)
+        .map(|i| format!("127.0.0.1:{}", setup.tcp_port(i).expect("port")))
+        .collect();
+    let four = over(&places, 4, RouterKind::Partition);
+    let five = over(&places, 5, RouterKind::Partition);
+    let filled = fill(&four, 10_000);
+    let grown = move_keys(&four, &five, MoveOptions::new().batch(500)).expect("grow");
+    println!("partition 4 -> 5 with MIGRATE: {:?}", grown.progress);
+    check_placed(&five, 10_000, filled);
+    let ketama = over(&places, 4, RouterKind::ConsistentHashing);
+    let shrunk = move_keys(&five, &ketama, MoveOptions::new()).expect("shrink");
+    println!(
+        "partition 5 -> ketama 4 with MIGRATE: {:?}",
+        shrunk.progress
+    );
+    check_placed(&ketama, 10_000, filled);
+    let migrates: u64 = (0..5)
+        .map(|h| common::command_calls(&five, h, "migrate"))
+        .sum();
+    assert!(migrates > 0, "the keys moved with MIGRATE");
 }
