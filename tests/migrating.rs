@@ -10,13 +10,18 @@ use rb::migrate::{move_keys, MoveOptions};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, HostConfig, RouterKind};
 
+/// Servers `0..n` of `setup`, over TCP when they listen on it (then the
+/// mover moves keys with MIGRATE), else their unix sockets.
 fn builder_over(setup: &TestSetup, n: usize, kind: RouterKind) -> rb::ClusterBuilder {
     let mut b = Cluster::builder().router(kind);
     for i in 0..n {
-        b = b.host(
-            i as u32,
-            HostConfig::new().unix_socket_path(setup.socket(i).to_string_lossy().into_owned()),
-        );
+        let host = match setup.tcp_port(i) {
+            Some(port) => HostConfig::new().host("127.0.0.1").port(port),
+            None => {
+                HostConfig::new().unix_socket_path(setup.socket(i).to_string_lossy().into_owned())
+            }
+        };
+        b = b.host(i as u32, host);
     }
     b
 }
@@ -225,7 +230,33 @@ fn reads_fall_back_and_writes_land_on_the_new_owner() {
 /// nil for a key that exists, and every key ends on its new owner.
 #[test]
 fn nothing_is_lost_while_the_mover_runs() {
-    let setup = TestSetup::new(5, 1).expect("servers");
+    nothing_is_lost(&TestSetup::new(5, 1).expect("servers"));
+}
+
+/// The same over TCP: the mover's MIGRATE and the writers' own moves
+/// (DUMP/RESTORE) cross.
+#[test]
+fn nothing_is_lost_while_the_mover_migrates() {
+    let setup = TestSetup::with_tcp(5, 1).expect("servers");
+    nothing_is_lost(&setup);
+    let old = over(&setup, 4, RouterKind::Partition, None);
+    let migrates: u64 = (0..4)
+        .map(|h| {
+            let info: String = old
+                .local_client(h)
+                .expect("local")
+                .cmd(rb::cmd("INFO").arg("commandstats"))
+                .expect("INFO");
+            info.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_migrate:calls="))
+                .and_then(|r| r.split(',').next())
+                .map_or(0, |n| n.parse().expect("calls"))
+        })
+        .sum();
+    assert!(migrates > 0, "the mover used MIGRATE");
+}
+
+fn nothing_is_lost(setup: &TestSetup) {
     let old = over(&setup, 4, RouterKind::Partition, None);
     let new = over(&setup, 5, RouterKind::Partition, Some(&old));
     const KEYS: usize = 20_000;
