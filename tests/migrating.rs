@@ -257,8 +257,8 @@ fn nothing_is_lost_while_the_mover_migrates() {
 }
 
 fn nothing_is_lost(setup: &TestSetup) {
-    let old = over(&setup, 4, RouterKind::Partition, None);
-    let new = over(&setup, 5, RouterKind::Partition, Some(&old));
+    let old = over(setup, 4, RouterKind::Partition, None);
+    let new = over(setup, 5, RouterKind::Partition, Some(&old));
     const KEYS: usize = 20_000;
     old.map(|c| {
         for i in 0..KEYS {
@@ -341,7 +341,7 @@ fn nothing_is_lost(setup: &TestSetup) {
         move_keys(&old, &new, MoveOptions::new().delete_delay(Duration::ZERO)).expect("again");
     assert_eq!(again.progress.moved, 0, "{:?}", again.progress);
 
-    let plain = over(&setup, 5, RouterKind::Partition, None);
+    let plain = over(setup, 5, RouterKind::Partition, None);
     let client = plain.routing_client();
     let total: i64 = (0..100)
         .map(|j| {
