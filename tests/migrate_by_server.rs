@@ -506,3 +506,70 @@ fn migrate_logs_in_and_never_shows_the_password() {
     assert!(!shown.contains(SECRET), "{shown}");
     assert!(shown.contains("MIGRATE"), "{shown}");
 }
+
+/// A delete made while the mover copies the key through the client
+/// (`DUMP`/`RESTORE`, its `RESTORE` held at a proxy until the delete has
+/// returned): the copy lands after the delete, and the mover takes it back
+/// because the delete left its mark on the old host
+/// (`rb::migrate::DELETED_MARK_PREFIX`). Without the mark the key would
+/// stand again on its new owner.
+#[test]
+fn a_delete_during_a_copy_through_the_client_is_not_undone() {
+    let setup = TestSetup::with_tcp(2, 1).expect("servers");
+    let old = Cluster::builder()
+        .host(0, tcp(&setup, 0))
+        .build()
+        .expect("old");
+    let direct = over_tcp(&setup, 2);
+    let migrating = Cluster::builder()
+        .host(0, tcp(&setup, 0))
+        .host(1, tcp(&setup, 1))
+        .migrating_from(&old)
+        .build()
+        .expect("migrating");
+    let addr = format!("127.0.0.1:{}", setup.tcp_port(1).expect("port"))
+        .parse()
+        .expect("addr");
+    let proxy = Proxy::start(Upstream::Tcp(addr));
+    let mover_new = Cluster::builder()
+        .host(0, tcp(&setup, 0))
+        .host(1, proxy.host_config())
+        .build()
+        .expect("mover's cluster");
+    let key = a_leaving_key(&old, &direct, 0);
+    old.routing_client().set(&key, 42).expect("SET");
+    proxy.set_fault(Fault::Hold);
+    let mover = {
+        let (old, new) = (old.clone(), mover_new.clone());
+        std::thread::spawn(move || {
+            move_keys(
+                &old,
+                &new,
+                MoveOptions::new().transfer(Transfer::DumpRestore),
+            )
+        })
+    };
+    let since = Instant::now();
+    while proxy.received_bytes() == 0 {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "the mover never sent"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The RESTORE is held: the delete reaches both owners first.
+    assert_eq!(migrating.routing_client().del(&[&key]).expect("DEL"), 1);
+    proxy.set_fault(Fault::None);
+    let report = mover.join().expect("mover").expect("move");
+    assert_eq!(report.progress.vanished, 1, "{:?}", report.progress);
+    let on_new = direct
+        .local_client(1)
+        .expect("local")
+        .get(&key)
+        .expect("GET");
+    let on_old = old.local_client(0).expect("local").get(&key).expect("GET");
+    assert_eq!((on_old, on_new), (None, None), "the delete stands");
+    let mark = format!("{}{key}", rb::migrate::DELETED_MARK_PREFIX);
+    let ttl = old.local_client(0).expect("local").ttl(&mark).expect("TTL");
+    assert!((1..=60).contains(&ttl), "the mark lasts a minute: {ttl}");
+}
