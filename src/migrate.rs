@@ -9,12 +9,9 @@
 //! never overwrites a key the new owner already has (`RESTORE` without
 //! `REPLACE`: a write made during the move wins; the old copy goes, or
 //! after [`SAME_COPY_GRACE`] if the new owner holds the very same value),
-//! and a key a migrating cluster deleted while it was being copied is
+//! and a key deleted from the old host while it was being copied is
 //! deleted from the new owner too (if the copy is still what is there), so
-//! a delete made during the move is not undone: the delete leaves a mark on
-//! the old host ([`DELETED_MARK_PREFIX`]), and only a marked delete makes a
-//! move take its copy back (a copy whose old copy another move took, or an
-//! overwrite replaced, stands). Every batch's progress
+//! a delete made during the move is not undone. Every batch's progress
 //! carries the position to resume from after a crash
 //! ([`MoveOptions::resume_from`]).
 
@@ -33,77 +30,13 @@ mod by_server;
 
 pub use by_server::Transfer;
 
-/// The mark a migrating cluster's delete (`DEL`, `UNLINK`) leaves on a
-/// key's old host when the key was there: this prefix and the key's name,
-/// for a minute ([`DELETED_MARK_TTL`]). A move that finds the old copy it
-/// copied gone takes its copy back only when the mark is there: the key
-/// was deleted, not moved by another mover, overwritten or expired. The
-/// mover skips these keys; a `SCAN` of the old hosts may see them.
-pub const DELETED_MARK_PREFIX: &str = "rb:deleted:";
-
-/// How long a delete's mark stays (see [`DELETED_MARK_PREFIX`]): well past
-/// any move that began before the delete.
-pub const DELETED_MARK_TTL: Duration = Duration::from_secs(60);
-
-/// A migrating cluster's delete on a key's old host: `ARGV[1]` (`DEL` or
-/// `UNLINK`) of `KEYS[1]`, marking it deleted for `ARGV[2]` ms when it was
-/// there ([`DELETED_MARK_PREFIX`]); answers what the delete answers.
-pub(crate) const DELETE_AND_MARK: &str = "local n = redis.call(ARGV[1], KEYS[1]) \
-if n > 0 then redis.call('SET', 'rb:deleted:' .. KEYS[1], '1', 'PX', ARGV[2]) end \
-return n";
-
 /// Deletes each key of `KEYS` whose `DUMP` is still the `ARGV` at the same
-/// position; answers per key 1 (deleted), 2 (gone, and marked deleted by a
-/// migrating cluster's delete: [`DELETED_MARK_PREFIX`]) or 0 (changed, or
-/// gone otherwise).
+/// position; answers 1 (deleted) or 0 (changed or gone) per key.
 pub(crate) const DELETE_IF_UNCHANGED: &str = "local out = {} \
 for i, k in ipairs(KEYS) do \
-  local d = redis.call('DUMP', k) \
-  if d == ARGV[i] then redis.call('DEL', k); out[i] = 1 \
-  elseif not d and redis.call('EXISTS', 'rb:deleted:' .. k) == 1 then out[i] = 2 \
-  else out[i] = 0 end \
+  if redis.call('DUMP', k) == ARGV[i] then redis.call('DEL', k); out[i] = 1 else out[i] = 0 end \
 end \
 return out";
-
-/// What a compare-and-delete of an old copy found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum OldCopy {
-    /// Still as copied: deleted now.
-    Deleted,
-    /// Deleted meanwhile by a migrating cluster's delete (marked): a copy
-    /// made from it must not stand.
-    DeletedByClient,
-    /// Changed, or gone otherwise (moved by another mover, overwritten on
-    /// the new owner, expired): a copy made from it stands.
-    Other,
-}
-
-impl OldCopy {
-    /// [`DELETE_IF_UNCHANGED`]'s answer for one key.
-    pub(crate) fn from_flag(flag: i64) -> OldCopy {
-        match flag {
-            1 => OldCopy::Deleted,
-            2 => OldCopy::DeletedByClient,
-            _ => OldCopy::Other,
-        }
-    }
-}
-
-/// The command that deletes `key` on its old host for a migrating
-/// cluster's `DEL` or `UNLINK` (`delete`), leaving the mark.
-pub(crate) fn delete_and_mark(delete: &Cmd, key: &[u8]) -> Cmd {
-    let how = if delete.is(b"UNLINK") {
-        "UNLINK"
-    } else {
-        "DEL"
-    };
-    cmd("EVAL")
-        .arg(DELETE_AND_MARK)
-        .arg(1)
-        .arg(key)
-        .arg(how)
-        .arg(DELETED_MARK_TTL.as_millis() as u64)
-}
 
 /// Where a move stands, after each batch: counts so far and the position
 /// to resume from.
@@ -294,9 +227,7 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
     let mut waiting: VecDeque<Copied> = VecDeque::new();
     while let Some(page_at) = scan.position() {
         let host = page_at.host();
-        let mut keys = scan.next_page()?;
-        // Marks of deletes (see DELETED_MARK_PREFIX) are not keys to move.
-        keys.retain(|k| !k.starts_with(DELETED_MARK_PREFIX.as_bytes()));
+        let keys = scan.next_page()?;
         progress.scanned += keys.len() as u64;
         let mut leaving = Vec::new();
         for key in keys {
@@ -550,13 +481,13 @@ fn settle_copies(
 ) -> Result<Vec<Moving>> {
     let source = old.local_client(host)?;
     let (copied, found): (Vec<Moving>, Vec<Moving>) = moving.into_iter().partition(|m| m.restored);
-    let found_old = delete_if_unchanged(&source, copied.iter().map(|m| (&m.key, &m.payload)))?;
+    let deleted = delete_if_unchanged(&source, copied.iter().map(|m| (&m.key, &m.payload)))?;
     let mut undo: BTreeMap<HostId, Vec<&Moving>> = BTreeMap::new();
-    for (m, found_old) in copied.iter().zip(found_old) {
-        match found_old {
-            OldCopy::DeletedByClient => undo.entry(m.to).or_default().push(m),
-            // Deleted now, or by another party that knew the key moved.
-            OldCopy::Deleted | OldCopy::Other => progress.moved += 1,
+    for (m, deleted) in copied.iter().zip(deleted) {
+        if deleted {
+            progress.moved += 1;
+        } else {
+            undo.entry(m.to).or_default().push(m);
         }
     }
     for (to, copies) in undo {
@@ -588,11 +519,11 @@ fn settle_copies(
 }
 
 /// Runs [`DELETE_IF_UNCHANGED`] on one host for `(key, payload)` pairs;
-/// what it found of each.
+/// whether each was deleted.
 fn delete_if_unchanged<'a>(
     host: &crate::LocalClient,
     pairs: impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)>,
-) -> Result<Vec<OldCopy>> {
+) -> Result<Vec<bool>> {
     let (keys, payloads): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = pairs.unzip();
     if keys.is_empty() {
         return Ok(Vec::new());
@@ -609,7 +540,7 @@ fn delete_if_unchanged<'a>(
         .pop()
         .unwrap_or_else(|| Err(Error::config("no reply")))?;
     let flags: Vec<i64> = crate::convert::FromValue::from_value(reply)?;
-    Ok(flags.into_iter().map(OldCopy::from_flag).collect())
+    Ok(flags.into_iter().map(|f| f == 1).collect())
 }
 
 /// What a command does to its key, as a migrating cluster sees it.

@@ -33,7 +33,7 @@ use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::Session;
 use crate::keyspec;
-use crate::migrate::{delete_and_mark, move_now, same_server, Access, MoveProgress, OldCopy};
+use crate::migrate::{move_now, same_server, Access, MoveProgress};
 use crate::multikey::MultiKey;
 use crate::promise::{Promise, ReplyContext, ReplySink, Waiter};
 use crate::resp::Value;
@@ -686,15 +686,10 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
     }
     let counters = m.new.migration_counters().clone();
     counters.fallback_reads.fetch_add(asked, Relaxed);
-    // Deletes: the old owner first (leaving the mark that tells a move
-    // in flight the key was deleted), then the new one.
+    // Deletes: the old owner first, then the new one.
     let mut old_side: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
     for (old, _, c, _) in &work.deletes {
-        let marked = match keyspec::single_key(c) {
-            Ok(key) => delete_and_mark(c, key),
-            Err(_) => c.clone(),
-        };
-        old_side.entry(*old).or_default().push(marked);
+        old_side.entry(*old).or_default().push(c.clone());
     }
     let old_counts = run_grouped(&m.old, old_side);
     let mut new_side: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
@@ -1077,8 +1072,7 @@ impl super::AsyncClient {
                     r
                 }
                 Access::Delete => {
-                    let marked = delete_and_mark(&cmd, &key);
-                    let a: Value = old_client.send(old_host, marked).await?;
+                    let a: Value = old_client.send(old_host, cmd.clone()).await?;
                     let b: Value = client.send(host, cmd).await?;
                     match (a, b) {
                         (Value::Int(x), Value::Int(y)) => Value::Int((x + y).min(1)),
@@ -1162,8 +1156,8 @@ async fn move_key(
         }
         return Ok(false);
     }
-    let found: Vec<i64> = old.send(old_host, cas(key, &payload)).await?;
-    if found.first().copied().map(OldCopy::from_flag) == Some(OldCopy::DeletedByClient) {
+    let deleted: Vec<i64> = old.send(old_host, cas(key, &payload)).await?;
+    if deleted.first() != Some(&1) {
         // Deleted from the old host meanwhile: the copy must not stand.
         let _: Vec<i64> = new.send(new_host, cas(key, &payload)).await?;
     }
