@@ -5,6 +5,7 @@
 //! when a write reaches the new owner right after.
 
 mod common;
+use common::{over_tcp, tcp};
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -13,22 +14,6 @@ use common::proxy::{Fault, Proxy, Upstream};
 use rb::migrate::{move_keys, MoveOptions, Transfer};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, HostConfig, HostId, RouterKind};
-
-/// Server `i` of `setup` over TCP.
-fn tcp(setup: &TestSetup, i: usize) -> HostConfig {
-    let port = setup.tcp_port(i).expect("a TCP port");
-    HostConfig::new().host("127.0.0.1").port(port)
-}
-
-/// A cluster over the TCP ports of servers `0..n` of `setup` (host `i`
-/// on server `i`).
-fn over_tcp(setup: &TestSetup, n: usize) -> Cluster {
-    let mut b = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..n {
-        b = b.host(i as u32, tcp(setup, i));
-    }
-    b.build().expect("cluster")
-}
 
 /// A cluster over the unix sockets of servers `0..n` of `setup`.
 fn over_unix(setup: &TestSetup, n: usize) -> Cluster {

@@ -11,27 +11,13 @@
 //! key).
 
 mod common;
+use common::{over_tcp, tcp};
 
 use common::proxy::{Fault, Proxy};
 use common::{command_calls, host_of};
 use rb::migrate::{move_keys, MoveOptions, Transfer};
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands, HostConfig, RouterKind};
-
-/// Server `i` of `setup` over TCP.
-fn tcp(setup: &TestSetup, i: usize) -> HostConfig {
-    let port = setup.tcp_port(i).expect("a TCP port");
-    HostConfig::new().host("127.0.0.1").port(port)
-}
-
-/// A cluster over the TCP ports of servers `0..n` of `setup`.
-fn over_tcp(setup: &TestSetup, n: usize) -> Cluster {
-    let mut b = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..n {
-        b = b.host(i as u32, tcp(setup, i));
-    }
-    b.build().expect("cluster")
-}
+use rb::{Cluster, Commands, RouterKind};
 
 /// Hosts 0 and 1 on servers 0 and 1; host 2 through `proxy` (to server 2).
 fn with_host2_through(setup: &TestSetup, proxy: &Proxy, from: Option<&Cluster>) -> Cluster {

@@ -11,6 +11,7 @@
 //! is on an event the proxy shows (bytes received).
 
 mod common;
+use common::{over_tcp, tcp};
 
 use common::host_of;
 use common::proxy::{Fault, Proxy};
@@ -19,22 +20,7 @@ use rb::migrate::{move_keys, MoveOptions, Transfer};
 /// The prefix of the marks a reverted change set on deletes.
 const DELETED_MARK_PREFIX: &str = "rb:deleted:";
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands, HostConfig, RouterKind};
-
-/// Server `i` of `setup` over TCP.
-fn tcp(setup: &TestSetup, i: usize) -> HostConfig {
-    let port = setup.tcp_port(i).expect("a TCP port");
-    HostConfig::new().host("127.0.0.1").port(port)
-}
-
-/// A cluster over the TCP ports of servers `0..n` of `setup`.
-fn over_tcp(setup: &TestSetup, n: usize) -> Cluster {
-    let mut b = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..n {
-        b = b.host(i as u32, tcp(setup, i));
-    }
-    b.build().expect("cluster")
-}
+use rb::{Cluster, Commands, RouterKind};
 
 /// Like [`over_tcp`] with 3 servers, migrating from `old`.
 fn migrating(setup: &TestSetup, old: &Cluster) -> Cluster {

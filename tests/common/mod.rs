@@ -6,7 +6,7 @@ pub mod proxy;
 pub mod watch;
 
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands, HostId};
+use rb::{Cluster, Commands, HostConfig, HostId, RouterKind};
 
 /// Fresh servers and the cluster over them: `servers * dbs` hosts.
 pub fn cluster(servers: usize, dbs: usize) -> (TestSetup, Cluster) {
@@ -55,4 +55,20 @@ pub fn command_calls(cluster: &Cluster, host: HostId, command: &str) -> u64 {
             .parse()
             .expect("calls is a number"),
     }
+}
+
+/// Server `i` of `setup` over TCP (a setup made `with_tcp`).
+pub fn tcp(setup: &TestSetup, i: usize) -> HostConfig {
+    let port = setup.tcp_port(i).expect("a TCP port");
+    HostConfig::new().host("127.0.0.1").port(port)
+}
+
+/// A partition cluster over the TCP ports of servers `0..n` of `setup`
+/// (host `i` on server `i`).
+pub fn over_tcp(setup: &TestSetup, n: usize) -> Cluster {
+    let mut b = Cluster::builder().router(RouterKind::Partition);
+    for i in 0..n {
+        b = b.host(i as u32, tcp(setup, i));
+    }
+    b.build().expect("cluster")
 }
