@@ -553,3 +553,68 @@ fn a_delete_during_a_copy_through_the_client_is_not_undone() {
     let on_old = old.local_client(0).expect("local").get(&key).expect("GET");
     assert_eq!((on_old, on_new), (None, None), "the delete stands");
 }
+
+/// A key MIGRATE refuses because its new owner has it (BUSYKEY), gone from
+/// the new owner by the time the mover looks (a concurrent change, here a
+/// delete made while the mover's look is held at the proxy): the mover
+/// migrates it once more. It failed the move with `Transfer::Migrate`
+/// (and made `Auto` give up MIGRATE for the pair).
+#[test]
+fn a_key_refused_as_busy_and_gone_since_is_migrated_again() {
+    let setup = TestSetup::with_tcp(2, 1).expect("servers");
+    let old = Cluster::builder()
+        .host(0, tcp(&setup, 0))
+        .build()
+        .expect("old");
+    let direct = over_tcp(&setup, 2);
+    let addr = format!("127.0.0.1:{}", setup.tcp_port(1).expect("port"))
+        .parse()
+        .expect("addr");
+    let proxy = Proxy::start(Upstream::Tcp(addr));
+    let mover_new = Cluster::builder()
+        .host(0, tcp(&setup, 0))
+        .host(1, proxy.host_config())
+        .build()
+        .expect("mover's cluster");
+    // A first move: the mover's client connection to the new owner is the
+    // proxy's connection 0 (its INFO), the old server's MIGRATE connection
+    // is connection 1 (the canary; the old server keeps it open).
+    old.routing_client()
+        .set(a_leaving_key(&old, &direct, 1), 1)
+        .expect("SET");
+    move_keys(
+        &old,
+        &mover_new,
+        MoveOptions::new().transfer(Transfer::Migrate),
+    )
+    .expect("warm-up");
+    assert_eq!(proxy.accepted(), 2);
+    let key = a_leaving_key(&old, &direct, 0);
+    old.routing_client().set(&key, "old").expect("SET");
+    let target = direct.local_client(1).expect("local");
+    target.set(&key, "theirs").expect("SET");
+    let looked = proxy.received_bytes_on(0);
+    proxy.set_fault(Fault::HoldConnection(0));
+    let mover = {
+        let (old, new) = (old.clone(), mover_new.clone());
+        std::thread::spawn(move || {
+            move_keys(&old, &new, MoveOptions::new().transfer(Transfer::Migrate))
+        })
+    };
+    // MIGRATE was refused (BUSYKEY); the mover's look at the new owner is held.
+    let since = Instant::now();
+    while proxy.received_bytes_on(0) == looked {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "the mover never looked"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(target.del(&[&key]).expect("DEL"), 1);
+    proxy.set_fault(Fault::None);
+    let report = mover.join().expect("mover").expect("move");
+    assert_eq!(report.progress.moved, 1, "{:?}", report.progress);
+    assert_eq!(target.get(&key).expect("GET"), Some(b"old".to_vec()));
+    let left = old.local_client(0).expect("local").get(&key).expect("GET");
+    assert_eq!(left, None);
+}

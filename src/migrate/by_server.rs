@@ -278,11 +278,18 @@ pub(super) fn migrate_page(
         let target = new.local_client(to)?;
         let tried = keys.len();
         let BatchLeft {
-            not_copied,
+            mut not_copied,
             same_copies,
-            failure,
-        } = migrate_batch(&source, &target, start, to, keys, progress)?;
+            mut failure,
+        } = migrate_batch(&source, &target, start.clone(), to, keys, progress)?;
         same.extend(same_copies);
+        if failure.as_ref().is_some_and(refused_as_busy) && !not_copied.is_empty() {
+            // Refused because the new owner had them, and gone from it
+            // since (a concurrent change): MIGRATE them once more.
+            let again = migrate_batch(&source, &target, start, to, not_copied, progress)?;
+            same.extend(again.same_copies);
+            (not_copied, failure) = (again.not_copied, again.failure);
+        }
         if not_copied.is_empty() {
             continue;
         }
@@ -294,8 +301,9 @@ pub(super) fn migrate_page(
                     not_copied.len()
                 )))
             }
-            // Nothing got through: this pair copies through the client.
-            Some(_) if not_copied.len() == tried => {
+            // Nothing got through (and not for a key the new owner had):
+            // this pair copies through the client.
+            Some(e) if not_copied.len() == tried && !refused_as_busy(&e) => {
                 new.server_facts()
                     .migrate_failed(&old.host(host)?.name().addr, &new.host(to)?.name().addr);
             }
@@ -307,6 +315,12 @@ pub(super) fn migrate_page(
         to_copy: rest,
         same_copies: same,
     })
+}
+
+/// Whether `MIGRATE` failed because the new owner already had a key
+/// (`BUSYKEY`, which MIGRATE passes on in its error's text).
+fn refused_as_busy(e: &Error) -> bool {
+    e.code() == Some("BUSYKEY") || e.to_string().contains("BUSYKEY")
 }
 
 /// What a page's `MIGRATE`s left: keys to copy through the client, and old

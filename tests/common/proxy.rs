@@ -72,6 +72,9 @@ pub enum Fault {
     /// Requests are forwarded (first those held by [`Fault::Hold`]); replies
     /// are held back until the fault changes.
     HoldReplies,
+    /// [`Fault::Hold`] for the connection with this id (the order the
+    /// proxy accepted it in, from 0) only; the others pass.
+    HoldConnection(u64),
 }
 
 /// Where the proxy forwards to.
@@ -157,6 +160,8 @@ struct Shared {
     accepted: AtomicUsize,
     forwarded: AtomicU64,
     received: AtomicU64,
+    /// Client bytes read, by connection id.
+    received_on: Mutex<Vec<u64>>,
     /// `None` while refusing (closed).
     listener: Mutex<Option<TcpListener>>,
     /// A clone of every open client socket, to shut them down from outside.
@@ -208,6 +213,7 @@ impl Proxy {
             accepted: AtomicUsize::new(0),
             forwarded: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            received_on: Mutex::new(Vec::new()),
             listener: Mutex::new(Some(listener)),
             clients: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
@@ -296,6 +302,13 @@ impl Proxy {
     /// Client bytes the proxy has read so far (forwarded or not).
     pub fn received_bytes(&self) -> u64 {
         self.shared.received.load(Ordering::SeqCst)
+    }
+
+    /// Client bytes the proxy has read so far on connection `id` (ids in
+    /// the order connections were accepted, from 0).
+    pub fn received_bytes_on(&self, id: u64) -> u64 {
+        let on = lock(&self.shared.received_on);
+        on.get(id as usize).copied().unwrap_or(0)
     }
 
     /// Client bytes forwarded to the upstream server so far.
@@ -455,7 +468,7 @@ fn serve(shared: &Arc<Shared>, client: TcpStream) {
             if let Some(up) = &up {
                 up.set_write_timeout(WRITE_TICK);
             }
-            pump(shared, &client, up)
+            pump(shared, &client, up, id)
         }
         Err(_) => End::Close,
     };
@@ -471,7 +484,13 @@ fn serve(shared: &Arc<Shared>, client: TcpStream) {
     drop(client);
 }
 
-fn pump(shared: &Shared, client: &TcpStream, mut up: Option<Up>) -> End {
+fn pump(shared: &Shared, client: &TcpStream, mut up: Option<Up>, id: u64) -> End {
+    // The fault as this connection sees it.
+    let fault_here = || match shared.fault() {
+        Fault::HoldConnection(c) if c == id => Fault::Hold,
+        Fault::HoldConnection(_) => Fault::None,
+        f => f,
+    };
     let mut client_r = client;
     let mut client_w = client;
     let mut buf = vec![0u8; 64 * 1024];
@@ -483,7 +502,7 @@ fn pump(shared: &Shared, client: &TcpStream, mut up: Option<Up>) -> End {
         if shared.stopped() {
             break End::Close;
         }
-        let fault = shared.fault();
+        let fault = fault_here();
         if fault != Fault::Hold && !held_up.is_empty() {
             if let Some(u) = up.as_mut() {
                 if write_all(u, &held_up, shared, &always).is_err() {
@@ -524,8 +543,15 @@ fn pump(shared: &Shared, client: &TcpStream, mut up: Option<Up>) -> End {
             };
             let data = &buf[..n];
             shared.received.fetch_add(n as u64, Ordering::SeqCst);
-            match shared.fault() {
-                Fault::Hold => held_up.extend_from_slice(data),
+            {
+                let mut on = lock(&shared.received_on);
+                if on.len() <= id as usize {
+                    on.resize(id as usize + 1, 0);
+                }
+                on[id as usize] += n as u64;
+            }
+            match fault_here() {
+                Fault::Hold | Fault::HoldConnection(_) => held_up.extend_from_slice(data),
                 Fault::None | Fault::Delay(_) | Fault::CutMidReply | Fault::HoldReplies => {
                     if let Some(u) = up.as_mut() {
                         if write_all(u, data, shared, &always).is_err() {
@@ -573,7 +599,7 @@ fn pump(shared: &Shared, client: &TcpStream, mut up: Option<Up>) -> End {
                 Ok(n) => n,
             };
             let data = &buf[..n];
-            match shared.fault() {
+            match fault_here() {
                 Fault::Delay(d) => {
                     let due = Instant::now() + d;
                     let due = delayed.back().map_or(due, |(last, _)| due.max(*last));
