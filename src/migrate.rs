@@ -274,11 +274,7 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
             }
         }
     }
-    if let Some(last) = waiting.back() {
-        if let Some(wait) = delay.checked_sub(last.at.elapsed()) {
-            std::thread::sleep(wait);
-        }
-    }
+    wait_for_last(&waiting, delay);
     settle_due(
         old,
         new,
@@ -287,11 +283,7 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
         Duration::ZERO,
         &mut progress,
     )?;
-    if let Some(last) = same_copies.back() {
-        if let Some(wait) = SAME_COPY_GRACE.checked_sub(last.at.elapsed()) {
-            std::thread::sleep(wait);
-        }
-    }
+    wait_for_last(&same_copies, SAME_COPY_GRACE);
     delete_due(old, &mut same_copies, Duration::ZERO)?;
     progress.resume_at = None;
     if let Some(report) = &opts.progress {
@@ -301,6 +293,16 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
         progress,
         elapsed: started.elapsed(),
     })
+}
+
+/// Sleeps until the last of `queue` has waited `wait`.
+fn wait_for_last(queue: &VecDeque<Copied>, wait: Duration) {
+    if let Some(left) = queue
+        .back()
+        .and_then(|last| wait.checked_sub(last.at.elapsed()))
+    {
+        std::thread::sleep(left);
+    }
 }
 
 /// Deletes from the old hosts the copies that have waited `delay`; old
@@ -502,10 +504,11 @@ fn settle_copies(
     }
     let (mut stale, mut same) = (Vec::new(), Vec::new());
     for (to, found) in by_owner {
-        let target = new.local_client(to)?;
-        let theirs = target.pipeline(found.iter().map(|m| cmd("DUMP").arg(m.key.as_slice())));
+        let theirs = dumps(
+            &new.local_client(to)?,
+            found.iter().map(|m| m.key.as_slice()),
+        )?;
         for (m, theirs) in found.into_iter().zip(theirs) {
-            let theirs: Option<Vec<u8>> = crate::convert::FromValue::from_value(theirs?)?;
             match theirs {
                 Some(t) if t == m.payload => same.push(m),
                 // Another value, or deleted there since (then by a delete
@@ -516,6 +519,18 @@ fn settle_copies(
     }
     delete_if_unchanged(&source, stale.iter().map(|m| (&m.key, &m.payload)))?;
     Ok(same)
+}
+
+/// `DUMP` of each of `keys` on one host, in one pipeline (`None`: a key it
+/// lacks).
+fn dumps<'a>(
+    host: &crate::LocalClient,
+    keys: impl Iterator<Item = &'a [u8]>,
+) -> Result<Vec<Option<Vec<u8>>>> {
+    host.pipeline(keys.map(|k| cmd("DUMP").arg(k)))
+        .into_iter()
+        .map(|r| r.and_then(crate::convert::FromValue::from_value))
+        .collect()
 }
 
 /// Runs [`DELETE_IF_UNCHANGED`] on one host for `(key, payload)` pairs;

@@ -30,7 +30,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{delete_if_unchanged, MoveProgress, Moving};
+use super::{delete_if_unchanged, dumps, MoveProgress, Moving};
 use crate::cluster::Cluster;
 use crate::cmd::{cmd, Cmd};
 use crate::commands::Commands;
@@ -112,57 +112,58 @@ impl Routes {
         }
         let (source, target) = (old.host(from)?, new.host(to)?);
         let facts = new.server_facts();
-        let (from_place, to_place) = (&source.name().addr, &target.name().addr);
-        if self.transfer == Transfer::Auto && facts.cannot_migrate(from_place, to_place) {
+        let pair = (&source.name().addr, &target.name().addr);
+        if self.transfer == Transfer::Auto && facts.cannot_migrate(pair.0, pair.1) {
             return Ok(None);
         }
-        let start = migrate_start(&target);
-        let usable = match start {
-            Some(_) => match (run_id(facts, old, from), run_id(facts, new, to)) {
-                (Ok(a), Ok(b)) => a != b,
-                // No INFO (an ACL without it): MIGRATE cannot be checked
-                // safe; Auto copies through the client, which needs none.
-                (Err(e), _) | (_, Err(e)) if self.transfer == Transfer::Migrate => return Err(e),
-                _ => {
-                    facts.migrate_failed(from_place, to_place);
-                    false
-                }
-            },
-            None => false,
-        };
-        // The old server resolves the address itself: it must lead where
-        // this client's does (no tunnel, NAT or resolver of the client's).
-        let usable = match (&start, usable) {
-            (Some(start), true) if !facts.migrate_checked(from_place, to_place) => {
-                match (canary(old, from, new, to, start)?, self.transfer) {
-                    (Ok(true), _) => {
-                        facts.migrate_works(from_place, to_place);
-                        true
-                    }
-                    (Err(e), Transfer::Migrate) => return Err(e),
-                    (Ok(false), Transfer::Migrate) => {
-                        return Err(Error::config(format!(
-                            "{}: MIGRATE from {} does not reach it as this client does (another server at that address from there): use Transfer::DumpRestore",
-                            target.name(),
-                            source.name()
-                        )))
-                    }
-                    _ => {
-                        facts.migrate_failed(from_place, to_place);
-                        false
-                    }
-                }
-            }
-            (_, usable) => usable,
-        };
-        match (usable, self.transfer) {
-            (true, _) => Ok(start),
-            (false, Transfer::Migrate) => Err(Error::config(format!(
+        let unreachable = || {
+            Error::config(format!(
                 "{}: MIGRATE cannot reach it (a unix socket, TLS, or the old host's own server): use Transfer::DumpRestore",
                 target.name()
-            ))),
-            (false, _) => Ok(None),
+            ))
+        };
+        let Some(start) = migrate_start(&target) else {
+            return self.unusable(facts, pair, unreachable());
+        };
+        match (run_id(facts, old, from), run_id(facts, new, to)) {
+            (Ok(a), Ok(b)) if a != b => {}
+            (Ok(_), Ok(_)) => return self.unusable(facts, pair, unreachable()),
+            // No INFO (an ACL without it): MIGRATE cannot be checked safe.
+            (Err(e), _) | (_, Err(e)) => return self.unusable(facts, pair, e),
         }
+        // The old server resolves the address itself: it must lead where
+        // this client's does (no tunnel, NAT or resolver of the client's).
+        if !facts.migrate_checked(pair.0, pair.1) {
+            match canary(old, from, new, to, &start)? {
+                Ok(true) => facts.migrate_works(pair.0, pair.1),
+                Ok(false) => {
+                    let elsewhere = Error::config(format!(
+                        "{}: MIGRATE from {} does not reach it as this client does (another server at that address from there): use Transfer::DumpRestore",
+                        target.name(),
+                        source.name()
+                    ));
+                    return self.unusable(facts, pair, elsewhere);
+                }
+                Err(e) => return self.unusable(facts, pair, e),
+            }
+        }
+        Ok(Some(start))
+    }
+
+    /// `MIGRATE` cannot serve the pair (old place, new place), for `why`:
+    /// with [`Transfer::Migrate`] that is the move's error; `Auto`
+    /// remembers the pair and copies through the client.
+    fn unusable(
+        &self,
+        facts: &ServerFacts,
+        (from, to): (&Arc<str>, &Arc<str>),
+        why: Error,
+    ) -> Result<Option<Cmd>> {
+        if self.transfer == Transfer::Migrate {
+            return Err(why);
+        }
+        facts.migrate_failed(from, to);
+        Ok(None)
     }
 }
 
@@ -394,16 +395,11 @@ fn migrate_batch(
     // goes), or the same (another mover's copy, or this MIGRATE's when it
     // timed out reading the answers: left for later), or nothing (not
     // copied at all: another way).
-    let dump = |k: &Vec<u8>| cmd("DUMP").arg(k.as_slice());
-    let theirs = target.pipeline(stayed.iter().map(dump));
-    let ours = source.pipeline(stayed.iter().map(dump));
+    let theirs = dumps(target, stayed.iter().map(Vec::as_slice))?;
+    let ours = dumps(source, stayed.iter().map(Vec::as_slice))?;
     let timed_out = failure.as_ref().is_some_and(|e| e.code() == Some("IOERR"));
     let (mut not_copied, mut stale, mut same) = (Vec::new(), Vec::new(), Vec::new());
     for ((key, theirs), ours) in stayed.into_iter().zip(theirs).zip(ours) {
-        let (theirs, ours): (Option<Vec<u8>>, Option<Vec<u8>>) = (
-            FromValue::from_value(theirs?)?,
-            FromValue::from_value(ours?)?,
-        );
         let (theirs, payload) = match (theirs, ours) {
             // Gone from the old host since: nothing to move.
             (_, None) => {
