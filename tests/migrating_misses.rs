@@ -5,20 +5,9 @@
 
 mod common;
 use common::host_of;
+use common::over_unix as over;
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands, HostConfig, RouterKind};
-
-fn over(setup: &TestSetup, n: usize, from: Option<&Cluster>) -> Cluster {
-    let mut b = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..n {
-        let path = setup.socket(i).to_string_lossy().into_owned();
-        b = b.host(i as u32, HostConfig::new().unix_socket_path(path));
-    }
-    if let Some(old) = from {
-        b = b.migrating_from(old);
-    }
-    b.build().expect("cluster")
-}
+use rb::{Cluster, Commands};
 
 /// Keys `prefix0..` whose owner changes, `n` of them.
 fn moving_keys(old: &Cluster, new: &Cluster, prefix: &str, n: usize) -> Vec<String> {

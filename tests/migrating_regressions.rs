@@ -11,23 +11,10 @@ use std::time::Duration;
 
 mod common;
 use common::host_of;
+use common::over_unix as over;
 use rb::migrate::{move_keys, MoveOptions};
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands, HostConfig, RouterKind};
-
-fn over(setup: &TestSetup, n: usize, from: Option<&Cluster>) -> Cluster {
-    let mut b = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..n {
-        b = b.host(
-            i as u32,
-            HostConfig::new().unix_socket_path(setup.socket(i).to_string_lossy().into_owned()),
-        );
-    }
-    if let Some(old) = from {
-        b = b.migrating_from(old);
-    }
-    b.build().expect("cluster")
-}
+use rb::{Cluster, Commands};
 
 fn moving_key(old: &Cluster, new: &Cluster, prefix: &str) -> String {
     (0..)

@@ -8,6 +8,7 @@
 //! timed-out MIGRATE did move were counted skipped.
 
 mod common;
+use common::over_unix as over;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -15,19 +16,6 @@ use common::host_of;
 use rb::migrate::{move_keys, MoveOptions, Transfer};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, FromValue, HostConfig, MapOptions, RouterKind};
-
-/// A cluster over the unix sockets of servers `0..n` of `setup`.
-fn over(setup: &TestSetup, n: usize, from: Option<&Cluster>) -> Cluster {
-    let mut b = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..n {
-        let path = setup.socket(i).to_string_lossy().into_owned();
-        b = b.host(i as u32, HostConfig::new().unix_socket_path(path));
-    }
-    if let Some(old) = from {
-        b = b.migrating_from(old);
-    }
-    b.build().expect("cluster")
-}
 
 /// A cluster over the TCP ports of servers `0..n` of `setup`.
 fn over_tcp(setup: &TestSetup, n: usize, from: Option<&Cluster>) -> Cluster {

@@ -72,3 +72,17 @@ pub fn over_tcp(setup: &TestSetup, n: usize) -> Cluster {
     }
     b.build().expect("cluster")
 }
+
+/// A partition cluster over the unix sockets of servers `0..n` of `setup`
+/// (host `i` on server `i`), migrating from `from` if given.
+pub fn over_unix(setup: &TestSetup, n: usize, from: Option<&Cluster>) -> Cluster {
+    let mut b = Cluster::builder().router(RouterKind::Partition);
+    for i in 0..n {
+        let path = setup.socket(i).to_string_lossy().into_owned();
+        b = b.host(i as u32, HostConfig::new().unix_socket_path(path));
+    }
+    if let Some(old) = from {
+        b = b.migrating_from(old);
+    }
+    b.build().expect("cluster")
+}
