@@ -115,7 +115,7 @@ impl Dispatch {
                 },
                 command: None,
             };
-            m.cancel(&self.runs, &error);
+            m.cancel(&self.session, &self.runs, &error);
         }
         self.loads = ScriptLoads::default();
     }

@@ -322,6 +322,7 @@ impl Timers {
                         host: e.host(),
                         command: t.command.as_str(),
                         failures: &failures,
+                        misses: None,
                     };
                     sink.accept(0, Err(e.clone()), &ctx);
                     let made = t.deadline.checked_sub(*budget).unwrap_or(t.deadline);

@@ -38,7 +38,7 @@ use crate::conn::{closed_error, io_error, Connection, HostEntry, Pool};
 use crate::error::{Error, HostId, HostName, Phase, Result};
 use crate::health::HostWatch;
 use crate::pipeline::{BatchKind, CmdName, ConnEffect, Pipeline, Waiter};
-use crate::promise::ReplyContext;
+use crate::promise::Outcomes;
 use crate::scripts::ScriptMemory;
 
 /// Read steps one host gets per turn of the loop before the others (and
@@ -178,8 +178,9 @@ pub(crate) struct Session {
     slots: Vec<Slot>,
     index: SlotIndex,
     opts: LoopOptions,
-    /// The first failure of any request, in the order failures happened.
-    failures: Rc<RefCell<Option<Error>>>,
+    /// The first failure of any request (in the order failures happened)
+    /// and a migrating map's GETs that missed.
+    outcomes: Outcomes,
     ready: Vec<(usize, bool, bool)>,
     scripts: Arc<ScriptMemory>,
 }
@@ -196,7 +197,7 @@ impl Session {
             slots: Vec::new(),
             index: SlotIndex::default(),
             opts,
-            failures: Rc::default(),
+            outcomes: Outcomes::default(),
             ready: Vec::new(),
             scripts,
         }
@@ -209,7 +210,13 @@ impl Session {
 
     /// A shared record of the first failure; waiters write to it.
     pub(crate) fn failures(&self) -> Rc<RefCell<Option<Error>>> {
-        self.failures.clone()
+        self.outcomes.failures.clone()
+    }
+
+    /// A migrating map's GETs that missed since the last call (see
+    /// [`Waiter::for_migrating_get`]).
+    pub(crate) fn drain_misses(&self, f: impl FnMut(crate::promise::Miss)) {
+        self.outcomes.drain_misses(f)
     }
 
     /// The poll, made on first use.
@@ -457,11 +464,7 @@ impl Session {
     /// Rejects a request that cannot be queued.
     fn refuse(&self, waiter: &Waiter, cmd: &Cmd, host: Option<&HostName>, e: Error) {
         let name = CmdName::of(cmd.name());
-        let ctx = ReplyContext {
-            host,
-            command: name.as_str(),
-            failures: &self.failures,
-        };
+        let ctx = self.outcomes.context(host, name.as_str());
         waiter.accept(Err(e), &ctx);
     }
 
@@ -538,7 +541,7 @@ impl Session {
 
     /// The first failure since the last call, if any.
     pub(crate) fn take_failure(&self) -> Option<Error> {
-        self.failures.borrow_mut().take()
+        self.outcomes.failures.borrow_mut().take()
     }
 
     /// Runs the loop until `done` holds, rejecting on deadlines.
@@ -950,14 +953,14 @@ impl Session {
             match read {
                 Ok(0) => {
                     pipeline
-                        .receive(&self.failures, Instant::now())
+                        .receive(&self.outcomes, Instant::now())
                         .map_err(&mut out_of_step)?;
                     return Err(closed_error(pipeline.name()));
                 }
                 Ok(n) => {
                     pipeline.filled(n);
                     pipeline
-                        .receive(&self.failures, Instant::now())
+                        .receive(&self.outcomes, Instant::now())
                         .map_err(&mut out_of_step)?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
@@ -998,7 +1001,7 @@ impl Session {
         slot.connect_deadline = None;
         slot.request_deadline = None;
         slot.more_to_read = false;
-        slot.pipeline.fail(&error, &self.failures);
+        slot.pipeline.fail(&error, &self.outcomes);
         if !std::mem::take(&mut slot.exempt) {
             slot.watch.failed(&error, Instant::now());
         }
@@ -1118,7 +1121,7 @@ impl Session {
                 }
             });
         }
-        self.failures.borrow_mut().take()
+        self.outcomes.failures.borrow_mut().take()
     }
 }
 

@@ -19,7 +19,6 @@
 //!   it; a reply past the host's `max_reply_bytes` or `max_reply_elements`
 //!   is refused.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +26,7 @@ use std::time::{Duration, Instant};
 use crate::cmd::{cmd, Cmd, Common};
 use crate::config::{HostInfo, Protocol};
 use crate::error::{Error, HostName, Phase, Result};
+use crate::promise::Outcomes;
 use crate::resp::plain_bulk_header;
 use crate::resp::{Frame, ReplyStream, Value};
 
@@ -499,13 +499,9 @@ impl Pipeline {
     /// due or of the wrong shape, a failed handshake, or a reply past the
     /// host's limits. Replies decoded before it were delivered; the caller
     /// closes the connection and calls [`Pipeline::fail`].
-    pub(crate) fn receive(
-        &mut self,
-        failures: &RefCell<Option<Error>>,
-        now: Instant,
-    ) -> Result<()> {
+    pub(crate) fn receive(&mut self, outcomes: &Outcomes, now: Instant) -> Result<()> {
         let waiting = self.expects.len() as u64;
-        let result = self.decode_replies(failures);
+        let result = self.decode_replies(outcomes);
         let answered = waiting - self.expects.len() as u64;
         if answered > 0 {
             self.answered_up_to(self.answered + answered, now);
@@ -514,7 +510,7 @@ impl Pipeline {
     }
 
     /// [`Pipeline::receive`] without the accounting.
-    fn decode_replies(&mut self, failures: &RefCell<Option<Error>>) -> Result<()> {
+    fn decode_replies(&mut self, outcomes: &Outcomes) -> Result<()> {
         let host = self.host.clone();
         let name = host.name();
         while self.rstart < self.rend {
@@ -552,7 +548,7 @@ impl Pipeline {
                     Element::Bulk(bytes),
                     last,
                     name,
-                    failures,
+                    outcomes,
                 ),
                 Frame::Element { value, last } => deliver_element(
                     &mut self.expects,
@@ -560,7 +556,7 @@ impl Pipeline {
                     Element::Value(value),
                     last,
                     name,
-                    failures,
+                    outcomes,
                 ),
                 Frame::Reply(value) => {
                     if let Some(&command) = self.handshake.waiting.front() {
@@ -583,7 +579,7 @@ impl Pipeline {
                                 if matches!(value, Value::Error { .. }) {
                                     self.tally.server_errors += 1;
                                 }
-                                if let Some(e) = expect.deliver(value, name, failures) {
+                                if let Some(e) = expect.deliver(value, name, outcomes) {
                                     return Err(e);
                                 }
                             }
@@ -625,12 +621,12 @@ impl Pipeline {
 
     /// Rejects everything queued or outstanding with `error`, and forgets
     /// the connection's state: the caller closes it.
-    pub(crate) fn fail(&mut self, error: &Error, failures: &RefCell<Option<Error>>) {
+    pub(crate) fn fail(&mut self, error: &Error, outcomes: &Outcomes) {
         let host = self.host.clone();
-        self.batcher.fail(error, Some(host.name()), failures);
+        self.batcher.fail(error, Some(host.name()), outcomes);
         self.tally.abandoned += self.expects.len() as u64;
         for expect in self.expects.drain(..) {
-            expect.fail(error, Some(host.name()), failures);
+            expect.fail(error, Some(host.name()), outcomes);
         }
         self.answered = self.queued;
         self.sent_marks.clear();
@@ -780,10 +776,10 @@ fn deliver_element(
     element: Element<'_>,
     last: bool,
     host: &HostName,
-    failures: &RefCell<Option<Error>>,
+    outcomes: &Outcomes,
 ) {
     if let Some(expect) = expects.front_mut() {
-        expect.deliver_element(element, host, failures);
+        expect.deliver_element(element, host, outcomes);
     }
     if last {
         if let Some(waiters) = expects.pop_front().and_then(Expect::into_waiters) {

@@ -384,6 +384,47 @@ pub(crate) struct ReplyContext<'a> {
     pub(crate) command: &'a str,
     /// The session's first failure.
     pub(crate) failures: &'a RefCell<Option<Error>>,
+    /// Where a migrating map's GETs that missed wait for their old owner
+    /// (see [`Waiter::for_migrating_get`]); none outside a session.
+    pub(crate) misses: Option<&'a RefCell<Vec<Miss>>>,
+}
+
+/// What a session's replies leave besides settled promises: the first
+/// failure, and a migrating map's GETs that missed.
+#[derive(Default)]
+pub(crate) struct Outcomes {
+    /// The first failure (shared with the client, whose join reports it).
+    pub(crate) failures: std::rc::Rc<RefCell<Option<Error>>>,
+    /// GETs whose nil is not final yet (see [`Waiter::for_migrating_get`]).
+    pub(crate) misses: RefCell<Vec<Miss>>,
+}
+
+/// A migrating GET that missed: the host that answered nil (when known)
+/// and a waiter for the GET's promise.
+pub(crate) type Miss = (Option<crate::error::HostId>, Waiter);
+
+impl Outcomes {
+    /// The context of a reply from `host` to `command`.
+    pub(crate) fn context<'a>(
+        &'a self,
+        host: Option<&'a HostName>,
+        command: &'a str,
+    ) -> ReplyContext<'a> {
+        ReplyContext {
+            host,
+            command,
+            failures: &self.failures,
+            misses: Some(&self.misses),
+        }
+    }
+
+    /// Hands each GET that missed since the last call (each still holding
+    /// its promise) to `f`; the list keeps its room for the next ones.
+    pub(crate) fn drain_misses(&self, mut f: impl FnMut(Miss)) {
+        if let Ok(mut misses) = self.misses.try_borrow_mut() {
+            misses.drain(..).for_each(&mut f);
+        }
+    }
 }
 
 impl ReplyContext<'_> {
@@ -423,6 +464,10 @@ pub(crate) trait ReplySink {
     /// The waiter for entry `index` is gone (each sink counts its own
     /// handles; one that forgot would keep values alive).
     fn release(&self, index: u32);
+
+    /// One more waiter for entry `index` (a sink that counts handles
+    /// counts it; [`ReplySink::release`] undoes it).
+    fn retain(&self, _index: u32) {}
 
     /// The command this sink awaits the reply of, when it carries it (an
     /// async request's slot).
@@ -475,6 +520,10 @@ impl<T: FromValue + 'static> ReplySink for Block<T> {
         Block::release(self, index)
     }
 
+    fn retain(&self, index: u32) {
+        Block::retain(self, index)
+    }
+
     fn may_discard(&self, index: u32) -> bool {
         takes_any_bulk::<T>() && !self.is_watched(index)
     }
@@ -494,6 +543,9 @@ fn takes_any_bulk<T: 'static>() -> bool {
 pub(crate) struct Waiter {
     sink: Sink,
     index: u32,
+    /// A migrating map's GET: its place among the map's GET keys, plus
+    /// one; 0 for every other request.
+    miss_slot: u32,
 }
 
 /// Where a waiter's reply goes.
@@ -511,6 +563,7 @@ impl Waiter {
         Waiter {
             sink: Sink::Local(sink),
             index,
+            miss_slot: 0,
         }
     }
 
@@ -519,7 +572,45 @@ impl Waiter {
         Waiter {
             sink: Sink::Shared(sink),
             index: 0,
+            miss_slot: 0,
         }
+    }
+
+    /// This waiter for a migrating map's GET, the map's `slot`th: a nil
+    /// reply does not settle the promise but goes to the session's misses
+    /// (the map then asks the key's old owner). A hit costs what a plain
+    /// map's GET does: the migrating map needs no record of it.
+    pub(crate) fn for_migrating_get(mut self, slot: u32) -> Waiter {
+        self.miss_slot = slot.saturating_add(1);
+        self
+    }
+
+    /// The slot given to [`Waiter::for_migrating_get`], taken off: the
+    /// waiter's next reply settles its promise, nil or not.
+    pub(crate) fn take_miss_slot(&mut self) -> Option<u32> {
+        let slot = std::mem::take(&mut self.miss_slot);
+        slot.checked_sub(1)
+    }
+
+    /// For a migrating GET's nil: a second waiter for the same promise
+    /// goes to the session's misses. Whether it did (else the nil settles
+    /// the promise as usual).
+    #[cold]
+    fn keep_miss(&self, ctx: &ReplyContext<'_>) -> bool {
+        let (Sink::Local(sink), Some(misses)) = (&self.sink, ctx.misses) else {
+            return false;
+        };
+        let Ok(mut misses) = misses.try_borrow_mut() else {
+            return false;
+        };
+        sink.retain(self.index);
+        let waiter = Waiter {
+            sink: Sink::Local(sink.clone()),
+            index: self.index,
+            miss_slot: self.miss_slot,
+        };
+        misses.push((ctx.host.map(|h| h.id), waiter));
+        true
     }
 
     #[inline]
@@ -532,11 +623,18 @@ impl Waiter {
 
     /// Settles the promise with the reply, converted.
     pub(crate) fn accept(&self, reply: Result<Value>, ctx: &ReplyContext<'_>) {
+        if self.miss_slot != 0 && matches!(reply, Ok(Value::Nil)) && self.keep_miss(ctx) {
+            return;
+        }
         self.sink().accept(self.index, reply, ctx)
     }
 
     /// Settles the promise with a plain bulk string (`None`: nil).
+    #[inline]
     pub(crate) fn accept_bulk(&self, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
+        if self.miss_slot != 0 && bytes.is_none() && self.keep_miss(ctx) {
+            return;
+        }
         self.sink().accept_bulk(self.index, bytes, ctx)
     }
 

@@ -20,7 +20,6 @@
 //! into single-key commands (runs of GETs and SETs still merge into
 //! MGET/MSET per host).
 
-use std::any::{Any, TypeId};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
@@ -119,22 +118,19 @@ pub(super) struct Migration {
     epoch_reads: RefCell<Vec<(HostId, Rc<EpochRead>)>>,
     /// The map's first failure (follow-ups' failures are the map's too).
     pub(super) failures: super::Failures,
-    /// The map's reads, one table per reply type (usually one or two).
-    reads: RefCell<Vec<(TypeId, ReadTables)>>,
+    /// The new cluster's router (a GET that missed is routed again).
+    new_router: Arc<dyn Router>,
+    /// The map's GETs.
+    reads: Rc<ReadTable>,
 }
-
-/// A read table, seen as its type (to add to it) and as its misses.
-type ReadTables = (Rc<dyn Any>, Rc<dyn Misses>);
 
 impl Migration {
     /// Rejects everything waiting for after a join (reads that missed,
     /// moves, deletes, overwrites, rechecks) with `error`: the map was
     /// cancelled or dropped. What already went to a server is the
     /// session's to cancel.
-    pub(super) fn cancel(&self, runs: &Runs, error: &Error) {
-        for (_, (_, table)) in self.reads.borrow().iter() {
-            table.cancel(error);
-        }
+    pub(super) fn cancel(&self, session: &Session, runs: &Runs, error: &Error) {
+        self.reads.cancel(session, error, &self.failures);
         let work = std::mem::take(&mut *self.work.borrow_mut());
         for f in work.fallbacks {
             (f.sink)(Err(error.clone()));
@@ -204,18 +200,9 @@ impl Migration {
             asking: RefCell::default(),
             rechecks: RefCell::default(),
             failures: super::Failures::default(),
-            reads: RefCell::default(),
+            new_router: cluster.router()?,
+            reads: Rc::new(ReadTable::new()),
         }))
-    }
-
-    /// The map's read tables (a copy of the list: no borrow of it is held
-    /// while they run).
-    fn read_tables(&self) -> Vec<Rc<dyn Misses>> {
-        self.reads
-            .borrow()
-            .iter()
-            .map(|(_, (_, t))| t.clone())
-            .collect()
     }
 
     /// The old owner of `key` when it is another server than `new_host`.
@@ -226,33 +213,120 @@ impl Migration {
     }
 }
 
-/// A map's migrating GETs of one reply type: each entry is a GET sent to
-/// its key's new owner, then (on a miss, after the join) to its old owner,
-/// then (if that misses too and the old owner's keys changed meanwhile) to
-/// the new owner once more, all answered into this table. A hit settles
-/// the caller's promise at once (a plain bulk straight into `T`, as a
-/// map's GET does). One table per map and type, the keys in one buffer: a
-/// GET costs an entry, not an allocation, on every round (its command goes
-/// back to the pool once encoded, as a plain map's does).
-struct ReadTable<T> {
-    entries: RefCell<Vec<ReadEntry<T>>>,
-    /// Every entry's key, one after another.
-    keys: RefCell<Vec<u8>>,
+/// A map's GET keys, one after another, and where each ends. A GET's
+/// waiter carries its place here (see [`Waiter::for_migrating_get`]): a hit
+/// settles its promise as a plain map's GET does, and only a miss looks
+/// its key up, after the join.
+#[derive(Default)]
+struct GetKeys {
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
 }
 
-struct ReadEntry<T> {
-    out: Promise<T>,
-    host: HostId,
+impl GetKeys {
+    /// Adds `key`; its slot, or `None` past 2^32 keys or bytes.
+    #[inline]
+    fn push(&mut self, key: &[u8]) -> Option<u32> {
+        let slot = u32::try_from(self.ends.len()).ok()?;
+        let end = u32::try_from(self.bytes.len() + key.len()).ok()?;
+        self.bytes.extend_from_slice(key);
+        self.ends.push(end);
+        Some(slot)
+    }
+
+    /// The key in `slot`.
+    fn key(&self, slot: u32) -> &[u8] {
+        let slot = slot as usize;
+        let start = match slot.checked_sub(1) {
+            Some(before) => self.ends.get(before).copied().unwrap_or(0),
+            None => 0,
+        };
+        let end = self.ends.get(slot).copied().unwrap_or(start);
+        self.bytes
+            .get(start as usize..end as usize)
+            .unwrap_or_default()
+    }
+}
+
+/// A map's migrating GETs: every GET's key, and those that missed on their
+/// new owner. Each of these is asked (after the join) of its old owner,
+/// then (if that misses too and the old owner's keys changed meanwhile)
+/// of the new owner once more, all answered into this table, which hands
+/// the final reply to the GET's own waiter (so its promise converts it as
+/// a plain GET's would). The buffers are kept between maps on the thread
+/// (growing them anew for each map cost more than all else a hit adds),
+/// up to [`ReadTable::KEEP`] GETs.
+#[derive(Default)]
+struct ReadTable {
+    keys: RefCell<GetKeys>,
+    /// The GETs that missed. Entries change through `Cell`s, so a reply
+    /// may arrive (the session reads while it sends) while they are read.
+    missed: RefCell<Vec<ReadEntry>>,
+}
+
+struct ReadEntry {
+    /// The GET's waiter, until its final reply is handed over.
+    waiter: std::cell::Cell<Option<Waiter>>,
     /// The key's place in [`ReadTable::keys`].
-    key: std::ops::Range<usize>,
+    slot: u32,
+    /// The key's new owner.
+    host: HostId,
     state: std::cell::Cell<ReadState>,
 }
 
-/// Where a migrating GET stands.
+/// Buffers of a [`ReadTable`] kept for the thread's next map.
+type SpareReads = (Vec<u8>, Vec<u32>, Vec<ReadEntry>);
+
+thread_local! {
+    /// The last map's emptied read table buffers.
+    static SPARE_READS: RefCell<Option<SpareReads>> = const { RefCell::new(None) };
+}
+
+impl ReadTable {
+    /// GETs (and 32 times as many key bytes) whose room a kept table
+    /// keeps.
+    const KEEP: usize = 1 << 16;
+
+    /// An empty table, on buffers kept from an earlier map when there are.
+    fn new() -> ReadTable {
+        let spare = SPARE_READS
+            .try_with(|spare| spare.try_borrow_mut().ok().and_then(|mut s| s.take()))
+            .ok()
+            .flatten();
+        let Some((bytes, ends, missed)) = spare else {
+            return ReadTable::default();
+        };
+        ReadTable {
+            keys: RefCell::new(GetKeys { bytes, ends }),
+            missed: RefCell::new(missed),
+        }
+    }
+}
+
+impl Drop for ReadTable {
+    fn drop(&mut self) {
+        let keys = std::mem::take(self.keys.get_mut());
+        let (mut bytes, mut ends) = (keys.bytes, keys.ends);
+        let mut missed = std::mem::take(self.missed.get_mut());
+        bytes.clear();
+        ends.clear();
+        missed.clear();
+        bytes.shrink_to(Self::KEEP * 32);
+        ends.shrink_to(Self::KEEP);
+        missed.shrink_to(Self::KEEP);
+        // Plain buffers: a pair that cannot be kept (a thread's exit, a
+        // spare already there) just goes.
+        let _ = SPARE_READS.try_with(|spare| {
+            if let Ok(mut spare) = spare.try_borrow_mut() {
+                spare.get_or_insert((bytes, ends, missed));
+            }
+        });
+    }
+}
+
+/// Where a migrating GET that missed stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReadState {
-    /// Asked of the new owner.
-    New,
     /// The new owner answered nil.
     MissedNew,
     /// Asked of this old owner.
@@ -267,130 +341,90 @@ enum ReadState {
     Done,
 }
 
-/// The reads of a table, whatever its type, between a map's joins.
-trait Misses {
+/// The context of a reply the map settles itself (a final nil, a failure
+/// found before asking a server).
+fn own_context(failures: &RefCell<Option<Error>>) -> ReplyContext<'_> {
+    ReplyContext {
+        host: None,
+        command: "GET",
+        failures,
+        misses: None,
+    }
+}
+
+impl ReadTable {
+    /// Takes in the GETs that missed on their new owners (from `session`).
+    fn absorb(&self, m: &Migration, session: &Session) {
+        let ctx = own_context(&m.failures);
+        let keys = self.keys.borrow();
+        let mut missed = self.missed.borrow_mut();
+        session.drain_misses(|(host, mut waiter)| {
+            let Some(slot) = waiter.take_miss_slot() else {
+                return waiter.accept_bulk(None, &ctx);
+            };
+            // The host that answered, when it is one of the new cluster's.
+            let host = match host.filter(|&h| h < OLD_HOSTS) {
+                Some(host) => Ok(host),
+                None => m.new_router.host_for_key(keys.key(slot)),
+            };
+            match host {
+                Ok(host) => missed.push(ReadEntry {
+                    waiter: std::cell::Cell::new(Some(waiter)),
+                    slot,
+                    host,
+                    state: std::cell::Cell::new(ReadState::MissedNew),
+                }),
+                Err(e) => waiter.accept(Err(e), &ctx),
+            }
+        });
+    }
+
+    /// Marks entry `index` `state` and hands `reply` to its GET's waiter.
+    fn settle(&self, index: u32, state: ReadState, reply: Reply<'_>, ctx: &ReplyContext<'_>) {
+        let missed = self.missed.borrow();
+        let Some(entry) = missed.get(index as usize) else {
+            return;
+        };
+        entry.state.set(state);
+        if let Some(waiter) = entry.waiter.take() {
+            match reply {
+                Reply::Bulk(bytes) => waiter.accept_bulk(bytes, ctx),
+                Reply::Whole(reply) => waiter.accept(reply, ctx),
+            }
+        }
+    }
+
+    /// The state of entry `index`.
+    fn state(&self, index: u32) -> Option<ReadState> {
+        self.missed
+            .borrow()
+            .get(index as usize)
+            .map(|e| e.state.get())
+    }
+
     /// Asks the old owners (in `session`, batched per host) for the reads
     /// the new owners missed, adding the hosts asked to `asked`; settles
     /// real misses (the old owner is the same server). How many it asked.
     fn ask_old(
-        self: Rc<Self>,
-        m: &Migration,
-        session: &mut Session,
-        asked: &mut BTreeSet<HostId>,
-    ) -> u64;
-
-    /// After the old owners answered: a read the old owner had is a hit
-    /// (its key goes to `forward` with copy-forward); one it missed is
-    /// settled as nil if its old host is `unchanged`, else asked of the
-    /// new owner once more. (hits, rechecks).
-    fn after_old(
-        self: Rc<Self>,
-        m: &Migration,
-        unchanged: &BTreeSet<HostId>,
-        session: &mut Session,
-        forward: &mut BTreeMap<HostId, Vec<(Vec<u8>, HostId)>>,
-    ) -> (u64, u64);
-
-    /// Rejects every read not yet settled with `error`.
-    fn cancel(&self, error: &Error);
-
-    /// Empties the table when every read in it is settled (a long-lived
-    /// mapping client keeps no entry, key or value past its join).
-    fn compact(&self);
-}
-
-impl<T: FromValue + 'static> ReadTable<T> {
-    /// Settles `entry` with `reply` (converted to `T`) and marks it.
-    fn settle(entry: &ReadEntry<T>, reply: Result<Value>, ctx: &ReplyContext<'_>) {
-        let found_old = match (entry.state.get(), &reply) {
-            (ReadState::AskingOld(old), Ok(_)) => Some(old),
-            _ => None,
-        };
-        entry
-            .state
-            .set(found_old.map_or(ReadState::Done, ReadState::FoundOld));
-        entry
-            .out
-            .settle(reply.and_then(T::from_value).map_err(|e| ctx.failed(e)));
-    }
-}
-
-impl<T: FromValue + 'static> ReplySink for ReadTable<T> {
-    fn accept(&self, index: u32, reply: Result<Value>, ctx: &ReplyContext<'_>) {
-        let entries = self.entries.borrow();
-        let Some(entry) = entries.get(index as usize) else {
-            return;
-        };
-        match (entry.state.get(), reply) {
-            (ReadState::New, Ok(Value::Nil)) => entry.state.set(ReadState::MissedNew),
-            (ReadState::AskingOld(old), Ok(Value::Nil)) => {
-                entry.state.set(ReadState::MissedOld(old));
-            }
-            (ReadState::New | ReadState::AskingOld(_) | ReadState::Rechecking, reply) => {
-                Self::settle(entry, reply, ctx);
-            }
-            // Not waiting for a reply: nothing to do.
-            _ => {}
-        }
-    }
-
-    fn accept_bulk(&self, index: u32, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
-        match bytes.and_then(|b| T::from_bulk(Some(b))) {
-            Some(result) => {
-                if let Some(entry) = self.entries.borrow().get(index as usize) {
-                    let state = match entry.state.get() {
-                        ReadState::AskingOld(old) => ReadState::FoundOld(old),
-                        _ => ReadState::Done,
-                    };
-                    entry.state.set(state);
-                    entry.out.settle(result.map_err(|e| ctx.failed(e)));
-                }
-            }
-            None => self.accept(index, Ok(Value::from_bulk_bytes(bytes)), ctx),
-        }
-    }
-
-    fn release(&self, _index: u32) {}
-}
-
-impl<T: FromValue + 'static> Misses for ReadTable<T> {
-    fn compact(&self) {
-        let mut entries = self.entries.borrow_mut();
-        if entries.iter().all(|e| e.state.get() == ReadState::Done) {
-            entries.clear();
-            self.keys.borrow_mut().clear();
-        }
-    }
-
-    fn cancel(&self, error: &Error) {
-        self.keys.borrow_mut().clear();
-        for entry in std::mem::take(&mut *self.entries.borrow_mut()) {
-            if !matches!(entry.state.get(), ReadState::Done | ReadState::FoundOld(_)) {
-                entry.out.settle(Err(error.clone()));
-            }
-        }
-    }
-
-    fn ask_old(
-        self: Rc<Self>,
+        self: &Rc<Self>,
         m: &Migration,
         session: &mut Session,
         asked: &mut BTreeSet<HostId>,
     ) -> u64 {
-        let entries = self.entries.borrow();
-        let keys = self.keys.borrow();
+        let ctx = own_context(&m.failures);
+        let (missed, keys) = (self.missed.borrow(), self.keys.borrow());
         let mut count = 0;
-        for (slot, entry) in entries.iter().enumerate() {
+        for (index, entry) in missed.iter().enumerate() {
             if entry.state.get() != ReadState::MissedNew {
                 continue;
             }
-            let key = keys.get(entry.key.clone()).unwrap_or_default();
+            let key = keys.key(entry.slot);
             match m.in_transit(key, entry.host) {
                 Ok(Some(old)) => {
                     entry.state.set(ReadState::AskingOld(old));
                     let sink: Rc<dyn ReplySink> = self.clone();
-                    // Slots fit in u32: migrating_read checked when adding.
-                    let waiter = Waiter::new(sink, slot as u32);
+                    // Indexes fit in u32: there are fewer than GET slots.
+                    let waiter = Waiter::new(sink, index as u32);
                     session.enqueue(OLD_HOSTS + old, &Cmd::get_command().arg(key), waiter);
                     asked.insert(old);
                     count += 1;
@@ -398,52 +432,58 @@ impl<T: FromValue + 'static> Misses for ReadTable<T> {
                 // The key's owner did not change: a real miss.
                 Ok(None) => {
                     entry.state.set(ReadState::Done);
-                    entry.out.settle(T::from_value(Value::Nil));
+                    if let Some(w) = entry.waiter.take() {
+                        w.accept_bulk(None, &ctx);
+                    }
                 }
                 Err(e) => {
                     entry.state.set(ReadState::Done);
-                    super::note_failure(&m.failures, &e);
-                    entry.out.settle(Err(e));
+                    if let Some(w) = entry.waiter.take() {
+                        w.accept(Err(e), &ctx);
+                    }
                 }
             }
         }
         count
     }
 
+    /// After the old owners answered: a read the old owner had is a hit
+    /// (its key goes to `forward` with copy-forward); one it missed is
+    /// settled as nil if its old host is `unchanged`, else asked of the
+    /// new owner once more. (hits, rechecks).
     fn after_old(
-        self: Rc<Self>,
+        self: &Rc<Self>,
         m: &Migration,
         unchanged: &BTreeSet<HostId>,
         session: &mut Session,
         forward: &mut BTreeMap<HostId, Vec<(Vec<u8>, HostId)>>,
     ) -> (u64, u64) {
-        let entries = self.entries.borrow();
-        let keys = self.keys.borrow();
+        let ctx = own_context(&m.failures);
         let copy_forward = m.new.copies_forward();
+        let (missed, keys) = (self.missed.borrow(), self.keys.borrow());
         let (mut hits, mut rechecks) = (0, 0);
-        for (slot, entry) in entries.iter().enumerate() {
+        for (index, entry) in missed.iter().enumerate() {
             match entry.state.get() {
                 ReadState::FoundOld(old) => {
                     entry.state.set(ReadState::Done);
                     hits += 1;
                     if copy_forward {
-                        let key = keys.get(entry.key.clone()).unwrap_or_default();
-                        forward
-                            .entry(old)
-                            .or_default()
-                            .push((key.to_vec(), entry.host));
+                        let key = keys.key(entry.slot).to_vec();
+                        forward.entry(old).or_default().push((key, entry.host));
                     }
                 }
                 ReadState::MissedOld(old) if unchanged.contains(&old) => {
                     entry.state.set(ReadState::Done);
-                    entry.out.settle(T::from_value(Value::Nil));
+                    if let Some(w) = entry.waiter.take() {
+                        w.accept_bulk(None, &ctx);
+                    }
                 }
                 ReadState::MissedOld(_) => {
                     entry.state.set(ReadState::Rechecking);
-                    let key = keys.get(entry.key.clone()).unwrap_or_default();
                     let sink: Rc<dyn ReplySink> = self.clone();
-                    let waiter = Waiter::new(sink, slot as u32);
-                    session.enqueue(entry.host, &Cmd::get_command().arg(key), waiter);
+                    let waiter = Waiter::new(sink, index as u32);
+                    let get = Cmd::get_command().arg(keys.key(entry.slot));
+                    session.enqueue(entry.host, &get, waiter);
                     rechecks += 1;
                 }
                 _ => {}
@@ -451,6 +491,71 @@ impl<T: FromValue + 'static> Misses for ReadTable<T> {
         }
         (hits, rechecks)
     }
+
+    /// Rejects every read not yet settled with `error`, and with it the
+    /// GETs that missed and were not taken in yet (from `session`).
+    fn cancel(&self, session: &Session, error: &Error, failures: &RefCell<Option<Error>>) {
+        let ctx = own_context(failures);
+        session.drain_misses(|(_, w)| w.accept(Err(error.clone()), &ctx));
+        for entry in self.missed.borrow().iter() {
+            entry.state.set(ReadState::Done);
+            if let Some(w) = entry.waiter.take() {
+                w.accept(Err(error.clone()), &ctx);
+            }
+        }
+        self.compact();
+    }
+
+    /// Empties the table once every read is settled (a long-lived mapping
+    /// client keeps no entry or key past its join). Every GET sent before
+    /// is answered by then: its key is not needed any more.
+    fn compact(&self) {
+        let mut missed = self.missed.borrow_mut();
+        if missed.iter().all(|e| e.state.get() == ReadState::Done) {
+            missed.clear();
+            let mut keys = self.keys.borrow_mut();
+            keys.bytes.clear();
+            keys.ends.clear();
+        }
+    }
+}
+
+/// A reply on its way to a GET's waiter.
+enum Reply<'a> {
+    Bulk(Option<&'a [u8]>),
+    Whole(Result<Value>),
+}
+
+impl ReplySink for ReadTable {
+    fn accept(&self, index: u32, reply: Result<Value>, ctx: &ReplyContext<'_>) {
+        let next = match (self.state(index), &reply) {
+            (Some(ReadState::AskingOld(old)), Ok(Value::Nil)) => {
+                if let Some(entry) = self.missed.borrow().get(index as usize) {
+                    entry.state.set(ReadState::MissedOld(old));
+                }
+                return;
+            }
+            (Some(ReadState::AskingOld(old)), Ok(_)) => ReadState::FoundOld(old),
+            (Some(ReadState::AskingOld(_) | ReadState::Rechecking), _) => ReadState::Done,
+            // Not waiting for a reply: nothing to do.
+            _ => return,
+        };
+        self.settle(index, next, Reply::Whole(reply), ctx);
+    }
+
+    fn accept_bulk(&self, index: u32, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
+        if bytes.is_none() {
+            return self.accept(index, Ok(Value::Nil), ctx);
+        }
+        let next = match self.state(index) {
+            Some(ReadState::AskingOld(old)) => ReadState::FoundOld(old),
+            Some(ReadState::Rechecking) => ReadState::Done,
+            _ => return,
+        };
+        self.settle(index, next, Reply::Bulk(bytes), ctx);
+    }
+
+    fn release(&self, _index: u32) {}
 }
 
 /// A sink settling `out` with the reply converted to `T`; a failure is
@@ -474,8 +579,10 @@ impl Dispatch {
         }
         if cmd.common() == crate::cmd::Common::Get {
             // GET's nil means exactly "no such key": its reply decides.
-            return match self.router.host_for_command(&cmd) {
-                Ok(host) => self.migrating_read(host, cmd),
+            let routed =
+                keyspec::single_key(&cmd).and_then(|key| Ok((self.router.host_for_key(key)?, key)));
+            return match routed {
+                Ok((host, key)) => self.migrating_read(host, key, &cmd),
                 Err(e) => self.reject(e),
             };
         }
@@ -540,50 +647,25 @@ impl Dispatch {
         out
     }
 
-    /// A read: to the new owner through the map's read table for `T`; the
-    /// old owner is looked up only for a miss, after the join.
-    fn migrating_read<T: FromValue + 'static>(&mut self, host: HostId, cmd: Cmd) -> Promise<T> {
-        let table = self.migration.as_ref().and_then(|m| {
-            let mut tables = m.reads.borrow_mut();
-            let id = TypeId::of::<T>();
-            let i = match tables.iter().position(|(t, _)| *t == id) {
-                Some(i) => i,
-                None => {
-                    let table = Rc::new(ReadTable::<T> {
-                        entries: RefCell::new(Vec::new()),
-                        keys: RefCell::new(Vec::new()),
-                    });
-                    tables.push((id, (table.clone() as Rc<dyn Any>, table as Rc<dyn Misses>)));
-                    tables.len() - 1
-                }
-            };
-            tables[i].1 .0.clone().downcast::<ReadTable<T>>().ok()
-        });
-        let Some(table) = table else {
-            return self.send(host, &cmd);
+    /// A GET of `key`, routed to `host`: to the new owner through the
+    /// map's read table for `T`; the old owner is looked up only for a
+    /// miss, after the join.
+    fn migrating_read<T: FromValue + 'static>(
+        &mut self,
+        host: HostId,
+        key: &[u8],
+        cmd: &Cmd,
+    ) -> Promise<T> {
+        let slot = match &self.migration {
+            Some(m) => m.reads.keys.borrow_mut().push(key),
+            None => return self.send(host, cmd),
         };
-        let key = match keyspec::single_key(&cmd) {
-            Ok(key) => key,
-            Err(e) => return self.reject(e),
-        };
-        let Ok(slot) = u32::try_from(table.entries.borrow().len()) else {
+        let Some(slot) = slot else {
             return self.reject(Error::config("too many reads in one map"));
         };
         let out = Promise::new();
-        let key = {
-            let mut keys = table.keys.borrow_mut();
-            let start = keys.len();
-            keys.extend_from_slice(key);
-            start..keys.len()
-        };
-        table.entries.borrow_mut().push(ReadEntry {
-            out: out.clone(),
-            host,
-            key,
-            state: std::cell::Cell::new(ReadState::New),
-        });
-        let waiter = Waiter::new(table.clone(), slot);
-        self.session.enqueue(host, &cmd, waiter);
+        let waiter = out.sink().for_migrating_get(slot);
+        self.session.enqueue(host, cmd, waiter);
         out
     }
 
@@ -671,14 +753,11 @@ fn join_parts(kind: MultiKey, replies: Vec<Value>) -> Value {
 /// Runs what a migrating map left for after its join; returns whether it
 /// ran anything (then the map joins again: nothing here enqueues into it).
 pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -> bool {
-    let tables = m.read_tables();
     // GETs that missed: asked of the old owners in this same session
     // (their hosts are in it at OLD_HOSTS + id), batched per host.
+    m.reads.absorb(m, session);
     let mut asked_hosts = BTreeSet::new();
-    let mut asked = 0;
-    for table in tables {
-        asked += table.ask_old(m, session, &mut asked_hosts);
-    }
+    let asked = m.reads.ask_old(m, session, &mut asked_hosts);
     let work = std::mem::take(&mut *m.work.borrow_mut());
     let runs = std::mem::take(&mut *runs.borrow_mut());
     if work.is_empty() && runs.is_empty() && asked == 0 {
@@ -824,12 +903,9 @@ pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
     // Keys found on their old owner, to move (copy-forward), by old host.
     let mut forward: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
     let (mut hits, mut rechecked) = (0, 0);
-    let tables = m.read_tables();
-    for table in tables {
-        let (h, r) = table.after_old(m, &unchanged, session, &mut forward);
-        hits += h;
-        rechecked += r;
-    }
+    let (h, r) = m.reads.after_old(m, &unchanged, session, &mut forward);
+    hits += h;
+    rechecked += r;
     let mut rechecks = m.rechecks.borrow_mut();
     let copy_forward = m.new.copies_forward();
     for a in asking {
@@ -919,9 +995,7 @@ fn unchanged_hosts(m: &Migration) -> BTreeSet<HostId> {
 /// After a join and its steps: empties the read tables whose reads are all
 /// settled.
 pub(super) fn compact(m: &Migration) {
-    for table in m.read_tables() {
-        table.compact();
-    }
+    m.reads.compact();
 }
 
 /// Settles the reads asked of the new owner once more.
@@ -1195,4 +1269,44 @@ pub(super) fn move_in_transit<'k>(
             .fetch_add(progress.moved, Relaxed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadTable;
+
+    /// Keys come back by slot, and two maps' tables dropped one after the
+    /// other on a thread keep one set of buffers. (A first version kept
+    /// the spare as a type with this `Drop`: the second set, refused, went
+    /// through it again, which recursed until the stack overflowed; seen
+    /// as a crash of an example and reproduced here.)
+    #[test]
+    fn get_keys_by_slot_and_buffers_kept_once() {
+        let run = || {
+            let (a, b) = (ReadTable::new(), ReadTable::new());
+            {
+                let mut keys = a.keys.borrow_mut();
+                assert_eq!(keys.push(b"first"), Some(0));
+                assert_eq!(keys.push(b""), Some(1));
+                assert_eq!(keys.push(b"third"), Some(2));
+                assert_eq!(
+                    (keys.key(0), keys.key(1), keys.key(2), keys.key(3)),
+                    (&b"first"[..], &b""[..], &b"third"[..], &b""[..])
+                );
+            }
+            assert_eq!(b.keys.borrow_mut().push(b"other"), Some(0));
+            drop(a);
+            drop(b);
+            let again = ReadTable::new();
+            let keys = again.keys.borrow();
+            assert!(keys.ends.is_empty() && keys.ends.capacity() > 0, "kept");
+        };
+        // A small stack, so a recursion fails fast.
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(run)
+            .expect("thread")
+            .join()
+            .expect("no overflow");
+    }
 }

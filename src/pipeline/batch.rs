@@ -4,12 +4,11 @@
 //! host into one `MGET` (`MSET`), bounded by a maximum batch size, and
 //! records one [`Expect`] whose reply is split back to each waiter.
 
-use std::cell::RefCell;
 use std::fmt;
 
 use crate::cmd::{Cmd, Common};
 use crate::error::{Error, HostName};
-use crate::promise::ReplyContext;
+use crate::promise::Outcomes;
 pub(crate) use crate::promise::Waiter;
 use crate::resp::{itoa, Value};
 
@@ -105,7 +104,7 @@ impl Expect {
         &mut self,
         element: Element<'_>,
         host: &HostName,
-        failures: &RefCell<Option<Error>>,
+        outcomes: &Outcomes,
     ) {
         if let Expect::Batch {
             kind,
@@ -114,11 +113,7 @@ impl Expect {
         } = self
         {
             if let Some(waiter) = waiters.get(*delivered) {
-                let ctx = ReplyContext {
-                    host: Some(host),
-                    command: kind.single_name(),
-                    failures,
-                };
+                let ctx = outcomes.context(Some(host), kind.single_name());
                 match element {
                     Element::Value(value) => waiter.accept(Ok(value), &ctx),
                     Element::Bulk(bytes) => waiter.accept_bulk(bytes, &ctx),
@@ -146,15 +141,11 @@ impl Expect {
         self,
         reply: Value,
         host: &HostName,
-        failures: &RefCell<Option<Error>>,
+        outcomes: &Outcomes,
     ) -> Option<Error> {
         match self {
             Expect::One { name, waiter } => {
-                let ctx = ReplyContext {
-                    host: Some(host),
-                    command: name.as_str(),
-                    failures,
-                };
+                let ctx = outcomes.context(Some(host), name.as_str());
                 waiter.accept(
                     match reply {
                         Value::Error { code, message } => Err(Error::Server {
@@ -174,11 +165,7 @@ impl Expect {
                 waiters,
                 delivered,
             } => {
-                let ctx = ReplyContext {
-                    host: Some(host),
-                    command: kind.single_name(),
-                    failures,
-                };
+                let ctx = outcomes.context(Some(host), kind.single_name());
                 // Whole replies come only for batches not split (nothing
                 // delivered yet); skip any answered waiters all the same.
                 let waiters = waiters.into_iter().skip(delivered);
@@ -226,19 +213,10 @@ impl Expect {
     }
 
     /// Rejects the waiter(s) with `error`, naming the command.
-    pub(crate) fn fail(
-        self,
-        error: &Error,
-        host: Option<&HostName>,
-        failures: &RefCell<Option<Error>>,
-    ) {
+    pub(crate) fn fail(self, error: &Error, host: Option<&HostName>, outcomes: &Outcomes) {
         match self {
             Expect::One { name, waiter } => {
-                let ctx = ReplyContext {
-                    host,
-                    command: name.as_str(),
-                    failures,
-                };
+                let ctx = outcomes.context(host, name.as_str());
                 waiter.accept(Err(error.clone()), &ctx)
             }
             Expect::Batch {
@@ -246,11 +224,7 @@ impl Expect {
                 waiters,
                 delivered,
             } => {
-                let ctx = ReplyContext {
-                    host,
-                    command: kind.single_name(),
-                    failures,
-                };
+                let ctx = outcomes.context(host, kind.single_name());
                 for waiter in waiters.into_iter().skip(delivered) {
                     waiter.accept(Err(error.clone()), &ctx);
                 }
@@ -388,12 +362,7 @@ impl Batcher {
     }
 
     /// Rejects everything in the run.
-    pub(crate) fn fail(
-        &mut self,
-        error: &Error,
-        host: Option<&HostName>,
-        failures: &RefCell<Option<Error>>,
-    ) {
+    pub(crate) fn fail(&mut self, error: &Error, host: Option<&HostName>, outcomes: &Outcomes) {
         if let Some(kind) = self.kind.take() {
             self.body.clear();
             Expect::Batch {
@@ -401,7 +370,7 @@ impl Batcher {
                 waiters: std::mem::take(&mut self.waiters),
                 delivered: 0,
             }
-            .fail(error, host, failures);
+            .fail(error, host, outcomes);
         }
     }
 }
@@ -411,8 +380,9 @@ mod tests {
     use super::*;
     use crate::cmd::cmd;
     use crate::error::Result;
-    use crate::promise::ReplySink;
+    use crate::promise::{ReplyContext, ReplySink};
     use crate::resp::decode;
+    use std::cell::RefCell;
     use std::rc::Rc;
 
     #[derive(Default)]
@@ -432,8 +402,8 @@ mod tests {
         Waiter::new(log.clone(), 0)
     }
 
-    fn no_failures() -> RefCell<Option<Error>> {
-        RefCell::new(None)
+    fn no_failures() -> Outcomes {
+        Outcomes::default()
     }
 
     fn host() -> HostName {

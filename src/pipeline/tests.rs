@@ -2,7 +2,6 @@
 //! handshake failures, faults, and a property test that every promise gets
 //! its own reply or an error, never another request's.
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -17,7 +16,7 @@ fn host(config: HostConfig) -> Arc<HostInfo> {
     Arc::new(config.resolve(1))
 }
 
-type Failures = RefCell<Option<Error>>;
+type Failures = crate::promise::Outcomes;
 
 /// Queues `c`, batched as a map would, and returns its promise.
 fn push(p: &mut Pipeline, c: &Cmd) -> Promise<Value> {
@@ -117,7 +116,7 @@ fn requests_wait_for_the_handshake_and_replies_split_at_every_byte() {
         assert_eq!(n.value().unwrap(), Value::Int(7));
         assert_eq!(e.value().unwrap(), bulk("hi"));
         assert!(p.is_idle());
-        assert!(failures.borrow().is_none());
+        assert!(failures.failures.borrow().is_none());
     }
 }
 
@@ -649,6 +648,7 @@ fn a_huge_bulk_nothing_would_see_is_freed_off_the_thread() {
         "converted, not freed"
     );
     assert!(failures
+        .failures
         .borrow()
         .as_ref()
         .is_some_and(|e| e.to_string().contains("i64")));
@@ -773,4 +773,90 @@ fn a_huge_bulk_header_alone_does_not_abort_under_an_address_space_limit() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A migrating map's GETs (see `Waiter::for_migrating_get`), merged into
+/// one MGET or sent alone, with the reply split at every byte: a nil goes
+/// to the misses with its slot and leaves its promise pending; a value or
+/// an error settles it as a plain GET's would.
+#[test]
+fn a_migrating_gets_nil_is_kept_as_a_miss_at_every_split() {
+    let wire = b"*4\r\n$1\r\na\r\n$-1\r\n*1\r\n:1\r\n$-1\r\n$-1\r\n-ERR no\r\n";
+    for chunk in 1..=wire.len() {
+        let outcomes = Failures::default();
+        let mut p = Pipeline::new(host(HostConfig::new()));
+        p.connection_started(false, Vec::new());
+        let gets: Vec<Promise<Value>> = (0..4)
+            .map(|i| {
+                let promise = Promise::new();
+                let c = cmd("GET").arg(format!("k{i}"));
+                let waiter = promise.sink().for_migrating_get(10 + i);
+                p.push(&c, waiter, BatchKind::of(&c), 256);
+                promise
+            })
+            .collect();
+        p.flush_batch();
+        // Alone (no batching): answered by a whole reply.
+        let alone: Vec<Promise<Value>> = (0..2)
+            .map(|i| {
+                let promise = Promise::new();
+                let c = cmd("GET").arg(format!("a{i}"));
+                p.push(&c, promise.sink().for_migrating_get(20 + i), None, 256);
+                promise
+            })
+            .collect();
+        let sent = commands(&drain_output(&mut p));
+        assert_eq!(sent.len(), 3, "one MGET, two GETs");
+        feed(&mut p, wire, chunk, &outcomes).expect("replies");
+        assert_eq!(
+            gets[0].value().ok(),
+            Some(Value::from_bulk_bytes(Some(b"a")))
+        );
+        assert!(gets[1].is_pending(), "nil kept (chunk {chunk})");
+        assert!(gets[2].is_resolved(), "an array is not a miss");
+        assert!(gets[3].is_pending(), "nil kept (chunk {chunk})");
+        assert!(alone[0].is_pending(), "a whole nil reply is kept too");
+        assert!(alone[1].is_rejected(), "an error settles");
+        let mut missed = Vec::new();
+        outcomes.drain_misses(|miss| missed.push(miss));
+        let mut slots = Vec::new();
+        for (host, mut waiter) in missed {
+            slots.push((host, waiter.take_miss_slot()));
+            // Once its slot is off, a nil settles the promise.
+            waiter.accept_bulk(None, &outcomes.context(None, "GET"));
+        }
+        let id = Some(1);
+        assert_eq!(slots, [(id, Some(11)), (id, Some(13)), (id, Some(20))]);
+        assert_eq!(gets[1].value().ok(), Some(Value::Nil));
+        assert_eq!(alone[0].value().ok(), Some(Value::Nil));
+        assert!(outcomes.misses.borrow().is_empty());
+        assert!(outcomes.failures.borrow().is_some(), "the ERR is the map's");
+    }
+}
+
+/// A flagged waiter whose context has no miss list (a reply settled
+/// outside a session) settles its nil as usual; a waiter not flagged never
+/// lands in the misses.
+#[test]
+fn only_a_migrating_get_in_a_session_keeps_its_nil() {
+    let outcomes = Failures::default();
+    let plain: Promise<Value> = Promise::new();
+    plain
+        .sink()
+        .accept_bulk(None, &outcomes.context(None, "GET"));
+    assert_eq!(plain.value().ok(), Some(Value::Nil));
+    let flagged: Promise<Value> = Promise::new();
+    let failures = std::cell::RefCell::new(None);
+    let no_list = crate::promise::ReplyContext {
+        host: None,
+        command: "GET",
+        failures: &failures,
+        misses: None,
+    };
+    flagged
+        .sink()
+        .for_migrating_get(0)
+        .accept(Ok(Value::Nil), &no_list);
+    assert_eq!(flagged.value().ok(), Some(Value::Nil));
+    assert!(outcomes.misses.borrow().is_empty());
 }

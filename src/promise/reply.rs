@@ -575,6 +575,7 @@ mod tests {
             host: None,
             command: "INCR",
             failures: &failures,
+            misses: None,
         };
         slot.accept(0, Ok(Value::Int(7)), &ctx);
         // A late second reply (after a timeout settled it) changes nothing.
@@ -590,6 +591,7 @@ mod tests {
             host: None,
             command: "GET",
             failures: &failures,
+            misses: None,
         };
         slot.accept_bulk(0, Some(b"not a number"), &ctx);
         let err = Reply::from_slot(slot, Arc::new(()), Duration::ZERO)
