@@ -403,6 +403,32 @@ pub(crate) struct Outcomes {
 /// and a waiter for the GET's promise.
 pub(crate) type Miss = (Option<crate::error::HostId>, Waiter);
 
+thread_local! {
+    /// The room of the last migrating session's miss list (a session is
+    /// made per map: growing the list anew for each cost more than the
+    /// misses' own work).
+    static SPARE_MISSES: RefCell<Vec<Miss>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Drop for Outcomes {
+    fn drop(&mut self) {
+        let mut misses = std::mem::take(self.misses.get_mut());
+        if misses.capacity() == 0 {
+            return;
+        }
+        misses.clear();
+        misses.shrink_to(1 << 16);
+        // A thread's exit may find the spare gone: the list just goes.
+        let _ = SPARE_MISSES.try_with(|spare| {
+            if let Ok(mut spare) = spare.try_borrow_mut() {
+                if spare.capacity() < misses.capacity() {
+                    *spare = misses;
+                }
+            }
+        });
+    }
+}
+
 impl Outcomes {
     /// The context of a reply from `host` to `command`.
     pub(crate) fn context<'a>(
@@ -603,6 +629,14 @@ impl Waiter {
         let Ok(mut misses) = misses.try_borrow_mut() else {
             return false;
         };
+        if misses.capacity() == 0 {
+            // The first miss of this session: the last one's room.
+            let spare =
+                SPARE_MISSES.try_with(|s| s.try_borrow_mut().map(|mut s| std::mem::take(&mut *s)));
+            if let Ok(Ok(spare)) = spare {
+                *misses = spare;
+            }
+        }
         sink.retain(self.index);
         let waiter = Waiter {
             sink: Sink::Local(sink.clone()),
@@ -909,6 +943,33 @@ mod tests {
         drop(waiter);
         assert_eq!(Rc::strong_count(&value), 1, "dropped with the last handle");
         assert!(neighbours.iter().all(Promise::is_pending));
+    }
+
+    /// A session's miss list gives its room to the next session on the
+    /// thread, and its waiters' handles go with it (a map dropped before
+    /// its misses were asked of the old owners leaks nothing).
+    #[test]
+    fn a_miss_list_is_reused_and_lets_its_promises_go() {
+        let first = Outcomes::default();
+        let promises: Vec<Promise<Value>> = (0..100).map(|_| Promise::new()).collect();
+        for (slot, p) in promises.iter().enumerate() {
+            let waiter = p.sink().for_migrating_get(slot as u32);
+            waiter.accept_bulk(None, &first.context(None, "GET"));
+        }
+        assert_eq!(first.misses.borrow().len(), 100);
+        assert!(promises.iter().all(Promise::is_pending));
+        assert!(promises.iter().all(|p| p.block.is_watched(p.index)));
+        drop(first);
+        assert!(
+            promises.iter().all(|p| !p.block.is_watched(p.index)),
+            "only the caller's handle is left"
+        );
+        let next = Outcomes::default();
+        let p: Promise<Value> = Promise::new();
+        p.sink()
+            .for_migrating_get(0)
+            .accept(Ok(Value::Nil), &next.context(None, "GET"));
+        assert!(next.misses.borrow().capacity() >= 100, "the room is reused");
     }
 
     #[test]
