@@ -97,7 +97,7 @@ impl Dispatch {
     /// (fallback reads, moves, deletes), and joins again.
     fn join(&mut self) {
         let deadline = self.session.deadline();
-        self.join_then_steps(deadline, Session::join);
+        self.join_then_steps(deadline, Session::join_with);
     }
 
     /// Rejects everything outstanding, in the session and (migrating)
@@ -126,7 +126,9 @@ impl Dispatch {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        self.join_then_steps(steps_deadline, |s| s.join_by(deadline, budget));
+        self.join_then_steps(steps_deadline, |s, between| {
+            s.join_by(deadline, budget, between)
+        });
     }
 
     /// Joins with `join`; on a migrating cluster, then runs the steps left
@@ -135,17 +137,20 @@ impl Dispatch {
     fn join_then_steps(
         &mut self,
         steps_deadline: Option<std::time::Instant>,
-        join: impl Fn(&mut Session),
+        join: impl Fn(&mut Session, &mut dyn FnMut(&mut Session)),
     ) {
-        join(&mut self.session);
         let Some(m) = &self.migration else {
-            return;
+            return join(&mut self.session, &mut |_| {});
         };
+        // GETs that missed are asked of their old owners as their misses
+        // come in, while the map's other reads are still on their way.
+        let mut ask_early = |s: &mut Session| migrating::ask_old_owners(m, s);
+        join(&mut self.session, &mut ask_early);
         let _bounded = StepsDeadline::set(steps_deadline);
         if migrating::run_followups(m, &self.runs, &mut self.session) {
-            join(&mut self.session);
+            join(&mut self.session, &mut ask_early);
             if migrating::settle_fallbacks(m, &mut self.session) {
-                join(&mut self.session);
+                join(&mut self.session, &mut ask_early);
                 migrating::settle_rechecks(m);
             }
         }
@@ -811,7 +816,7 @@ impl LocalClient {
             // A migrating map's step after its join: bounded by the map.
             Some(d) => {
                 let left = d.saturating_duration_since(std::time::Instant::now());
-                session.join_by(Some(d), Some(left));
+                session.join_by(Some(d), Some(left), &mut |_| {});
             }
             None => session.join(),
         }

@@ -134,31 +134,55 @@ impl Slot {
 #[derive(Default)]
 struct SlotIndex {
     dense: Vec<usize>,
+    /// Ids from [`SECOND_BASE`] on, by their distance from it (a migrating
+    /// map's old hosts join its session there).
+    second: Vec<usize>,
     sparse: HashMap<HostId, usize>,
 }
 
-/// Ids below this are found through a vector.
+/// Ids below this (from 0, and from [`SECOND_BASE`]) are found through a
+/// vector.
 const DENSE_IDS: usize = 1024;
 
+/// Where a second cluster's ids start in a session that has two.
+pub(crate) const SECOND_BASE: HostId = 1 << 31;
+
 impl SlotIndex {
+    /// The vector and place for `id`, when it has one.
+    fn dense_place(id: HostId) -> Option<(bool, usize)> {
+        let (second, offset) = match id.checked_sub(SECOND_BASE) {
+            Some(offset) => (true, offset as usize),
+            None => (false, id as usize),
+        };
+        (offset < DENSE_IDS).then_some((second, offset))
+    }
+
     fn get(&self, id: HostId) -> Option<usize> {
-        let id = id as usize;
-        if id < DENSE_IDS {
-            self.dense.get(id).copied().filter(|&i| i != usize::MAX)
-        } else {
-            self.sparse.get(&(id as HostId)).copied()
+        match Self::dense_place(id) {
+            Some((second, i)) => {
+                let dense = if second { &self.second } else { &self.dense };
+                dense.get(i).copied().filter(|&i| i != usize::MAX)
+            }
+            None => self.sparse.get(&id).copied(),
         }
     }
 
     fn insert(&mut self, id: HostId, slot: usize) {
-        let i = id as usize;
-        if i < DENSE_IDS {
-            if self.dense.len() <= i {
-                self.dense.resize(i + 1, usize::MAX);
+        match Self::dense_place(id) {
+            Some((second, i)) => {
+                let dense = if second {
+                    &mut self.second
+                } else {
+                    &mut self.dense
+                };
+                if dense.len() <= i {
+                    dense.resize(i + 1, usize::MAX);
+                }
+                dense[i] = slot;
             }
-            self.dense[i] = slot;
-        } else {
-            self.sparse.insert(id, slot);
+            None => {
+                self.sparse.insert(id, slot);
+            }
         }
     }
 }
@@ -482,13 +506,25 @@ impl Session {
 
     /// Waits until every request is settled or the deadline passed.
     pub(crate) fn join(&mut self) {
-        self.drive(|s| s.active_count() == 0);
+        self.join_with(&mut |_| {});
+    }
+
+    /// [`Session::join`], calling `between` before each turn of the loop
+    /// (a migrating map asks old owners for the misses so far while the
+    /// rest of its reads are still on their way).
+    pub(crate) fn join_with(&mut self, between: &mut dyn FnMut(&mut Session)) {
+        self.drive_with(|s| s.active_count() == 0, between);
     }
 
     /// [`Session::join`] by `deadline` too (whichever comes first; `budget`
     /// is what a timeout error then reports), for a mapping client joined
     /// more than once. Afterwards a host that failed may be tried again.
-    pub(crate) fn join_by(&mut self, deadline: Option<Instant>, budget: Option<Duration>) {
+    pub(crate) fn join_by(
+        &mut self,
+        deadline: Option<Instant>,
+        budget: Option<Duration>,
+        between: &mut dyn FnMut(&mut Session),
+    ) {
         let own = (self.opts.deadline, self.opts.budget);
         if let Some(d) = deadline {
             if own.0.map_or(true, |o| d < o) {
@@ -496,7 +532,7 @@ impl Session {
                 self.opts.budget = budget;
             }
         }
-        self.join();
+        self.join_with(between);
         (self.opts.deadline, self.opts.budget) = own;
         self.forget_failed_hosts();
     }
@@ -546,7 +582,17 @@ impl Session {
 
     /// Runs the loop until `done` holds, rejecting on deadlines.
     fn drive(&mut self, done: impl Fn(&Session) -> bool) {
+        self.drive_with(done, &mut |_| {});
+    }
+
+    /// [`Session::drive`], calling `between` at the top of each round.
+    fn drive_with(
+        &mut self,
+        done: impl Fn(&Session) -> bool,
+        between: &mut dyn FnMut(&mut Session),
+    ) {
         loop {
+            between(self);
             self.write_all();
             if !self.opts.keep_idle {
                 self.release_idle();
@@ -1166,5 +1212,23 @@ mod tests {
         assert_eq!(index.get(3), Some(2));
         assert_eq!(index.get(4), None);
         assert!(index.dense.len() <= 4, "dense part: {}", index.dense.len());
+    }
+
+    /// A second cluster's ids (from `SECOND_BASE`) have a vector of their
+    /// own, apart from the first's; past its range they go to the map.
+    #[test]
+    fn a_second_clusters_ids_are_dense_too() {
+        let mut index = SlotIndex::default();
+        index.insert(3, 0);
+        index.insert(SECOND_BASE + 3, 1);
+        index.insert(SECOND_BASE + 5_000, 2);
+        index.insert(SECOND_BASE - 1, 3);
+        assert_eq!(index.get(3), Some(0));
+        assert_eq!(index.get(SECOND_BASE + 3), Some(1));
+        assert_eq!(index.get(SECOND_BASE + 5_000), Some(2));
+        assert_eq!(index.get(SECOND_BASE - 1), Some(3));
+        assert_eq!(index.get(SECOND_BASE + 4), None);
+        assert_eq!((index.dense.len(), index.second.len()), (4, 4));
+        assert_eq!(index.sparse.len(), 2);
     }
 }

@@ -43,7 +43,7 @@ use super::{AsyncClient, Dispatch};
 
 /// Where a migrating map's session reaches the old cluster's hosts: at
 /// their id plus this.
-pub(super) const OLD_HOSTS: HostId = 1 << 31;
+pub(super) const OLD_HOSTS: HostId = crate::event_loop::SECOND_BASE;
 
 /// Who gets a command's final reply.
 pub(super) type Sink = Box<dyn FnOnce(Result<Value>)>;
@@ -122,6 +122,9 @@ pub(super) struct Migration {
     new_router: Arc<dyn Router>,
     /// The map's GETs.
     reads: Rc<ReadTable>,
+    /// Old hosts asked for GETs that missed, and how many GETs, since the
+    /// last join's steps (see [`ask_old_owners`]).
+    asked: RefCell<(BTreeSet<HostId>, u64)>,
 }
 
 impl Migration {
@@ -131,6 +134,7 @@ impl Migration {
     /// session's to cancel.
     pub(super) fn cancel(&self, session: &Session, runs: &Runs, error: &Error) {
         self.reads.cancel(session, error, &self.failures);
+        *self.asked.borrow_mut() = Default::default();
         let work = std::mem::take(&mut *self.work.borrow_mut());
         for f in work.fallbacks {
             (f.sink)(Err(error.clone()));
@@ -202,6 +206,7 @@ impl Migration {
             failures: super::Failures::default(),
             new_router: cluster.router()?,
             reads: Rc::new(ReadTable::new()),
+            asked: RefCell::default(),
         }))
     }
 
@@ -262,6 +267,8 @@ struct ReadTable {
     /// The GETs that missed. Entries change through `Cell`s, so a reply
     /// may arrive (the session reads while it sends) while they are read.
     missed: RefCell<Vec<ReadEntry>>,
+    /// Entries before this one were asked of their old owners (or settled).
+    asked_up_to: std::cell::Cell<usize>,
 }
 
 struct ReadEntry {
@@ -299,6 +306,7 @@ impl ReadTable {
         ReadTable {
             keys: RefCell::new(GetKeys { bytes, ends }),
             missed: RefCell::new(missed),
+            asked_up_to: std::cell::Cell::new(0),
         }
     }
 }
@@ -414,7 +422,10 @@ impl ReadTable {
         let ctx = own_context(&m.failures);
         let (missed, keys) = (self.missed.borrow(), self.keys.borrow());
         let mut count = 0;
-        for (index, entry) in missed.iter().enumerate() {
+        // The hosts asked, few: a list, not a set insert per read.
+        let mut hosts: Vec<HostId> = Vec::new();
+        let from = self.asked_up_to.replace(missed.len());
+        for (index, entry) in missed.iter().enumerate().skip(from) {
             if entry.state.get() != ReadState::MissedNew {
                 continue;
             }
@@ -426,7 +437,9 @@ impl ReadTable {
                     // Indexes fit in u32: there are fewer than GET slots.
                     let waiter = Waiter::new(sink, index as u32);
                     session.enqueue(OLD_HOSTS + old, &Cmd::get_command().arg(key), waiter);
-                    asked.insert(old);
+                    if !hosts.contains(&old) {
+                        hosts.push(old);
+                    }
                     count += 1;
                 }
                 // The key's owner did not change: a real miss.
@@ -444,6 +457,7 @@ impl ReadTable {
                 }
             }
         }
+        asked.extend(hosts);
         count
     }
 
@@ -513,6 +527,7 @@ impl ReadTable {
         let mut missed = self.missed.borrow_mut();
         if missed.iter().all(|e| e.state.get() == ReadState::Done) {
             missed.clear();
+            self.asked_up_to.set(0);
             let mut keys = self.keys.borrow_mut();
             keys.bytes.clear();
             keys.ends.clear();
@@ -753,11 +768,9 @@ fn join_parts(kind: MultiKey, replies: Vec<Value>) -> Value {
 /// Runs what a migrating map left for after its join; returns whether it
 /// ran anything (then the map joins again: nothing here enqueues into it).
 pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -> bool {
-    // GETs that missed: asked of the old owners in this same session
-    // (their hosts are in it at OLD_HOSTS + id), batched per host.
-    m.reads.absorb(m, session);
-    let mut asked_hosts = BTreeSet::new();
-    let asked = m.reads.ask_old(m, session, &mut asked_hosts);
+    // GETs that missed and were not asked yet.
+    ask_old_owners(m, session);
+    let (mut asked_hosts, asked) = std::mem::take(&mut *m.asked.borrow_mut());
     let work = std::mem::take(&mut *m.work.borrow_mut());
     let runs = std::mem::take(&mut *runs.borrow_mut());
     if work.is_empty() && runs.is_empty() && asked == 0 {
@@ -886,6 +899,18 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
         }
     }
     true
+}
+
+/// Asks the old owners of the GETs that missed so far (in `session`: the
+/// old hosts are in it at OLD_HOSTS + id; batched per host), during the
+/// join that reads the rest: a map of misses takes about one round trip
+/// more than a plain one, not two. The old hosts' write epochs are read
+/// after the join (see [`settle_fallbacks`]), after every such read.
+pub(super) fn ask_old_owners(m: &Migration, session: &mut Session) {
+    m.reads.absorb(m, session);
+    let mut asked = m.asked.borrow_mut();
+    let (hosts, count) = &mut *asked;
+    *count += m.reads.ask_old(m, session, hosts);
 }
 
 /// Hands the old owners' answers (after the join that read them) to the
