@@ -143,6 +143,12 @@ fn next_part(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((bytes, body.get(len + 2..)?))
 }
 
+/// The first part of encoded parts (`$<len>\r\n<bytes>\r\n...`), as
+/// [`Cmd::encoded_args`] gives them.
+pub(crate) fn first_encoded_part(encoded: &[u8]) -> Option<&[u8]> {
+    next_part(encoded).map(|(part, _)| part)
+}
+
 /// Iterates over the parts of an encoded buffer.
 struct Parts<'a> {
     rest: &'a [u8],

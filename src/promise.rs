@@ -417,7 +417,8 @@ impl Drop for Outcomes {
             return;
         }
         misses.clear();
-        misses.shrink_to(1 << 16);
+        // As much as a migrating map keeps for its other buffers.
+        misses.shrink_to((1 << 20) / std::mem::size_of::<Miss>());
         // A thread's exit may find the spare gone: the list just goes.
         let _ = SPARE_MISSES.try_with(|spare| {
             if let Ok(mut spare) = spare.try_borrow_mut() {

@@ -221,7 +221,9 @@ impl Migration {
 /// A map's GET keys, one after another, and where each ends. A GET's
 /// waiter carries its place here (see [`Waiter::for_migrating_get`]): a hit
 /// settles its promise as a plain map's GET does, and only a miss looks
-/// its key up, after the join.
+/// its key up, after the join. Keys are kept as the GET's encoded
+/// argument (`$<len>\r\n<key>\r\n`): a copy, where taking the key out
+/// would cost every GET a parse that only misses need.
 #[derive(Default)]
 struct GetKeys {
     bytes: Vec<u8>,
@@ -229,18 +231,24 @@ struct GetKeys {
 }
 
 impl GetKeys {
-    /// Adds `key`; its slot, or `None` past 2^32 keys or bytes.
+    /// Adds the encoded arguments of a GET; its slot, or `None` past 2^32
+    /// GETs or 4 GiB of keys in one map.
     #[inline]
-    fn push(&mut self, key: &[u8]) -> Option<u32> {
+    fn push(&mut self, encoded: &[u8]) -> Option<u32> {
         let slot = u32::try_from(self.ends.len()).ok()?;
-        let end = u32::try_from(self.bytes.len() + key.len()).ok()?;
-        self.bytes.extend_from_slice(key);
+        let end = u32::try_from(self.bytes.len() + encoded.len()).ok()?;
+        self.bytes.extend_from_slice(encoded);
         self.ends.push(end);
         Some(slot)
     }
 
     /// The key in `slot`.
     fn key(&self, slot: u32) -> &[u8] {
+        crate::cmd::first_encoded_part(self.encoded(slot)).unwrap_or_default()
+    }
+
+    /// The encoded arguments in `slot`.
+    fn encoded(&self, slot: u32) -> &[u8] {
         let slot = slot as usize;
         let start = match slot.checked_sub(1) {
             Some(before) => self.ends.get(before).copied().unwrap_or(0),
@@ -260,7 +268,7 @@ impl GetKeys {
 /// the final reply to the GET's own waiter (so its promise converts it as
 /// a plain GET's would). The buffers are kept between maps on the thread
 /// (growing them anew for each map cost more than all else a hit adds),
-/// up to [`ReadTable::KEEP`] GETs.
+/// up to [`KEEP_BYTES`] each.
 #[derive(Default)]
 struct ReadTable {
     keys: RefCell<GetKeys>,
@@ -281,6 +289,11 @@ struct ReadEntry {
     state: std::cell::Cell<ReadState>,
 }
 
+/// The room a buffer kept for the thread's next map may have: a thread
+/// keeps at most about 4 MiB for maps (this, three times, and a session's
+/// miss list), whatever the largest map it ran.
+const KEEP_BYTES: usize = 1 << 20;
+
 /// Buffers of a [`ReadTable`] kept for the thread's next map.
 type SpareReads = (Vec<u8>, Vec<u32>, Vec<ReadEntry>);
 
@@ -290,10 +303,6 @@ thread_local! {
 }
 
 impl ReadTable {
-    /// GETs (and 32 times as many key bytes) whose room a kept table
-    /// keeps.
-    const KEEP: usize = 1 << 16;
-
     /// An empty table, on buffers kept from an earlier map when there are.
     fn new() -> ReadTable {
         let spare = SPARE_READS
@@ -319,9 +328,9 @@ impl Drop for ReadTable {
         bytes.clear();
         ends.clear();
         missed.clear();
-        bytes.shrink_to(Self::KEEP * 32);
-        ends.shrink_to(Self::KEEP);
-        missed.shrink_to(Self::KEEP);
+        bytes.shrink_to(KEEP_BYTES);
+        ends.shrink_to(KEEP_BYTES / std::mem::size_of::<u32>());
+        missed.shrink_to(KEEP_BYTES / std::mem::size_of::<ReadEntry>());
         // Plain buffers: a pair that cannot be kept (a thread's exit, a
         // spare already there) just goes.
         let _ = SPARE_READS.try_with(|spare| {
@@ -360,6 +369,20 @@ fn own_context(failures: &RefCell<Option<Error>>) -> ReplyContext<'_> {
     }
 }
 
+/// Settles `waiter` with the final nil of a GET whose key is nowhere,
+/// naming the key's new owner `host` (where a conversion to a type nil
+/// does not fit then fails).
+fn settle_final_nil(m: &Migration, host: HostId, waiter: Waiter) {
+    let info = m.new.host(host).ok();
+    let ctx = ReplyContext {
+        host: info.as_deref().map(crate::config::HostInfo::name),
+        command: "GET",
+        failures: &m.failures,
+        misses: None,
+    };
+    waiter.accept_bulk(None, &ctx);
+}
+
 impl ReadTable {
     /// Takes in the GETs that missed on their new owners (from `session`).
     fn absorb(&self, m: &Migration, session: &Session) {
@@ -373,7 +396,9 @@ impl ReadTable {
             // The host that answered, when it is one of the new cluster's.
             let host = match host.filter(|&h| h < OLD_HOSTS) {
                 Some(host) => Ok(host),
-                None => m.new_router.host_for_key(keys.key(slot)),
+                None => m
+                    .new_router
+                    .host_for_command(&Cmd::get_command().arg(keys.key(slot))),
             };
             match host {
                 Ok(host) => missed.push(ReadEntry {
@@ -446,7 +471,7 @@ impl ReadTable {
                 Ok(None) => {
                     entry.state.set(ReadState::Done);
                     if let Some(w) = entry.waiter.take() {
-                        w.accept_bulk(None, &ctx);
+                        settle_final_nil(m, entry.host, w);
                     }
                 }
                 Err(e) => {
@@ -472,7 +497,6 @@ impl ReadTable {
         session: &mut Session,
         forward: &mut BTreeMap<HostId, Vec<(Vec<u8>, HostId)>>,
     ) -> (u64, u64) {
-        let ctx = own_context(&m.failures);
         let copy_forward = m.new.copies_forward();
         let (missed, keys) = (self.missed.borrow(), self.keys.borrow());
         let (mut hits, mut rechecks) = (0, 0);
@@ -489,7 +513,7 @@ impl ReadTable {
                 ReadState::MissedOld(old) if unchanged.contains(&old) => {
                     entry.state.set(ReadState::Done);
                     if let Some(w) = entry.waiter.take() {
-                        w.accept_bulk(None, &ctx);
+                        settle_final_nil(m, entry.host, w);
                     }
                 }
                 ReadState::MissedOld(_) => {
@@ -594,10 +618,8 @@ impl Dispatch {
         }
         if cmd.common() == crate::cmd::Common::Get {
             // GET's nil means exactly "no such key": its reply decides.
-            let routed =
-                keyspec::single_key(&cmd).and_then(|key| Ok((self.router.host_for_key(key)?, key)));
-            return match routed {
-                Ok((host, key)) => self.migrating_read(host, key, &cmd),
+            return match self.router.host_for_command(&cmd) {
+                Ok(host) => self.migrating_read(host, &cmd),
                 Err(e) => self.reject(e),
             };
         }
@@ -662,21 +684,17 @@ impl Dispatch {
         out
     }
 
-    /// A GET of `key`, routed to `host`: to the new owner through the
-    /// map's read table for `T`; the old owner is looked up only for a
-    /// miss, after the join.
-    fn migrating_read<T: FromValue + 'static>(
-        &mut self,
-        host: HostId,
-        key: &[u8],
-        cmd: &Cmd,
-    ) -> Promise<T> {
+    /// A GET routed to `host`: to the new owner, its key noted in the
+    /// map's read table; the old owner is looked up only for a miss.
+    fn migrating_read<T: FromValue + 'static>(&mut self, host: HostId, cmd: &Cmd) -> Promise<T> {
         let slot = match &self.migration {
-            Some(m) => m.reads.keys.borrow_mut().push(key),
+            Some(m) => m.reads.keys.borrow_mut().push(cmd.encoded_args()),
             None => return self.send(host, cmd),
         };
         let Some(slot) = slot else {
-            return self.reject(Error::config("too many reads in one map"));
+            return self.reject(Error::config(
+                "too many GETs in one map (2^32, or 4 GiB of keys): join in between",
+            ));
         };
         let out = Promise::new();
         let waiter = out.sink().for_migrating_get(slot);
@@ -1300,26 +1318,27 @@ pub(super) fn move_in_transit<'k>(
 mod tests {
     use super::ReadTable;
 
-    /// Keys come back by slot, and two maps' tables dropped one after the
-    /// other on a thread keep one set of buffers. (A first version kept
-    /// the spare as a type with this `Drop`: the second set, refused, went
-    /// through it again, which recursed until the stack overflowed; seen
-    /// as a crash of an example and reproduced here.)
+    /// Keys (pushed as a GET's encoded argument) come back by slot, and
+    /// two maps' tables dropped one after the other on a thread keep one
+    /// set of buffers. (A first version kept the spare as a type with this
+    /// `Drop`: the second set, refused, went through it again, which
+    /// recursed until the stack overflowed; seen as a crash of an example
+    /// and reproduced here.)
     #[test]
     fn get_keys_by_slot_and_buffers_kept_once() {
         let run = || {
             let (a, b) = (ReadTable::new(), ReadTable::new());
             {
                 let mut keys = a.keys.borrow_mut();
-                assert_eq!(keys.push(b"first"), Some(0));
-                assert_eq!(keys.push(b""), Some(1));
-                assert_eq!(keys.push(b"third"), Some(2));
+                assert_eq!(keys.push(b"$5\r\nfirst\r\n"), Some(0));
+                assert_eq!(keys.push(b"$0\r\n\r\n"), Some(1));
+                assert_eq!(keys.push(b"$5\r\nthird\r\n"), Some(2));
                 assert_eq!(
                     (keys.key(0), keys.key(1), keys.key(2), keys.key(3)),
                     (&b"first"[..], &b""[..], &b"third"[..], &b""[..])
                 );
             }
-            assert_eq!(b.keys.borrow_mut().push(b"other"), Some(0));
+            assert_eq!(b.keys.borrow_mut().push(b"$5\r\nother\r\n"), Some(0));
             drop(a);
             drop(b);
             let again = ReadTable::new();
