@@ -37,21 +37,9 @@ unsafe impl GlobalAlloc for Counting {
 static COUNTING: Counting = Counting;
 
 mod common;
-use common::host_of;
+use common::{host_of, over_unix as over};
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands, HostConfig, RouterKind};
-
-fn over(setup: &TestSetup, n: usize, from: Option<&Cluster>) -> Cluster {
-    let mut b = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..n {
-        let path = setup.socket(i).to_string_lossy().into_owned();
-        b = b.host(i as u32, HostConfig::new().unix_socket_path(path));
-    }
-    if let Some(old) = from {
-        b = b.migrating_from(old);
-    }
-    b.build().expect("cluster")
-}
+use rb::{Cluster, Commands};
 
 /// Bytes a thread still holds after one map over `cluster` of GETs of
 /// `keys`, and after the thread's exit.
