@@ -7,7 +7,7 @@ mod common;
 use common::host_of;
 use common::over_unix as over;
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands};
+use rb::{Cluster, Commands, Execute};
 
 /// Keys `prefix0..` whose owner changes, `n` of them.
 fn moving_keys(old: &Cluster, new: &Cluster, prefix: &str, n: usize) -> Vec<String> {
@@ -118,4 +118,28 @@ fn a_key_moved_between_the_two_reads_is_found_with_a_known_epoch() {
         "nil for a key that always existed"
     );
     assert_eq!(rechecks(&new), before + 1);
+}
+
+/// A GET of two arguments in a migrating map gets the server's error, as
+/// in a plain map, and its neighbours their own replies (the read table
+/// keeps one-argument GETs only).
+#[test]
+fn a_get_of_two_arguments_gets_the_servers_error() {
+    let setup = TestSetup::new(3, 1).expect("servers");
+    let old = over(&setup, 2, None);
+    let new = over(&setup, 3, Some(&old));
+    let keys = moving_keys(&old, &new, "two", 2);
+    new.map(|c| {
+        c.set(&keys[0], "v");
+    })
+    .expect("SET");
+    let m = new.mapping_client(rb::MapOptions::default());
+    let bad = m.execute::<rb::Value>(rb::cmd("GET").arg(&keys[0]).arg(&keys[1]));
+    let good = m.get(&keys[0]);
+    let missing = m.get(&keys[1]);
+    assert!(m.join(None).is_err(), "the bad GET is the map's failure");
+    let e = bad.value().expect_err("wrong number of arguments");
+    assert!(e.to_string().contains("wrong number"), "{e}");
+    assert_eq!(good.value().expect("GET"), Some(b"v".to_vec()));
+    assert_eq!(missing.value().expect("GET"), None);
 }

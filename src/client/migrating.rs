@@ -120,6 +120,8 @@ pub(super) struct Migration {
     pub(super) failures: super::Failures,
     /// The new cluster's router (a GET that missed is routed again).
     new_router: Arc<dyn Router>,
+    /// The new cluster's hosts' names, for the errors the map makes.
+    new_names: BTreeMap<HostId, crate::error::HostName>,
     /// The map's GETs.
     reads: Rc<ReadTable>,
     /// Old hosts asked for GETs that missed, and how many GETs, since the
@@ -205,6 +207,11 @@ impl Migration {
             rechecks: RefCell::default(),
             failures: super::Failures::default(),
             new_router: cluster.router()?,
+            new_names: cluster
+                .hosts()
+                .iter()
+                .map(|h| (h.name().id, h.name().clone()))
+                .collect(),
             reads: Rc::new(ReadTable::new()),
             asked: RefCell::default(),
         }))
@@ -373,9 +380,8 @@ fn own_context(failures: &RefCell<Option<Error>>) -> ReplyContext<'_> {
 /// naming the key's new owner `host` (where a conversion to a type nil
 /// does not fit then fails).
 fn settle_final_nil(m: &Migration, host: HostId, waiter: Waiter) {
-    let info = m.new.host(host).ok();
     let ctx = ReplyContext {
-        host: info.as_deref().map(crate::config::HostInfo::name),
+        host: m.new_names.get(&host),
         command: "GET",
         failures: &m.failures,
         misses: None,
@@ -461,7 +467,8 @@ impl ReadTable {
                     let sink: Rc<dyn ReplySink> = self.clone();
                     // Indexes fit in u32: there are fewer than GET slots.
                     let waiter = Waiter::new(sink, index as u32);
-                    session.enqueue(OLD_HOSTS + old, &Cmd::get_command().arg(key), waiter);
+                    let get = Cmd::get_encoded(keys.encoded(entry.slot));
+                    session.enqueue(OLD_HOSTS + old, &get, waiter);
                     if !hosts.contains(&old) {
                         hosts.push(old);
                     }
@@ -520,7 +527,7 @@ impl ReadTable {
                     entry.state.set(ReadState::Rechecking);
                     let sink: Rc<dyn ReplySink> = self.clone();
                     let waiter = Waiter::new(sink, index as u32);
-                    let get = Cmd::get_command().arg(keys.key(entry.slot));
+                    let get = Cmd::get_encoded(keys.encoded(entry.slot));
                     session.enqueue(entry.host, &get, waiter);
                     rechecks += 1;
                 }
@@ -687,6 +694,11 @@ impl Dispatch {
     /// A GET routed to `host`: to the new owner, its key noted in the
     /// map's read table; the old owner is looked up only for a miss.
     fn migrating_read<T: FromValue + 'static>(&mut self, host: HostId, cmd: &Cmd) -> Promise<T> {
+        if cmd.arg_count() != 1 {
+            // Not a GET the server takes: its error, as in a plain map (the
+            // read table keeps one-argument GETs only: see Cmd::get_encoded).
+            return self.send(host, cmd);
+        }
         let slot = match &self.migration {
             Some(m) => m.reads.keys.borrow_mut().push(cmd.encoded_args()),
             None => return self.send(host, cmd),
