@@ -143,10 +143,10 @@ fn next_part(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((bytes, body.get(len + 2..)?))
 }
 
-/// The first part of encoded parts (`$<len>\r\n<bytes>\r\n...`), as
-/// [`Cmd::encoded_args`] gives them.
-pub(crate) fn first_encoded_part(encoded: &[u8]) -> Option<&[u8]> {
-    next_part(encoded).map(|(part, _)| part)
+/// The first part of encoded parts (`$<len>\r\n<bytes>\r\n...`, as
+/// [`Cmd::encoded_args`] gives them) and the rest after it.
+pub(crate) fn split_first_encoded(encoded: &[u8]) -> Option<(&[u8], &[u8])> {
+    next_part(encoded)
 }
 
 /// Iterates over the parts of an encoded buffer.

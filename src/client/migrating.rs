@@ -225,46 +225,40 @@ impl Migration {
     }
 }
 
-/// A map's GET keys, one after another, and where each ends. A GET's
-/// waiter carries its place here (see [`Waiter::for_migrating_get`]): a hit
-/// settles its promise as a plain map's GET does, and only a miss looks
-/// its key up, after the join. Keys are kept as the GET's encoded
-/// argument (`$<len>\r\n<key>\r\n`): a copy, where taking the key out
-/// would cost every GET a parse that only misses need.
+/// A map's GET keys, one after another. A GET's waiter carries its key's
+/// place here (see [`Waiter::for_migrating_get`]): a hit settles its
+/// promise as a plain map's GET does, and only a miss looks its key up,
+/// after the join. Keys are kept as the GET's encoded argument
+/// (`$<len>\r\n<key>\r\n`, which says where it ends): a copy, where taking
+/// the key out would cost every GET a parse that only misses need.
 #[derive(Default)]
 struct GetKeys {
     bytes: Vec<u8>,
-    ends: Vec<u32>,
 }
 
 impl GetKeys {
-    /// Adds the encoded arguments of a GET; its slot, or `None` past 2^32
-    /// GETs or 4 GiB of keys in one map.
+    /// Adds the encoded argument of a GET; its place, or `None` past 4 GiB
+    /// of keys in one map.
     #[inline]
     fn push(&mut self, encoded: &[u8]) -> Option<u32> {
-        let slot = u32::try_from(self.ends.len()).ok()?;
-        let end = u32::try_from(self.bytes.len() + encoded.len()).ok()?;
+        let slot = u32::try_from(self.bytes.len()).ok()?;
+        u32::try_from(self.bytes.len() + encoded.len()).ok()?;
         self.bytes.extend_from_slice(encoded);
-        self.ends.push(end);
         Some(slot)
     }
 
-    /// The key in `slot`.
+    /// The key at `slot`.
     fn key(&self, slot: u32) -> &[u8] {
-        crate::cmd::first_encoded_part(self.encoded(slot)).unwrap_or_default()
+        self.at(slot).0
     }
 
-    /// The encoded arguments in `slot`.
-    fn encoded(&self, slot: u32) -> &[u8] {
-        let slot = slot as usize;
-        let start = match slot.checked_sub(1) {
-            Some(before) => self.ends.get(before).copied().unwrap_or(0),
-            None => 0,
-        };
-        let end = self.ends.get(slot).copied().unwrap_or(start);
-        self.bytes
-            .get(start as usize..end as usize)
-            .unwrap_or_default()
+    /// The key at `slot` and its encoded argument.
+    fn at(&self, slot: u32) -> (&[u8], &[u8]) {
+        let from = self.bytes.get(slot as usize..).unwrap_or_default();
+        match crate::cmd::split_first_encoded(from) {
+            Some((key, rest)) => (key, &from[..from.len() - rest.len()]),
+            None => (&[], &[]),
+        }
     }
 }
 
@@ -297,12 +291,12 @@ struct ReadEntry {
 }
 
 /// The room a buffer kept for the thread's next map may have: a thread
-/// keeps at most about 4 MiB for maps (this, three times, and a session's
+/// keeps at most about 3 MiB for maps (this, twice, and a session's
 /// miss list), whatever the largest map it ran.
 const KEEP_BYTES: usize = 1 << 20;
 
 /// Buffers of a [`ReadTable`] kept for the thread's next map.
-type SpareReads = (Vec<u8>, Vec<u32>, Vec<ReadEntry>);
+type SpareReads = (Vec<u8>, Vec<ReadEntry>);
 
 thread_local! {
     /// The last map's emptied read table buffers.
@@ -316,11 +310,11 @@ impl ReadTable {
             .try_with(|spare| spare.try_borrow_mut().ok().and_then(|mut s| s.take()))
             .ok()
             .flatten();
-        let Some((bytes, ends, missed)) = spare else {
+        let Some((bytes, missed)) = spare else {
             return ReadTable::default();
         };
         ReadTable {
-            keys: RefCell::new(GetKeys { bytes, ends }),
+            keys: RefCell::new(GetKeys { bytes }),
             missed: RefCell::new(missed),
             asked_up_to: std::cell::Cell::new(0),
         }
@@ -330,19 +324,17 @@ impl ReadTable {
 impl Drop for ReadTable {
     fn drop(&mut self) {
         let keys = std::mem::take(self.keys.get_mut());
-        let (mut bytes, mut ends) = (keys.bytes, keys.ends);
+        let mut bytes = keys.bytes;
         let mut missed = std::mem::take(self.missed.get_mut());
         bytes.clear();
-        ends.clear();
         missed.clear();
         bytes.shrink_to(KEEP_BYTES);
-        ends.shrink_to(KEEP_BYTES / std::mem::size_of::<u32>());
         missed.shrink_to(KEEP_BYTES / std::mem::size_of::<ReadEntry>());
         // Plain buffers: a pair that cannot be kept (a thread's exit, a
         // spare already there) just goes.
         let _ = SPARE_READS.try_with(|spare| {
             if let Ok(mut spare) = spare.try_borrow_mut() {
-                spare.get_or_insert((bytes, ends, missed));
+                spare.get_or_insert((bytes, missed));
             }
         });
     }
@@ -460,15 +452,14 @@ impl ReadTable {
             if entry.state.get() != ReadState::MissedNew {
                 continue;
             }
-            let key = keys.key(entry.slot);
+            let (key, encoded) = keys.at(entry.slot);
             match m.in_transit(key, entry.host) {
                 Ok(Some(old)) => {
                     entry.state.set(ReadState::AskingOld(old));
                     let sink: Rc<dyn ReplySink> = self.clone();
                     // Indexes fit in u32: there are fewer than GET slots.
                     let waiter = Waiter::new(sink, index as u32);
-                    let get = Cmd::get_encoded(keys.encoded(entry.slot));
-                    session.enqueue(OLD_HOSTS + old, &get, waiter);
+                    session.enqueue(OLD_HOSTS + old, &Cmd::get_encoded(encoded), waiter);
                     if !hosts.contains(&old) {
                         hosts.push(old);
                     }
@@ -527,7 +518,7 @@ impl ReadTable {
                     entry.state.set(ReadState::Rechecking);
                     let sink: Rc<dyn ReplySink> = self.clone();
                     let waiter = Waiter::new(sink, index as u32);
-                    let get = Cmd::get_encoded(keys.encoded(entry.slot));
+                    let get = Cmd::get_encoded(keys.at(entry.slot).1);
                     session.enqueue(entry.host, &get, waiter);
                     rechecks += 1;
                 }
@@ -561,7 +552,6 @@ impl ReadTable {
             self.asked_up_to.set(0);
             let mut keys = self.keys.borrow_mut();
             keys.bytes.clear();
-            keys.ends.clear();
         }
     }
 }
@@ -620,15 +610,15 @@ fn settle_into<T: FromValue + 'static>(out: &Promise<T>, failures: &super::Failu
 impl Dispatch {
     /// Routes `cmd` in a migrating cluster (see the module docs).
     pub(super) fn migrating<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
-        if let Some(kind) = MultiKey::of(&cmd) {
-            return self.migrating_multi(kind, &cmd);
-        }
         if cmd.common() == crate::cmd::Common::Get {
             // GET's nil means exactly "no such key": its reply decides.
             return match self.router.host_for_command(&cmd) {
                 Ok(host) => self.migrating_read(host, &cmd),
                 Err(e) => self.reject(e),
             };
+        }
+        if let Some(kind) = MultiKey::of(&cmd) {
+            return self.migrating_multi(kind, &cmd);
         }
         let routed = self.router.host_for_command(&cmd).and_then(|host| {
             let key = keyspec::single_key(&cmd)?.to_vec();
@@ -1330,7 +1320,7 @@ pub(super) fn move_in_transit<'k>(
 mod tests {
     use super::ReadTable;
 
-    /// Keys (pushed as a GET's encoded argument) come back by slot, and
+    /// Keys (pushed as a GET's encoded argument) come back by place, and
     /// two maps' tables dropped one after the other on a thread keep one
     /// set of buffers. (A first version kept the spare as a type with this
     /// `Drop`: the second set, refused, went through it again, which
@@ -1343,19 +1333,22 @@ mod tests {
             {
                 let mut keys = a.keys.borrow_mut();
                 assert_eq!(keys.push(b"$5\r\nfirst\r\n"), Some(0));
-                assert_eq!(keys.push(b"$0\r\n\r\n"), Some(1));
-                assert_eq!(keys.push(b"$5\r\nthird\r\n"), Some(2));
+                assert_eq!(keys.push(b"$0\r\n\r\n"), Some(11));
+                assert_eq!(keys.push(b"$5\r\nthird\r\n"), Some(17));
                 assert_eq!(
-                    (keys.key(0), keys.key(1), keys.key(2), keys.key(3)),
+                    (keys.key(0), keys.key(11), keys.key(17), keys.key(28)),
                     (&b"first"[..], &b""[..], &b"third"[..], &b""[..])
                 );
+                assert_eq!(keys.at(11), (&b""[..], &b"$0\r\n\r\n"[..]));
+                // A place inside a key is no key (never handed out).
+                assert_eq!(keys.key(3), b"");
             }
             assert_eq!(b.keys.borrow_mut().push(b"$5\r\nother\r\n"), Some(0));
             drop(a);
             drop(b);
             let again = ReadTable::new();
             let keys = again.keys.borrow();
-            assert!(keys.ends.is_empty() && keys.ends.capacity() > 0, "kept");
+            assert!(keys.bytes.is_empty() && keys.bytes.capacity() > 0, "kept");
         };
         // A small stack, so a recursion fails fast.
         std::thread::Builder::new()
