@@ -603,7 +603,8 @@ impl Waiter {
         }
     }
 
-    /// This waiter for a migrating map's GET, the map's `slot`th: a nil
+    /// This waiter for a migrating map's GET, whose key the map keeps at
+    /// `slot` (a place in its key bytes, below `u32::MAX`): a nil
     /// reply does not settle the promise but goes to the session's misses
     /// (the map then asks the key's old owner). A hit costs what a plain
     /// map's GET does: the migrating map needs no record of it.

@@ -695,7 +695,7 @@ impl Dispatch {
         };
         let Some(slot) = slot else {
             return self.reject(Error::config(
-                "too many GETs in one map (2^32, or 4 GiB of keys): join in between",
+                "too many GETs in one map (4 GiB of keys): join in between",
             ));
         };
         let out = Promise::new();
