@@ -4,19 +4,10 @@
 //! between the two reads is found.
 
 mod common;
-use common::host_of;
 use common::over_unix as over;
+use common::{host_of, moving_keys};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, Execute};
-
-/// Keys `prefix0..` whose owner changes, `n` of them.
-fn moving_keys(old: &Cluster, new: &Cluster, prefix: &str, n: usize) -> Vec<String> {
-    (0..)
-        .map(|i| format!("{prefix}{i}"))
-        .filter(|k| host_of(old, k) != host_of(new, k))
-        .take(n)
-        .collect()
-}
 
 fn rechecks(c: &Cluster) -> u64 {
     c.stats().migration.expect("migrating").rechecks

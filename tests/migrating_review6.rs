@@ -7,40 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
-use common::host_of;
+use common::{host_of, moving_keys as moving, over_unix_speaking as over, staying_keys as staying};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, HostConfig, HostId, MapOptions, Protocol, Router, RouterKind, Value};
-
-fn over(setup: &TestSetup, n: usize, from: Option<&Cluster>, protocol: Protocol) -> Cluster {
-    let mut b = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..n {
-        let path = setup.socket(i).to_string_lossy().into_owned();
-        b = b.host(
-            i as u32,
-            HostConfig::new().unix_socket_path(path).protocol(protocol),
-        );
-    }
-    if let Some(old) = from {
-        b = b.migrating_from(old);
-    }
-    b.build().expect("cluster")
-}
-
-fn moving(old: &Cluster, new: &Cluster, prefix: &str, n: usize) -> Vec<String> {
-    (0..)
-        .map(|i| format!("{prefix}{i}"))
-        .filter(|k| host_of(old, k) != host_of(new, k))
-        .take(n)
-        .collect()
-}
-
-fn staying(old: &Cluster, new: &Cluster, prefix: &str, n: usize) -> Vec<String> {
-    (0..)
-        .map(|i| format!("{prefix}{i}"))
-        .filter(|k| host_of(old, k) == host_of(new, k))
-        .take(n)
-        .collect()
-}
 
 /// Keys on their old owner only (value = key), keys on their new owner
 /// (value = key), keys nowhere; GETs of all of them interleaved, in

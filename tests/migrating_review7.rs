@@ -8,23 +8,9 @@
 use std::time::Duration;
 
 mod common;
+use common::over_unix_speaking as over;
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands, HostConfig, HostId, MapOptions, Protocol, RouterKind, Value};
-
-fn over(setup: &TestSetup, n: usize, from: Option<&Cluster>, protocol: Protocol) -> Cluster {
-    let mut b = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..n {
-        let path = setup.socket(i).to_string_lossy().into_owned();
-        b = b.host(
-            i as u32,
-            HostConfig::new().unix_socket_path(path).protocol(protocol),
-        );
-    }
-    if let Some(old) = from {
-        b = b.migrating_from(old);
-    }
-    b.build().expect("cluster")
-}
+use rb::{Cluster, Commands, HostId, MapOptions, Protocol, Value};
 
 fn host(c: &Cluster, key: &[u8]) -> HostId {
     c.router()

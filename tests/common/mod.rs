@@ -76,13 +76,44 @@ pub fn over_tcp(setup: &TestSetup, n: usize) -> Cluster {
 /// A partition cluster over the unix sockets of servers `0..n` of `setup`
 /// (host `i` on server `i`), migrating from `from` if given.
 pub fn over_unix(setup: &TestSetup, n: usize, from: Option<&Cluster>) -> Cluster {
+    over_unix_speaking(setup, n, from, rb::Protocol::default())
+}
+
+/// [`over_unix`] speaking `protocol`.
+pub fn over_unix_speaking(
+    setup: &TestSetup,
+    n: usize,
+    from: Option<&Cluster>,
+    protocol: rb::Protocol,
+) -> Cluster {
     let mut b = Cluster::builder().router(RouterKind::Partition);
     for i in 0..n {
         let path = setup.socket(i).to_string_lossy().into_owned();
-        b = b.host(i as u32, HostConfig::new().unix_socket_path(path));
+        b = b.host(
+            i as u32,
+            HostConfig::new().unix_socket_path(path).protocol(protocol),
+        );
     }
     if let Some(old) = from {
         b = b.migrating_from(old);
     }
     b.build().expect("cluster")
+}
+
+/// Keys `prefix0..` whose owner changes from `old` to `new`, `n` of them.
+pub fn moving_keys(old: &Cluster, new: &Cluster, prefix: &str, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|k| host_of(old, k) != host_of(new, k))
+        .take(n)
+        .collect()
+}
+
+/// Keys `prefix0..` whose owner stays the same, `n` of them.
+pub fn staying_keys(old: &Cluster, new: &Cluster, prefix: &str, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|k| host_of(old, k) == host_of(new, k))
+        .take(n)
+        .collect()
 }
