@@ -5,8 +5,10 @@
 //! A key whose old and new owners are the same server is sent as usual.
 //! For a key in transit, by what the command does ([`Access`]):
 //! - a read goes to the new owner; a miss there is asked again of the old
-//!   owner after the map's first join, all such reads batched per host
-//!   (with copy-forward, a key found there is then moved to its new owner);
+//!   owner, all such reads batched per host: a GET's as soon as its nil
+//!   comes in (while the join reads the rest), other reads' after the
+//!   join (with copy-forward, a key found there is then moved to its new
+//!   owner);
 //! - an overwrite (`SET`, `SETEX`) goes to the new owner, and the old copy
 //!   is deleted after the join (so a later fallback read cannot see it);
 //! - a delete runs on the old owner first, then on the new one (so the
@@ -228,7 +230,7 @@ impl Migration {
 /// A map's GET keys, one after another. A GET's waiter carries its key's
 /// place here (see [`Waiter::for_migrating_get`]): a hit settles its
 /// promise as a plain map's GET does, and only a miss looks its key up,
-/// after the join. Keys are kept as the GET's encoded argument
+/// in the join. Keys are kept as the GET's encoded argument
 /// (`$<len>\r\n<key>\r\n`, which says where it ends): a copy, where taking
 /// the key out would cost every GET a parse that only misses need.
 #[derive(Default)]
@@ -263,11 +265,11 @@ impl GetKeys {
 }
 
 /// A map's migrating GETs: every GET's key, and those that missed on their
-/// new owner. Each of these is asked (after the join) of its old owner,
-/// then (if that misses too and the old owner's keys changed meanwhile)
-/// of the new owner once more, all answered into this table, which hands
-/// the final reply to the GET's own waiter (so its promise converts it as
-/// a plain GET's would). The buffers are kept between maps on the thread
+/// new owner. Each of these is asked of its old owner during the join
+/// (see [`ask_old_owners`]), then (if that misses too and the old owner's
+/// keys changed meanwhile) of the new owner once more, all answered into
+/// this table, which hands the final reply to the GET's own waiter (so its
+/// promise converts it as a plain GET's would). The buffers are kept between maps on the thread
 /// (growing them anew for each map cost more than all else a hit adds),
 /// up to [`KEEP_BYTES`] each.
 #[derive(Default)]
