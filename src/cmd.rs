@@ -83,9 +83,14 @@ const MAX_HEAD: usize = 23;
 /// allocation and free into a push and a pop.
 mod recycle {
     use std::cell::RefCell;
+    use std::sync::Mutex;
 
     /// Buffers kept per thread.
     const KEEP: usize = 64;
+    /// Buffers moved to or from the shared pool at a time.
+    const BATCH: usize = KEEP / 2;
+    /// Buffers the shared pool keeps.
+    const SHARED_KEEP: usize = 2048;
     /// Larger buffers are freed, not kept.
     const MAX_CAPACITY: usize = 4096;
 
@@ -93,9 +98,25 @@ mod recycle {
         static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     }
 
+    /// Buffers a thread had too many of, for threads that have none: the
+    /// async client builds commands on its callers' threads and the driver
+    /// drops them on its own, so without this every request allocated on
+    /// one thread and freed on another (glibc's slow path: 13% of an async
+    /// GET's instructions). Moved a batch at a time, one lock each.
+    static SHARED: Shared = Shared(Mutex::new(Vec::new()));
+
+    /// A pool of buffers shared by threads.
+    pub(super) struct Shared(Mutex<Vec<Vec<u8>>>);
+
     pub(super) fn take(capacity: usize) -> Vec<u8> {
         let reused = FREE
-            .try_with(|f| f.try_borrow_mut().ok().and_then(|mut f| f.pop()))
+            .try_with(|f| {
+                let mut f = f.try_borrow_mut().ok()?;
+                if f.is_empty() {
+                    SHARED.refill(&mut f);
+                }
+                f.pop()
+            })
             .ok()
             .flatten();
         match reused {
@@ -114,11 +135,49 @@ mod recycle {
         }
         let _ = FREE.try_with(|f| {
             if let Ok(mut f) = f.try_borrow_mut() {
+                if f.len() >= KEEP {
+                    SHARED.spill(&mut f);
+                }
                 if f.len() < KEEP {
                     f.push(buf);
                 }
             }
         });
+    }
+
+    impl Shared {
+        /// An empty pool.
+        #[cfg(test)]
+        pub(super) const fn new() -> Shared {
+            Shared(Mutex::new(Vec::new()))
+        }
+
+        /// Takes up to a batch of buffers into `local` (none while another
+        /// thread holds the pool: the caller allocates instead).
+        #[cold]
+        pub(super) fn refill(&self, local: &mut Vec<Vec<u8>>) {
+            if let Ok(mut shared) = self.0.try_lock() {
+                let from = shared.len().saturating_sub(BATCH);
+                local.extend(shared.drain(from..));
+            }
+        }
+
+        /// Moves up to a batch of buffers out of `local` (while the pool
+        /// has room).
+        #[cold]
+        pub(super) fn spill(&self, local: &mut Vec<Vec<u8>>) {
+            if let Ok(mut shared) = self.0.try_lock() {
+                let room = SHARED_KEEP.saturating_sub(shared.len()).min(BATCH);
+                let from = local.len().saturating_sub(room);
+                shared.extend(local.drain(from..));
+            }
+        }
+
+        /// Buffers in the pool.
+        #[cfg(test)]
+        pub(super) fn len(&self) -> usize {
+            self.0.lock().map_or(0, |s| s.len())
+        }
     }
 }
 
@@ -567,6 +626,32 @@ mod tests {
             assert_eq!(a, b);
             assert_eq!(again.arg_count(), original.arg_count());
         }
+    }
+
+    /// A thread with too many buffers hands a batch to the shared pool, a
+    /// thread with none takes a batch back (the async client's callers
+    /// and its driver), and the pool stops growing at its limit.
+    #[test]
+    fn buffers_move_between_threads_a_batch_at_a_time() {
+        let pool = recycle::Shared::new();
+        let mut giver: Vec<Vec<u8>> = (0..64).map(|_| Vec::with_capacity(128)).collect();
+        let spilled: Vec<usize> = giver[32..].iter().map(|b| b.as_ptr() as usize).collect();
+        pool.spill(&mut giver);
+        assert_eq!((giver.len(), pool.len()), (32, 32));
+        let mut taker = Vec::new();
+        pool.refill(&mut taker);
+        assert_eq!((taker.len(), pool.len()), (32, 0));
+        let taken: Vec<usize> = taker.iter().map(|b| b.as_ptr() as usize).collect();
+        assert_eq!(taken, spilled, "the same buffers, no new ones");
+        // Full: spilling moves nothing more.
+        for _ in 0..100 {
+            let mut more: Vec<Vec<u8>> = (0..32).map(|_| Vec::with_capacity(8)).collect();
+            pool.spill(&mut more);
+        }
+        assert_eq!(pool.len(), 2048);
+        let mut more: Vec<Vec<u8>> = (0..32).map(|_| Vec::with_capacity(8)).collect();
+        pool.spill(&mut more);
+        assert_eq!((more.len(), pool.len()), (32, 2048));
     }
 
     #[test]
