@@ -269,9 +269,9 @@ impl GetKeys {
 /// (see [`ask_old_owners`]), then (if that misses too and the old owner's
 /// keys changed meanwhile) of the new owner once more, all answered into
 /// this table, which hands the final reply to the GET's own waiter (so its
-/// promise converts it as a plain GET's would). The buffers are kept between maps on the thread
-/// (growing them anew for each map cost more than all else a hit adds),
-/// up to [`KEEP_BYTES`] each.
+/// promise converts it as a plain GET's would). The buffers are kept
+/// between maps on the thread (growing them anew for each map cost more
+/// than all else a hit adds), up to [`KEEP_BYTES`] each.
 #[derive(Default)]
 struct ReadTable {
     keys: RefCell<GetKeys>,
@@ -412,27 +412,33 @@ impl ReadTable {
         });
     }
 
-    /// Marks entry `index` `state` and hands `reply` to its GET's waiter.
-    fn settle(&self, index: u32, state: ReadState, reply: Reply<'_>, ctx: &ReplyContext<'_>) {
+    /// Entry `index`'s reply from the server it was asked of: an old
+    /// owner's nil leaves it for the steps after the join; any other reply
+    /// is the GET's own, handed to its waiter.
+    fn answer(&self, index: u32, reply: Reply<'_>, ctx: &ReplyContext<'_>) {
         let missed = self.missed.borrow();
         let Some(entry) = missed.get(index as usize) else {
             return;
         };
-        entry.state.set(state);
+        let next = match (entry.state.get(), &reply) {
+            (ReadState::AskingOld(old), Reply::Bulk(None) | Reply::Whole(Ok(Value::Nil))) => {
+                entry.state.set(ReadState::MissedOld(old));
+                return;
+            }
+            (ReadState::AskingOld(old), Reply::Bulk(Some(_)) | Reply::Whole(Ok(_))) => {
+                ReadState::FoundOld(old)
+            }
+            (ReadState::AskingOld(_) | ReadState::Rechecking, _) => ReadState::Done,
+            // Not waiting for a reply: nothing to do.
+            _ => return,
+        };
+        entry.state.set(next);
         if let Some(waiter) = entry.waiter.take() {
             match reply {
                 Reply::Bulk(bytes) => waiter.accept_bulk(bytes, ctx),
                 Reply::Whole(reply) => waiter.accept(reply, ctx),
             }
         }
-    }
-
-    /// The state of entry `index`.
-    fn state(&self, index: u32) -> Option<ReadState> {
-        self.missed
-            .borrow()
-            .get(index as usize)
-            .map(|e| e.state.get())
     }
 
     /// Asks the old owners (in `session`, batched per host) for the reads
@@ -566,31 +572,11 @@ enum Reply<'a> {
 
 impl ReplySink for ReadTable {
     fn accept(&self, index: u32, reply: Result<Value>, ctx: &ReplyContext<'_>) {
-        let next = match (self.state(index), &reply) {
-            (Some(ReadState::AskingOld(old)), Ok(Value::Nil)) => {
-                if let Some(entry) = self.missed.borrow().get(index as usize) {
-                    entry.state.set(ReadState::MissedOld(old));
-                }
-                return;
-            }
-            (Some(ReadState::AskingOld(old)), Ok(_)) => ReadState::FoundOld(old),
-            (Some(ReadState::AskingOld(_) | ReadState::Rechecking), _) => ReadState::Done,
-            // Not waiting for a reply: nothing to do.
-            _ => return,
-        };
-        self.settle(index, next, Reply::Whole(reply), ctx);
+        self.answer(index, Reply::Whole(reply), ctx);
     }
 
     fn accept_bulk(&self, index: u32, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
-        if bytes.is_none() {
-            return self.accept(index, Ok(Value::Nil), ctx);
-        }
-        let next = match self.state(index) {
-            Some(ReadState::AskingOld(old)) => ReadState::FoundOld(old),
-            Some(ReadState::Rechecking) => ReadState::Done,
-            _ => return,
-        };
-        self.settle(index, next, Reply::Bulk(bytes), ctx);
+        self.answer(index, Reply::Bulk(bytes), ctx);
     }
 
     fn release(&self, _index: u32) {}
@@ -949,10 +935,7 @@ pub(super) fn settle_fallbacks(m: &Migration, session: &mut Session) -> bool {
     let unchanged = unchanged_hosts(m);
     // Keys found on their old owner, to move (copy-forward), by old host.
     let mut forward: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
-    let (mut hits, mut rechecked) = (0, 0);
-    let (h, r) = m.reads.after_old(m, &unchanged, session, &mut forward);
-    hits += h;
-    rechecked += r;
+    let (mut hits, mut rechecked) = m.reads.after_old(m, &unchanged, session, &mut forward);
     let mut rechecks = m.rechecks.borrow_mut();
     let copy_forward = m.new.copies_forward();
     for a in asking {
@@ -1039,8 +1022,8 @@ fn unchanged_hosts(m: &Migration) -> BTreeSet<HostId> {
     unchanged
 }
 
-/// After a join and its steps: empties the read tables whose reads are all
-/// settled.
+/// After a join and its steps: empties the read table if its reads are
+/// all settled.
 pub(super) fn compact(m: &Migration) {
     m.reads.compact();
 }
