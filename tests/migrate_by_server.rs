@@ -282,6 +282,55 @@ fn a_leaving_key(old: &Cluster, new: &Cluster, nth: usize) -> String {
         .expect("a key that moves")
 }
 
+/// Two servers over TCP: the old cluster (server 0 alone), both servers
+/// directly, and the mover's view of them, in which server 1 (the new
+/// owner of the keys that leave) sits behind a proxy.
+struct NewOwnerBehindAProxy {
+    setup: TestSetup,
+    old: Cluster,
+    direct: Cluster,
+    proxy: Proxy,
+    mover_new: Cluster,
+}
+
+impl NewOwnerBehindAProxy {
+    fn start() -> NewOwnerBehindAProxy {
+        let setup = TestSetup::with_tcp(2, 1).expect("servers");
+        let old = Cluster::builder()
+            .host(0, tcp(&setup, 0))
+            .build()
+            .expect("old");
+        let direct = over_tcp(&setup, 2);
+        let addr = format!("127.0.0.1:{}", setup.tcp_port(1).expect("port"))
+            .parse()
+            .expect("addr");
+        let proxy = Proxy::start(Upstream::Tcp(addr));
+        let mover_new = Cluster::builder()
+            .host(0, tcp(&setup, 0))
+            .host(1, proxy.host_config())
+            .build()
+            .expect("mover's cluster");
+        NewOwnerBehindAProxy {
+            setup,
+            old,
+            direct,
+            proxy,
+            mover_new,
+        }
+    }
+
+    /// The clients' cluster over both servers (directly), migrating from
+    /// the old one.
+    fn migrating(&self) -> Cluster {
+        Cluster::builder()
+            .host(0, tcp(&self.setup, 0))
+            .host(1, tcp(&self.setup, 1))
+            .migrating_from(&self.old)
+            .build()
+            .expect("migrating")
+    }
+}
+
 /// A delete made while the mover has a key in flight, then an INCR made
 /// after the delete has returned: the INCR must see no key (answer 1).
 /// The mover reaches the new owner through a proxy that holds its bytes,
@@ -293,28 +342,15 @@ fn a_leaving_key(old: &Cluster, new: &Cluster, nth: usize) -> String {
 /// deletes it) or waits for the move.
 #[test]
 fn a_delete_during_the_move_stays_deleted() {
-    let setup = TestSetup::with_tcp(2, 1).expect("servers");
-    let old = Cluster::builder()
-        .host(0, tcp(&setup, 0))
-        .build()
-        .expect("old");
-    let direct = over_tcp(&setup, 2);
-    let migrating = Cluster::builder()
-        .host(0, tcp(&setup, 0))
-        .host(1, tcp(&setup, 1))
-        .migrating_from(&old)
-        .build()
-        .expect("migrating");
-    let addr = format!("127.0.0.1:{}", setup.tcp_port(1).expect("port"))
-        .parse()
-        .expect("addr");
-    let proxy = Proxy::start(Upstream::Tcp(addr));
-    // The mover's view: the new owner through the proxy.
-    let mover_new = Cluster::builder()
-        .host(0, tcp(&setup, 0))
-        .host(1, proxy.host_config())
-        .build()
-        .expect("mover's cluster");
+    let two = NewOwnerBehindAProxy::start();
+    let migrating = two.migrating();
+    let NewOwnerBehindAProxy {
+        setup: _servers,
+        old,
+        direct,
+        proxy,
+        mover_new,
+    } = two;
     let key = a_leaving_key(&old, &direct, 0);
     // A first move, so that the mover knows the servers (it asks each
     // one's run_id once) and its next bytes to the proxy are the key's.
@@ -498,27 +534,15 @@ fn migrate_logs_in_and_never_shows_the_password() {
 /// (it finds the old copy gone).
 #[test]
 fn a_delete_during_a_copy_through_the_client_is_not_undone() {
-    let setup = TestSetup::with_tcp(2, 1).expect("servers");
-    let old = Cluster::builder()
-        .host(0, tcp(&setup, 0))
-        .build()
-        .expect("old");
-    let direct = over_tcp(&setup, 2);
-    let migrating = Cluster::builder()
-        .host(0, tcp(&setup, 0))
-        .host(1, tcp(&setup, 1))
-        .migrating_from(&old)
-        .build()
-        .expect("migrating");
-    let addr = format!("127.0.0.1:{}", setup.tcp_port(1).expect("port"))
-        .parse()
-        .expect("addr");
-    let proxy = Proxy::start(Upstream::Tcp(addr));
-    let mover_new = Cluster::builder()
-        .host(0, tcp(&setup, 0))
-        .host(1, proxy.host_config())
-        .build()
-        .expect("mover's cluster");
+    let two = NewOwnerBehindAProxy::start();
+    let migrating = two.migrating();
+    let NewOwnerBehindAProxy {
+        setup: _servers,
+        old,
+        direct,
+        proxy,
+        mover_new,
+    } = two;
     let key = a_leaving_key(&old, &direct, 0);
     old.routing_client().set(&key, 42).expect("SET");
     proxy.set_fault(Fault::Hold);
@@ -561,21 +585,13 @@ fn a_delete_during_a_copy_through_the_client_is_not_undone() {
 /// (and made `Auto` give up MIGRATE for the pair).
 #[test]
 fn a_key_refused_as_busy_and_gone_since_is_migrated_again() {
-    let setup = TestSetup::with_tcp(2, 1).expect("servers");
-    let old = Cluster::builder()
-        .host(0, tcp(&setup, 0))
-        .build()
-        .expect("old");
-    let direct = over_tcp(&setup, 2);
-    let addr = format!("127.0.0.1:{}", setup.tcp_port(1).expect("port"))
-        .parse()
-        .expect("addr");
-    let proxy = Proxy::start(Upstream::Tcp(addr));
-    let mover_new = Cluster::builder()
-        .host(0, tcp(&setup, 0))
-        .host(1, proxy.host_config())
-        .build()
-        .expect("mover's cluster");
+    let NewOwnerBehindAProxy {
+        setup: _servers,
+        old,
+        direct,
+        proxy,
+        mover_new,
+    } = NewOwnerBehindAProxy::start();
     // A first move: the mover's client connection to the new owner is the
     // proxy's connection 0 (its INFO), the old server's MIGRATE connection
     // is connection 1 (the canary; the old server keeps it open).
