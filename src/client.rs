@@ -867,11 +867,17 @@ where
 
     // A migrating cluster runs each list where its key now belongs: keys
     // still on their old owner move there first.
-    let keys: Vec<Vec<u8>> = entries
+    let keys: Vec<(Vec<u8>, bool)> = entries
         .iter()
-        .map(|(k, _, _)| crate::args::to_bytes(k))
+        .map(|(k, _, calls)| {
+            let writes = calls.iter().any(|c| match c {
+                Call::Cmd(c) => crate::migrate::Access::of(c) != crate::migrate::Access::Read,
+                Call::Script(_) => true,
+            });
+            (crate::args::to_bytes(k), writes)
+        })
         .collect();
-    migrating::move_in_transit(cluster, keys.iter().map(Vec::as_slice))?;
+    migrating::move_in_transit(cluster, keys.iter().map(|(k, w)| (k.as_slice(), *w)))?;
 
     // Every list, in order, each on its key's host; scripts loaded first
     // where the host may lack them or where calls follow them. A script

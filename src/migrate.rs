@@ -6,14 +6,12 @@
 //! where the servers reach each other; elsewhere `DUMP` and `PTTL` on the
 //! old host, `RESTORE` (value and TTL) on the new owner, then a delete from
 //! the old host only if it still holds what was copied ([`Transfer`]). It
-//! never overwrites a key the new owner already has (`RESTORE` without
-//! `REPLACE`: a write made during the move wins; the old copy goes, or
-//! after [`SAME_COPY_GRACE`] if the new owner holds the very same value),
-//! and a key deleted from the old host while it was being copied is
-//! deleted from the new owner too (if the copy is still what is there), so
-//! a delete made during the move is not undone. Every batch's progress
-//! carries the position to resume from after a crash
-//! ([`MoveOptions::resume_from`]).
+//! never overwrites a key the new owner already has (a write made during
+//! the move wins, and the old copy goes), and a key deleted from the old
+//! host while it was being copied is deleted from the new owner too (if
+//! the copy is still this move's: see [`COPIES`]), so a delete made during
+//! the move is not undone. Every batch's progress carries the position to
+//! resume from after a crash ([`MoveOptions::resume_from`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -27,8 +25,11 @@ use crate::resp::Value;
 use crate::scan::{ScanCursor, ScanOptions};
 
 mod by_server;
+pub(crate) mod copies;
 
 pub use by_server::Transfer;
+pub(crate) use copies::forget as forget_copy;
+pub use copies::COPIES;
 
 /// Deletes each key of `KEYS` whose `DUMP` is still the `ARGV` at the same
 /// position; answers 1 (deleted) or 0 (changed or gone) per key.
@@ -92,15 +93,6 @@ pub struct MoveOptions {
 /// between its two reads; an old copy kept longer would only be a stale
 /// copy for a read to find after the key changed on its new owner.
 pub const DELETE_DELAY: Duration = Duration::ZERO;
-
-/// How long an old copy whose new owner holds the very same value is left
-/// before the mover deletes it. Such a pair is usually another move's
-/// half-way point: a client's move on write or copy-forward, which copied
-/// the key and is about to delete the old copy itself, and which would
-/// take its copy back (a delete made meanwhile, it would conclude) if the
-/// old copy vanished first. Still there after this, it is a crashed
-/// move's leftover.
-pub const SAME_COPY_GRACE: Duration = Duration::from_secs(2);
 
 /// A progress callback.
 type ProgressFn = Arc<dyn Fn(&MoveProgress) + Send + Sync>;
@@ -174,6 +166,14 @@ impl MoveOptions {
     }
 }
 
+/// 1 for each key of `KEYS` whose `DUMP` is still the `ARGV` at the same
+/// position, else 0 (changed or gone).
+pub(crate) const UNCHANGED: &str = "local out = {} \
+for i, k in ipairs(KEYS) do \
+  if redis.call('DUMP', k) == ARGV[i] then out[i] = 1 else out[i] = 0 end \
+end \
+return out";
+
 /// One key on its way: where it goes and what was copied.
 struct Moving {
     key: Vec<u8>,
@@ -216,9 +216,6 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
         (t, _) => t,
     };
     let routes = by_server::Routes::new(transfer);
-    // Old copies to delete later (see SAME_COPY_GRACE), in walk order.
-    let mut same_copies: VecDeque<Copied> = VecDeque::new();
-    let mut pages = 0u64;
     let mut scan = old.scan_from(
         opts.from.unwrap_or_else(ScanCursor::start),
         ScanOptions::new().count(count).dedupe(false),
@@ -227,7 +224,9 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
     let mut waiting: VecDeque<Copied> = VecDeque::new();
     while let Some(page_at) = scan.position() {
         let host = page_at.host();
-        let keys = scan.next_page()?;
+        let mut keys = scan.next_page()?;
+        // The record of copies half-way is no key of the application's.
+        keys.retain(|k| k.as_slice() != COPIES.as_bytes());
         progress.scanned += keys.len() as u64;
         let mut leaving = Vec::new();
         for key in keys {
@@ -238,32 +237,18 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
                 leaving.push((key, to));
             }
         }
-        pages += 1;
-        let left = by_server::migrate_page(old, new, host, leaving, &routes, &mut progress)?;
-        let leaving = left.to_copy;
-        if !left.same_copies.is_empty() {
-            same_copies.push_back(Copied::new(host, left.same_copies, page_at, pages));
-        }
+        let leaving = by_server::migrate_page(old, new, host, leaving, &routes, &mut progress)?;
         if !leaving.is_empty() {
-            let keys = copy_keys(old, new, host, leaving, &mut progress)?;
-            waiting.push_back(Copied::new(host, keys, page_at, pages));
+            let batch = copy_keys(old, new, host, leaving, &mut progress)?;
+            waiting.push_back(Copied::new(host, batch, page_at));
         }
-        settle_due(
-            old,
-            new,
-            &mut waiting,
-            &mut same_copies,
-            delay,
-            &mut progress,
-        )?;
-        delete_due(old, &mut same_copies, SAME_COPY_GRACE)?;
+        settle_due(old, new, &mut waiting, delay, &mut progress)?;
         // Resume where no old copy still waits for its delete: a restart
         // scans those again, finds their copies there, and deletes them.
-        let first_waiting = [waiting.front(), same_copies.front()]
-            .into_iter()
-            .flatten()
-            .min_by_key(|c| c.page);
-        progress.resume_at = first_waiting.map(|c| c.page_at).or(scan.position());
+        progress.resume_at = match waiting.front() {
+            Some(first) => Some(first.page_at),
+            None => scan.position(),
+        };
         if let Some(report) = &opts.progress {
             report(&progress);
         }
@@ -274,17 +259,13 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
             }
         }
     }
-    wait_for_last(&waiting, delay);
-    settle_due(
-        old,
-        new,
-        &mut waiting,
-        &mut same_copies,
-        Duration::ZERO,
-        &mut progress,
-    )?;
-    wait_for_last(&same_copies, SAME_COPY_GRACE);
-    delete_due(old, &mut same_copies, Duration::ZERO)?;
+    if let Some(left) = waiting
+        .back()
+        .and_then(|last| delay.checked_sub(last.at.elapsed()))
+    {
+        std::thread::sleep(left);
+    }
+    settle_due(old, new, &mut waiting, Duration::ZERO, &mut progress)?;
     progress.resume_at = None;
     if let Some(report) = &opts.progress {
         report(&progress);
@@ -295,44 +276,17 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
     })
 }
 
-/// Sleeps until the last of `queue` has waited `wait`.
-fn wait_for_last(queue: &VecDeque<Copied>, wait: Duration) {
-    if let Some(left) = queue
-        .back()
-        .and_then(|last| wait.checked_sub(last.at.elapsed()))
-    {
-        std::thread::sleep(left);
-    }
-}
-
-/// Deletes from the old hosts the copies that have waited `delay`; old
-/// copies the same as their new owner's go to `same_copies`.
+/// Deletes from the old hosts the copies that have waited `delay`.
 fn settle_due(
     old: &Cluster,
     new: &Cluster,
     waiting: &mut VecDeque<Copied>,
-    same_copies: &mut VecDeque<Copied>,
     delay: Duration,
     progress: &mut MoveProgress,
 ) -> Result<()> {
     while waiting.front().is_some_and(|c| c.at.elapsed() >= delay) {
         if let Some(batch) = waiting.pop_front() {
-            let same = settle_copies(old, new, batch.host, batch.keys, progress)?;
-            if !same.is_empty() {
-                same_copies.push_back(Copied::new(batch.host, same, batch.page_at, batch.page));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Deletes the old copies that have waited `grace` (see
-/// [`SAME_COPY_GRACE`]), each only if it is still as it was.
-fn delete_due(old: &Cluster, same_copies: &mut VecDeque<Copied>, grace: Duration) -> Result<()> {
-    while same_copies.front().is_some_and(|c| c.at.elapsed() >= grace) {
-        if let Some(batch) = same_copies.pop_front() {
-            let source = old.local_client(batch.host)?;
-            delete_if_unchanged(&source, batch.keys.iter().map(|m| (&m.key, &m.payload)))?;
+            settle_copies(old, new, batch.host, batch.batch, progress)?;
         }
     }
     Ok(())
@@ -367,51 +321,96 @@ pub(crate) fn move_now(
     leaving: Vec<(Vec<u8>, HostId)>,
     progress: &mut MoveProgress,
 ) -> Result<()> {
-    let copied = copy_keys(old, new, host, leaving, progress)?;
-    // Old copies the same as the new owner's are another move's to delete.
-    settle_copies(old, new, host, copied, progress).map(drop)
+    let batch = copy_keys(old, new, host, leaving, progress)?;
+    settle_copies(old, new, host, batch, progress)
 }
 
-/// Keys copied from one old host, to delete from it later.
+/// One page's keys copied from one old host, to settle later.
 struct Copied {
     host: HostId,
-    keys: Vec<Moving>,
+    batch: Batch,
     at: Instant,
     /// The walk's position before the page they came from.
     page_at: ScanCursor,
-    /// That page's number in the walk.
-    page: u64,
 }
 
 impl Copied {
-    fn new(host: HostId, keys: Vec<Moving>, page_at: ScanCursor, page: u64) -> Copied {
+    fn new(host: HostId, batch: Batch, page_at: ScanCursor) -> Copied {
         Copied {
             host,
-            keys,
+            batch,
             at: Instant::now(),
             page_at,
-            page,
         }
     }
 }
 
+/// Keys one move copied (or found on their new owners), under the token
+/// its copies are recorded with (see [`COPIES`]).
+struct Batch {
+    token: String,
+    keys: Vec<Moving>,
+}
+
 /// Copies one page's leaving keys from `host` of `old` to their owners in
-/// `new` (`RESTORE` without `REPLACE`): what was copied (or found there).
+/// `new` (never over a key the new owner has, nor one deleted there: see
+/// [`COPIES`]): what was copied (or found there).
 fn copy_keys(
     old: &Cluster,
     new: &Cluster,
     host: HostId,
+    mut leaving: Vec<(Vec<u8>, HostId)>,
+    progress: &mut MoveProgress,
+) -> Result<Batch> {
+    let source = old.local_client(host)?;
+    let token = copies::token();
+    let mut done = Vec::with_capacity(leaving.len());
+    // A key marked deleted on its new owner while its old copy is still
+    // there carries a mark older than this copy (a delete removes the old
+    // copy first): the mark goes and the key is copied again. A mark that
+    // keeps coming back (a delete each round) is left for the next walk.
+    for _ in 0..3 {
+        if leaving.is_empty() {
+            break;
+        }
+        let mut moving = dump_keys(&source, leaving, progress)?;
+        let marked = restore_keys(new, &token, &mut moving, progress)?;
+        let (mut marked_keys, mut marks) = (Vec::new(), Vec::new());
+        let mut marked = marked.into_iter().peekable();
+        for (i, m) in moving.into_iter().enumerate() {
+            match marked.next_if(|(at, _)| *at == i) {
+                Some((_, mark)) => {
+                    marked_keys.push(m.moving);
+                    marks.push(mark);
+                }
+                None => done.push(m.moving),
+            }
+        }
+        leaving = retry_stale_marks(&source, new, marked_keys, &marks, progress)?;
+    }
+    progress.skipped += leaving.len() as u64;
+    Ok(Batch { token, keys: done })
+}
+
+/// A key dumped from its old host, and the TTL to restore it with.
+struct Dumped {
+    moving: Moving,
+    ttl: i64,
+}
+
+/// `PTTL` and `DUMP` of `leaving` on `source`, in one pipeline; keys gone
+/// since the scan are counted as vanished.
+fn dump_keys(
+    source: &crate::LocalClient,
     leaving: Vec<(Vec<u8>, HostId)>,
     progress: &mut MoveProgress,
-) -> Result<Vec<Moving>> {
-    let source = old.local_client(host)?;
+) -> Result<Vec<Dumped>> {
     let dumps = source.pipeline(
         leaving
             .iter()
             .flat_map(|(k, _)| [cmd("PTTL").arg(k.as_slice()), cmd("DUMP").arg(k.as_slice())]),
     );
     let mut moving = Vec::with_capacity(leaving.len());
-    let mut ttls = Vec::with_capacity(leaving.len());
     let mut replies = dumps.into_iter();
     for (key, to) in leaving {
         let (ttl, payload) = (replies.next(), replies.next());
@@ -423,102 +422,221 @@ fn copy_keys(
         match payload {
             Some(Ok(Value::BulkString(payload))) if ttl != -2 => {
                 progress.bytes += payload.len() as u64;
-                moving.push(Moving {
-                    key,
-                    to,
-                    payload,
-                    restored: false,
+                moving.push(Dumped {
+                    moving: Moving {
+                        key,
+                        to,
+                        payload,
+                        restored: false,
+                    },
+                    // PTTL -1 is no expiry; RESTORE takes 0 for that.
+                    ttl: ttl.max(0),
                 });
-                // PTTL -1 is no expiry; RESTORE takes 0 for that.
-                ttls.push(ttl.max(0));
             }
             Some(Err(e)) => return Err(e),
             // Gone since the scan (expired or deleted): nothing to move.
             _ => progress.vanished += 1,
         }
     }
-    let mut by_owner: BTreeMap<HostId, Vec<usize>> = BTreeMap::new();
-    for (i, m) in moving.iter().enumerate() {
-        by_owner.entry(m.to).or_default().push(i);
-    }
-    for (&to, indexes) in &by_owner {
-        let target = new.local_client(to)?;
-        let restores: Vec<Cmd> = indexes
-            .iter()
-            .map(|&i| {
-                let m = &moving[i];
-                cmd("RESTORE")
-                    .arg(m.key.as_slice())
-                    .arg(ttls[i])
-                    .arg(m.payload.as_slice())
-            })
-            .collect();
-        for (&i, reply) in indexes.iter().zip(target.pipeline(restores)) {
-            match reply {
-                Ok(_) => {
-                    moving[i].restored = true;
-                    progress.copied += 1;
-                }
-                // The new owner has the key: a write made there wins.
-                Err(e) if e.code() == Some("BUSYKEY") => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
     Ok(moving)
 }
 
-/// Deletes copied keys from their old host where they are still as copied;
-/// a copy of a key deleted there meanwhile is deleted from the new owner
-/// too (if it is still the copy), so that delete stands. Of the keys the
-/// new owner already had, the old copy goes if the new owner's differs (a
-/// newer write); the old copies the same as the new owner's are returned
-/// (see [`SAME_COPY_GRACE`]).
+/// Restores `moving` on their new owners under `token`; the keys marked
+/// deleted there (their positions, in order, and marks).
+fn restore_keys(
+    new: &Cluster,
+    token: &str,
+    moving: &mut [Dumped],
+    progress: &mut MoveProgress,
+) -> Result<Vec<(usize, Vec<u8>)>> {
+    let mut marked = Vec::new();
+    let owners = by_owner(moving.iter().map(|d| d.moving.to));
+    for (to, indexes) in owners {
+        let target = new.local_client(to)?;
+        let script = copies::restore(
+            token,
+            indexes.iter().map(|&i| copies::Restore {
+                key: &moving[i].moving.key,
+                ttl: moving[i].ttl,
+                payload: &moving[i].moving.payload,
+            }),
+        );
+        let answers = copies::restored(one_reply(&target, script)?, indexes.len())?;
+        for (&i, answer) in indexes.iter().zip(answers) {
+            match answer {
+                copies::Restored::Copied => {
+                    moving[i].moving.restored = true;
+                    progress.copied += 1;
+                }
+                // The new owner has the key: a write made there wins.
+                copies::Restored::Present => {}
+                copies::Restored::Deleted(mark) => marked.push((i, mark)),
+                copies::Restored::Refused(e) => {
+                    return Err(e.with_context(new.host(to)?.name(), "RESTORE"))
+                }
+            }
+        }
+    }
+    marked.sort_unstable_by_key(|(i, _)| *i);
+    Ok(marked)
+}
+
+/// Of keys whose new owner marked them deleted (`marks`): those whose old
+/// copy is gone were deleted (vanished); those whose old copy is still as
+/// dumped carry a stale mark, which goes: they are returned, to copy
+/// again.
+fn retry_stale_marks(
+    source: &crate::LocalClient,
+    new: &Cluster,
+    marked: Vec<Moving>,
+    marks: &[Vec<u8>],
+    progress: &mut MoveProgress,
+) -> Result<Vec<(Vec<u8>, HostId)>> {
+    if marked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let there = per_key_flags(
+        one_reply(source, per_key_script(UNCHANGED, &marked))?,
+        marked.len(),
+    )?;
+    let mut stale: BTreeMap<HostId, Vec<(&[u8], copies::Settle<'_>)>> = BTreeMap::new();
+    let mut again = Vec::new();
+    for ((m, mark), there) in marked.iter().zip(marks).zip(there) {
+        if there {
+            stale
+                .entry(m.to)
+                .or_default()
+                .push((&m.key, copies::Settle::StaleMark(mark)));
+            again.push((m.key.clone(), m.to));
+        } else {
+            progress.vanished += 1;
+        }
+    }
+    for (to, items) in stale {
+        let n = items.len();
+        let target = new.local_client(to)?;
+        copies::taken_back(one_reply(&target, copies::settle("", items))?, n)?;
+    }
+    Ok(again)
+}
+
+/// The positions of each new owner's keys among `owners`.
+fn by_owner(owners: impl Iterator<Item = HostId>) -> BTreeMap<HostId, Vec<usize>> {
+    let mut by: BTreeMap<HostId, Vec<usize>> = BTreeMap::new();
+    for (i, to) in owners.enumerate() {
+        by.entry(to).or_default().push(i);
+    }
+    by
+}
+
+/// Settles a batch [`copy_keys`] made from old host `host`, in three
+/// steps (see [`COPIES`]): on the old host, deletes each copied key that
+/// is still as copied and checks that each key found on its new owner is
+/// still there as it was; on the new owners, drops the records of the
+/// copies whose old copy went, takes back the copies whose old copy was
+/// gone or changed (if still this move's copy), and drops the records of
+/// the keys found there; then deletes those keys' old copies (if still as
+/// they were): the new owner's copy is the key's only home from then.
 fn settle_copies(
     old: &Cluster,
     new: &Cluster,
     host: HostId,
-    moving: Vec<Moving>,
+    batch: Batch,
     progress: &mut MoveProgress,
-) -> Result<Vec<Moving>> {
+) -> Result<()> {
     let source = old.local_client(host)?;
-    let (copied, found): (Vec<Moving>, Vec<Moving>) = moving.into_iter().partition(|m| m.restored);
-    let deleted = delete_if_unchanged(&source, copied.iter().map(|m| (&m.key, &m.payload)))?;
-    let mut undo: BTreeMap<HostId, Vec<&Moving>> = BTreeMap::new();
-    for (m, deleted) in copied.iter().zip(deleted) {
-        if deleted {
-            progress.moved += 1;
-        } else {
-            undo.entry(m.to).or_default().push(m);
+    let (copied, found): (Vec<Moving>, Vec<Moving>) =
+        batch.keys.into_iter().partition(|m| m.restored);
+    let mut steps = Vec::with_capacity(2);
+    if !copied.is_empty() {
+        steps.push(per_key_script(DELETE_IF_UNCHANGED, &copied));
+    }
+    if !found.is_empty() {
+        steps.push(per_key_script(UNCHANGED, &found));
+    }
+    let mut answers = source.pipeline(steps).into_iter();
+    let mut flags = |keys: &[Moving]| -> Result<Vec<bool>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
         }
-    }
-    for (to, copies) in undo {
-        let target = new.local_client(to)?;
-        delete_if_unchanged(&target, copies.iter().map(|m| (&m.key, &m.payload)))?;
-        progress.vanished += copies.len() as u64;
-    }
+        let reply = answers
+            .next()
+            .unwrap_or_else(|| Err(Error::protocol("a pipelined reply is missing")))?;
+        per_key_flags(reply, keys.len())
+    };
+    let deleted = flags(&copied)?;
+    let still_there = flags(&found)?;
     progress.skipped += found.len() as u64;
-    let mut by_owner: BTreeMap<HostId, Vec<Moving>> = BTreeMap::new();
-    for m in found {
-        by_owner.entry(m.to).or_default().push(m);
+    let found: Vec<Moving> = found
+        .into_iter()
+        .zip(still_there)
+        .filter_map(|(m, there)| there.then_some(m))
+        .collect();
+    let mut steps: BTreeMap<HostId, Vec<(&[u8], copies::Settle<'_>)>> = BTreeMap::new();
+    for (m, &deleted) in copied.iter().zip(&deleted) {
+        let step = if deleted {
+            progress.moved += 1;
+            copies::Settle::Keep
+        } else {
+            copies::Settle::TakeBack(&m.payload)
+        };
+        steps.entry(m.to).or_default().push((&m.key, step));
     }
-    let (mut stale, mut same) = (Vec::new(), Vec::new());
-    for (to, found) in by_owner {
-        let theirs = dumps(
-            &new.local_client(to)?,
-            found.iter().map(|m| m.key.as_slice()),
-        )?;
-        for (m, theirs) in found.into_iter().zip(theirs) {
-            match theirs {
-                Some(t) if t == m.payload => same.push(m),
-                // Another value, or deleted there since (then by a delete
-                // that reached the old host first): the old copy goes.
-                _ => stale.push(m),
+    for m in &found {
+        steps
+            .entry(m.to)
+            .or_default()
+            .push((&m.key, copies::Settle::Found));
+    }
+    for (to, items) in steps {
+        let target = new.local_client(to)?;
+        let kinds: Vec<bool> = items
+            .iter()
+            .map(|(_, s)| matches!(s, copies::Settle::TakeBack(_)))
+            .collect();
+        let n = items.len();
+        let back = copies::taken_back(one_reply(&target, copies::settle(&batch.token, items))?, n)?;
+        for (asked, back) in kinds.into_iter().zip(back) {
+            // A copy whose old copy was gone: taken back, or the key's home
+            // now (another move deleted the old copy, or a write replaced it).
+            match (asked, back) {
+                (true, true) => progress.vanished += 1,
+                (true, false) => progress.moved += 1,
+                _ => {}
             }
         }
     }
-    delete_if_unchanged(&source, stale.iter().map(|m| (&m.key, &m.payload)))?;
-    Ok(same)
+    delete_if_unchanged(&source, &found).map(drop)
+}
+
+/// The one reply of `command` on `host`.
+fn one_reply(host: &crate::LocalClient, command: Cmd) -> Result<Value> {
+    host.pipeline([command])
+        .pop()
+        .unwrap_or_else(|| Err(Error::protocol("a reply is missing")))
+}
+
+/// `EVAL script` over `keys`, each key's payload as its argument.
+fn per_key_script(script: &str, keys: &[Moving]) -> Cmd {
+    let mut eval = cmd("EVAL").arg(script).arg(keys.len());
+    for m in keys {
+        eval.push_arg(m.key.as_slice());
+    }
+    for m in keys {
+        eval.push_arg(m.payload.as_slice());
+    }
+    eval
+}
+
+/// A per-key script's answer: whether each of `keys` keys answered 1.
+fn per_key_flags(reply: Value, keys: usize) -> Result<Vec<bool>> {
+    let flags: Vec<i64> = crate::convert::FromValue::from_value(reply)?;
+    if flags.len() != keys {
+        return Err(Error::protocol(
+            "a script answered for the wrong number of keys",
+        ));
+    }
+    Ok(flags.into_iter().map(|f| f == 1).collect())
 }
 
 /// `DUMP` of each of `keys` on one host, in one pipeline (`None`: a key it
@@ -533,29 +651,36 @@ fn dumps<'a>(
         .collect()
 }
 
-/// Runs [`DELETE_IF_UNCHANGED`] on one host for `(key, payload)` pairs;
-/// whether each was deleted.
-fn delete_if_unchanged<'a>(
-    host: &crate::LocalClient,
-    pairs: impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)>,
-) -> Result<Vec<bool>> {
-    let (keys, payloads): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = pairs.unzip();
+/// Runs [`DELETE_IF_UNCHANGED`] on one host for `keys`; whether each was
+/// deleted.
+fn delete_if_unchanged(host: &crate::LocalClient, keys: &[Moving]) -> Result<Vec<bool>> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let mut eval = cmd("EVAL").arg(DELETE_IF_UNCHANGED).arg(keys.len());
-    for k in &keys {
-        eval.push_arg(k.as_slice());
+    let reply = one_reply(host, per_key_script(DELETE_IF_UNCHANGED, keys))?;
+    per_key_flags(reply, keys.len())
+}
+
+/// Deletes the old copies (on `source`) of keys found on their new owner
+/// (`target`), each only if still as it was: their records there go first
+/// (see [`COPIES`]). The caller saw each old copy still there after it saw
+/// the new owner's.
+fn retire_found(
+    source: &crate::LocalClient,
+    target: &crate::LocalClient,
+    found: &[Moving],
+) -> Result<()> {
+    if found.is_empty() {
+        return Ok(());
     }
-    for p in &payloads {
-        eval.push_arg(p.as_slice());
-    }
-    let reply = host
-        .pipeline([eval])
-        .pop()
-        .unwrap_or_else(|| Err(Error::config("no reply")))?;
-    let flags: Vec<i64> = crate::convert::FromValue::from_value(reply)?;
-    Ok(flags.into_iter().map(|f| f == 1).collect())
+    let forget = copies::settle(
+        "",
+        found
+            .iter()
+            .map(|m| (m.key.as_slice(), copies::Settle::Found)),
+    );
+    copies::taken_back(one_reply(target, forget)?, found.len())?;
+    delete_if_unchanged(source, found).map(drop)
 }
 
 /// What a command does to its key, as a migrating cluster sees it.

@@ -334,14 +334,31 @@ impl NewOwnerBehindAProxy {
 /// A delete made while the mover has a key in flight, then an INCR made
 /// after the delete has returned: the INCR must see no key (answer 1).
 /// The mover reaches the new owner through a proxy that holds its bytes,
-/// so the delete lands while the key is in flight. With `DUMP`/`RESTORE`
-/// the key is restored after the delete and the INCR lands on the restored
-/// copy before the mover can take it back (it answers 43, and 43 stays);
-/// with `MIGRATE` the old server moves and deletes in one step, so the
-/// delete either finds the key there (and then on the new owner, where it
-/// deletes it) or waits for the move.
+/// so the delete lands while the key is in flight. With `MIGRATE` the old
+/// server moves and deletes in one step, so the delete either finds the
+/// key there (and then on the new owner, where it deletes it) or waits
+/// for the move. With `DUMP`/`RESTORE` the copy arrives after the delete:
+/// the delete marked the key deleted on the new owner first, so the copy
+/// does not land (before the mark it did, and the INCR answered 43, and
+/// 43 stayed).
 #[test]
 fn a_delete_during_the_move_stays_deleted() {
+    delete_during_the_move(Transfer::Migrate, false);
+}
+
+/// [`a_delete_during_the_move_stays_deleted`] with `DUMP`/`RESTORE`.
+#[test]
+fn a_delete_during_a_dump_restore_move_stays_deleted() {
+    delete_during_the_move(Transfer::DumpRestore, false);
+}
+
+/// The same, the delete and the INCR made through the async client.
+#[test]
+fn an_async_delete_during_a_dump_restore_move_stays_deleted() {
+    delete_during_the_move(Transfer::DumpRestore, true);
+}
+
+fn delete_during_the_move(transfer: Transfer, through_async: bool) {
     let two = NewOwnerBehindAProxy::start();
     let migrating = two.migrating();
     let NewOwnerBehindAProxy {
@@ -357,20 +374,13 @@ fn a_delete_during_the_move_stays_deleted() {
     old.routing_client()
         .set(a_leaving_key(&old, &direct, 1), 1)
         .expect("SET");
-    move_keys(
-        &old,
-        &mover_new,
-        MoveOptions::new().transfer(Transfer::Migrate),
-    )
-    .expect("warm-up");
+    move_keys(&old, &mover_new, MoveOptions::new().transfer(transfer)).expect("warm-up");
     old.routing_client().set(&key, 42).expect("SET");
     let warm = proxy.received_bytes();
     proxy.set_fault(Fault::Hold);
     let mover = {
         let (old, new) = (old.clone(), mover_new.clone());
-        std::thread::spawn(move || {
-            move_keys(&old, &new, MoveOptions::new().transfer(Transfer::Migrate))
-        })
+        std::thread::spawn(move || move_keys(&old, &new, MoveOptions::new().transfer(transfer)))
     };
     // The key is in flight: its bytes are at the proxy.
     let since = Instant::now();
@@ -383,22 +393,32 @@ fn a_delete_during_the_move_stays_deleted() {
     }
     let (done_tx, done) = mpsc::channel();
     let deleter = {
-        let (client, key) = (migrating.routing_client(), key.clone());
+        let (cluster, key) = (migrating.clone(), key.clone());
         std::thread::spawn(move || {
-            let r = client.del(&[&key]);
+            let r = if through_async {
+                cluster.async_client().del(&[&key]).wait()
+            } else {
+                cluster.routing_client().del(&[&key])
+            };
             let _ = done_tx.send(());
             r
         })
     };
     if done.recv_timeout(Duration::from_millis(500)).is_ok() {
         // The delete returned with the key in flight (DUMP/RESTORE): let
-        // the copy land, and write before the mover can look back.
+        // the copy land (or be refused), and write before the mover can
+        // look back.
+        let evals = common::command_calls(&direct, 1, "eval");
         proxy.set_fault(Fault::HoldReplies);
         let target = direct.local_client(1).expect("local");
         let since = Instant::now();
         while target.exists(&[&key]).expect("EXISTS") == 0
-            && since.elapsed() < Duration::from_secs(5)
+            && common::command_calls(&direct, 1, "eval") == evals
         {
+            assert!(
+                since.elapsed() < Duration::from_secs(10),
+                "the copy never arrived"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     } else {
@@ -406,7 +426,11 @@ fn a_delete_during_the_move_stays_deleted() {
         proxy.set_fault(Fault::None);
     }
     deleter.join().expect("deleter").expect("DEL");
-    let after: i64 = migrating.routing_client().incr(&key).expect("INCR");
+    let after: i64 = if through_async {
+        migrating.async_client().incr(&key).wait().expect("INCR")
+    } else {
+        migrating.routing_client().incr(&key).expect("INCR")
+    };
     proxy.set_fault(Fault::None);
     mover.join().expect("mover").expect("move");
     assert_eq!(after, 1, "an INCR after the delete found the deleted value");

@@ -162,8 +162,9 @@ fn a_long_lived_mapping_client_keeps_every_read() {
 /// mover deleted the old copy as "the new owner's own"; the client's
 /// compare-and-delete then found the old copy gone, took that for a delete
 /// made during its move, and deleted its copy from the new owner: the key
-/// was nowhere. Now an old copy the same as the new owner's is left for
-/// `SAME_COPY_GRACE` (the client's move finishes meanwhile, here released
+/// was nowhere. Now the mover drops the client's record of its copy
+/// before it deletes the old copy (`rb::migrate::COPIES`), so the client
+/// does not take back a copy that is the key's only home (here released
 /// once the mover has reported the key skipped).
 #[test]
 fn a_client_move_racing_the_mover_keeps_the_key() {

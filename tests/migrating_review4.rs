@@ -1,45 +1,23 @@
 //! Interleavings a review of 877c5b0 found still losing a key (each test
 //! failed there): the async client's move on write deleting an old copy it
-//! did not copy (fixed); a client's move stalled past SAME_COPY_GRACE
-//! taking its copy back, and the mover taking back an overwrite that wrote
-//! the same value (both still open, ignored: a move takes its copy back
-//! whenever its old copy vanished, as it cannot tell a delete from another
-//! party's move; marking deletes was tried and reverted, see
-//! tests/migrating_review5.rs). Each test is deterministic: the
-//! proxies of tests/common/proxy.rs hold one party's replies while another
-//! runs, and every wait is on an event a server shows (a command count, a
-//! key).
+//! did not copy (fixed); a client's move stalled past the mover's grace
+//! for same copies (then `SAME_COPY_GRACE`, 2 s) taking its copy back, and
+//! the mover taking back an overwrite that wrote the same value (both were
+//! open, ignored, until the new owner's record of copies,
+//! `rb::migrate::COPIES`: a move takes back only a copy still recorded as
+//! its own, which a write or another move's find drops). Each test is
+//! deterministic: the proxies of tests/common/proxy.rs hold one party's
+//! replies while another runs, and every wait is on an event a server
+//! shows (a command count, a key).
 
 mod common;
-use common::{over_tcp, tcp};
+use common::{over_tcp, tcp, to_host2, with_host2_through};
 
+use common::command_calls;
 use common::proxy::{Fault, Proxy};
-use common::{command_calls, host_of};
 use rb::migrate::{move_keys, MoveOptions, Transfer};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands, RouterKind};
-
-/// Hosts 0 and 1 on servers 0 and 1; host 2 through `proxy` (to server 2).
-fn with_host2_through(setup: &TestSetup, proxy: &Proxy, from: Option<&Cluster>) -> Cluster {
-    let mut b = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..2 {
-        b = b.host(i as u32, tcp(setup, i));
-    }
-    b = b.host(2, proxy.host_config());
-    if let Some(old) = from {
-        b = b.migrating_from(old);
-    }
-    b.build().expect("cluster")
-}
-
-/// The `n`th key (prefix `p`) that moves from the old cluster to host 2.
-fn to_host2(old: &Cluster, new: &Cluster, p: &str, n: usize) -> String {
-    (0..)
-        .map(|i| format!("{p}{i}"))
-        .filter(|k| host_of(new, k) == 2 && host_of(old, k) != 2)
-        .nth(n)
-        .expect("a key moving to host 2")
-}
 
 /// The async client's move on write (`move_key`, src/client/migrating.rs)
 /// still deletes the old copy when its `RESTORE` finds the new owner
@@ -152,7 +130,7 @@ fn move_on_write_racing_the_mover(
     (on_old, left, report.progress)
 }
 
-/// `SAME_COPY_GRACE` is a fixed 2 s, but nothing bounds how long a
+/// `SAME_COPY_GRACE` was a fixed 2 s, but nothing bounds how long a
 /// client's move stays half-way (its `RESTORE` done, its compare-and-delete
 /// of the old copy not yet): a client whose connection stalls (here its
 /// `RESTORE`'s answer is held) past the grace finds the old copy gone (the
@@ -161,7 +139,6 @@ fn move_on_write_racing_the_mover(
 /// transaction's (`move_in_transit` -> `move_now`), released once the
 /// mover has finished (it waits out the grace before it returns).
 #[test]
-#[ignore = "open: a move cannot tell a delete from the mover's grace delete"]
 fn a_client_move_stalled_past_the_grace_keeps_the_key() {
     let setup = TestSetup::with_tcp(3, 1).expect("servers");
     let old = over_tcp(&setup, 2);
@@ -218,7 +195,6 @@ fn a_client_move_stalled_past_the_grace_keeps_the_key() {
 /// the caller's acknowledged write. (Older than 877c5b0: the undo cannot
 /// tell its own copy from an equal write; `MIGRATE` has no undo.)
 #[test]
-#[ignore = "open: a move cannot tell an overwrite's delete of the old copy from a delete"]
 fn an_overwrite_with_the_same_value_stands() {
     let setup = TestSetup::with_tcp(3, 1).expect("servers");
     let old = over_tcp(&setup, 2);

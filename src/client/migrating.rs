@@ -11,12 +11,16 @@
 //!   owner);
 //! - an overwrite (`SET`, `SETEX`) goes to the new owner, and the old copy
 //!   is deleted after the join (so a later fallback read cannot see it);
-//! - a delete runs on the old owner first, then on the new one (so the
-//!   mover, which undoes a copy whose source vanished, cannot bring the key
-//!   back);
-//! - a command that modifies the key runs on the new owner only if the key
-//!   is there (one round trip, a Lua wrapper); otherwise the key is moved
-//!   first, then the command runs.
+//! - a delete runs on the old owner first, then on the new one, where it
+//!   marks the key deleted first (so a move half-way cannot bring the key
+//!   back: see [`crate::migrate::COPIES`]);
+//! - a command that modifies the key runs on the new owner if the key is
+//!   there (an `EXISTS` first); otherwise the key is moved first, then the
+//!   command runs.
+//!
+//! Writes on the new owner (overwrites, modifications) drop the key's
+//! record as a move's copy first, on the same connection, so that no move
+//! takes back what they wrote.
 //!
 //! Multi-key `MGET`/`MSET`/`DEL`/`UNLINK`/`EXISTS`/`TOUCH` are taken apart
 //! into single-key commands (runs of GETs and SETs still merge into
@@ -34,7 +38,8 @@ use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::Session;
 use crate::keyspec;
-use crate::migrate::{move_now, same_server, Access, MoveProgress};
+use crate::migrate::copies::{self, Restored, Settle};
+use crate::migrate::{move_now, same_server, Access, MoveProgress, DELETE_IF_UNCHANGED, UNCHANGED};
 use crate::multikey::MultiKey;
 use crate::promise::{Promise, ReplyContext, ReplySink, Waiter};
 use crate::resp::Value;
@@ -225,6 +230,27 @@ impl Migration {
         let same = self.same_server.contains(&(old_host, new_host));
         Ok((!same).then_some(old_host))
     }
+}
+
+/// Queues, ahead of a write of `key` on its new owner `host`, the drop of
+/// the key's record as a move's copy (see [`crate::migrate::COPIES`]): a
+/// written key is no move's to take back. Its answer is not the map's: a
+/// user not allowed to write the record still writes the key.
+fn forget_copy(session: &mut Session, host: HostId, key: &[u8]) {
+    session.enqueue(
+        host,
+        &crate::migrate::forget_copy(key),
+        Waiter::new(Rc::new(Ignored), 0),
+    );
+}
+
+/// A reply nobody waits for.
+struct Ignored;
+
+impl ReplySink for Ignored {
+    fn accept(&self, _index: u32, _reply: Result<Value>, _ctx: &ReplyContext<'_>) {}
+
+    fn release(&self, _index: u32) {}
 }
 
 /// A map's GET keys, one after another. A GET's waiter carries its key's
@@ -647,6 +673,7 @@ impl Dispatch {
                 });
             }
             Access::Overwrite => {
+                forget_copy(&mut self.session, host, &key);
                 let first: Promise<Value> = self.send(host, &cmd);
                 work.borrow_mut()
                     .stale
@@ -710,7 +737,11 @@ impl Dispatch {
         let work = work.clone();
         let pending = self.runs.clone();
         first.on_result(move |r| match r {
-            Ok(Value::Int(1)) => pending.borrow_mut().push((host, cmd, sink)),
+            Ok(Value::Int(1)) => {
+                let mut pending = pending.borrow_mut();
+                pending.push((host, crate::migrate::forget_copy(&key), Box::new(drop)));
+                pending.push((host, cmd, sink));
+            }
             Ok(_) => work.borrow_mut().moves.push((old, host, key, cmd, sink)),
             Err(e) => sink(Err(e)),
         });
@@ -792,14 +823,25 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
         old_side.entry(*old).or_default().push(c.clone());
     }
     let old_counts = run_grouped(&m.old, old_side);
+    // On the new owner, each key is marked deleted first (see
+    // migrate::COPIES): a move's late copy does not land there.
     let mut new_side: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
     for (_, new, c, _) in &work.deletes {
-        new_side.entry(*new).or_default().push(c.clone());
+        let side = new_side.entry(*new).or_default();
+        if let Ok(key) = keyspec::single_key(c) {
+            side.extend(crate::migrate::copies::mark_deleted(key));
+        }
+        side.push(c.clone());
     }
     let new_counts = run_grouped(&m.new, new_side);
     let (mut old_counts, mut new_counts) = (old_counts, new_counts);
-    for (old, new, _, sink) in work.deletes {
+    for (old, new, c, sink) in work.deletes {
         let a = take_next(&mut old_counts, old);
+        if keyspec::single_key(&c).is_ok() {
+            // The mark's answers: refused or not, the delete runs.
+            take_next(&mut new_counts, new).ok();
+            take_next(&mut new_counts, new).ok();
+        }
         let b = take_next(&mut new_counts, new);
         sink(match (a, b) {
             (Ok(Value::Int(x)), Ok(Value::Int(y))) => Ok(Value::Int((x + y).min(1))),
@@ -887,10 +929,14 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
         moved.insert(old, r);
     }
     let mut runs_by_host: BTreeMap<HostId, Vec<(Cmd, Sink)>> = BTreeMap::new();
-    for (old, new, _, c, sink) in work.moves {
+    for (old, new, key, c, sink) in work.moves {
         match moved.get(&old) {
             Some(Err(e)) => sink(Err(e.clone())),
-            _ => runs_by_host.entry(new).or_default().push((c, sink)),
+            _ => {
+                let runs = runs_by_host.entry(new).or_default();
+                runs.push((crate::migrate::forget_copy(&key), Box::new(drop)));
+                runs.push((c, sink));
+            }
         }
     }
     for (host, c, sink) in runs {
@@ -1168,6 +1214,10 @@ impl super::AsyncClient {
                     }
                 }
                 Access::Overwrite => {
+                    // Sent first on the same connection: a written key is
+                    // no move's copy (see migrate::COPIES); its answer is
+                    // not the write's.
+                    drop(client.send::<Value>(host, crate::migrate::forget_copy(&key)));
                     let r: Value = client.send(host, cmd).await?;
                     // Done when the old copy is gone too.
                     let _: Value = old_client
@@ -1177,6 +1227,12 @@ impl super::AsyncClient {
                 }
                 Access::Delete => {
                     let a: Value = old_client.send(old_host, cmd.clone()).await?;
+                    // Marked deleted first on the new owner, on the same
+                    // connection (see migrate::COPIES); refused or not,
+                    // the delete runs.
+                    for mark in copies::mark_deleted(&key) {
+                        drop(client.send::<Value>(host, mark));
+                    }
                     let b: Value = client.send(host, cmd).await?;
                     match (a, b) {
                         (Value::Int(x), Value::Int(y)) => Value::Int((x + y).min(1)),
@@ -1190,6 +1246,7 @@ impl super::AsyncClient {
                     if exists == 0 && move_key(&old_client, &client, old_host, host, &key).await? {
                         counters.moved_on_write.fetch_add(1, Relaxed);
                     }
+                    drop(client.send::<Value>(host, crate::migrate::forget_copy(&key)));
                     client.send(host, cmd).await?
                 }
             };
@@ -1222,72 +1279,109 @@ async fn move_key(
     new_host: HostId,
     key: &[u8],
 ) -> Result<bool> {
-    let ttl = old.send::<i64>(old_host, cmd("PTTL").arg(key));
-    let dump = old.send::<Option<Vec<u8>>>(old_host, cmd("DUMP").arg(key));
-    let (ttl, dump) = (ttl.await?, dump.await?);
-    let Some(payload) = dump else {
-        return Ok(false);
-    };
-    if ttl == -2 {
-        return Ok(false);
-    }
-    let restore = cmd("RESTORE")
-        .arg(key)
-        .arg(ttl.max(0))
-        .arg(payload.as_slice());
-    let restored = match new.send::<Value>(new_host, restore).await {
-        Ok(_) => true,
-        Err(e) if e.code() == Some("BUSYKEY") => false,
-        Err(e) => return Err(e),
-    };
-    let cas = |k: &[u8], p: &[u8]| {
-        cmd("EVAL")
-            .arg(crate::migrate::DELETE_IF_UNCHANGED)
-            .arg(1)
-            .arg(k)
-            .arg(p)
-    };
-    if !restored {
-        // The new owner had it. The old copy goes if the new owner's value
-        // differs (a newer write); the very same value is another move
-        // half-way, whose own delete of the old copy is to come (the
-        // mover's rule, see migrate::settle_copies).
-        let theirs = new
-            .send::<Option<Vec<u8>>>(new_host, cmd("DUMP").arg(key))
-            .await?;
-        if theirs.as_deref() != Some(payload.as_slice()) {
-            let _: Vec<i64> = old.send(old_host, cas(key, &payload)).await?;
+    // The steps of migrate::copy_keys and migrate::settle_copies, for one
+    // key: a stale mark of a delete (see migrate::COPIES) goes and the key
+    // is copied again, a few rounds at most.
+    let token = copies::token();
+    for _ in 0..3 {
+        let ttl = old.send::<i64>(old_host, cmd("PTTL").arg(key));
+        let dump = old.send::<Option<Vec<u8>>>(old_host, cmd("DUMP").arg(key));
+        let (ttl, dump) = (ttl.await?, dump.await?);
+        let Some(payload) = dump else {
+            return Ok(false);
+        };
+        if ttl == -2 {
+            return Ok(false);
         }
-        return Ok(false);
+        let restore = copies::restore(
+            &token,
+            [copies::Restore {
+                key,
+                ttl: ttl.max(0),
+                payload: &payload,
+            }],
+        );
+        let restored = copies::restored(new.send(new_host, restore).await?, 1)?;
+        let per_key = |script: &str| {
+            cmd("EVAL")
+                .arg(script)
+                .arg(1)
+                .arg(key)
+                .arg(payload.as_slice())
+        };
+        let answered = |flags: Vec<i64>| flags.first() == Some(&1);
+        let settle = |step: Settle<'_>| copies::settle(&token, [(key, step)]);
+        match restored.into_iter().next() {
+            Some(Restored::Copied) => {
+                let deleted = answered(old.send(old_host, per_key(DELETE_IF_UNCHANGED)).await?);
+                let step = if deleted {
+                    Settle::Keep
+                } else {
+                    Settle::TakeBack(&payload)
+                };
+                copies::taken_back(new.send(new_host, settle(step)).await?, 1)?;
+                return Ok(true);
+            }
+            Some(Restored::Present) => {
+                // The new owner had it: its copy is the key's home once the
+                // old copy, seen still there after it, goes.
+                if answered(old.send(old_host, per_key(UNCHANGED)).await?) {
+                    copies::taken_back(new.send(new_host, settle(Settle::Found)).await?, 1)?;
+                    let _: Vec<i64> = old.send(old_host, per_key(DELETE_IF_UNCHANGED)).await?;
+                }
+                return Ok(false);
+            }
+            Some(Restored::Deleted(mark)) => {
+                if !answered(old.send(old_host, per_key(UNCHANGED)).await?) {
+                    // Deleted during the move: nothing to copy.
+                    return Ok(false);
+                }
+                let stale = settle(Settle::StaleMark(&mark));
+                copies::taken_back(new.send(new_host, stale).await?, 1)?;
+            }
+            Some(Restored::Refused(e)) => {
+                return Err(match new.cluster().host(new_host) {
+                    Ok(h) => e.with_context(h.name(), "RESTORE"),
+                    Err(_) => e,
+                })
+            }
+            None => return Err(Error::protocol("the restore script answered no key")),
+        }
     }
-    let deleted: Vec<i64> = old.send(old_host, cas(key, &payload)).await?;
-    if deleted.first() != Some(&1) {
-        // Deleted from the old host meanwhile: the copy must not stand.
-        let _: Vec<i64> = new.send(new_host, cas(key, &payload)).await?;
-    }
-    Ok(true)
+    // Marked deleted again each round: left where it is for the mover.
+    Ok(false)
 }
 
 /// On a migrating cluster, moves each of `keys` that is still on its old
 /// owner to its new one now (a transaction or a command list then runs
-/// where every key is). Nothing to do on a cluster that is not migrating.
+/// where every key is); with each key, whether what runs next may write
+/// it (its record as a move's copy then goes first: see
+/// [`crate::migrate::COPIES`]). Nothing to do on a cluster that is not
+/// migrating.
 ///
 /// # Errors
 ///
 /// A routing error or the move's.
 pub(super) fn move_in_transit<'k>(
     cluster: &Cluster,
-    keys: impl IntoIterator<Item = &'k [u8]>,
+    keys: impl IntoIterator<Item = (&'k [u8], bool)>,
 ) -> Result<()> {
     let Some(old) = cluster.migrating_from() else {
         return Ok(());
     };
     let (old_router, new_router) = (old.router()?, cluster.router()?);
     let mut leaving: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
-    for key in keys {
+    let mut written: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
+    for (key, writes) in keys {
         let (from, to) = (old_router.host_for_key(key)?, new_router.host_for_key(key)?);
         if !same_server(old, from, cluster, to)? {
             leaving.entry(from).or_default().push((key.to_vec(), to));
+            if writes {
+                written
+                    .entry(to)
+                    .or_default()
+                    .push(crate::migrate::forget_copy(key));
+            }
         }
     }
     for (from, keys) in leaving {
@@ -1297,6 +1391,12 @@ pub(super) fn move_in_transit<'k>(
             .migration_counters()
             .moved_on_write
             .fetch_add(progress.moved, Relaxed);
+    }
+    // The commands to come write these keys: no move's copies to take
+    // back (see migrate::COPIES). Not allowed to drop the records, the
+    // commands still run.
+    for (to, forget) in written {
+        drop(cluster.local_client(to)?.pipeline(forget));
     }
     Ok(())
 }

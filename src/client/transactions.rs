@@ -82,9 +82,14 @@ fn move_keys_of(cluster: &Cluster, commands: &[Cmd]) -> Result<()> {
     }
     let mut touched = Vec::new();
     for c in commands {
-        touched.extend(crate::keyspec::all_keys(c)?.into_iter().map(<[u8]>::to_vec));
+        let writes = crate::migrate::Access::of(c) != crate::migrate::Access::Read;
+        touched.extend(
+            crate::keyspec::all_keys(c)?
+                .into_iter()
+                .map(|k| (k.to_vec(), writes)),
+        );
     }
-    super::migrating::move_in_transit(cluster, touched.iter().map(Vec::as_slice))
+    super::migrating::move_in_transit(cluster, touched.iter().map(|(k, w)| (k.as_slice(), *w)))
 }
 
 /// A transaction on a held connection.
@@ -123,7 +128,8 @@ where
     F: FnMut(&Transaction<'_>) -> Result<()>,
 {
     let watched: Vec<Vec<u8>> = keys.iter().map(crate::args::to_bytes).collect();
-    super::migrating::move_in_transit(cluster, watched.iter().map(Vec::as_slice))?;
+    // The transaction is built after the move: taken to write every key.
+    super::migrating::move_in_transit(cluster, watched.iter().map(|k| (k.as_slice(), true)))?;
     let held = Held::new(cluster, host)?;
     let result = watch_loop(cluster, &held, router, keys, &mut f);
     held.finish();

@@ -5,22 +5,21 @@
 //! all while the old server runs nothing else: the copy and the delete are
 //! one step there. So a delete that reaches the old host before it is gone
 //! from there, then the new owner (the order a migrating cluster deletes
-//! in), cannot be undone by the move; with `DUMP`/`RESTORE` through the
-//! client the key is restored after such a delete and must be taken back,
-//! which fails if a write reached the restored copy first. It is also one
-//! round trip per batch instead of three, and the values never pass
-//! through this process.
+//! in), cannot be undone by the move, and no record of the copy is needed
+//! (with `DUMP`/`RESTORE` through the client, see [`super::COPIES`]). It is
+//! also one round trip per batch instead of four, and the values never
+//! pass through this process.
 //!
 //! `MIGRATE` reports only its first error, so the batch is wrapped in two
 //! scripts on the old host, pipelined with it: one before (which keys
 //! exist, and their `DUMP` sizes for the progress report) and one after
 //! (which keys are still there). A key still there was not taken: the new
-//! owner has another value (a newer write, which wins: the old copy is
-//! deleted), or the same value (another move's copy, whose own delete of
-//! the old copy is to come: left for [`super::SAME_COPY_GRACE`]; or this
-//! `MIGRATE`'s, when it timed out reading the answers), or nothing (the
-//! copy failed: the key is handed back to be copied through the client,
-//! which reports that key's own error).
+//! owner has another value (a newer write, which wins), or the same value
+//! (another move's copy, or this `MIGRATE`'s when it timed out reading the
+//! answers): either way the new owner's is the key's home and the old copy
+//! is deleted (see [`super::COPIES`]); or nothing (the copy failed: the key
+//! is handed back to be copied through the client, which reports that
+//! key's own error).
 //!
 //! The old server resolves the new owner's address itself, so before a
 //! pair of hosts first uses `MIGRATE`, a canary key is migrated and looked
@@ -30,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{delete_if_unchanged, dumps, MoveProgress, Moving};
+use super::{dumps, retire_found, MoveProgress, Moving};
 use crate::cluster::Cluster;
 use crate::cmd::{cmd, Cmd};
 use crate::commands::Commands;
@@ -57,11 +56,13 @@ return out";
 ///
 /// `MIGRATE` is the safer: the old server copies and deletes in one step,
 /// so a delete made during the move can never be undone, which
-/// `DUMP`/`RESTORE` cannot promise (a key deleted while in flight is
-/// restored and then taken back, unless a write reached the restored copy
-/// first). `DUMP`/`RESTORE` was the faster here (1.4x the keys per second,
-/// `examples/resize.rs`): the old server reads `MIGRATE`'s answers a byte
-/// at a time. Run one mover per fleet at a time: a `MIGRATE` blocks its
+/// `DUMP`/`RESTORE` promises only for `DEL`/`UNLINK` through a migrating
+/// cluster (they mark the key deleted on the new owner, see
+/// [`super::COPIES`]; a key emptied another way while in flight, say by
+/// `GETDEL`, is restored and then taken back, unless a write reached the
+/// restored copy first). `DUMP`/`RESTORE` was the faster here (1.5x the
+/// keys per second, `examples/resize.rs`): the old server reads
+/// `MIGRATE`'s answers a byte at a time. Run one mover per fleet at a time: a `MIGRATE` blocks its
 /// old server until the new owner answers, so two crossing between the
 /// same two servers would each wait out the other's timeout (rb's own
 /// moves on write never `MIGRATE`, for that reason).
@@ -257,12 +258,9 @@ pub(super) fn migrate_page(
     leaving: Vec<(Vec<u8>, HostId)>,
     routes: &Routes,
     progress: &mut MoveProgress,
-) -> Result<PageLeft> {
+) -> Result<Vec<(Vec<u8>, HostId)>> {
     if routes.transfer == Transfer::DumpRestore {
-        return Ok(PageLeft {
-            to_copy: leaving,
-            same_copies: Vec::new(),
-        });
+        return Ok(leaving);
     }
     let mut by_owner: BTreeMap<HostId, Vec<Vec<u8>>> = BTreeMap::new();
     for (key, to) in leaving {
@@ -270,7 +268,6 @@ pub(super) fn migrate_page(
     }
     let source = old.local_client(host)?;
     let mut rest = Vec::new();
-    let mut same = Vec::new();
     for (to, keys) in by_owner {
         let Some(start) = routes.start(old, host, new, to)? else {
             rest.extend(keys.into_iter().map(|k| (k, to)));
@@ -280,15 +277,12 @@ pub(super) fn migrate_page(
         let tried = keys.len();
         let BatchLeft {
             mut not_copied,
-            same_copies,
             mut failure,
         } = migrate_batch(&source, &target, start.clone(), to, keys, progress)?;
-        same.extend(same_copies);
         if failure.as_ref().is_some_and(refused_as_busy) && !not_copied.is_empty() {
             // Refused because the new owner had them, and gone from it
             // since (a concurrent change): MIGRATE them once more.
             let again = migrate_batch(&source, &target, start, to, not_copied, progress)?;
-            same.extend(again.same_copies);
             (not_copied, failure) = (again.not_copied, again.failure);
         }
         if not_copied.is_empty() {
@@ -312,10 +306,7 @@ pub(super) fn migrate_page(
         }
         rest.extend(not_copied.into_iter().map(|k| (k, to)));
     }
-    Ok(PageLeft {
-        to_copy: rest,
-        same_copies: same,
-    })
+    Ok(rest)
 }
 
 /// Whether `MIGRATE` failed because the new owner already had a key
@@ -324,25 +315,17 @@ fn refused_as_busy(e: &Error) -> bool {
     e.code() == Some("BUSYKEY") || e.to_string().contains("BUSYKEY")
 }
 
-/// What a page's `MIGRATE`s left: keys to copy through the client, and old
-/// copies the same as their new owner's (see [`super::SAME_COPY_GRACE`]).
-pub(super) struct PageLeft {
-    pub(super) to_copy: Vec<(Vec<u8>, HostId)>,
-    pub(super) same_copies: Vec<Moving>,
-}
-
-/// What one `MIGRATE` left: keys the new owner lacks, old copies the same
-/// as their new owner's, and `MIGRATE`'s error.
+/// What one `MIGRATE` left: keys the new owner lacks, and `MIGRATE`'s
+/// error.
 struct BatchLeft {
     not_copied: Vec<Vec<u8>>,
-    same_copies: Vec<Moving>,
     failure: Option<Error>,
 }
 
 /// One `MIGRATE` of `keys` from `source` to `target` (new host `to`),
 /// between the two scripts: the keys neither moved nor found on `target`
-/// (to copy another way), old copies the same as their new owner's (left
-/// for later, see [`super::SAME_COPY_GRACE`]) and `MIGRATE`'s error, if any.
+/// (to copy another way) and `MIGRATE`'s error, if any. The old copies of
+/// keys found on `target` are deleted.
 fn migrate_batch(
     source: &LocalClient,
     target: &LocalClient,
@@ -387,18 +370,17 @@ fn migrate_batch(
     if stayed.is_empty() {
         return Ok(BatchLeft {
             not_copied: stayed,
-            same_copies: Vec::new(),
             failure,
         });
     }
-    // Not taken: the new owner has its own (a newer write: the old copy
-    // goes), or the same (another mover's copy, or this MIGRATE's when it
-    // timed out reading the answers: left for later), or nothing (not
-    // copied at all: another way).
+    // Not taken: the new owner has its own (a newer write), or the same
+    // (another move's copy, or this MIGRATE's when it timed out reading
+    // the answers): the old copy goes; or nothing (another way). The new
+    // owner's is read first: an old copy seen after it is still there.
     let theirs = dumps(target, stayed.iter().map(Vec::as_slice))?;
     let ours = dumps(source, stayed.iter().map(Vec::as_slice))?;
     let timed_out = failure.as_ref().is_some_and(|e| e.code() == Some("IOERR"));
-    let (mut not_copied, mut stale, mut same) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut not_copied, mut found) = (Vec::new(), Vec::new());
     for ((key, theirs), ours) in stayed.into_iter().zip(theirs).zip(ours) {
         let (theirs, payload) = match (theirs, ours) {
             // Gone from the old host since: nothing to move.
@@ -412,30 +394,23 @@ fn migrate_batch(
             }
             (Some(theirs), Some(ours)) => (theirs, ours),
         };
-        let m = Moving {
+        if timed_out && theirs == payload {
+            progress.copied += 1;
+            progress.moved += 1;
+            progress.bytes += payload.len() as u64;
+        } else {
+            progress.skipped += 1;
+        }
+        found.push(Moving {
             key,
             to,
             payload,
             restored: false,
-        };
-        if theirs != m.payload {
-            stale.push(m);
-        } else {
-            if timed_out {
-                progress.copied += 1;
-                progress.moved += 1;
-                progress.bytes += m.payload.len() as u64;
-            } else {
-                progress.skipped += 1;
-            }
-            same.push(m);
-        }
+        });
     }
-    progress.skipped += stale.len() as u64;
-    delete_if_unchanged(source, stale.iter().map(|m| (&m.key, &m.payload)))?;
+    retire_found(source, target, &found)?;
     Ok(BatchLeft {
         not_copied,
-        same_copies: same,
         failure,
     })
 }

@@ -117,3 +117,39 @@ pub fn staying_keys(old: &Cluster, new: &Cluster, prefix: &str, n: usize) -> Vec
         .take(n)
         .collect()
 }
+
+/// Hosts 0 and 1 on servers 0 and 1 of `setup` (over TCP), host 2 through
+/// `proxy`; migrating from `from` if given.
+pub fn with_host2_through(
+    setup: &TestSetup,
+    proxy: &proxy::Proxy,
+    from: Option<&Cluster>,
+) -> Cluster {
+    let mut b = Cluster::builder().router(RouterKind::Partition);
+    for i in 0..2 {
+        b = b.host(i as u32, tcp(setup, i));
+    }
+    b = b.host(2, proxy.host_config());
+    if let Some(old) = from {
+        b = b.migrating_from(old);
+    }
+    b.build().expect("cluster")
+}
+
+/// The `n`th key (prefix `p`) that moves from `old` to host 2 of `new`.
+pub fn to_host2(old: &Cluster, new: &Cluster, p: &str, n: usize) -> String {
+    (0..)
+        .map(|i| format!("{p}{i}"))
+        .filter(|k| host_of(new, k) == 2 && host_of(old, k) != 2)
+        .nth(n)
+        .expect("a key moving to host 2")
+}
+
+/// [`over_tcp`] with 3 servers, migrating from `old`.
+pub fn migrating_over_tcp(setup: &TestSetup, old: &Cluster) -> Cluster {
+    let mut b = Cluster::builder().router(RouterKind::Partition);
+    for i in 0..3 {
+        b = b.host(i as u32, tcp(setup, i));
+    }
+    b.migrating_from(old).build().expect("migrating")
+}
