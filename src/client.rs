@@ -139,22 +139,35 @@ impl Dispatch {
         steps_deadline: Option<std::time::Instant>,
         join: impl Fn(&mut Session, &mut dyn FnMut(&mut Session)),
     ) {
-        let Some(m) = &self.migration else {
-            return join(&mut self.session, &mut |_| {});
-        };
-        // GETs that missed are asked of their old owners as their misses
-        // come in, while the map's other reads are still on their way.
-        let mut ask_early = |s: &mut Session| migrating::ask_old_owners(m, s);
-        join(&mut self.session, &mut ask_early);
         let _bounded = StepsDeadline::set(steps_deadline);
-        if migrating::run_followups(m, &self.runs, &mut self.session) {
+        loop {
+            let Some(m) = &self.migration else {
+                return join(&mut self.session, &mut |_| {});
+            };
+            // GETs that missed are asked of their old owners as their
+            // misses come in, while the map's other reads are on their way.
+            let mut ask_early = |s: &mut Session| migrating::ask_old_owners(m, s);
+            migrating::forget_overwritten(m, &mut self.session);
             join(&mut self.session, &mut ask_early);
-            if migrating::settle_fallbacks(m, &mut self.session) {
+            if migrating::run_followups(m, &self.runs, &mut self.session) {
                 join(&mut self.session, &mut ask_early);
-                migrating::settle_rechecks(m);
+                if migrating::settle_fallbacks(m, &mut self.session) {
+                    join(&mut self.session, &mut ask_early);
+                    migrating::settle_rechecks(m);
+                }
+            }
+            migrating::compact(m);
+            // Commands that came after a step on their key (a delete, a
+            // move, a probe) run now, in order, as a next round.
+            let queued = migrating::take_queued(m);
+            if queued.is_empty() {
+                return;
+            }
+            for (cmd, sink) in queued {
+                let p: Promise<Value> = self.migrating(cmd);
+                p.on_result(sink);
             }
         }
-        migrating::compact(m);
     }
 
     /// Runs a script on `host` (see [`ScriptLoads::call`]); with `followed`,
@@ -471,9 +484,16 @@ impl Execute for MappingClient {
     }
 
     fn execute_script<T: FromValue + 'static>(&self, call: ScriptCall) -> Promise<T> {
-        self.batch.with(|d| match d.script_host(&call) {
-            Ok(host) => d.script(host, &call, false),
-            Err(e) => d.reject(e),
+        self.batch.with(|d| {
+            if d.migration.is_some() {
+                // Its key moved first if need be, as for a command (EVAL:
+                // the source, as the new owner may lack the script).
+                return d.migrating(call.eval());
+            }
+            match d.script_host(&call) {
+                Ok(host) => d.script(host, &call, false),
+                Err(e) => d.reject(e),
+            }
         })
     }
 }
@@ -726,19 +746,28 @@ impl RoutingClient {
     }
 }
 
+impl RoutingClient {
+    /// One request through a map, on a migrating cluster: its joins run
+    /// the fallbacks and moves.
+    fn through_map<T: FromValue + 'static>(
+        &self,
+        request: impl FnOnce(&MappingClient) -> Promise<T>,
+    ) -> Result<T> {
+        let hosts = self.cluster.host_ids();
+        let mut opts = MapOptions::new().auto_batch(self.auto_batch);
+        if let Some(budget) = immediate_budget(&self.cluster, &hosts) {
+            opts = opts.timeout(budget);
+        }
+        self.cluster.map_with(opts, request).and_then(|p| p.take())
+    }
+}
+
 impl Execute for RoutingClient {
     type Output<T: FromValue + 'static> = Result<T>;
 
     fn execute<T: FromValue + 'static>(&self, cmd: Cmd) -> Result<T> {
         if self.cluster.migrating_from().is_some() {
-            // Through a map: its joins run the fallbacks and moves.
-            let hosts = self.cluster.host_ids();
-            let mut opts = MapOptions::new().auto_batch(self.auto_batch);
-            if let Some(budget) = immediate_budget(&self.cluster, &hosts) {
-                opts = opts.timeout(budget);
-            }
-            let p = self.cluster.map_with(opts, |c| c.execute::<T>(cmd));
-            return p.and_then(|p| p.take());
+            return self.through_map(|c| c.execute::<T>(cmd));
         }
         if MultiKey::of(&cmd).is_some() {
             let hosts = self.cluster.host_ids();
@@ -752,6 +781,9 @@ impl Execute for RoutingClient {
     }
 
     fn execute_script<T: FromValue + 'static>(&self, call: ScriptCall) -> Result<T> {
+        if self.cluster.migrating_from().is_some() {
+            return self.through_map(|c| c.execute_script::<T>(call));
+        }
         let host = script_host(&*self.cluster.router()?, &call)?;
         script_now(&self.cluster, host, &call)
     }
@@ -867,17 +899,21 @@ where
 
     // A migrating cluster runs each list where its key now belongs: keys
     // still on their old owner move there first.
-    let keys: Vec<(Vec<u8>, bool)> = entries
+    let keys: Vec<(Vec<u8>, migrating::Touch)> = entries
         .iter()
         .map(|(k, _, calls)| {
-            let writes = calls.iter().any(|c| match c {
-                Call::Cmd(c) => crate::migrate::Access::of(c) != crate::migrate::Access::Read,
-                Call::Script(_) => true,
-            });
-            (crate::args::to_bytes(k), writes)
+            let touch = calls
+                .iter()
+                .map(|c| match c {
+                    Call::Cmd(c) => migrating::Touch::of(c),
+                    Call::Script(_) => migrating::Touch::Delete,
+                })
+                .max()
+                .unwrap_or(migrating::Touch::Read);
+            (crate::args::to_bytes(k), touch)
         })
         .collect();
-    migrating::move_in_transit(cluster, keys.iter().map(|(k, w)| (k.as_slice(), *w)))?;
+    migrating::move_in_transit(cluster, keys.iter().map(|(k, t)| (k.as_slice(), *t)))?;
 
     // Every list, in order, each on its key's host; scripts loaded first
     // where the host may lack them or where calls follow them. A script

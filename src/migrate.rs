@@ -29,7 +29,7 @@ pub(crate) mod copies;
 
 pub use by_server::Transfer;
 pub(crate) use copies::forget as forget_copy;
-pub use copies::COPIES;
+pub use copies::{COPIES, DELETED};
 
 /// Deletes each key of `KEYS` whose `DUMP` is still the `ARGV` at the same
 /// position; answers 1 (deleted) or 0 (changed or gone) per key.
@@ -225,8 +225,8 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
     while let Some(page_at) = scan.position() {
         let host = page_at.host();
         let mut keys = scan.next_page()?;
-        // The record of copies half-way is no key of the application's.
-        keys.retain(|k| k.as_slice() != COPIES.as_bytes());
+        // The records of copies and deletes are no keys of the application's.
+        keys.retain(|k| k.as_slice() != COPIES.as_bytes() && k.as_slice() != DELETED.as_bytes());
         progress.scanned += keys.len() as u64;
         let mut leaving = Vec::new();
         for key in keys {
@@ -421,7 +421,6 @@ fn dump_keys(
         };
         match payload {
             Some(Ok(Value::BulkString(payload))) if ttl != -2 => {
-                progress.bytes += payload.len() as u64;
                 moving.push(Dumped {
                     moving: Moving {
                         key,
@@ -451,8 +450,7 @@ fn restore_keys(
 ) -> Result<Vec<(usize, Vec<u8>)>> {
     let mut marked = Vec::new();
     let owners = by_owner(moving.iter().map(|d| d.moving.to));
-    for (to, indexes) in owners {
-        let target = new.local_client(to)?;
+    let scripts = owners.iter().map(|(&to, indexes)| {
         let script = copies::restore(
             token,
             indexes.iter().map(|&i| copies::Restore {
@@ -461,12 +459,17 @@ fn restore_keys(
                 payload: &moving[i].moving.payload,
             }),
         );
-        let answers = copies::restored(one_reply(&target, script)?, indexes.len())?;
+        (to, script)
+    });
+    let replies = on_each(new, scripts.collect())?;
+    for ((to, indexes), reply) in owners.into_iter().zip(replies) {
+        let answers = copies::restored(reply, indexes.len())?;
         for (&i, answer) in indexes.iter().zip(answers) {
             match answer {
                 copies::Restored::Copied => {
                     moving[i].moving.restored = true;
                     progress.copied += 1;
+                    progress.bytes += moving[i].moving.payload.len() as u64;
                 }
                 // The new owner has the key: a write made there wins.
                 copies::Restored::Present => {}
@@ -515,7 +518,7 @@ fn retry_stale_marks(
     for (to, items) in stale {
         let n = items.len();
         let target = new.local_client(to)?;
-        copies::taken_back(one_reply(&target, copies::settle("", items))?, n)?;
+        copies::settled(one_reply(&target, copies::settle("", items))?, n)?;
     }
     Ok(again)
 }
@@ -588,25 +591,66 @@ fn settle_copies(
             .or_default()
             .push((&m.key, copies::Settle::Found));
     }
-    for (to, items) in steps {
-        let target = new.local_client(to)?;
-        let kinds: Vec<bool> = items
-            .iter()
-            .map(|(_, s)| matches!(s, copies::Settle::TakeBack(_)))
-            .collect();
-        let n = items.len();
-        let back = copies::taken_back(one_reply(&target, copies::settle(&batch.token, items))?, n)?;
-        for (asked, back) in kinds.into_iter().zip(back) {
-            // A copy whose old copy was gone: taken back, or the key's home
-            // now (another move deleted the old copy, or a write replaced it).
-            match (asked, back) {
-                (true, true) => progress.vanished += 1,
-                (true, false) => progress.moved += 1,
-                _ => {}
+    let kinds: Vec<Vec<bool>> = steps
+        .values()
+        .map(|items| {
+            items
+                .iter()
+                .map(|(_, s)| matches!(s, copies::Settle::TakeBack(_)))
+                .collect()
+        })
+        .collect();
+    let scripts = steps
+        .into_iter()
+        .map(|(to, items)| (to, copies::settle(&batch.token, items)))
+        .collect();
+    for (kinds, reply) in kinds.into_iter().zip(on_each(new, scripts)?) {
+        let settled = copies::settled(reply, kinds.len())?;
+        for (asked, settled) in kinds.into_iter().zip(settled) {
+            // A copy whose old copy was gone: taken back, or deleted
+            // meanwhile, or the key's home now (another move deleted the
+            // old copy, or a write replaced it).
+            if asked {
+                match settled {
+                    copies::Settled::Stands => progress.moved += 1,
+                    copies::Settled::TakenBack | copies::Settled::Deleted => progress.vanished += 1,
+                }
             }
         }
     }
     delete_if_unchanged(&source, &found).map(drop)
+}
+
+/// Runs each host's command of `commands` (by host, in order) on `cluster`,
+/// all at once; their replies in the same order.
+///
+/// # Errors
+///
+/// The first failure of a host (with its name), an error reply included.
+fn on_each(cluster: &Cluster, commands: Vec<(HostId, Cmd)>) -> Result<Vec<Value>> {
+    if commands.is_empty() {
+        return Ok(Vec::new());
+    }
+    let hosts = commands.iter().map(|(h, _)| *h).collect();
+    let replies = cluster.fanout(crate::cluster::Hosts::Ids(hosts), |fanout| {
+        commands
+            .into_iter()
+            .map(|(h, c)| {
+                (
+                    h,
+                    crate::client::Execute::execute::<Value>(&fanout.target(&[h]), c),
+                )
+            })
+            .collect::<Vec<_>>()
+    })?;
+    replies
+        .into_iter()
+        .map(|(h, p)| {
+            p.take()?
+                .remove(&h)
+                .ok_or_else(|| Error::protocol("a host's reply is missing"))
+        })
+        .collect()
 }
 
 /// The one reply of `command` on `host`.
@@ -679,7 +723,7 @@ fn retire_found(
             .iter()
             .map(|m| (m.key.as_slice(), copies::Settle::Found)),
     );
-    copies::taken_back(one_reply(target, forget)?, found.len())?;
+    copies::settled(one_reply(target, forget)?, found.len())?;
     delete_if_unchanged(source, found).map(drop)
 }
 

@@ -8,7 +8,7 @@
 mod common;
 use common::proxy::{Fault, Proxy};
 use common::{migrating_over_tcp, moving_keys, over_tcp, to_host2, with_host2_through};
-use rb::migrate::{move_keys, MoveOptions, Transfer, COPIES};
+use rb::migrate::{move_keys, MoveOptions, Transfer, COPIES, DELETED};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands};
 
@@ -178,19 +178,22 @@ fn moves_leave_no_record() {
     }
 }
 
-/// A record left on an old host (a crashed move's) is not an application
-/// key: the mover neither moves nor counts it.
+/// The records left on an old host (a crashed move's copies, marks of a
+/// migration before) are not application keys: the mover neither moves
+/// nor counts them.
 #[test]
 fn the_record_itself_is_never_moved() {
     let setup = TestSetup::with_tcp(3, 1).expect("servers");
     let old = over_tcp(&setup, 2);
     let direct = over_tcp(&setup, 3);
     for h in old.host_ids() {
-        let _: i64 = old
-            .local_client(h)
-            .expect("local")
-            .cmd(rb::cmd("HSET").arg(COPIES).arg("k").arg("t"))
-            .expect("HSET");
+        for record in [COPIES, DELETED] {
+            let _: i64 = old
+                .local_client(h)
+                .expect("local")
+                .cmd(rb::cmd("HSET").arg(record).arg("k").arg("t"))
+                .expect("HSET");
+        }
     }
     // Keys moving to host 2 only (a key moving to another old host would
     // be seen again there).
@@ -201,12 +204,14 @@ fn the_record_itself_is_never_moved() {
     let report = move_keys(&old, &direct, MoveOptions::new()).expect("move");
     assert_eq!(report.progress.scanned, 20, "{:?}", report.progress);
     for h in old.host_ids() {
-        let field: Option<String> = old
-            .local_client(h)
-            .expect("local")
-            .cmd(rb::cmd("HGET").arg(COPIES).arg("k"))
-            .expect("HGET");
-        assert_eq!(field.as_deref(), Some("t"), "host {h}");
+        for record in [COPIES, DELETED] {
+            let field: Option<String> = old
+                .local_client(h)
+                .expect("local")
+                .cmd(rb::cmd("HGET").arg(record).arg("k"))
+                .expect("HGET");
+            assert_eq!(field.as_deref(), Some("t"), "host {h}, {record}");
+        }
     }
 }
 

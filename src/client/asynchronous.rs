@@ -205,6 +205,9 @@ impl AsyncClient {
         I: IntoIterator<Item = (K, Vec<Call>)>,
         K: ToArg + Eq + std::hash::Hash + Send + 'static,
     {
+        if self.previous.is_some() {
+            return self.migrating_commands(mapping);
+        }
         let router = match self.cluster.router() {
             Ok(r) => r,
             Err(e) => return Reply::ready(Err(e)),
@@ -244,6 +247,59 @@ impl AsyncClient {
                 out.entry(key)
                     .or_default()
                     .extend(outcomes.by_ref().take(n));
+            }
+            Ok(out)
+        })
+    }
+
+    /// [`AsyncClient::execute_commands`] on a migrating cluster: each call
+    /// by the migration's rules (a key in transit is moved before a call
+    /// changes it, deletes reach both owners), the calls of one key one
+    /// after the other, keys side by side.
+    fn migrating_commands<K, I>(&self, mapping: I) -> Reply<HashMap<K, Vec<Result<Value>>>>
+    where
+        I: IntoIterator<Item = (K, Vec<Call>)>,
+        K: ToArg + Eq + std::hash::Hash + Send + 'static,
+    {
+        // The lists of each key, in order, as one sequence.
+        let mut groups: Vec<Vec<Cmd>> = Vec::new();
+        let mut group_of: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut entries = Vec::new();
+        for (key, calls) in mapping {
+            let next = groups.len();
+            let g = *group_of.entry(crate::args::to_bytes(&key)).or_insert(next);
+            if g == next {
+                groups.push(Vec::new());
+            }
+            entries.push((key, g, calls.len()));
+            groups[g].extend(calls.into_iter().map(|call| match call {
+                Call::Cmd(cmd) => cmd,
+                Call::Script(sc) => sc.eval(),
+            }));
+        }
+        let parts: Vec<Reply<Vec<Result<Value>>>> = groups
+            .into_iter()
+            .map(|cmds| {
+                let client = self.clone();
+                Reply::from_future(async move {
+                    let mut outcomes = Vec::with_capacity(cmds.len());
+                    for cmd in cmds {
+                        outcomes.push(match refuse_on_shared(&cmd) {
+                            Ok(()) => client.migrating::<Value>(cmd).await,
+                            Err(e) => Err(e),
+                        });
+                    }
+                    Ok(outcomes)
+                })
+            })
+            .collect();
+        Reply::join(parts, move |groups| {
+            let mut groups: Vec<std::vec::IntoIter<Result<Value>>> =
+                groups.into_iter().map(Vec::into_iter).collect();
+            let mut out: HashMap<K, Vec<Result<Value>>> = HashMap::new();
+            for (key, g, n) in entries {
+                let taken = groups[g].by_ref().take(n);
+                out.entry(key).or_default().extend(taken);
             }
             Ok(out)
         })
@@ -426,6 +482,11 @@ impl Execute for AsyncClient {
     }
 
     fn execute_script<T: FromValue + 'static>(&self, call: ScriptCall) -> Reply<T> {
+        if self.previous.is_some() {
+            // Its key moved first if need be, as for a command (EVAL: the
+            // source, as the new owner may lack the script).
+            return self.migrating(call.eval());
+        }
         let host = self
             .cluster
             .with_routes(|routes| script_host(&*routes.router, &call))

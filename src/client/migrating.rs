@@ -27,7 +27,7 @@
 //! MGET/MSET per host).
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -59,6 +59,16 @@ pub(super) type Sink = Box<dyn FnOnce(Result<Value>)>;
 /// command, sink).
 pub(super) type Runs = Rc<RefCell<Vec<(HostId, Cmd, Sink)>>>;
 
+/// An overwrite of a key in transit, sent to its new owner.
+struct Overwrite {
+    old: HostId,
+    new: HostId,
+    key: Vec<u8>,
+    /// The new owner's reply.
+    first: Promise<Value>,
+    sink: Sink,
+}
+
 /// A read to ask of the key's old owner.
 struct Fallback {
     old: HostId,
@@ -85,9 +95,9 @@ struct Asked {
 struct Followups {
     /// Reads that missed on the new owner.
     fallbacks: Vec<Fallback>,
-    /// Overwrites: (old host, key, the new owner's reply, sink). The old
-    /// copy goes before the caller hears the write is done.
-    stale: Vec<(HostId, Vec<u8>, Promise<Value>, Sink)>,
+    /// Overwrites: the old copy goes before the caller hears the write is
+    /// done.
+    stale: Vec<Overwrite>,
     /// Deletes: (old host, new host, command, sink).
     deletes: Vec<(HostId, HostId, Cmd, Sink)>,
     /// Modifications of keys the new owner lacks: (old host, new host,
@@ -134,6 +144,11 @@ pub(super) struct Migration {
     /// Old hosts asked for GETs that missed, and how many GETs, since the
     /// last join's steps (see [`ask_old_owners`]).
     asked: RefCell<(BTreeSet<HostId>, u64)>,
+    /// Keys with a step left for after this round's join (a delete, a
+    /// move, a probe): later commands on them wait for the next round.
+    pending: RefCell<HashSet<Vec<u8>>>,
+    /// Those later commands, in order.
+    queued: RefCell<Vec<(Cmd, Sink)>>,
 }
 
 impl Migration {
@@ -148,7 +163,7 @@ impl Migration {
         for f in work.fallbacks {
             (f.sink)(Err(error.clone()));
         }
-        for (_, _, _, sink) in work.stale {
+        for Overwrite { sink, .. } in work.stale {
             sink(Err(error.clone()));
         }
         for (_, _, _, sink) in work.deletes {
@@ -164,6 +179,9 @@ impl Migration {
             (a.sink)(Err(error.clone()));
         }
         for (_, sink) in std::mem::take(&mut *self.rechecks.borrow_mut()) {
+            sink(Err(error.clone()));
+        }
+        for (_, sink) in take_queued(self) {
             sink(Err(error.clone()));
         }
     }
@@ -221,6 +239,8 @@ impl Migration {
                 .collect(),
             reads: Rc::new(ReadTable::new()),
             asked: RefCell::default(),
+            pending: RefCell::default(),
+            queued: RefCell::default(),
         }))
     }
 
@@ -232,16 +252,27 @@ impl Migration {
     }
 }
 
-/// Queues, ahead of a write of `key` on its new owner `host`, the drop of
-/// the key's record as a move's copy (see [`crate::migrate::COPIES`]): a
-/// written key is no move's to take back. Its answer is not the map's: a
-/// user not allowed to write the record still writes the key.
-fn forget_copy(session: &mut Session, host: HostId, key: &[u8]) {
-    session.enqueue(
-        host,
-        &crate::migrate::forget_copy(key),
-        Waiter::new(Rc::new(Ignored), 0),
-    );
+/// Queues, after the map's overwrites of keys in transit and before the
+/// join (so before their old copies are deleted, after it), the drop of
+/// each key's record as a move's copy on its new owner, one `HDEL` per
+/// host (see [`crate::migrate::COPIES`]): a move takes its copy back only
+/// once the old copy is gone, and an overwrite's old copy goes only after
+/// this, so no move takes back what the map wrote (the `SET`s stay merged
+/// into `MSET`s). Its answer is not the map's: a user not allowed to write
+/// the record still writes the keys.
+pub(super) fn forget_overwritten(m: &Migration, session: &mut Session) {
+    let work = m.work.borrow();
+    let mut by_host: BTreeMap<HostId, Cmd> = BTreeMap::new();
+    for Overwrite { new: host, key, .. } in &work.stale {
+        by_host
+            .entry(*host)
+            .or_insert_with(|| cmd("HDEL").arg(crate::migrate::COPIES))
+            .push_arg(key.as_slice());
+    }
+    drop(work);
+    for (host, forget) in by_host {
+        session.enqueue(host, &forget, Waiter::new(Rc::new(Ignored), 0));
+    }
 }
 
 /// A reply nobody waits for.
@@ -251,6 +282,21 @@ impl ReplySink for Ignored {
     fn accept(&self, _index: u32, _reply: Result<Value>, _ctx: &ReplyContext<'_>) {}
 
     fn release(&self, _index: u32) {}
+}
+
+/// The host and key of a single-key command; a script call (`EVAL` or
+/// `EVALSHA`) of one key goes where its key lives, as scripts do.
+fn route<'c>(router: &dyn Router, cmd: &'c Cmd) -> Result<(HostId, &'c [u8])> {
+    if cmd.is(b"EVAL") || cmd.is(b"EVALSHA") {
+        return match keyspec::all_keys(cmd)?.as_slice() {
+            [key] => Ok((router.host_for_key(key)?, *key)),
+            _ => Err(Error::unroutable(
+                cmd.name(),
+                "a script on a migrating cluster takes exactly one key",
+            )),
+        };
+    }
+    Ok((router.host_for_command(cmd)?, keyspec::single_key(cmd)?))
 }
 
 /// A map's GET keys, one after another. A GET's waiter carries its key's
@@ -624,6 +670,15 @@ fn settle_into<T: FromValue + 'static>(out: &Promise<T>, failures: &super::Failu
 impl Dispatch {
     /// Routes `cmd` in a migrating cluster (see the module docs).
     pub(super) fn migrating<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
+        if let Some(m) = &self.migration {
+            if !m.pending.borrow().is_empty() && self.waits_for_its_key(m, &cmd) {
+                let out = Promise::new();
+                m.queued
+                    .borrow_mut()
+                    .push((cmd, settle_into(&out, &self.failures)));
+                return out;
+            }
+        }
         if cmd.common() == crate::cmd::Common::Get {
             // GET's nil means exactly "no such key": its reply decides.
             return match self.router.host_for_command(&cmd) {
@@ -634,8 +689,8 @@ impl Dispatch {
         if let Some(kind) = MultiKey::of(&cmd) {
             return self.migrating_multi(kind, &cmd);
         }
-        let routed = self.router.host_for_command(&cmd).and_then(|host| {
-            let key = keyspec::single_key(&cmd)?.to_vec();
+        let routed = route(&*self.router, &cmd).and_then(|(host, key)| {
+            let key = key.to_vec();
             let old = match &self.migration {
                 Some(m) => m.in_transit(&key, host)?,
                 None => None,
@@ -653,7 +708,14 @@ impl Dispatch {
             return self.send(host, &cmd);
         };
         let out = Promise::new();
-        match Access::of(&cmd) {
+        let access = Access::of(&cmd);
+        if access != Access::Overwrite {
+            // Its step comes after the join: later commands on the key wait.
+            if let Some(m) = &self.migration {
+                m.pending.borrow_mut().insert(key.clone());
+            }
+        }
+        match access {
             Access::Read => {
                 // Other reads' replies cannot tell a missing key (ZRANK 0,
                 // HGET nil on a hash that exists): the key's existence does.
@@ -673,11 +735,14 @@ impl Dispatch {
                 });
             }
             Access::Overwrite => {
-                forget_copy(&mut self.session, host, &key);
                 let first: Promise<Value> = self.send(host, &cmd);
-                work.borrow_mut()
-                    .stale
-                    .push((old, key, first, settle_into(&out, &self.failures)));
+                work.borrow_mut().stale.push(Overwrite {
+                    old,
+                    new: host,
+                    key,
+                    first,
+                    sink: settle_into(&out, &self.failures),
+                });
             }
             Access::Delete => {
                 work.borrow_mut()
@@ -694,6 +759,17 @@ impl Dispatch {
             ),
         }
         out
+    }
+
+    /// Whether `cmd`'s key has a step left for after this round's join, or
+    /// a command waiting for the next round: `cmd` then waits too, so the
+    /// map keeps each key's order.
+    fn waits_for_its_key(&self, m: &Migration, cmd: &Cmd) -> bool {
+        match route(&*self.router, cmd) {
+            Ok((_, key)) => m.pending.borrow().contains(key),
+            // Multi-key commands are taken apart, each part asked again.
+            Err(_) => false,
+        }
     }
 
     /// A GET routed to `host`: to the new owner, its key noted in the
@@ -804,6 +880,13 @@ fn join_parts(kind: MultiKey, replies: Vec<Value>) -> Value {
     }
 }
 
+/// The commands that waited for a step on their key (see
+/// [`Dispatch::waits_for_its_key`]), in order; the keys' steps are done.
+pub(super) fn take_queued(m: &Migration) -> Vec<(Cmd, Sink)> {
+    m.pending.borrow_mut().clear();
+    std::mem::take(&mut *m.queued.borrow_mut())
+}
+
 /// Runs what a migrating map left for after its join; returns whether it
 /// ran anything (then the map joins again: nothing here enqueues into it).
 pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -> bool {
@@ -823,25 +906,38 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
         old_side.entry(*old).or_default().push(c.clone());
     }
     let old_counts = run_grouped(&m.old, old_side);
-    // On the new owner, each key is marked deleted first (see
-    // migrate::COPIES): a move's late copy does not land there.
-    let mut new_side: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
+    // On the new owner, the keys are marked deleted first, in one HSET
+    // (see migrate::COPIES): a move's late copy does not land there.
+    let mut new_side: BTreeMap<HostId, (Vec<&[u8]>, Vec<Cmd>)> = BTreeMap::new();
     for (_, new, c, _) in &work.deletes {
-        let side = new_side.entry(*new).or_default();
+        let (keys, deletes) = new_side.entry(*new).or_default();
         if let Ok(key) = keyspec::single_key(c) {
-            side.extend(crate::migrate::copies::mark_deleted(key));
+            keys.push(key);
         }
-        side.push(c.clone());
+        deletes.push(c.clone());
     }
-    let new_counts = run_grouped(&m.new, new_side);
-    let (mut old_counts, mut new_counts) = (old_counts, new_counts);
-    for (old, new, c, sink) in work.deletes {
+    let mut marked = Vec::new();
+    let new_side = new_side
+        .into_iter()
+        .map(|(host, (keys, deletes))| {
+            let mut cmds = Vec::with_capacity(deletes.len() + 2);
+            if !keys.is_empty() {
+                marked.push(host);
+                cmds.extend(crate::migrate::copies::mark_deleted(keys));
+            }
+            cmds.extend(deletes);
+            (host, cmds)
+        })
+        .collect();
+    let mut new_counts = run_grouped(&m.new, new_side);
+    for host in marked {
+        // The marks' answers: refused or not, the deletes run.
+        take_next(&mut new_counts, host).ok();
+        take_next(&mut new_counts, host).ok();
+    }
+    let mut old_counts = old_counts;
+    for (old, new, _, sink) in work.deletes {
         let a = take_next(&mut old_counts, old);
-        if keyspec::single_key(&c).is_ok() {
-            // The mark's answers: refused or not, the delete runs.
-            take_next(&mut new_counts, new).ok();
-            take_next(&mut new_counts, new).ok();
-        }
         let b = take_next(&mut new_counts, new);
         sink(match (a, b) {
             (Ok(Value::Int(x)), Ok(Value::Int(y))) => Ok(Value::Int((x + y).min(1))),
@@ -851,14 +947,17 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
     }
     // Old copies of overwritten keys.
     let mut stale: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
-    for (old, key, _, _) in &work.stale {
+    for Overwrite { old, key, .. } in &work.stale {
         stale
             .entry(*old)
             .or_default()
             .push(cmd("DEL").arg(key.as_slice()));
     }
     let mut dels = run_grouped(&m.old, stale);
-    for (old, _, first, sink) in work.stale {
+    for Overwrite {
+        old, first, sink, ..
+    } in work.stale
+    {
         // The write is done when the old copy is gone too: a copy left
         // there could be read once the new value expires or is deleted.
         let del = take_next(&mut dels, old);
@@ -1125,8 +1224,9 @@ impl super::AsyncClient {
             return Reply::ready(Err(Error::config("not migrating")));
         };
         let routed = (|| {
-            let host = cluster.router()?.host_for_command(&cmd)?;
-            let key = keyspec::single_key(&cmd)?.to_vec();
+            let router = cluster.router()?;
+            let (host, key) = route(&*router, &cmd)?;
+            let key = key.to_vec();
             let old_host = old.router()?.host_for_key(&key)?;
             let moving = !same_server(&old, old_host, &cluster, host)?;
             Ok::<_, Error>((host, key, old_host, moving))
@@ -1214,11 +1314,14 @@ impl super::AsyncClient {
                     }
                 }
                 Access::Overwrite => {
-                    // Sent first on the same connection: a written key is
-                    // no move's copy (see migrate::COPIES); its answer is
-                    // not the write's.
-                    drop(client.send::<Value>(host, crate::migrate::forget_copy(&key)));
-                    let r: Value = client.send(host, cmd).await?;
+                    // The key's record as a move's copy goes before its old
+                    // copy does (see forget_overwritten); sent right after
+                    // the write on the same connection, answered with it.
+                    // Its answer is not the write's.
+                    let written = client.send::<Value>(host, cmd);
+                    let forget = client.send::<Value>(host, crate::migrate::forget_copy(&key));
+                    let r = written.await?;
+                    drop(forget.await);
                     // Done when the old copy is gone too.
                     let _: Value = old_client
                         .send(old_host, crate::cmd::cmd("DEL").arg(key.as_slice()))
@@ -1230,7 +1333,7 @@ impl super::AsyncClient {
                     // Marked deleted first on the new owner, on the same
                     // connection (see migrate::COPIES); refused or not,
                     // the delete runs.
-                    for mark in copies::mark_deleted(&key) {
+                    for mark in copies::mark_deleted([key.as_slice()]) {
                         drop(client.send::<Value>(host, mark));
                     }
                     let b: Value = client.send(host, cmd).await?;
@@ -1319,14 +1422,15 @@ async fn move_key(
                 } else {
                     Settle::TakeBack(&payload)
                 };
-                copies::taken_back(new.send(new_host, settle(step)).await?, 1)?;
-                return Ok(true);
+                let settled = copies::settled(new.send(new_host, settle(step)).await?, 1)?;
+                // Moved, unless deleted meanwhile (or taken back for it).
+                return Ok(deleted || settled.first() == Some(&copies::Settled::Stands));
             }
             Some(Restored::Present) => {
                 // The new owner had it: its copy is the key's home once the
                 // old copy, seen still there after it, goes.
                 if answered(old.send(old_host, per_key(UNCHANGED)).await?) {
-                    copies::taken_back(new.send(new_host, settle(Settle::Found)).await?, 1)?;
+                    copies::settled(new.send(new_host, settle(Settle::Found)).await?, 1)?;
                     let _: Vec<i64> = old.send(old_host, per_key(DELETE_IF_UNCHANGED)).await?;
                 }
                 return Ok(false);
@@ -1337,7 +1441,7 @@ async fn move_key(
                     return Ok(false);
                 }
                 let stale = settle(Settle::StaleMark(&mark));
-                copies::taken_back(new.send(new_host, stale).await?, 1)?;
+                copies::settled(new.send(new_host, stale).await?, 1)?;
             }
             Some(Restored::Refused(e)) => {
                 return Err(match new.cluster().host(new_host) {
@@ -1352,35 +1456,69 @@ async fn move_key(
     Ok(false)
 }
 
+/// What the commands to come may do to a key (see [`move_in_transit`]),
+/// least to most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Touch {
+    /// Only read it.
+    Read,
+    /// Write it (no delete).
+    Write,
+    /// Delete it, or anything (a script, a transaction built later).
+    Delete,
+}
+
+impl Touch {
+    /// What `cmd` may do to its keys.
+    pub(super) fn of(cmd: &Cmd) -> Touch {
+        match Access::of(cmd) {
+            Access::Read => Touch::Read,
+            // A command that modifies may empty the key (LPOP, GETDEL): not
+            // marked, as in a map (see the README's known limits).
+            Access::Overwrite | Access::Modify => Touch::Write,
+            Access::Delete => Touch::Delete,
+        }
+    }
+}
+
 /// On a migrating cluster, moves each of `keys` that is still on its old
 /// owner to its new one now (a transaction or a command list then runs
-/// where every key is); with each key, whether what runs next may write
-/// it (its record as a move's copy then goes first: see
-/// [`crate::migrate::COPIES`]). Nothing to do on a cluster that is not
-/// migrating.
+/// where every key is). With each key, what runs next may do to it: a key
+/// written drops its record as a move's copy, a key that may be deleted
+/// is marked deleted (see [`crate::migrate::COPIES`]), before it runs.
+/// Nothing to do on a cluster that is not migrating.
 ///
 /// # Errors
 ///
 /// A routing error or the move's.
 pub(super) fn move_in_transit<'k>(
     cluster: &Cluster,
-    keys: impl IntoIterator<Item = (&'k [u8], bool)>,
+    keys: impl IntoIterator<Item = (&'k [u8], Touch)>,
 ) -> Result<()> {
     let Some(old) = cluster.migrating_from() else {
         return Ok(());
     };
     let (old_router, new_router) = (old.router()?, cluster.router()?);
     let mut leaving: BTreeMap<HostId, Vec<(Vec<u8>, HostId)>> = BTreeMap::new();
-    let mut written: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
-    for (key, writes) in keys {
+    // By new owner: keys written, keys that may be deleted.
+    let mut touched: BTreeMap<HostId, (Cmd, Vec<&[u8]>)> = BTreeMap::new();
+    for (key, touch) in keys {
         let (from, to) = (old_router.host_for_key(key)?, new_router.host_for_key(key)?);
-        if !same_server(old, from, cluster, to)? {
-            leaving.entry(from).or_default().push((key.to_vec(), to));
-            if writes {
-                written
-                    .entry(to)
-                    .or_default()
-                    .push(crate::migrate::forget_copy(key));
+        if same_server(old, from, cluster, to)? {
+            continue;
+        }
+        leaving.entry(from).or_default().push((key.to_vec(), to));
+        let (written, deleted) = touched
+            .entry(to)
+            .or_insert_with(|| (cmd("HDEL").arg(crate::migrate::COPIES), Vec::new()));
+        match touch {
+            Touch::Read => {}
+            Touch::Write => {
+                written.push_arg(key);
+            }
+            Touch::Delete => {
+                written.push_arg(key);
+                deleted.push(key);
             }
         }
     }
@@ -1392,11 +1530,18 @@ pub(super) fn move_in_transit<'k>(
             .moved_on_write
             .fetch_add(progress.moved, Relaxed);
     }
-    // The commands to come write these keys: no move's copies to take
-    // back (see migrate::COPIES). Not allowed to drop the records, the
-    // commands still run.
-    for (to, forget) in written {
-        drop(cluster.local_client(to)?.pipeline(forget));
+    // Not allowed to write the records, the commands still run.
+    for (to, (written, deleted)) in touched {
+        let mut steps = Vec::with_capacity(3);
+        if written.arg_count() > 1 {
+            steps.push(written);
+        }
+        if !deleted.is_empty() {
+            steps.extend(crate::migrate::copies::mark_deleted(deleted));
+        }
+        if !steps.is_empty() {
+            drop(cluster.local_client(to)?.pipeline(steps));
+        }
     }
     Ok(())
 }

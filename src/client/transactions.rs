@@ -82,11 +82,11 @@ fn move_keys_of(cluster: &Cluster, commands: &[Cmd]) -> Result<()> {
     }
     let mut touched = Vec::new();
     for c in commands {
-        let writes = crate::migrate::Access::of(c) != crate::migrate::Access::Read;
+        let touch = super::migrating::Touch::of(c);
         touched.extend(
             crate::keyspec::all_keys(c)?
                 .into_iter()
-                .map(|k| (k.to_vec(), writes)),
+                .map(|k| (k.to_vec(), touch)),
         );
     }
     super::migrating::move_in_transit(cluster, touched.iter().map(|(k, w)| (k.as_slice(), *w)))
@@ -128,8 +128,13 @@ where
     F: FnMut(&Transaction<'_>) -> Result<()>,
 {
     let watched: Vec<Vec<u8>> = keys.iter().map(crate::args::to_bytes).collect();
-    // The transaction is built after the move: taken to write every key.
-    super::migrating::move_in_transit(cluster, watched.iter().map(|k| (k.as_slice(), true)))?;
+    // The transaction is built after the move: it may do anything.
+    super::migrating::move_in_transit(
+        cluster,
+        watched
+            .iter()
+            .map(|k| (k.as_slice(), super::migrating::Touch::Delete)),
+    )?;
     let held = Held::new(cluster, host)?;
     let result = watch_loop(cluster, &held, router, keys, &mut f);
     held.finish();

@@ -1,4 +1,4 @@
-//! The new owner's record of the copies a move placed there and of the
+//! The new owner's records of the copies a move placed there and of the
 //! keys deleted there, so that a move never brings a deleted key back and
 //! takes back only its own copy.
 //!
@@ -8,34 +8,37 @@
 //! first, then on the new one, so the copy may land after it and bring the
 //! key back. Comparing bytes cannot tell such a copy from a write of the
 //! same value, or from a copy that is the key's only home (another move
-//! found it there and deleted the old copy). So the new owner keeps one
-//! reserved hash ([`COPIES`], field: the key), written in the same script
-//! as a move's `RESTORE` and by a migrating cluster's writes:
+//! found it there and deleted the old copy). So each new host keeps two
+//! reserved hashes (field: the key):
 //!
-//! - a delete (`DEL`, `UNLINK`) marks the key deleted (`d:` and the
-//!   deleter's token) just before it deletes it there; a move's `RESTORE`
-//!   of a key marked so does not happen. The mark is stale if the old copy
-//!   is still there afterwards (a delete removes the old copy first): the
-//!   move then drops that mark and copies the key again. The hash expires
-//!   an hour after the last delete, so the marks of keys never written
-//!   again go;
-//! - a move's `RESTORE` records the copy under the move's token;
-//! - a write to a key in transit (an overwrite, or a command that modifies
-//!   it where it is) drops the key's field first ([`forget`]): a written
-//!   key is no move's copy, and no longer deleted;
-//! - a move that finds the key on the new owner already (another party's
-//!   copy or a newer write) drops the field before deleting the old copy,
-//!   and only while the old copy is still there (that copy is then the
-//!   key's only home, which nobody takes back);
-//! - a move settles its own copies ([`settle`]): it drops the record of a
+//! - [`DELETED`]: a migrating cluster's delete (`DEL`, `UNLINK`; in a
+//!   transaction or command list also a script or a watched key) marks the key
+//!   (`d:` and the deleter's token) just before it deletes it there; a
+//!   move's `RESTORE` of a key so marked and missing does not happen. A
+//!   mark is stale if the old copy is still there afterwards (a delete
+//!   removes the old copy first): the move then drops it and copies the
+//!   key again. Marks stay on keys written since (harmless: a `RESTORE`
+//!   never lands on a key that exists); the hash expires an hour after the
+//!   last delete, so it grows by one field per key deleted during the
+//!   migration until deletes stop for an hour;
+//! - [`COPIES`]: a move's `RESTORE` records the copy under the move's
+//!   token, in the same script. A write to a key in transit (an
+//!   overwrite, a command that modifies it where it is) drops the record
+//!   before the key's old copy goes ([`forget`]): a written key is no
+//!   move's copy. A move that finds the key on the new owner already
+//!   (another party's copy or a newer write) drops the record before
+//!   deleting the old copy, and only while the old copy is still there
+//!   (that copy is then the key's only home, which nobody takes back). A
+//!   move settles its own copies ([`settle`]): it drops its record of a
 //!   copy whose old copy it deleted, and takes back a copy whose old copy
 //!   was gone only while the record is still its own and the bytes are
-//!   still what it copied.
+//!   still what it copied. The hash holds moves half-way only (and what a
+//!   crashed move left).
 //!
-//! It is never moved: [`move_keys`](super::move_keys) skips it. A user
-//! whose ACL forbids it still writes and deletes (the drop and the mark
-//! are refused, and then the races above are open again); its moves fail
-//! with the server's refusal.
+//! Neither is ever moved: [`move_keys`](super::move_keys) skips them. A
+//! user whose ACL forbids them still writes and deletes (the drop and the
+//! mark are refused, and then the races above are open again); its moves
+//! fail with the server's refusal.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -46,47 +49,56 @@ use crate::error::{Error, Result};
 use crate::resp::Value;
 
 /// The reserved hash, one per new host, of the copies moves placed there
-/// and have not settled yet, and of the keys deleted there during the
-/// migration.
+/// and have not settled yet.
 pub const COPIES: &str = "rb:migration:copies";
 
-/// How long the hash outlives the last delete that marked a key in it.
+/// The reserved hash, one per new host, of the keys deleted there during
+/// the migration.
+pub const DELETED: &str = "rb:migration:deleted";
+
+/// How long [`DELETED`] outlives the last delete that marked a key in it.
 const MARKS_KEPT_MS: u64 = 3_600_000;
 
-/// Restores each key of `KEYS[2..]` that neither exists nor is marked
-/// deleted (`ARGV[1]`: the move's token; then each key's TTL and payload)
-/// and records it in the hash `KEYS[1]`. Per key: 1 (restored), 0 (the key
-/// exists), its mark (marked deleted), or `RESTORE`'s error.
+/// Restores each key of `KEYS[3..]` that neither exists nor is marked
+/// deleted in the hash `KEYS[2]` (`ARGV[1]`: the move's token; then each
+/// key's TTL and payload) and records it in the hash `KEYS[1]`. Per key: 1
+/// (restored), 0 (the key exists), its mark (marked deleted), or
+/// `RESTORE`'s error.
 const RESTORE_COPIES: &str = "local out = {} \
-for i = 2, #KEYS do \
+for i = 3, #KEYS do \
   local k = KEYS[i] \
-  local held = redis.call('HGET', KEYS[1], k) \
-  if redis.call('EXISTS', k) == 1 then out[i - 1] = 0 \
-  elseif held and string.sub(held, 1, 2) == 'd:' then out[i - 1] = held else \
-    local r = redis.pcall('RESTORE', k, ARGV[2 * i - 2], ARGV[2 * i - 1]) \
-    if type(r) == 'table' and r.err then out[i - 1] = r else \
-      redis.call('HSET', KEYS[1], k, ARGV[1]); out[i - 1] = 1 \
+  if redis.call('EXISTS', k) == 1 then out[i - 2] = 0 else \
+    local mark = redis.call('HGET', KEYS[2], k) \
+    if mark then out[i - 2] = mark else \
+      local r = redis.pcall('RESTORE', k, ARGV[2 * i - 4], ARGV[2 * i - 3]) \
+      if type(r) == 'table' and r.err then out[i - 2] = r else \
+        redis.call('HSET', KEYS[1], k, ARGV[1]); out[i - 2] = 1 \
+      end \
     end \
   end \
 end \
 return out";
 
-/// Settles the keys of `KEYS[2..]` on their new owner (`ARGV[1]`: the
-/// move's token; then each key's step and argument): `k` drops the field
-/// if it is the token; `b` also deletes the key if its field is the token
-/// and its `DUMP` is the argument (1: taken back); `f` drops the field
-/// whatever it holds; `t` drops it if it is the argument (a stale mark).
+/// Settles the keys of `KEYS[3..]` on their new owner (`KEYS[1]`: the
+/// copies, `KEYS[2]`: the marks; `ARGV[1]`: the move's token; then each
+/// key's step and argument): `k` drops the key's record if it is the
+/// token's; `b` also deletes the key if its record is the token's and its
+/// `DUMP` is the argument (answer 1: taken back; 2: the key is gone or
+/// marked deleted); `f` drops the record whoever made it; `t` drops the
+/// key's mark if it is the argument (a stale mark).
 const SETTLE_COPIES: &str = "local out = {} \
-for i = 2, #KEYS do \
-  local k, step, arg = KEYS[i], ARGV[2 * i - 2], ARGV[2 * i - 1] \
-  local held = redis.call('HGET', KEYS[1], k) \
-  local mine = held == ARGV[1] \
-  out[i - 1] = 0 \
-  if step == 'f' or (step == 't' and held == arg) or (step ~= 't' and mine) then \
-    redis.call('HDEL', KEYS[1], k) \
-  end \
-  if step == 'b' and mine and redis.call('DUMP', k) == arg then \
-    redis.call('DEL', k); out[i - 1] = 1 \
+for i = 3, #KEYS do \
+  local k, step, arg = KEYS[i], ARGV[2 * i - 4], ARGV[2 * i - 3] \
+  out[i - 2] = 0 \
+  if step == 't' then \
+    if redis.call('HGET', KEYS[2], k) == arg then redis.call('HDEL', KEYS[2], k) end \
+  else \
+    local mine = redis.call('HGET', KEYS[1], k) == ARGV[1] \
+    if mine or step == 'f' then redis.call('HDEL', KEYS[1], k) end \
+    if step == 'b' then \
+      if mine and redis.call('DUMP', k) == arg then redis.call('DEL', k); out[i - 2] = 1 \
+      elseif redis.call('EXISTS', k) == 0 or redis.call('HEXISTS', KEYS[2], k) == 1 then out[i - 2] = 2 end \
+    end \
   end \
 end \
 return out";
@@ -104,24 +116,24 @@ pub(crate) fn token() -> String {
     format!("{:x}.{started:x}.{n:x}", std::process::id())
 }
 
-/// A writer's step before it writes `key` on its new owner: the key's
-/// field goes (a written key is no longer a move's copy to take back, nor
-/// deleted).
+/// A writer's step after it writes `key` on its new owner and before the
+/// key's old copy goes: the key's record goes (a written key is no move's
+/// copy to take back).
 pub(crate) fn forget(key: &[u8]) -> Cmd {
     cmd("HDEL").arg(COPIES).arg(key)
 }
 
-/// A delete's steps before it deletes `key` on its new owner: the key is
-/// marked deleted (no move's late copy lands there), and the hash kept an
-/// hour from now.
-pub(crate) fn mark_deleted(key: &[u8]) -> [Cmd; 2] {
-    [
-        cmd("HSET")
-            .arg(COPIES)
-            .arg(key)
-            .arg(format!("d:{}", token())),
-        cmd("PEXPIRE").arg(COPIES).arg(MARKS_KEPT_MS),
-    ]
+/// A delete's steps before it deletes `keys` on their new owner: the keys
+/// are marked deleted (no move's late copy lands there), and the hash kept
+/// an hour from now.
+pub(crate) fn mark_deleted<'a>(keys: impl IntoIterator<Item = &'a [u8]>) -> [Cmd; 2] {
+    let mark = format!("d:{}", token());
+    let mut hset = cmd("HSET").arg(DELETED);
+    for key in keys {
+        hset.push_arg(key);
+        hset.push_arg(mark.as_str());
+    }
+    [hset, cmd("PEXPIRE").arg(DELETED).arg(MARKS_KEPT_MS)]
 }
 
 /// One key to restore on its new owner.
@@ -137,8 +149,9 @@ pub(crate) fn restore<'a>(token: &str, items: impl IntoIterator<Item = Restore<'
     let items: Vec<Restore<'a>> = items.into_iter().collect();
     let mut eval = cmd("EVAL")
         .arg(RESTORE_COPIES)
-        .arg(items.len() + 1)
-        .arg(COPIES);
+        .arg(items.len() + 2)
+        .arg(COPIES)
+        .arg(DELETED);
     for r in &items {
         eval.push_arg(r.key);
     }
@@ -220,8 +233,9 @@ pub(crate) fn settle<'a>(
     let items: Vec<(&[u8], Settle<'a>)> = items.into_iter().collect();
     let mut eval = cmd("EVAL")
         .arg(SETTLE_COPIES)
-        .arg(items.len() + 1)
-        .arg(COPIES);
+        .arg(items.len() + 2)
+        .arg(COPIES)
+        .arg(DELETED);
     for (key, _) in &items {
         eval.push_arg(*key);
     }
@@ -239,17 +253,35 @@ pub(crate) fn settle<'a>(
     eval
 }
 
-/// [`settle`]'s answer: whether each key was taken back.
+/// What [`settle`] did with a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Nothing to take back, or not this move's copy: it stands.
+    Stands,
+    /// Taken back.
+    TakenBack,
+    /// Gone, or marked deleted: deleted meanwhile.
+    Deleted,
+}
+
+/// [`settle`]'s answer, one per key.
 ///
 /// # Errors
 ///
 /// A reply that is not one answer per key.
-pub(crate) fn taken_back(reply: Value, keys: usize) -> Result<Vec<bool>> {
+pub(crate) fn settled(reply: Value, keys: usize) -> Result<Vec<Settled>> {
     let flags: Vec<i64> = FromValue::from_value(reply)?;
     if flags.len() != keys {
         return Err(Error::protocol(
             "the settle script answered for the wrong number of keys",
         ));
     }
-    Ok(flags.into_iter().map(|f| f == 1).collect())
+    Ok(flags
+        .into_iter()
+        .map(|f| match f {
+            1 => Settled::TakenBack,
+            2 => Settled::Deleted,
+            _ => Settled::Stands,
+        })
+        .collect())
 }
