@@ -28,6 +28,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -145,8 +146,9 @@ pub(super) struct Migration {
     /// last join's steps (see [`ask_old_owners`]).
     asked: RefCell<(BTreeSet<HostId>, u64)>,
     /// Keys with a step left for after this round's join (a delete, a
-    /// move, a probe): later commands on them wait for the next round.
-    pending: RefCell<HashSet<Vec<u8>>>,
+    /// move, a probe), by their CRC-32: later commands on them wait for the
+    /// next round (another key with the same CRC waits too, harmlessly).
+    pending: RefCell<HashSet<u32, BuildHasherDefault<KeyCrc>>>,
     /// Those later commands, in order.
     queued: RefCell<Vec<(Cmd, Sink)>>,
 }
@@ -287,16 +289,49 @@ impl ReplySink for Ignored {
 /// The host and key of a single-key command; a script call (`EVAL` or
 /// `EVALSHA`) of one key goes where its key lives, as scripts do.
 fn route<'c>(router: &dyn Router, cmd: &'c Cmd) -> Result<(HostId, &'c [u8])> {
-    if cmd.is(b"EVAL") || cmd.is(b"EVALSHA") {
-        return match keyspec::all_keys(cmd)?.as_slice() {
-            [key] => Ok((router.host_for_key(key)?, *key)),
-            _ => Err(Error::unroutable(
-                cmd.name(),
-                "a script on a migrating cluster takes exactly one key",
-            )),
-        };
+    if is_script(cmd) {
+        let key = key_of(cmd)?;
+        return Ok((router.host_for_key(key)?, key));
     }
     Ok((router.host_for_command(cmd)?, keyspec::single_key(cmd)?))
+}
+
+fn is_script(cmd: &Cmd) -> bool {
+    cmd.is(b"EVAL") || cmd.is(b"EVALSHA")
+}
+
+/// The key of a single-key command or script call.
+fn key_of(cmd: &Cmd) -> Result<&[u8]> {
+    if !is_script(cmd) {
+        return keyspec::single_key(cmd);
+    }
+    match keyspec::all_keys(cmd)?.as_slice() {
+        [key] => Ok(key),
+        _ => Err(Error::unroutable(
+            cmd.name(),
+            "a script on a migrating cluster takes exactly one key",
+        )),
+    }
+}
+
+/// A hasher for keys' CRC-32s (already spread: used as they are).
+#[derive(Default)]
+struct KeyCrc(u64);
+
+impl std::hash::Hasher for KeyCrc {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n);
+    }
 }
 
 /// A map's GET keys, one after another. A GET's waiter carries its key's
@@ -712,7 +747,7 @@ impl Dispatch {
         if access != Access::Overwrite {
             // Its step comes after the join: later commands on the key wait.
             if let Some(m) = &self.migration {
-                m.pending.borrow_mut().insert(key.clone());
+                m.pending.borrow_mut().insert(crc32fast::hash(&key));
             }
         }
         match access {
@@ -765,8 +800,8 @@ impl Dispatch {
     /// a command waiting for the next round: `cmd` then waits too, so the
     /// map keeps each key's order.
     fn waits_for_its_key(&self, m: &Migration, cmd: &Cmd) -> bool {
-        match route(&*self.router, cmd) {
-            Ok((_, key)) => m.pending.borrow().contains(key),
+        match key_of(cmd) {
+            Ok(key) => m.pending.borrow().contains(&crc32fast::hash(key)),
             // Multi-key commands are taken apart, each part asked again.
             Err(_) => false,
         }
