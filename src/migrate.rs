@@ -727,6 +727,53 @@ fn retire_found(
     delete_if_unchanged(source, found).map(drop)
 }
 
+/// Commands that may leave their key empty, so gone (besides `DEL` and
+/// `UNLINK`): a migrating cluster marks their key deleted before they run
+/// on its new owner (see [`COPIES`]).
+const MAY_EMPTY: &[&str] = &[
+    "EVAL",
+    "EVALSHA",
+    "EXPIRE",
+    "EXPIREAT",
+    "GETDEL",
+    "GETEX",
+    "HDEL",
+    "LPOP",
+    "LREM",
+    "LTRIM",
+    "PEXPIRE",
+    "PEXPIREAT",
+    "RPOP",
+    "SPOP",
+    "SREM",
+    "ZPOPMAX",
+    "ZPOPMIN",
+    "ZREM",
+    "ZREMRANGEBYLEX",
+    "ZREMRANGEBYRANK",
+    "ZREMRANGEBYSCORE",
+];
+
+/// What a migrating cluster sends to a key's new owner just before a
+/// command that modifies it there: the drop of the key's record as a
+/// move's copy, and a mark of a delete if the command may leave the key
+/// gone ([`MAY_EMPTY`]; a key that expires later is not marked).
+pub(crate) fn before_write(cmd: &Cmd, key: &[u8]) -> Vec<Cmd> {
+    let mut steps = vec![forget_copy(key)];
+    if may_empty(cmd) {
+        steps.extend(copies::mark_deleted([key]));
+    }
+    steps
+}
+
+/// Whether `cmd` may leave its key gone ([`MAY_EMPTY`]).
+pub(crate) fn may_empty(cmd: &Cmd) -> bool {
+    let name = cmd.name();
+    MAY_EMPTY
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+}
+
 /// What a command does to its key, as a migrating cluster sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Access {

@@ -324,3 +324,44 @@ fn a_del_then_set_in_one_migrating_map_keeps_the_set() {
     let got = s.app.routing_client().get(&k).expect("GET");
     assert_eq!(got.as_deref(), Some(&b"new"[..]));
 }
+
+/// Added after the review (its "related, not tested" note): a `GETDEL`
+/// moves the key on write, takes it, and empties it on the new owner while
+/// the mover's late copy (DUMPed before) is in flight; the copy landed
+/// and the next INCR saw the deleted value (43). A command that may empty
+/// its key now marks it deleted first.
+#[test]
+fn a_getdel_during_a_dump_restore_move_stays_deleted() {
+    let (after, left, progress) = incr_after_a_late_copy(|s, k| {
+        let got: Option<String> = s
+            .app
+            .routing_client()
+            .cmd(rb::cmd("GETDEL").arg(k))
+            .expect("GETDEL");
+        assert_eq!(got.as_deref(), Some("42"));
+    });
+    assert_eq!(
+        (after, left),
+        (1, Some(b"1".to_vec())),
+        "mover: {progress:?}"
+    );
+}
+
+/// The same through the async client.
+#[test]
+fn an_async_getdel_during_a_dump_restore_move_stays_deleted() {
+    let (after, left, progress) = incr_after_a_late_copy(|s, k| {
+        let got: Option<String> = s
+            .app
+            .async_client()
+            .cmd(rb::cmd("GETDEL").arg(k))
+            .wait()
+            .expect("GETDEL");
+        assert_eq!(got.as_deref(), Some("42"));
+    });
+    assert_eq!(
+        (after, left),
+        (1, Some(b"1".to_vec())),
+        "mover: {progress:?}"
+    );
+}

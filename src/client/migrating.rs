@@ -850,7 +850,9 @@ impl Dispatch {
         first.on_result(move |r| match r {
             Ok(Value::Int(1)) => {
                 let mut pending = pending.borrow_mut();
-                pending.push((host, crate::migrate::forget_copy(&key), Box::new(drop)));
+                for step in crate::migrate::before_write(&cmd, &key) {
+                    pending.push((host, step, Box::new(drop)));
+                }
                 pending.push((host, cmd, sink));
             }
             Ok(_) => work.borrow_mut().moves.push((old, host, key, cmd, sink)),
@@ -1068,7 +1070,9 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
             Some(Err(e)) => sink(Err(e.clone())),
             _ => {
                 let runs = runs_by_host.entry(new).or_default();
-                runs.push((crate::migrate::forget_copy(&key), Box::new(drop)));
+                for step in crate::migrate::before_write(&c, &key) {
+                    runs.push((step, Box::new(drop)));
+                }
                 runs.push((c, sink));
             }
         }
@@ -1384,7 +1388,9 @@ impl super::AsyncClient {
                     if exists == 0 && move_key(&old_client, &client, old_host, host, &key).await? {
                         counters.moved_on_write.fetch_add(1, Relaxed);
                     }
-                    drop(client.send::<Value>(host, crate::migrate::forget_copy(&key)));
+                    for step in crate::migrate::before_write(&cmd, &key) {
+                        drop(client.send::<Value>(host, step));
+                    }
                     client.send(host, cmd).await?
                 }
             };
@@ -1508,10 +1514,10 @@ impl Touch {
     pub(super) fn of(cmd: &Cmd) -> Touch {
         match Access::of(cmd) {
             Access::Read => Touch::Read,
-            // A command that modifies may empty the key (LPOP, GETDEL): not
-            // marked, as in a map (see the README's known limits).
-            Access::Overwrite | Access::Modify => Touch::Write,
-            Access::Delete => Touch::Delete,
+            Access::Overwrite => Touch::Write,
+            // Marked as in a map when it may empty the key (GETDEL, LPOP).
+            Access::Modify if !crate::migrate::may_empty(cmd) => Touch::Write,
+            Access::Modify | Access::Delete => Touch::Delete,
         }
     }
 }

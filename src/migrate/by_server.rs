@@ -56,11 +56,10 @@ return out";
 ///
 /// `MIGRATE` is the safer: the old server copies and deletes in one step,
 /// so a delete made during the move can never be undone, which
-/// `DUMP`/`RESTORE` promises only for `DEL`/`UNLINK` through a migrating
-/// cluster (they mark the key deleted on the new owner, see
-/// [`super::COPIES`]; a key emptied another way while in flight, say by
-/// `GETDEL`, is restored and then taken back, unless a write reached the
-/// restored copy first). `DUMP`/`RESTORE` was the faster here (1.5x the
+/// `DUMP`/`RESTORE` promises only for deletes through a migrating cluster
+/// (they mark the key deleted on the new owner, see [`super::COPIES`]; a
+/// key that expires there while in flight is restored, with the TTL it
+/// had, and then taken back). `DUMP`/`RESTORE` was the faster here (1.5x the
 /// keys per second, `examples/resize.rs`): the old server reads
 /// `MIGRATE`'s answers a byte at a time. Run one mover per fleet at a time: a `MIGRATE` blocks its
 /// old server until the new owner answers, so two crossing between the

@@ -11,8 +11,9 @@
 //! found it there and deleted the old copy). So each new host keeps two
 //! reserved hashes (field: the key):
 //!
-//! - [`DELETED`]: a migrating cluster's delete (`DEL`, `UNLINK`; in a
-//!   transaction or command list also a script or a watched key) marks the key
+//! - [`DELETED`]: a migrating cluster's delete (`DEL`, `UNLINK`, a
+//!   command that may empty its key such as `GETDEL` or `LPOP`, a script;
+//!   in a transaction, also a watched key) marks the key
 //!   (`d:` and the deleter's token) just before it deletes it there; a
 //!   move's `RESTORE` of a key so marked and missing does not happen. A
 //!   mark is stale if the old copy is still there afterwards (a delete
