@@ -52,6 +52,86 @@ pub(crate) struct Request {
 pub(crate) enum Message {
     One(Request),
     Group(Vec<Request>),
+    /// A task to run on the driver thread (see [`Driver::spawn`]).
+    Task(Task),
+}
+
+/// A future the driver thread polls to its end.
+pub(crate) type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The driver thread's tasks: futures made of requests (a migrating
+/// cluster's steps), polled when one of their replies wakes them, so that
+/// they run to their end whether or not anyone awaits them.
+#[derive(Default)]
+struct Tasks {
+    running: Vec<Option<Task>>,
+    free: Vec<usize>,
+    /// Tasks woken since they were last polled.
+    woken: Arc<Mutex<Vec<usize>>>,
+}
+
+/// Wakes task `id`: marks it woken and wakes the driver.
+struct TaskWaker {
+    id: usize,
+    woken: Arc<Mutex<Vec<usize>>>,
+    shared: Arc<Shared>,
+}
+
+impl std::task::Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        lock(&self.woken).push(self.id);
+        self.shared.wake();
+    }
+}
+
+impl Tasks {
+    fn add(&mut self, task: Task) {
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.running[id] = Some(task);
+                id
+            }
+            None => {
+                self.running.push(Some(task));
+                self.running.len() - 1
+            }
+        };
+        lock(&self.woken).push(id);
+    }
+
+    /// Whether a task was woken since the last poll.
+    fn any_woken(&self) -> bool {
+        !lock(&self.woken).is_empty()
+    }
+
+    /// Polls the tasks woken since their last poll (and those they wake).
+    fn poll_woken(&mut self, shared: &Arc<Shared>) {
+        loop {
+            let woken = std::mem::take(&mut *lock(&self.woken));
+            if woken.is_empty() {
+                return;
+            }
+            for id in woken {
+                let Some(Some(task)) = self.running.get_mut(id) else {
+                    continue;
+                };
+                let waker = std::task::Waker::from(Arc::new(TaskWaker {
+                    id,
+                    woken: self.woken.clone(),
+                    shared: shared.clone(),
+                }));
+                let mut cx = std::task::Context::from_waker(&waker);
+                if task.as_mut().poll(&mut cx).is_ready() {
+                    self.running[id] = None;
+                    self.free.push(id);
+                }
+            }
+        }
+    }
 }
 
 /// What the callers and the driver thread share.
@@ -191,7 +271,7 @@ impl Driver {
                 if ready_tx.send(Ok(shared.clone())).is_err() {
                     return;
                 }
-                run(session, &requests, &shared);
+                run(session, &requests, shared);
             })
             .map_err(|e| Error::Config {
                 reason: format!("cannot start the driver thread: {e}").into(),
@@ -228,6 +308,14 @@ impl Driver {
             .shared
             .queue
             .send(Message::Group(requests.into_iter().collect()));
+        self.shared.wake();
+    }
+
+    /// Runs `task` on the driver thread to its end (a migrating cluster's
+    /// request of several steps: it runs whether or not its reply is
+    /// awaited, as a plain request does). The task must not block.
+    pub(crate) fn spawn(&self, task: Task) {
+        let _ = self.shared.queue.send(Message::Task(task));
         self.shared.wake();
     }
 
@@ -456,7 +544,9 @@ const SPIN: Duration = Duration::from_micros(50);
 /// turn, expire deadlines; until stopped. While work keeps coming it polls
 /// without sleeping (see [`SPIN`]); then it sleeps until a socket, the
 /// waker or a deadline wakes it.
-fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: &Shared) {
+fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: Arc<Shared>) {
+    let shared = &shared;
+    let mut tasks = Tasks::default();
     let mut timers = Timers::default();
     let mut next_deadline = None;
     let mut taken: Vec<Message> = Vec::new();
@@ -480,8 +570,12 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: &Shared
                 Message::Group(group) => {
                     enqueue_group(&mut session, &mut timers, &mut next_deadline, group)
                 }
+                Message::Task(task) => tasks.add(task),
             }
         }
+        // Tasks woken by replies (or new): their next requests are queued
+        // for the next turn, which the wake they make takes at once.
+        tasks.poll_woken(shared);
         if stopping {
             break;
         }
@@ -504,9 +598,13 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: &Shared
             busy
         } else {
             shared.woken.store(false, Ordering::SeqCst);
-            // A request queued before the flag dropped woke nobody.
+            // A request queued, or a task woken (a reply another thread
+            // settled), before the flag dropped woke nobody.
             if let Ok(message) = requests.try_recv() {
                 taken.push(message);
+                continue;
+            }
+            if tasks.any_woken() {
                 continue;
             }
             let wake = match (next_deadline, next_probe) {

@@ -222,6 +222,8 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
     );
     let mut progress = MoveProgress::default();
     let mut waiting: VecDeque<Copied> = VecDeque::new();
+    // Records of settled copies, dropped with the next restores there.
+    let mut keeps = Keeps::new();
     while let Some(page_at) = scan.position() {
         let host = page_at.host();
         let mut keys = scan.next_page()?;
@@ -239,10 +241,10 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
         }
         let leaving = by_server::migrate_page(old, new, host, leaving, &routes, &mut progress)?;
         if !leaving.is_empty() {
-            let batch = copy_keys(old, new, host, leaving, &mut progress)?;
+            let batch = copy_keys(old, new, host, leaving, &mut keeps, &mut progress)?;
             waiting.push_back(Copied::new(host, batch, page_at));
         }
-        settle_due(old, new, &mut waiting, delay, &mut progress)?;
+        settle_due(old, new, &mut waiting, delay, &mut keeps, &mut progress)?;
         // Resume where no old copy still waits for its delete: a restart
         // scans those again, finds their copies there, and deletes them.
         progress.resume_at = match waiting.front() {
@@ -265,7 +267,16 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
     {
         std::thread::sleep(left);
     }
-    settle_due(old, new, &mut waiting, Duration::ZERO, &mut progress)?;
+    settle_due(
+        old,
+        new,
+        &mut waiting,
+        Duration::ZERO,
+        &mut keeps,
+        &mut progress,
+    )?;
+    drop_settled(new, &mut keeps)?;
+    sweep_leftovers(old, new)?;
     progress.resume_at = None;
     if let Some(report) = &opts.progress {
         report(&progress);
@@ -282,11 +293,12 @@ fn settle_due(
     new: &Cluster,
     waiting: &mut VecDeque<Copied>,
     delay: Duration,
+    keeps: &mut Keeps,
     progress: &mut MoveProgress,
 ) -> Result<()> {
     while waiting.front().is_some_and(|c| c.at.elapsed() >= delay) {
         if let Some(batch) = waiting.pop_front() {
-            settle_copies(old, new, batch.host, batch.batch, progress)?;
+            settle_copies(old, new, batch.host, batch.batch, Some(keeps), progress)?;
         }
     }
     Ok(())
@@ -321,8 +333,9 @@ pub(crate) fn move_now(
     leaving: Vec<(Vec<u8>, HostId)>,
     progress: &mut MoveProgress,
 ) -> Result<()> {
-    let batch = copy_keys(old, new, host, leaving, progress)?;
-    settle_copies(old, new, host, batch, progress)
+    let mut keeps = Keeps::new();
+    let batch = copy_keys(old, new, host, leaving, &mut keeps, progress)?;
+    settle_copies(old, new, host, batch, None, progress)
 }
 
 /// One page's keys copied from one old host, to settle later.
@@ -348,7 +361,7 @@ impl Copied {
 /// Keys one move copied (or found on their new owners), under the token
 /// its copies are recorded with (see [`COPIES`]).
 struct Batch {
-    token: String,
+    token: Arc<str>,
     keys: Vec<Moving>,
 }
 
@@ -360,10 +373,11 @@ fn copy_keys(
     new: &Cluster,
     host: HostId,
     mut leaving: Vec<(Vec<u8>, HostId)>,
+    keeps: &mut Keeps,
     progress: &mut MoveProgress,
 ) -> Result<Batch> {
     let source = old.local_client(host)?;
-    let token = copies::token();
+    let token: Arc<str> = copies::token().into();
     let mut done = Vec::with_capacity(leaving.len());
     // A key marked deleted on its new owner while its old copy is still
     // there carries a mark older than this copy (a delete removes the old
@@ -374,7 +388,7 @@ fn copy_keys(
             break;
         }
         let mut moving = dump_keys(&source, leaving, progress)?;
-        let marked = restore_keys(new, &token, &mut moving, progress)?;
+        let marked = restore_keys(new, &token, &mut moving, keeps, progress)?;
         let (mut marked_keys, mut marks) = (Vec::new(), Vec::new());
         let mut marked = marked.into_iter().peekable();
         for (i, m) in moving.into_iter().enumerate() {
@@ -446,13 +460,16 @@ fn restore_keys(
     new: &Cluster,
     token: &str,
     moving: &mut [Dumped],
+    keeps: &mut Keeps,
     progress: &mut MoveProgress,
 ) -> Result<Vec<(usize, Vec<u8>)>> {
     let mut marked = Vec::new();
     let owners = by_owner(moving.iter().map(|d| d.moving.to));
     let scripts = owners.iter().map(|(&to, indexes)| {
+        let drops = keeps.remove(&to).unwrap_or_default();
         let script = copies::restore(
             token,
+            &drops,
             indexes.iter().map(|&i| copies::Restore {
                 key: &moving[i].moving.key,
                 ttl: moving[i].ttl,
@@ -532,19 +549,27 @@ fn by_owner(owners: impl Iterator<Item = HostId>) -> BTreeMap<HostId, Vec<usize>
     by
 }
 
+/// Records of copies settled (their old copies went), by new owner: (key,
+/// the move's token), to drop there with the next restore or at the end.
+type Keeps = BTreeMap<HostId, Vec<(Vec<u8>, Arc<str>)>>;
+
 /// Settles a batch [`copy_keys`] made from old host `host`, in three
 /// steps (see [`COPIES`]): on the old host, deletes each copied key that
 /// is still as copied and checks that each key found on its new owner is
-/// still there as it was; on the new owners, drops the records of the
-/// copies whose old copy went, takes back the copies whose old copy was
-/// gone or changed (if still this move's copy), and drops the records of
-/// the keys found there; then deletes those keys' old copies (if still as
-/// they were): the new owner's copy is the key's only home from then.
+/// still there as it was; on the new owners, takes back the copies whose
+/// old copy was gone or changed (if still this move's copy), and drops
+/// the records of the keys found there; then deletes those keys' old
+/// copies (if still as they were): the new owner's copy is the key's only
+/// home from then. The records of the copies whose old copy went are
+/// dropped with them where that step runs anyway, else left in `keeps`
+/// for the next restore there (a record whose old copy is gone matters
+/// to nobody, it only takes room); without `keeps`, dropped now.
 fn settle_copies(
     old: &Cluster,
     new: &Cluster,
     host: HostId,
     batch: Batch,
+    keeps: Option<&mut Keeps>,
     progress: &mut MoveProgress,
 ) -> Result<()> {
     let source = old.local_client(host)?;
@@ -575,21 +600,45 @@ fn settle_copies(
         .zip(still_there)
         .filter_map(|(m, there)| there.then_some(m))
         .collect();
-    let mut steps: BTreeMap<HostId, Vec<(&[u8], copies::Settle<'_>)>> = BTreeMap::new();
-    for (m, &deleted) in copied.iter().zip(&deleted) {
-        let step = if deleted {
+    let (mut settled, mut back) = (Vec::new(), Vec::new());
+    for (m, deleted) in copied.into_iter().zip(deleted) {
+        if deleted {
             progress.moved += 1;
-            copies::Settle::Keep
+            settled.push(m);
         } else {
-            copies::Settle::TakeBack(&m.payload)
-        };
-        steps.entry(m.to).or_default().push((&m.key, step));
+            back.push(m);
+        }
+    }
+    let mut steps: BTreeMap<HostId, Vec<(&[u8], copies::Settle<'_>)>> = BTreeMap::new();
+    for m in &back {
+        steps
+            .entry(m.to)
+            .or_default()
+            .push((&m.key, copies::Settle::TakeBack(&m.payload)));
     }
     for m in &found {
         steps
             .entry(m.to)
             .or_default()
             .push((&m.key, copies::Settle::Found));
+    }
+    // Dropped now where a step runs anyway (or with no `keeps`), else later.
+    let (now, later): (Vec<Moving>, Vec<Moving>) = settled
+        .into_iter()
+        .partition(|m| keeps.is_none() || steps.contains_key(&m.to));
+    if let Some(keeps) = keeps {
+        for m in later {
+            keeps
+                .entry(m.to)
+                .or_default()
+                .push((m.key, batch.token.clone()));
+        }
+    }
+    for m in &now {
+        steps
+            .entry(m.to)
+            .or_default()
+            .push((&m.key, copies::Settle::Keep));
     }
     let kinds: Vec<Vec<bool>> = steps
         .values()
@@ -619,6 +668,82 @@ fn settle_copies(
         }
     }
     delete_if_unchanged(&source, &found).map(drop)
+}
+
+/// A record of a copy: its key and the token of the move that made it.
+type Record<'a> = (&'a [u8], &'a [u8]);
+
+/// Drops the records of copies left on the new owners whose old copy is
+/// gone: a crashed (killed) move's, which nobody else drops. A record
+/// whose old copy is still there may be a move's half-way, and stays.
+fn sweep_leftovers(old: &Cluster, new: &Cluster) -> Result<()> {
+    let old_router = old.router()?;
+    for to in new.host_ids() {
+        let target = new.local_client(to)?;
+        let mut cursor = String::from("0");
+        loop {
+            let page = cmd("HSCAN")
+                .arg(COPIES)
+                .arg(cursor.as_str())
+                .arg("COUNT")
+                .arg(1000);
+            let (next, flat): (String, Vec<Vec<u8>>) =
+                crate::convert::FromValue::from_value(one_reply(&target, page)?)?;
+            let records: Vec<Record<'_>> = flat
+                .chunks_exact(2)
+                .map(|pair| (pair[0].as_slice(), pair[1].as_slice()))
+                .collect();
+            let mut by_old: BTreeMap<HostId, Vec<Record<'_>>> = BTreeMap::new();
+            for &(key, token) in &records {
+                by_old
+                    .entry(old_router.host_for_key(key)?)
+                    .or_default()
+                    .push((key, token));
+            }
+            let mut gone = Vec::new();
+            for (from, records) in by_old {
+                let exists = old
+                    .local_client(from)?
+                    .pipeline(records.iter().map(|(k, _)| cmd("EXISTS").arg(*k)));
+                for (record, there) in records.into_iter().zip(exists) {
+                    if matches!(there?, Value::Int(0)) {
+                        gone.push(record);
+                    }
+                }
+            }
+            if !gone.is_empty() {
+                let n = gone.len();
+                let tokens: Vec<String> = gone
+                    .iter()
+                    .map(|(_, t)| String::from_utf8_lossy(t).into_owned())
+                    .collect();
+                let items = gone
+                    .iter()
+                    .zip(&tokens)
+                    .map(|((key, _), token)| (*key, copies::Settle::Drop(token)));
+                copies::settled(one_reply(&target, copies::settle("", items))?, n)?;
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the records `keeps` holds, on each new owner at once.
+fn drop_settled(new: &Cluster, keeps: &mut Keeps) -> Result<()> {
+    let scripts = std::mem::take(keeps)
+        .into_iter()
+        .map(|(to, drops)| {
+            let items = drops
+                .iter()
+                .map(|(key, token)| (key.as_slice(), copies::Settle::Drop(token)));
+            (to, copies::settle("", items))
+        })
+        .collect();
+    on_each(new, scripts).map(drop)
 }
 
 /// Runs each host's command of `commands` (by host, in order) on `cluster`,

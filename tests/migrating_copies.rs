@@ -180,39 +180,90 @@ fn moves_leave_no_record() {
 
 /// The records left on an old host (a crashed move's copies, marks of a
 /// migration before) are not application keys: the mover neither moves
-/// nor counts them.
+/// nor counts them. At its end it drops the copies' records whose old copy
+/// is gone (a crashed move's leftovers: here `k`, which is nowhere) and
+/// keeps the others (a move half-way: `rm0`, still on its old owner).
 #[test]
 fn the_record_itself_is_never_moved() {
     let setup = TestSetup::with_tcp(3, 1).expect("servers");
     let old = over_tcp(&setup, 2);
     let direct = over_tcp(&setup, 3);
-    for h in old.host_ids() {
-        for record in [COPIES, DELETED] {
-            let _: i64 = old
-                .local_client(h)
-                .expect("local")
-                .cmd(rb::cmd("HSET").arg(record).arg("k").arg("t"))
-                .expect("HSET");
-        }
-    }
     // Keys moving to host 2 only (a key moving to another old host would
     // be seen again there).
     let keys: Vec<String> = (0..20).map(|i| to_host2(&old, &direct, "rm", i)).collect();
     for k in &keys {
         old.routing_client().set(k, "1").expect("SET");
     }
+    let field = |h: u32, record: &str, key: &str| -> Option<String> {
+        old.local_client(h)
+            .expect("local")
+            .cmd(rb::cmd("HGET").arg(record).arg(key))
+            .expect("HGET")
+    };
+    for h in old.host_ids() {
+        for (record, key) in [(COPIES, "k"), (DELETED, "k"), (COPIES, keys[0].as_str())] {
+            let _: i64 = old
+                .local_client(h)
+                .expect("local")
+                .cmd(rb::cmd("HSET").arg(record).arg(key).arg("t"))
+                .expect("HSET");
+        }
+    }
+    // keys[0]'s record: the mover moves the key (its old copy goes), so
+    // at its end the record is a leftover too.
     let report = move_keys(&old, &direct, MoveOptions::new()).expect("move");
     assert_eq!(report.progress.scanned, 20, "{:?}", report.progress);
     for h in old.host_ids() {
-        for record in [COPIES, DELETED] {
-            let field: Option<String> = old
-                .local_client(h)
-                .expect("local")
-                .cmd(rb::cmd("HGET").arg(record).arg("k"))
-                .expect("HGET");
-            assert_eq!(field.as_deref(), Some("t"), "host {h}, {record}");
-        }
+        assert_eq!(field(h, DELETED, "k").as_deref(), Some("t"), "host {h}");
+        assert_eq!(field(h, COPIES, "k"), None, "host {h}: swept");
+        assert_eq!(field(h, COPIES, &keys[0]), None, "host {h}: swept");
     }
+    let on_new: i64 = direct
+        .local_client(2)
+        .expect("local")
+        .cmd(rb::cmd("EXISTS").arg(COPIES).arg(DELETED))
+        .expect("EXISTS");
+    assert_eq!(on_new, 0, "nothing moved to the new host");
+}
+
+/// A record of a copy whose old copy is still there (a client's move
+/// half-way) is not swept by the mover's end; a record of a key the mover
+/// finds on its new owner is dropped before the old copy goes.
+#[test]
+fn a_record_of_a_move_half_way_is_kept() {
+    let setup = TestSetup::with_tcp(3, 1).expect("servers");
+    let old = over_tcp(&setup, 2);
+    let direct = over_tcp(&setup, 3);
+    let k = to_host2(&old, &direct, "half", 0);
+    let on_new = direct.local_client(2).expect("local");
+    // The new owner has a recorded copy, the old owner its own: the mover
+    // finds the key there, drops the record, deletes the old copy.
+    old.routing_client().set(&k, "1").expect("SET");
+    on_new.set(&k, "1").expect("SET");
+    let _: i64 = on_new
+        .cmd(rb::cmd("HSET").arg(COPIES).arg(k.as_str()).arg("t"))
+        .expect("HSET");
+    // A record on a host of a key whose old copy is there (the key stays
+    // on that server: as for a move half-way, the old copy exists).
+    let stays = common::staying_keys(&old, &direct, "st", 1).remove(0);
+    old.routing_client().set(&stays, "1").expect("SET");
+    let host = common::host_of(&old, &stays);
+    let _: i64 = old
+        .local_client(host)
+        .expect("local")
+        .cmd(rb::cmd("HSET").arg(COPIES).arg(stays.as_str()).arg("t"))
+        .expect("HSET");
+    move_keys(&old, &direct, MoveOptions::new()).expect("move");
+    let held: Option<String> = old
+        .local_client(host)
+        .expect("local")
+        .cmd(rb::cmd("HGET").arg(COPIES).arg(stays.as_str()))
+        .expect("HGET");
+    assert_eq!(held.as_deref(), Some("t"), "its old copy is there");
+    let found: Option<String> = on_new
+        .cmd(rb::cmd("HGET").arg(COPIES).arg(k.as_str()))
+        .expect("HGET");
+    assert_eq!(found, None, "found by the mover: dropped");
 }
 
 /// A user whose ACL key patterns exclude the record: a migrating cluster's

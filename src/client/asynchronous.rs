@@ -252,59 +252,6 @@ impl AsyncClient {
         })
     }
 
-    /// [`AsyncClient::execute_commands`] on a migrating cluster: each call
-    /// by the migration's rules (a key in transit is moved before a call
-    /// changes it, deletes reach both owners), the calls of one key one
-    /// after the other, keys side by side.
-    fn migrating_commands<K, I>(&self, mapping: I) -> Reply<HashMap<K, Vec<Result<Value>>>>
-    where
-        I: IntoIterator<Item = (K, Vec<Call>)>,
-        K: ToArg + Eq + std::hash::Hash + Send + 'static,
-    {
-        // The lists of each key, in order, as one sequence.
-        let mut groups: Vec<Vec<Cmd>> = Vec::new();
-        let mut group_of: HashMap<Vec<u8>, usize> = HashMap::new();
-        let mut entries = Vec::new();
-        for (key, calls) in mapping {
-            let next = groups.len();
-            let g = *group_of.entry(crate::args::to_bytes(&key)).or_insert(next);
-            if g == next {
-                groups.push(Vec::new());
-            }
-            entries.push((key, g, calls.len()));
-            groups[g].extend(calls.into_iter().map(|call| match call {
-                Call::Cmd(cmd) => cmd,
-                Call::Script(sc) => sc.eval(),
-            }));
-        }
-        let parts: Vec<Reply<Vec<Result<Value>>>> = groups
-            .into_iter()
-            .map(|cmds| {
-                let client = self.clone();
-                Reply::from_future(async move {
-                    let mut outcomes = Vec::with_capacity(cmds.len());
-                    for cmd in cmds {
-                        outcomes.push(match refuse_on_shared(&cmd) {
-                            Ok(()) => client.migrating::<Value>(cmd).await,
-                            Err(e) => Err(e),
-                        });
-                    }
-                    Ok(outcomes)
-                })
-            })
-            .collect();
-        Reply::join(parts, move |groups| {
-            let mut groups: Vec<std::vec::IntoIter<Result<Value>>> =
-                groups.into_iter().map(Vec::into_iter).collect();
-            let mut out: HashMap<K, Vec<Result<Value>>> = HashMap::new();
-            for (key, g, n) in entries {
-                let taken = groups[g].by_ref().take(n);
-                out.entry(key).or_default().extend(taken);
-            }
-            Ok(out)
-        })
-    }
-
     /// How long a pending reply spins before it sleeps.
     pub(super) fn spin(&self) -> Duration {
         self.opts.spin
@@ -353,8 +300,26 @@ impl AsyncClient {
         Reply::from_slot(slot, driver.clone() as KeepAlive, self.opts.spin)
     }
 
+    /// The reply of `future` (of several requests), run on the driver
+    /// thread to its end whether or not the reply is awaited.
+    pub(super) fn run_to_end<V: Send + 'static>(
+        &self,
+        future: impl std::future::Future<Output = Result<V>> + Send + 'static,
+    ) -> Reply<V> {
+        let driver = match self.driver() {
+            Ok(d) => d,
+            Err(e) => return Reply::ready(Err(e)),
+        };
+        Reply::from_task(
+            future,
+            |task| driver.spawn(task),
+            driver.clone() as KeepAlive,
+            self.opts.spin,
+        )
+    }
+
     /// Sends `cmd` to `host` unless it cannot share a connection.
-    fn send_checked<T: FromValue + 'static>(&self, host: HostId, cmd: Cmd) -> Reply<T> {
+    pub(super) fn send_checked<T: FromValue + 'static>(&self, host: HostId, cmd: Cmd) -> Reply<T> {
         match refuse_on_shared(&cmd) {
             Err(e) => Reply::ready(Err(e)),
             Ok(()) => self.send(host, cmd),
@@ -363,7 +328,11 @@ impl AsyncClient {
 
     /// `SCRIPT LOAD` then `EVALSHA`, queued together; a script that fails
     /// to load (a Lua syntax error) answers with that failure.
-    fn load_and_call<T: FromValue + 'static>(&self, host: HostId, call: &ScriptCall) -> Reply<T> {
+    pub(super) fn load_and_call<T: FromValue + 'static>(
+        &self,
+        host: HostId,
+        call: &ScriptCall,
+    ) -> Reply<T> {
         let driver = match self.driver() {
             Ok(d) => d,
             Err(e) => return Reply::ready(Err(e)),
@@ -398,7 +367,11 @@ impl AsyncClient {
     /// Runs a script on `host`: `EVALSHA` where the host is known to hold
     /// it (once more after a load if it answers `NOSCRIPT`), else load and
     /// call together.
-    fn script<T: FromValue + 'static>(&self, host: HostId, call: ScriptCall) -> Reply<T> {
+    pub(super) fn script<T: FromValue + 'static>(
+        &self,
+        host: HostId,
+        call: ScriptCall,
+    ) -> Reply<T> {
         let memory = self.cluster.script_memory();
         if !memory.knows(host, call.script.sha1()) {
             return self.load_and_call(host, &call);

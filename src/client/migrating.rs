@@ -34,7 +34,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::cluster::Cluster;
-use crate::cmd::{cmd, Cmd};
+use crate::cmd::{cmd, Call, Cmd};
 use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::Session;
@@ -101,6 +101,9 @@ struct Followups {
     stale: Vec<Overwrite>,
     /// Deletes: (old host, new host, command, sink).
     deletes: Vec<(HostId, HostId, Cmd, Sink)>,
+    /// Old copies to delete before a command that may empty its key runs
+    /// on the new owner, which has it: (old host, key).
+    clears: Vec<(HostId, Vec<u8>)>,
     /// Modifications of keys the new owner lacks: (old host, new host,
     /// key, command, sink).
     moves: Vec<(HostId, HostId, Vec<u8>, Cmd, Sink)>,
@@ -110,6 +113,7 @@ impl Followups {
     fn is_empty(&self) -> bool {
         self.fallbacks.is_empty()
             && self.stale.is_empty()
+            && self.clears.is_empty()
             && self.deletes.is_empty()
             && self.moves.is_empty()
     }
@@ -148,9 +152,32 @@ pub(super) struct Migration {
     /// Keys with a step left for after this round's join (a delete, a
     /// move, a probe), by their CRC-32: later commands on them wait for the
     /// next round (another key with the same CRC waits too, harmlessly).
-    pending: RefCell<HashSet<u32, BuildHasherDefault<KeyCrc>>>,
+    pending: RefCell<KeyCrcs>,
     /// Those later commands, in order.
     queued: RefCell<Vec<(Cmd, Sink)>>,
+    /// This round's GET keys by CRC-32, made at the round's first write of
+    /// a key in transit (a write of a key a GET before it may read on its
+    /// new owner once more after the join waits for the next round).
+    read_keys: RefCell<Option<KeyCrcs>>,
+}
+
+/// Keys by CRC-32 (see [`KeyCrc`]).
+type KeyCrcs = HashSet<u32, BuildHasherDefault<KeyCrc>>;
+
+impl Migration {
+    /// Whether a GET of `key` came earlier in this round.
+    fn read_before(&self, key: &[u8]) -> bool {
+        let mut read_keys = self.read_keys.borrow_mut();
+        let set = read_keys.get_or_insert_with(|| {
+            self.reads
+                .keys
+                .borrow()
+                .keys()
+                .map(crc32fast::hash)
+                .collect()
+        });
+        set.contains(&crc32fast::hash(key))
+    }
 }
 
 impl Migration {
@@ -243,6 +270,7 @@ impl Migration {
             asked: RefCell::default(),
             pending: RefCell::default(),
             queued: RefCell::default(),
+            read_keys: RefCell::default(),
         }))
     }
 
@@ -275,6 +303,16 @@ pub(super) fn forget_overwritten(m: &Migration, session: &mut Session) {
     for (host, forget) in by_host {
         session.enqueue(host, &forget, Waiter::new(Rc::new(Ignored), 0));
     }
+}
+
+/// Queues the drop of `key`'s record as a move's copy on its new owner
+/// `host` (see [`crate::migrate::COPIES`]); its answer is not the map's.
+fn forget_now(session: &mut Session, host: HostId, key: &[u8]) {
+    session.enqueue(
+        host,
+        &crate::migrate::forget_copy(key),
+        Waiter::new(Rc::new(Ignored), 0),
+    );
 }
 
 /// A reply nobody waits for.
@@ -354,6 +392,16 @@ impl GetKeys {
         u32::try_from(self.bytes.len() + encoded.len()).ok()?;
         self.bytes.extend_from_slice(encoded);
         Some(slot)
+    }
+
+    /// Every key, in order.
+    fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest = self.bytes.as_slice();
+        std::iter::from_fn(move || {
+            let (key, after) = crate::cmd::split_first_encoded(rest)?;
+            rest = after;
+            Some(key)
+        })
     }
 
     /// The key at `slot`.
@@ -707,11 +755,7 @@ impl Dispatch {
     pub(super) fn migrating<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
         if let Some(m) = &self.migration {
             if !m.pending.borrow().is_empty() && self.waits_for_its_key(m, &cmd) {
-                let out = Promise::new();
-                m.queued
-                    .borrow_mut()
-                    .push((cmd, settle_into(&out, &self.failures)));
-                return out;
+                return self.queue(cmd);
             }
         }
         if cmd.common() == crate::cmd::Common::Get {
@@ -742,8 +786,13 @@ impl Dispatch {
         let Some(work) = self.migration.as_ref().map(|m| m.work.clone()) else {
             return self.send(host, &cmd);
         };
-        let out = Promise::new();
         let access = Access::of(&cmd);
+        if access != Access::Read && self.migration.as_ref().is_some_and(|m| m.read_before(&key)) {
+            // A GET before it may read the key's new owner once more after
+            // the join (see settle_fallbacks): the write waits for that.
+            return self.queue(cmd);
+        }
+        let out = Promise::new();
         if access != Access::Overwrite {
             // Its step comes after the join: later commands on the key wait.
             if let Some(m) = &self.migration {
@@ -796,6 +845,21 @@ impl Dispatch {
         out
     }
 
+    /// Queues `cmd` for the map's next round (see [`take_queued`]); later
+    /// commands on its key wait behind it.
+    fn queue<T: FromValue + 'static>(&mut self, cmd: Cmd) -> Promise<T> {
+        let out = Promise::new();
+        if let Some(m) = &self.migration {
+            if let Ok(key) = key_of(&cmd) {
+                m.pending.borrow_mut().insert(crc32fast::hash(key));
+            }
+            m.queued
+                .borrow_mut()
+                .push((cmd, settle_into(&out, &self.failures)));
+        }
+        out
+    }
+
     /// Whether `cmd`'s key has a step left for after this round's join, or
     /// a command waiting for the next round: `cmd` then waits too, so the
     /// map keeps each key's order.
@@ -816,7 +880,14 @@ impl Dispatch {
             return self.send(host, cmd);
         }
         let slot = match &self.migration {
-            Some(m) => m.reads.keys.borrow_mut().push(cmd.encoded_args()),
+            Some(m) => {
+                if let (Some(read_keys), Some(key)) =
+                    (m.read_keys.borrow_mut().as_mut(), cmd.args().next())
+                {
+                    read_keys.insert(crc32fast::hash(key));
+                }
+                m.reads.keys.borrow_mut().push(cmd.encoded_args())
+            }
             None => return self.send(host, cmd),
         };
         let Some(slot) = slot else {
@@ -843,12 +914,22 @@ impl Dispatch {
     ) {
         // Whether the new owner has the key decides; the command itself
         // then runs as it is (no wrapper: replies and sizes stay exact).
+        // A command that may empty the key drops the key's record as a
+        // move's copy now, and its old copy goes before it runs (see
+        // migrate::COPIES: a key marked deleted has no old copy).
+        let empties = crate::migrate::may_empty(&cmd);
+        if empties {
+            forget_now(&mut self.session, host, &key);
+        }
         let probe = crate::cmd::cmd("EXISTS").arg(key.as_slice());
         let first: Promise<Value> = self.send(host, &probe);
         let work = work.clone();
         let pending = self.runs.clone();
         first.on_result(move |r| match r {
             Ok(Value::Int(1)) => {
+                if empties {
+                    work.borrow_mut().clears.push((old, key.clone()));
+                }
                 let mut pending = pending.borrow_mut();
                 for step in crate::migrate::before_write(&cmd, &key) {
                     pending.push((host, step, Box::new(drop)));
@@ -921,6 +1002,7 @@ fn join_parts(kind: MultiKey, replies: Vec<Value>) -> Value {
 /// [`Dispatch::waits_for_its_key`]), in order; the keys' steps are done.
 pub(super) fn take_queued(m: &Migration) -> Vec<(Cmd, Sink)> {
     m.pending.borrow_mut().clear();
+    *m.read_keys.borrow_mut() = None;
     std::mem::take(&mut *m.queued.borrow_mut())
 }
 
@@ -937,6 +1019,22 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
     }
     let counters = m.new.migration_counters().clone();
     counters.fallback_reads.fetch_add(asked, Relaxed);
+    // Old copies of keys a command may empty on the new owner: gone first.
+    let mut clears: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
+    for (old, key) in &work.clears {
+        clears
+            .entry(*old)
+            .or_default()
+            .push(cmd("DEL").arg(key.as_slice()));
+    }
+    let mut cleared = run_grouped(&m.old, clears);
+    // A command whose key's old copy could not go does not run.
+    let mut not_cleared: HashMap<Vec<u8>, Error> = HashMap::new();
+    for (old, key) in &work.clears {
+        if let Err(e) = take_next(&mut cleared, *old) {
+            not_cleared.insert(key.clone(), e);
+        }
+    }
     // Deletes: the old owner first, then the new one.
     let mut old_side: BTreeMap<HostId, Vec<Cmd>> = BTreeMap::new();
     for (old, _, c, _) in &work.deletes {
@@ -1078,7 +1176,16 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
         }
     }
     for (host, c, sink) in runs {
-        runs_by_host.entry(host).or_default().push((c, sink));
+        let failed = match key_of(&c) {
+            Ok(key) if !not_cleared.is_empty() && crate::migrate::may_empty(&c) => {
+                not_cleared.get(key)
+            }
+            _ => None,
+        };
+        match failed {
+            Some(e) => sink(Err(e.clone())),
+            None => runs_by_host.entry(host).or_default().push((c, sink)),
+        }
     }
     for (host, items) in runs_by_host {
         let (cmds, sinks): (Vec<Cmd>, Vec<Sink>) = items.into_iter().unzip();
@@ -1290,7 +1397,10 @@ impl super::AsyncClient {
             }
             _ => (None, None),
         };
-        Reply::from_future(async move {
+        // Run on the driver thread to its end (its steps happen whether or
+        // not the reply is awaited); converted when awaited.
+        let runner = self.clone();
+        let steps = runner.run_to_end(async move {
             let reply: Value = match access {
                 Access::Read => {
                     // GET's nil means "no such key"; for any other read the
@@ -1382,11 +1492,23 @@ impl super::AsyncClient {
                     }
                 }
                 Access::Modify => {
+                    // A command that may empty the key: its record as a
+                    // move's copy goes now, its old copy before it runs
+                    // (the map's rule, see Dispatch::modify).
+                    let empties = crate::migrate::may_empty(&cmd);
+                    if empties {
+                        drop(client.send::<Value>(host, crate::migrate::forget_copy(&key)));
+                    }
                     let exists: i64 = client
                         .send(host, crate::cmd::cmd("EXISTS").arg(key.as_slice()))
                         .await?;
                     if exists == 0 && move_key(&old_client, &client, old_host, host, &key).await? {
                         counters.moved_on_write.fetch_add(1, Relaxed);
+                    }
+                    if exists == 1 && empties {
+                        let _: Value = old_client
+                            .send(old_host, crate::cmd::cmd("DEL").arg(key.as_slice()))
+                            .await?;
                     }
                     for step in crate::migrate::before_write(&cmd, &key) {
                         drop(client.send::<Value>(host, step));
@@ -1394,7 +1516,119 @@ impl super::AsyncClient {
                     client.send(host, cmd).await?
                 }
             };
-            T::from_value(reply)
+            Ok(reply)
+        });
+        Reply::from_future(async move { T::from_value(steps.await?) })
+    }
+
+    /// [`AsyncClient::execute_commands`] on a migrating cluster, as the
+    /// sync form runs it: each list on its key's new owner, the key moved
+    /// there first if it is still on its old owner (its record as a move's
+    /// copy dropped if the list writes it, marked deleted, its old copy
+    /// gone first, if the list may delete it: see [`move_in_transit`]);
+    /// the lists of one key one after the other, keys side by side.
+    pub(super) fn migrating_commands<K, I>(
+        &self,
+        mapping: I,
+    ) -> crate::Reply<HashMap<K, Vec<Result<Value>>>>
+    where
+        I: IntoIterator<Item = (K, Vec<Call>)>,
+        K: crate::args::ToArg + Eq + std::hash::Hash + Send + 'static,
+    {
+        use crate::Reply;
+        let Some(old_client) = self.previous().cloned() else {
+            return Reply::ready(Err(Error::config("not migrating")));
+        };
+        let cluster = self.cluster().clone();
+        let Some(old) = cluster.migrating_from().cloned() else {
+            return Reply::ready(Err(Error::config("not migrating")));
+        };
+        // The lists of each key, in order, as one sequence.
+        let mut groups: Vec<(Vec<u8>, Vec<Call>)> = Vec::new();
+        let mut group_of: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut entries = Vec::new();
+        for (key, calls) in mapping {
+            let bytes = crate::args::to_bytes(&key);
+            let next = groups.len();
+            let g = *group_of.entry(bytes.clone()).or_insert(next);
+            if g == next {
+                groups.push((bytes, Vec::new()));
+            }
+            entries.push((key, g, calls.len()));
+            groups[g].1.extend(calls);
+        }
+        let mut parts: Vec<Reply<Vec<Result<Value>>>> = Vec::with_capacity(groups.len());
+        for (key, calls) in groups {
+            let routed = (|| {
+                let host = cluster.router()?.host_for_key(&key)?;
+                let old_host = old.router()?.host_for_key(&key)?;
+                let moving = !same_server(&old, old_host, &cluster, host)?;
+                Ok::<_, Error>((host, old_host, moving))
+            })();
+            let (host, old_host, moving) = match routed {
+                Ok(r) => r,
+                Err(e) => return Reply::ready(Err(e)),
+            };
+            let touch = calls
+                .iter()
+                .map(|c| match c {
+                    Call::Cmd(c) => Touch::of(c),
+                    Call::Script(_) => Touch::Delete,
+                })
+                .max()
+                .unwrap_or(Touch::Read);
+            let (client, old_client) = (self.clone(), old_client.clone());
+            let counters = cluster.migration_counters().clone();
+            let runner = self.clone();
+            parts.push(runner.run_to_end(async move {
+                if moving {
+                    if touch != Touch::Read {
+                        drop(client.send::<Value>(host, crate::migrate::forget_copy(&key)));
+                    }
+                    let exists: i64 = client.send(host, cmd("EXISTS").arg(key.as_slice())).await?;
+                    if exists == 0 {
+                        if move_key(&old_client, &client, old_host, host, &key).await? {
+                            counters.moved_on_write.fetch_add(1, Relaxed);
+                        }
+                    } else if touch == Touch::Delete {
+                        let _: Value = old_client
+                            .send(old_host, cmd("DEL").arg(key.as_slice()))
+                            .await?;
+                    }
+                    if touch == Touch::Delete {
+                        for mark in copies::mark_deleted([key.as_slice()]) {
+                            drop(client.send::<Value>(host, mark));
+                        }
+                    }
+                }
+                // The calls as the plain form sends them, pipelined.
+                let last = calls.len().checked_sub(1);
+                let replies: Vec<Reply<Value>> = calls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, call)| match call {
+                        Call::Cmd(c) => client.send_checked(host, c),
+                        Call::Script(sc) if Some(i) != last => client.load_and_call(host, &sc),
+                        Call::Script(sc) => client.script(host, sc),
+                    })
+                    .collect();
+                let mut outcomes = Vec::with_capacity(replies.len());
+                for r in replies {
+                    outcomes.push(r.await);
+                }
+                Ok(outcomes)
+            }));
+        }
+        Reply::join(parts, move |groups| {
+            let mut groups: Vec<std::vec::IntoIter<Result<Value>>> =
+                groups.into_iter().map(Vec::into_iter).collect();
+            let mut out: HashMap<K, Vec<Result<Value>>> = HashMap::new();
+            for (key, g, n) in entries {
+                if let Some(group) = groups.get_mut(g) {
+                    out.entry(key).or_default().extend(group.by_ref().take(n));
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -1439,6 +1673,7 @@ async fn move_key(
         }
         let restore = copies::restore(
             &token,
+            &[],
             [copies::Restore {
                 key,
                 ttl: ttl.max(0),

@@ -60,18 +60,27 @@ pub const DELETED: &str = "rb:migration:deleted";
 /// How long [`DELETED`] outlives the last delete that marked a key in it.
 const MARKS_KEPT_MS: u64 = 3_600_000;
 
-/// Restores each key of `KEYS[3..]` that neither exists nor is marked
+/// Drops the records of settled copies given first (`ARGV[2]`: how many;
+/// then each one's field and token: dropped if still that token), then
+/// restores each key of `KEYS[3..]` that neither exists nor is marked
 /// deleted in the hash `KEYS[2]` (`ARGV[1]`: the move's token; then each
 /// key's TTL and payload) and records it in the hash `KEYS[1]`. Per key: 1
 /// (restored), 0 (the key exists), its mark (marked deleted), or
 /// `RESTORE`'s error.
-const RESTORE_COPIES: &str = "local out = {} \
+const RESTORE_COPIES: &str = "local drops = tonumber(ARGV[2]) \
+for j = 1, drops do \
+  local f = ARGV[1 + 2 * j] \
+  if redis.call('HGET', KEYS[1], f) == ARGV[2 + 2 * j] then redis.call('HDEL', KEYS[1], f) end \
+end \
+local base = 2 + 2 * drops \
+local out = {} \
 for i = 3, #KEYS do \
   local k = KEYS[i] \
   if redis.call('EXISTS', k) == 1 then out[i - 2] = 0 else \
     local mark = redis.call('HGET', KEYS[2], k) \
     if mark then out[i - 2] = mark else \
-      local r = redis.pcall('RESTORE', k, ARGV[2 * i - 4], ARGV[2 * i - 3]) \
+      local at = base + 2 * (i - 2) \
+      local r = redis.pcall('RESTORE', k, ARGV[at - 1], ARGV[at]) \
       if type(r) == 'table' and r.err then out[i - 2] = r else \
         redis.call('HSET', KEYS[1], k, ARGV[1]); out[i - 2] = 1 \
       end \
@@ -85,14 +94,17 @@ return out";
 /// key's step and argument): `k` drops the key's record if it is the
 /// token's; `b` also deletes the key if its record is the token's and its
 /// `DUMP` is the argument (answer 1: taken back; 2: the key is gone or
-/// marked deleted); `f` drops the record whoever made it; `t` drops the
-/// key's mark if it is the argument (a stale mark).
+/// marked deleted); `d` drops the record if it is the argument (a settled
+/// copy of another batch); `f` drops the record whoever made it; `t` drops
+/// the key's mark if it is the argument (a stale mark).
 const SETTLE_COPIES: &str = "local out = {} \
 for i = 3, #KEYS do \
   local k, step, arg = KEYS[i], ARGV[2 * i - 4], ARGV[2 * i - 3] \
   out[i - 2] = 0 \
-  if step == 't' then \
-    if redis.call('HGET', KEYS[2], k) == arg then redis.call('HDEL', KEYS[2], k) end \
+  if step == 't' or step == 'd' then \
+    local hash = KEYS[2] \
+    if step == 'd' then hash = KEYS[1] end \
+    if redis.call('HGET', hash, k) == arg then redis.call('HDEL', hash, k) end \
   else \
     local mine = redis.call('HGET', KEYS[1], k) == ARGV[1] \
     if mine or step == 'f' then redis.call('HDEL', KEYS[1], k) end \
@@ -145,8 +157,13 @@ pub(crate) struct Restore<'a> {
     pub(crate) payload: &'a [u8],
 }
 
-/// The script restoring `items` on one new owner, recorded under `token`.
-pub(crate) fn restore<'a>(token: &str, items: impl IntoIterator<Item = Restore<'a>>) -> Cmd {
+/// The script restoring `items` on one new owner, recorded under `token`,
+/// after dropping the records of settled copies `drops` (key, token) there.
+pub(crate) fn restore<'a>(
+    token: &str,
+    drops: &[(Vec<u8>, std::sync::Arc<str>)],
+    items: impl IntoIterator<Item = Restore<'a>>,
+) -> Cmd {
     let items: Vec<Restore<'a>> = items.into_iter().collect();
     let mut eval = cmd("EVAL")
         .arg(RESTORE_COPIES)
@@ -157,6 +174,11 @@ pub(crate) fn restore<'a>(token: &str, items: impl IntoIterator<Item = Restore<'
         eval.push_arg(r.key);
     }
     eval.push_arg(token);
+    eval.push_arg(drops.len());
+    for (key, token) in drops {
+        eval.push_arg(key.as_slice());
+        eval.push_arg(&**token);
+    }
     for r in &items {
         eval.push_arg(r.ttl);
         eval.push_arg(r.payload);
@@ -224,6 +246,9 @@ pub(crate) enum Settle<'a> {
     /// A mark of a delete older than the move's copy (the old copy is
     /// still there): it goes if it is still this one.
     StaleMark(&'a [u8]),
+    /// A copy settled earlier (its old copy went): its record goes if it
+    /// is still that move's token.
+    Drop(&'a str),
 }
 
 /// The script settling `items` on one new owner for the move of `token`.
@@ -247,6 +272,7 @@ pub(crate) fn settle<'a>(
             Settle::TakeBack(p) => ("b", p),
             Settle::Found => ("f", b""),
             Settle::StaleMark(mark) => ("t", mark),
+            Settle::Drop(token) => ("d", token.as_bytes()),
         };
         eval.push_arg(step);
         eval.push_arg(payload);

@@ -233,6 +233,24 @@ impl<T: Send + 'static> Reply<T> {
     /// The reply the driver settles through `slot`; on its first pending
     /// poll the polling thread may watch the slot for up to `spin` before
     /// the task sleeps (see [`SpinWait`]).
+    /// A reply settled by `future`, which `spawn` hands to what runs it to
+    /// its end (the driver thread): unlike [`Reply::from_future`], it runs
+    /// whether or not the reply is awaited, as a plain request does.
+    pub(crate) fn from_task(
+        future: impl Future<Output = Result<T>> + Send + 'static,
+        spawn: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>),
+        keep: KeepAlive,
+        spin: Duration,
+    ) -> Reply<T>
+    where
+        T: Send + 'static,
+    {
+        let slot = Slot::new();
+        let settle = slot.clone();
+        spawn(Box::pin(async move { settle.settle(future.await) }));
+        Reply::from_slot(slot, keep, spin)
+    }
+
     pub(crate) fn from_slot(slot: Arc<Slot<T>>, keep: KeepAlive, spin: Duration) -> Reply<T> {
         Reply {
             inner: Inner::Slot(slot, SpinWait::new(spin)),
