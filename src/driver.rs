@@ -103,14 +103,19 @@ impl Tasks {
         lock(&self.woken).push(id);
     }
 
+    /// Whether no task runs (the common case: a plain cluster's driver).
+    fn is_idle(&self) -> bool {
+        self.running.len() == self.free.len()
+    }
+
     /// Whether a task was woken since the last poll.
     fn any_woken(&self) -> bool {
-        !lock(&self.woken).is_empty()
+        !self.is_idle() && !lock(&self.woken).is_empty()
     }
 
     /// Polls the tasks woken since their last poll (and those they wake).
     fn poll_woken(&mut self, shared: &Arc<Shared>) {
-        loop {
+        while !self.is_idle() {
             let woken = std::mem::take(&mut *lock(&self.woken));
             if woken.is_empty() {
                 return;

@@ -1,7 +1,7 @@
 //! Defects a review of 3daf395..c96375f (marks in `rb:migration:deleted`,
 //! a migrating map's per-key order queue, scripts and the async
 //! `execute_commands` by the migration's rules, `MAY_EMPTY` marks) found.
-//! Each test fails on c96375f. Deterministic: a proxy holds the mover's
+//! Each test fails on c96375f and passes since 9499659. Deterministic: a proxy holds the mover's
 //! replies from the new owner (server 2) while the application runs, or
 //! the state a crashed mover leaves is set up by hand; waits are on events
 //! a server or the proxy shows, never sleeps.
