@@ -6,8 +6,8 @@
 //! mover's replies while the application runs; every wait is on a key.
 
 mod common;
-use common::proxy::{Fault, Proxy};
-use common::{migrating_over_tcp, moving_keys, over_tcp, to_host2, with_host2_through};
+use common::proxy::Fault;
+use common::{migrating_over_tcp, moving_keys, over_tcp, to_host2};
 use rb::migrate::{move_keys, MoveOptions, Transfer, COPIES, DELETED};
 use rb::testing::TestSetup;
 use rb::{Cluster, Commands};
@@ -29,54 +29,32 @@ enum Writer {
 /// case is tests/migrating_review4.rs'). Returns the key's
 /// value at the end and whether any record is left.
 fn write_the_same_value_during_a_move(writer: Writer) -> (Option<Vec<u8>>, bool) {
-    let setup = TestSetup::with_tcp(3, 1).expect("servers");
-    let old = over_tcp(&setup, 2);
-    let direct = over_tcp(&setup, 3);
-    let pm = Proxy::to_unix(setup.socket(2));
-    let mover_new = with_host2_through(&setup, &pm, None);
-    let app = migrating_over_tcp(&setup, &old);
-    let k = to_host2(&old, &direct, "same", 0);
-    old.routing_client().set(&k, "v").expect("SET");
-    let _: String = mover_new
-        .local_client(2)
-        .expect("local")
-        .cmd(rb::cmd("PING"))
-        .expect("PING");
-    pm.set_fault(Fault::HoldReplies);
-    let mover = {
-        let (old, new) = (old.clone(), mover_new.clone());
-        std::thread::spawn(move || {
-            move_keys(
-                &old,
-                &new,
-                MoveOptions::new().transfer(Transfer::DumpRestore),
-            )
-        })
-    };
-    let on_new = direct.local_client(2).expect("local");
-    while on_new.get(&k).expect("GET").is_none() {
-        std::thread::yield_now();
-    }
+    let s = common::MoveThroughProxy::start();
+    let k = s.key("same", 0);
+    s.old.routing_client().set(&k, "v").expect("SET");
+    let mover = s.mover_half_way(&k);
     match writer {
-        Writer::Map => app
+        Writer::Map => s
+            .app
             .map(|m| {
                 m.set(&k, "v");
             })
             .expect("map"),
         Writer::MapMset => {
             // Two pairs: an MSET of one pair is a plain command.
-            let other = to_host2(&old, &direct, "other", 0);
-            app.map(|m| {
-                m.mset(&[(k.as_str(), "v"), (other.as_str(), "w")]);
-            })
-            .expect("map")
+            let other = s.key("other", 0);
+            s.app
+                .map(|m| {
+                    m.mset(&[(k.as_str(), "v"), (other.as_str(), "w")]);
+                })
+                .expect("map")
         }
-        Writer::Async => app.async_client().set(&k, "v").wait().expect("SET"),
+        Writer::Async => s.app.async_client().set(&k, "v").wait().expect("SET"),
     }
-    pm.set_fault(Fault::None);
+    s.proxy.set_fault(Fault::None);
     mover.join().expect("mover thread").expect("move");
-    let got: Option<Vec<u8>> = app.routing_client().get(&k).expect("GET");
-    (got, records_left(&direct))
+    let got: Option<Vec<u8>> = s.app.routing_client().get(&k).expect("GET");
+    (got, records_left(&s.direct))
 }
 
 /// Whether any server of `cluster` holds the record of copies.

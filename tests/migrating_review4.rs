@@ -11,13 +11,13 @@
 //! shows (a command count, a key).
 
 mod common;
-use common::{over_tcp, tcp, to_host2, with_host2_through};
+use common::{over_tcp, to_host2, with_host2_through};
 
 use common::command_calls;
 use common::proxy::{Fault, Proxy};
 use rb::migrate::{move_keys, MoveOptions, Transfer};
 use rb::testing::TestSetup;
-use rb::{Cluster, Commands, RouterKind};
+use rb::Commands;
 
 /// The async client's move on write (`move_key`, src/client/migrating.rs)
 /// still deletes the old copy when its `RESTORE` finds the new owner
@@ -196,43 +196,15 @@ fn a_client_move_stalled_past_the_grace_keeps_the_key() {
 /// tell its own copy from an equal write; `MIGRATE` has no undo.)
 #[test]
 fn an_overwrite_with_the_same_value_stands() {
-    let setup = TestSetup::with_tcp(3, 1).expect("servers");
-    let old = over_tcp(&setup, 2);
-    let direct = over_tcp(&setup, 3);
-    let pm = Proxy::to_unix(setup.socket(2));
-    let mover_new = with_host2_through(&setup, &pm, None);
-    let mut app = Cluster::builder().router(RouterKind::Partition);
-    for i in 0..3 {
-        app = app.host(i as u32, tcp(&setup, i));
-    }
-    let app = app.migrating_from(&old).build().expect("app");
-    let k = to_host2(&old, &direct, "ow", 0);
-    old.routing_client().set(&k, "v").expect("SET");
-    let _: String = mover_new
-        .local_client(2)
-        .expect("local")
-        .cmd(rb::cmd("PING"))
-        .expect("PING");
-    pm.set_fault(Fault::HoldReplies);
-    let mover = {
-        let (old, new) = (old.clone(), mover_new.clone());
-        std::thread::spawn(move || {
-            move_keys(
-                &old,
-                &new,
-                MoveOptions::new().transfer(Transfer::DumpRestore),
-            )
-        })
-    };
-    let on_new = direct.local_client(2).expect("local");
-    while on_new.get(&k).expect("GET").is_none() {
-        std::thread::yield_now();
-    }
+    let s = common::MoveThroughProxy::start();
+    let k = s.key("ow", 0);
+    s.old.routing_client().set(&k, "v").expect("SET");
+    let mover = s.mover_half_way(&k);
     // The application writes the key (the same value it had).
-    app.routing_client().set(&k, "v").expect("SET");
-    pm.set_fault(Fault::None);
+    s.app.routing_client().set(&k, "v").expect("SET");
+    s.proxy.set_fault(Fault::None);
     let report = mover.join().expect("mover thread").expect("move");
-    let got: Option<Vec<u8>> = app.routing_client().get(&k).expect("GET");
+    let got: Option<Vec<u8>> = s.app.routing_client().get(&k).expect("GET");
     assert_eq!(
         got,
         Some(b"v".to_vec()),

@@ -270,38 +270,14 @@ fn a_migrating_delete_without_eval_still_deletes() {
 /// failed before 522c5c7 too).
 #[test]
 fn a_set_after_a_delete_with_the_same_value_stands() {
-    let setup = TestSetup::with_tcp(3, 1).expect("servers");
-    let old = over_tcp(&setup, 2);
-    let direct = over_tcp(&setup, 3);
-    let pm = Proxy::to_unix(setup.socket(2));
-    let mover_new = with_host2_through(&setup, &pm, None);
-    let app = migrating_over_tcp(&setup, &old);
-    let k = to_host2(&old, &direct, "inv", 0);
-    old.routing_client().set(&k, "v").expect("SET");
-    let _: String = mover_new
-        .local_client(2)
-        .expect("local")
-        .cmd(rb::cmd("PING"))
-        .expect("PING");
-    pm.set_fault(Fault::HoldReplies);
-    let mover = {
-        let (old, new) = (old.clone(), mover_new.clone());
-        std::thread::spawn(move || {
-            move_keys(
-                &old,
-                &new,
-                MoveOptions::new().transfer(Transfer::DumpRestore),
-            )
-        })
-    };
-    let on_new = direct.local_client(2).expect("local");
-    while on_new.get(&k).expect("GET").is_none() {
-        std::thread::yield_now();
-    }
-    let r = app.routing_client();
+    let s = common::MoveThroughProxy::start();
+    let k = s.key("inv", 0);
+    s.old.routing_client().set(&k, "v").expect("SET");
+    let mover = s.mover_half_way(&k);
+    let r = s.app.routing_client();
     assert_eq!(r.del(&[k.as_str()]).expect("DEL"), 1);
     r.set(&k, "v").expect("SET");
-    pm.set_fault(Fault::None);
+    s.proxy.set_fault(Fault::None);
     let report = mover.join().expect("mover thread").expect("move");
     let got: Option<Vec<u8>> = r.get(&k).expect("GET");
     assert_eq!(

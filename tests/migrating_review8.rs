@@ -13,68 +13,11 @@
 
 mod common;
 use common::command_calls;
-use common::proxy::{Fault, Proxy};
-use common::{migrating_over_tcp, over_tcp, to_host2, with_host2_through};
-use rb::migrate::{move_keys, MoveOptions, MoveProgress, Transfer};
-use rb::testing::TestSetup;
-use rb::{Cluster, Commands, Execute};
+use common::proxy::Fault;
+use rb::migrate::MoveProgress;
+use rb::{Commands, Execute};
 
-/// The servers: old (servers 0, 1), the new cluster seen directly (0, 1,
-/// 2), the mover's new cluster (server 2 through `proxy`), and the
-/// application's migrating cluster.
-struct Setup {
-    _servers: TestSetup,
-    old: Cluster,
-    direct: Cluster,
-    proxy: Proxy,
-    mover_new: Cluster,
-    app: Cluster,
-}
-
-impl Setup {
-    fn start() -> Setup {
-        let servers = TestSetup::with_tcp(3, 1).expect("servers");
-        let old = over_tcp(&servers, 2);
-        let direct = over_tcp(&servers, 3);
-        let proxy = Proxy::to_unix(servers.socket(2));
-        let mover_new = with_host2_through(&servers, &proxy, None);
-        let app = migrating_over_tcp(&servers, &old);
-        // Warm the mover's connection to server 2.
-        let _: String = mover_new
-            .local_client(2)
-            .expect("local")
-            .cmd(rb::cmd("PING"))
-            .expect("PING");
-        Setup {
-            _servers: servers,
-            old,
-            direct,
-            proxy,
-            mover_new,
-            app,
-        }
-    }
-
-    fn key(&self, prefix: &str) -> String {
-        to_host2(&self.old, &self.direct, prefix, 0)
-    }
-
-    /// The mover (`DUMP`/`RESTORE`), in a thread.
-    fn spawn_mover(&self) -> std::thread::JoinHandle<rb::Result<rb::migrate::MoveReport>> {
-        let (old, new) = (self.old.clone(), self.mover_new.clone());
-        std::thread::spawn(move || {
-            move_keys(
-                &old,
-                &new,
-                MoveOptions::new().transfer(Transfer::DumpRestore),
-            )
-        })
-    }
-
-    fn on_new(&self) -> rb::LocalClient {
-        self.direct.local_client(2).expect("local")
-    }
-}
+type Setup = common::MoveThroughProxy;
 
 /// The mover DUMPs `k` (42) and its `RESTORE` is held at the proxy; the
 /// application runs `act` (which deletes the key); then the mover's
@@ -83,7 +26,7 @@ impl Setup {
 /// the new owner at the end, and the mover's report.
 fn incr_after_a_late_copy(act: impl FnOnce(&Setup, &str)) -> (i64, Option<Vec<u8>>, MoveProgress) {
     let s = Setup::start();
-    let k = s.key("late");
+    let k = s.key("late", 0);
     s.old.routing_client().set(&k, 42).expect("SET");
     let before = s.proxy.received_bytes();
     s.proxy.set_fault(Fault::Hold);
@@ -240,7 +183,7 @@ fn a_read_only_watched_transaction_does_not_drop_a_mark() {
 #[test]
 fn a_key_deleted_after_the_movers_copy_counts_as_vanished() {
     let s = Setup::start();
-    let k = s.key("gone");
+    let k = s.key("gone", 0);
     s.old.routing_client().set(&k, "v").expect("SET");
     s.proxy.set_fault(Fault::HoldReplies);
     let mover = s.spawn_mover();
@@ -265,7 +208,7 @@ fn a_key_deleted_after_the_movers_copy_counts_as_vanished() {
 #[test]
 fn async_execute_commands_moves_a_key_before_modifying_it() {
     let s = Setup::start();
-    let k = s.key("aec");
+    let k = s.key("aec", 0);
     s.old.routing_client().set(&k, 42).expect("SET");
     let out = s
         .app
@@ -282,7 +225,7 @@ fn async_execute_commands_moves_a_key_before_modifying_it() {
 #[test]
 fn a_script_on_a_migrating_cluster_moves_its_key_first() {
     let s = Setup::start();
-    let k = s.key("scr");
+    let k = s.key("scr", 0);
     s.old.routing_client().set(&k, 42).expect("SET");
     let script = rb::Script::new("return redis.call('INCR', KEYS[1])");
     let n: i64 = s
@@ -313,7 +256,7 @@ fn control_a_maps_del_during_a_dump_restore_move_stays_deleted() {
 #[test]
 fn a_del_then_set_in_one_migrating_map_keeps_the_set() {
     let s = Setup::start();
-    let k = s.key("order");
+    let k = s.key("order", 0);
     s.old.routing_client().set(&k, "old").expect("SET");
     s.app
         .map(|m| {

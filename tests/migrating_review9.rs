@@ -7,61 +7,11 @@
 //! a server or the proxy shows, never sleeps.
 
 mod common;
-use common::proxy::{Fault, Proxy};
-use common::{migrating_over_tcp, over_tcp, to_host2, with_host2_through};
+use common::proxy::Fault;
 use rb::migrate::{move_keys, MoveOptions, Transfer};
-use rb::testing::TestSetup;
-use rb::{Cluster, Commands};
+use rb::Commands;
 
-/// Old cluster (servers 0, 1), the new one seen directly (0, 1, 2), the
-/// mover's new cluster (server 2 through `proxy`), and the application's
-/// migrating cluster (fresh: it knows no old host's write epoch).
-struct Setup {
-    _servers: TestSetup,
-    old: Cluster,
-    direct: Cluster,
-    proxy: Proxy,
-    mover_new: Cluster,
-    app: Cluster,
-}
-
-impl Setup {
-    fn start() -> Setup {
-        let servers = TestSetup::with_tcp(3, 1).expect("servers");
-        let old = over_tcp(&servers, 2);
-        let direct = over_tcp(&servers, 3);
-        let proxy = Proxy::to_unix(servers.socket(2));
-        let mover_new = with_host2_through(&servers, &proxy, None);
-        let app = migrating_over_tcp(&servers, &old);
-        let _: String = mover_new
-            .local_client(2)
-            .expect("local")
-            .cmd(rb::cmd("PING"))
-            .expect("PING");
-        Setup {
-            _servers: servers,
-            old,
-            direct,
-            proxy,
-            mover_new,
-            app,
-        }
-    }
-
-    /// The `n`th key (prefix `p`) moving to server 2.
-    fn key(&self, p: &str, n: usize) -> String {
-        to_host2(&self.old, &self.direct, p, n)
-    }
-
-    fn on_new(&self) -> rb::LocalClient {
-        self.direct.local_client(2).expect("local")
-    }
-
-    fn on_old(&self, key: &str) -> rb::LocalClient {
-        let host = common::host_of(&self.old, key);
-        self.old.local_client(host).expect("local")
-    }
-}
+type Setup = common::MoveThroughProxy;
 
 /// (1) The order queue leaves out GET's fast path: a GET that misses on
 /// both owners is asked of the new owner once more after the join (the old

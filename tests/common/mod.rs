@@ -153,3 +153,87 @@ pub fn migrating_over_tcp(setup: &TestSetup, old: &Cluster) -> Cluster {
     }
     b.migrating_from(old).build().expect("migrating")
 }
+
+/// A move to watch half-way: the old cluster (servers 0 and 1 of 3), the
+/// new one seen directly (servers 0, 1, 2), the mover's view of the new
+/// one (server 2 through `proxy`, to hold its traffic there), and the
+/// application's cluster migrating from the old one (fresh: it knows no
+/// old host's write epoch). The mover's connection to server 2 is made.
+pub struct MoveThroughProxy {
+    pub servers: TestSetup,
+    pub old: Cluster,
+    pub direct: Cluster,
+    pub proxy: proxy::Proxy,
+    pub mover_new: Cluster,
+    pub app: Cluster,
+}
+
+impl MoveThroughProxy {
+    pub fn start() -> MoveThroughProxy {
+        let servers = TestSetup::with_tcp(3, 1).expect("servers");
+        let old = over_tcp(&servers, 2);
+        let direct = over_tcp(&servers, 3);
+        let proxy = proxy::Proxy::to_unix(servers.socket(2));
+        let mover_new = with_host2_through(&servers, &proxy, None);
+        let app = migrating_over_tcp(&servers, &old);
+        let _: String = mover_new
+            .local_client(2)
+            .expect("local")
+            .cmd(rb::cmd("PING"))
+            .expect("PING");
+        MoveThroughProxy {
+            servers,
+            old,
+            direct,
+            proxy,
+            mover_new,
+            app,
+        }
+    }
+
+    /// The `n`th key (prefix `p`) moving from the old cluster to server 2.
+    pub fn key(&self, p: &str, n: usize) -> String {
+        to_host2(&self.old, &self.direct, p, n)
+    }
+
+    /// Server 2 (the new owner of [`MoveThroughProxy::key`]s), directly.
+    pub fn on_new(&self) -> rb::LocalClient {
+        self.direct.local_client(2).expect("local")
+    }
+
+    /// The old owner of `key`, directly.
+    pub fn on_old(&self, key: &str) -> rb::LocalClient {
+        self.old
+            .local_client(host_of(&self.old, key))
+            .expect("local")
+    }
+
+    /// `move_keys` from the old cluster to the mover's view of the new
+    /// one with `DUMP`/`RESTORE`, in a thread.
+    pub fn spawn_mover(&self) -> std::thread::JoinHandle<rb::Result<rb::migrate::MoveReport>> {
+        let (old, new) = (self.old.clone(), self.mover_new.clone());
+        std::thread::spawn(move || {
+            rb::migrate::move_keys(
+                &old,
+                &new,
+                rb::migrate::MoveOptions::new().transfer(rb::migrate::Transfer::DumpRestore),
+            )
+        })
+    }
+
+    /// Starts the mover with its replies from server 2 held, and returns
+    /// once its copy of `key` is there (its `RESTORE` done, the rest of
+    /// its move to come when the proxy lets go).
+    pub fn mover_half_way(
+        &self,
+        key: &str,
+    ) -> std::thread::JoinHandle<rb::Result<rb::migrate::MoveReport>> {
+        self.proxy.set_fault(proxy::Fault::HoldReplies);
+        let mover = self.spawn_mover();
+        let on_new = self.on_new();
+        while on_new.get(key).expect("GET").is_none() {
+            std::thread::yield_now();
+        }
+        mover
+    }
+}
