@@ -212,6 +212,37 @@ impl Shared {
     }
 }
 
+/// A way to queue work for the driver that does not keep it running: what
+/// its own tasks use (see [`Driver::spawn`]). Work queued once the thread
+/// has ended is dropped with its channel.
+#[derive(Clone)]
+pub(crate) struct DriverQueue {
+    shared: Arc<Shared>,
+}
+
+impl DriverQueue {
+    /// As [`Driver::submit`].
+    pub(crate) fn submit(&self, request: Request) {
+        let _ = self.shared.queue.send(Message::One(request));
+        self.shared.wake();
+    }
+
+    /// As [`Driver::submit_all`].
+    pub(crate) fn submit_all(&self, requests: impl IntoIterator<Item = Request>) {
+        let _ = self
+            .shared
+            .queue
+            .send(Message::Group(requests.into_iter().collect()));
+        self.shared.wake();
+    }
+
+    /// As [`Driver::spawn`].
+    pub(crate) fn spawn(&self, task: Task) {
+        let _ = self.shared.queue.send(Message::Task(task));
+        self.shared.wake();
+    }
+}
+
 /// A handle on the running driver thread; the thread stops when the last
 /// handle drops.
 pub(crate) struct Driver {
@@ -296,6 +327,13 @@ impl Driver {
             thread: Some(thread),
             thread_id,
         })
+    }
+
+    /// A queue to the driver that does not keep it running.
+    pub(crate) fn queue(&self) -> DriverQueue {
+        DriverQueue {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Queues one request.
@@ -630,11 +668,33 @@ fn run(mut session: Session, requests: &mpsc::Receiver<Message>, shared: Arc<Sha
         let _ = session.take_failure();
     }
     // Stopped: the last handle is gone. What callers queued still goes out
-    // (a dropped reply does not cancel its request), for a short while.
+    // (a dropped reply does not cancel its request), and tasks go on (their
+    // requests too), for a short while.
     let until = Instant::now() + FLUSH_ON_STOP;
-    while session.is_busy() && Instant::now() < until {
-        session.serve(Some(until));
+    loop {
+        // Whatever is queued or woken after this wakes the poll below.
+        shared.woken.store(false, Ordering::SeqCst);
+        let mut queued = false;
+        for message in std::iter::from_fn(|| requests.try_recv().ok()) {
+            queued = true;
+            match message {
+                Message::One(r) => enqueue(&mut session, &mut timers, &mut next_deadline, r),
+                Message::Group(group) => {
+                    enqueue_group(&mut session, &mut timers, &mut next_deadline, group)
+                }
+                Message::Task(task) => tasks.add(task),
+            }
+        }
+        tasks.poll_woken(shared);
+        let working = queued || session.is_busy() || !tasks.is_idle();
+        if !working || Instant::now() >= until {
+            break;
+        }
+        if !tasks.any_woken() {
+            session.serve(Some(until));
+        }
     }
+    drop(tasks);
     // Stopped: nothing awaits the rest (the last handle is gone).
     session.cancel(|host| Error::Cancelled {
         host: host.clone(),

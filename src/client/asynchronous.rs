@@ -15,7 +15,7 @@ use crate::args::ToArg;
 use crate::cluster::{Cluster, Hosts};
 use crate::cmd::{cmd, Call, Cmd, ScriptCall};
 use crate::convert::FromValue;
-use crate::driver::{Driver, Request};
+use crate::driver::{Driver, DriverQueue, Request};
 use crate::error::{Error, HostId, Result};
 use crate::multikey::{self, MultiKey};
 use crate::pipeline::{blocks, ConnEffect};
@@ -126,10 +126,61 @@ impl AsyncOptions {
 #[derive(Clone)]
 pub struct AsyncClient {
     cluster: Cluster,
-    driver: std::result::Result<Arc<Driver>, Error>,
+    driver: std::result::Result<DriverRef, Error>,
     opts: AsyncOptions,
     /// The old cluster's async client, while the cluster is migrating.
     previous: Option<Box<AsyncClient>>,
+}
+
+/// How a client reaches its driver.
+#[derive(Clone)]
+enum DriverRef {
+    /// A caller's client: it keeps the driver running.
+    Owned(Arc<Driver>),
+    /// A client inside a task on the driver thread (see
+    /// [`AsyncClient::run_to_end`]): it does not keep the driver running
+    /// (a stopping driver runs its tasks for as long as it flushes, then
+    /// drops them), and its replies never spin (they are awaited on the
+    /// driver thread).
+    InTask(DriverQueue),
+}
+
+/// A client's way to its driver, for one request.
+pub(super) enum DriverUse<'a> {
+    Owned(&'a Arc<Driver>),
+    InTask(&'a DriverQueue),
+}
+
+impl DriverUse<'_> {
+    pub(super) fn submit(&self, request: Request) {
+        match self {
+            DriverUse::Owned(d) => d.submit(request),
+            DriverUse::InTask(q) => q.submit(request),
+        }
+    }
+
+    pub(super) fn submit_all(&self, requests: impl IntoIterator<Item = Request>) {
+        match self {
+            DriverUse::Owned(d) => d.submit_all(requests),
+            DriverUse::InTask(q) => q.submit_all(requests),
+        }
+    }
+
+    fn spawn(&self, task: crate::driver::Task) {
+        match self {
+            DriverUse::Owned(d) => d.spawn(task),
+            DriverUse::InTask(q) => q.spawn(task),
+        }
+    }
+
+    /// What a reply holds on to: the driver (a caller's reply keeps it
+    /// running and may spin), or, in a task, nothing.
+    pub(super) fn keep_alive(&self) -> KeepAlive {
+        match self {
+            DriverUse::Owned(d) => Arc::clone(d) as KeepAlive,
+            DriverUse::InTask(_) => Arc::new(()),
+        }
+    }
 }
 
 impl std::fmt::Debug for AsyncClient {
@@ -151,9 +202,23 @@ impl AsyncClient {
             .map(|old| Box::new(old.async_client_with(opts.clone())));
         AsyncClient {
             cluster,
-            driver,
+            driver: driver.map(DriverRef::Owned),
             opts,
             previous,
+        }
+    }
+
+    /// This client as a task on the driver thread holds it (see
+    /// [`DriverRef::InTask`]), the old cluster's client too.
+    pub(super) fn for_task(&self) -> AsyncClient {
+        AsyncClient {
+            cluster: self.cluster.clone(),
+            driver: self.driver.clone().map(|d| match d {
+                DriverRef::Owned(d) => DriverRef::InTask(d.queue()),
+                queue @ DriverRef::InTask(_) => queue,
+            }),
+            opts: self.opts.clone(),
+            previous: self.previous.as_ref().map(|p| Box::new(p.for_task())),
         }
     }
 
@@ -258,8 +323,12 @@ impl AsyncClient {
     }
 
     /// The driver, or the error that kept it from starting.
-    pub(super) fn driver(&self) -> Result<&Arc<Driver>> {
-        self.driver.as_ref().map_err(Clone::clone)
+    pub(super) fn driver(&self) -> Result<DriverUse<'_>> {
+        match &self.driver {
+            Ok(DriverRef::Owned(d)) => Ok(DriverUse::Owned(d)),
+            Ok(DriverRef::InTask(q)) => Ok(DriverUse::InTask(q)),
+            Err(e) => Err(e.clone()),
+        }
     }
 
     /// A request's budget: the client's timeout, else the host's read timeout.
@@ -297,7 +366,7 @@ impl AsyncClient {
         };
         let (request, slot) = self.request(host, cmd);
         driver.submit(request);
-        Reply::from_slot(slot, driver.clone() as KeepAlive, self.opts.spin)
+        Reply::from_slot(slot, driver.keep_alive(), self.opts.spin)
     }
 
     /// The reply of `future` (of several requests), run on the driver
@@ -313,7 +382,7 @@ impl AsyncClient {
         Reply::from_task(
             future,
             |task| driver.spawn(task),
-            driver.clone() as KeepAlive,
+            driver.keep_alive(),
             self.opts.spin,
         )
     }
@@ -341,7 +410,7 @@ impl AsyncClient {
         let (load, loaded) = self.request::<String>(host, load);
         let (eval, result) = self.request::<T>(host, call.evalsha());
         driver.submit_all([load, eval]);
-        let keep = driver.clone() as KeepAlive;
+        let keep = driver.keep_alive();
         let (loaded, result) = (
             Reply::from_slot(loaded, keep.clone(), self.opts.spin),
             Reply::from_slot(result, keep, self.opts.spin),

@@ -1384,7 +1384,9 @@ impl super::AsyncClient {
         if !moving {
             return self.send(host, cmd);
         }
-        let client = self.clone();
+        // The task's clients do not keep the drivers running (see
+        // AsyncClient::for_task).
+        let (client, old_client) = (self.for_task(), old_client.for_task());
         let counters = cluster.migration_counters().clone();
         let access = Access::of(&cmd);
         // The old host's write epoch known before anything is sent (see
@@ -1577,7 +1579,7 @@ impl super::AsyncClient {
                 })
                 .max()
                 .unwrap_or(Touch::Read);
-            let (client, old_client) = (self.clone(), old_client.clone());
+            let (client, old_client) = (self.for_task(), old_client.for_task());
             let counters = cluster.migration_counters().clone();
             let runner = self.clone();
             parts.push(runner.run_to_end(async move {

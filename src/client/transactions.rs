@@ -12,7 +12,7 @@ use crate::cmd::{cmd, Cmd};
 use crate::convert::FromValue;
 use crate::error::{Error, HostId, HostName, Result};
 use crate::event_loop::Session;
-use crate::promise::{KeepAlive, Promise, Reply, Slot};
+use crate::promise::{Promise, Reply, Slot};
 use crate::resp::Value;
 use crate::router::Router;
 use crate::transaction::{host_of_keys, outcome, pipeline, Transaction, WATCH_TRIES};
@@ -377,10 +377,10 @@ impl AsyncClient {
             Err(e) => return Reply::ready(Err(e)),
         };
         let driver = match self.driver() {
-            Ok(d) => d.clone(),
+            Ok(d) => d,
             Err(e) => return Reply::ready(Err(e)),
         };
-        let keep = driver.clone() as KeepAlive;
+        let keep = driver.keep_alive();
         let mut requests = Vec::with_capacity(commands.len());
         let mut parts = Vec::with_capacity(commands.len());
         for c in commands {
