@@ -341,13 +341,29 @@ impl AsyncClient {
         })
     }
 
+    /// [`AsyncClient::budget`] from routes already at hand.
+    fn budget_in(&self, routes: &crate::cluster::Routes, host: HostId) -> Option<Duration> {
+        self.opts
+            .timeout
+            .or_else(|| routes.read_timeouts.get(&host).copied().flatten())
+    }
+
     pub(super) fn request<T: FromValue + 'static>(
         &self,
         host: HostId,
         cmd: Cmd,
     ) -> (Request, Arc<Slot<T>>) {
+        self.request_within(host, cmd, self.budget(host))
+    }
+
+    /// A request with its budget given.
+    fn request_within<T: FromValue + 'static>(
+        &self,
+        host: HostId,
+        cmd: Cmd,
+        budget: Option<Duration>,
+    ) -> (Request, Arc<Slot<T>>) {
         let slot = Slot::<T>::for_command(cmd);
-        let budget = self.budget(host);
         let request = Request {
             host,
             sink: slot.clone(),
@@ -360,11 +376,21 @@ impl AsyncClient {
 
     /// Sends `cmd` to `host` as it is.
     pub(super) fn send<T: FromValue + 'static>(&self, host: HostId, cmd: Cmd) -> Reply<T> {
+        self.send_within(host, cmd, self.budget(host))
+    }
+
+    /// [`AsyncClient::send`] with the request's budget given.
+    fn send_within<T: FromValue + 'static>(
+        &self,
+        host: HostId,
+        cmd: Cmd,
+        budget: Option<Duration>,
+    ) -> Reply<T> {
         let driver = match self.driver() {
             Ok(d) => d,
             Err(e) => return Reply::ready(Err(e)),
         };
-        let (request, slot) = self.request(host, cmd);
+        let (request, slot) = self.request_within(host, cmd, budget);
         driver.submit(request);
         Reply::from_slot(slot, driver.keep_alive(), self.opts.spin)
     }
@@ -480,7 +506,8 @@ impl AsyncClient {
 
 /// Where a command goes: one host, or parts to several.
 enum Route {
-    One(HostId),
+    /// One host, and the request's budget there.
+    One(HostId, Option<Duration>),
     Split(multikey::Split),
 }
 
@@ -514,10 +541,14 @@ impl Execute for AsyncClient {
         }
         let route = self.cluster.with_routes(|routes| match MultiKey::of(&cmd) {
             Some(kind) => multikey::split(kind, &cmd, &*routes.router).map(Route::Split),
-            None => routes.router.host_for_command(&cmd).map(Route::One),
+            // The budget looked up with the route: one lookup a request.
+            None => routes
+                .router
+                .host_for_command(&cmd)
+                .map(|host| Route::One(host, self.budget_in(routes, host))),
         });
         match route.and_then(|r| r) {
-            Ok(Route::One(host)) => self.send(host, cmd),
+            Ok(Route::One(host, budget)) => self.send_within(host, cmd, budget),
             Ok(Route::Split(split)) => self.send_split(split, cmd),
             Err(e) => Reply::ready(Err(e)),
         }
