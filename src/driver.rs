@@ -203,6 +203,16 @@ impl RecentLoad {
 }
 
 impl Shared {
+    /// Queues `message` and wakes the driver. While a handle exists the
+    /// receiver lives (the thread outlives every handle): the send cannot
+    /// fail; from a [`DriverQueue`] after the thread ended, the message is
+    /// dropped.
+    #[inline]
+    fn send(&self, message: Message) {
+        let _ = self.queue.send(message);
+        self.wake();
+    }
+
     fn wake(&self) {
         if !self.woken.swap(true, Ordering::AcqRel) {
             // A failed wake leaves the driver to its next timer; nothing to
@@ -223,23 +233,18 @@ pub(crate) struct DriverQueue {
 impl DriverQueue {
     /// As [`Driver::submit`].
     pub(crate) fn submit(&self, request: Request) {
-        let _ = self.shared.queue.send(Message::One(request));
-        self.shared.wake();
+        self.shared.send(Message::One(request));
     }
 
     /// As [`Driver::submit_all`].
     pub(crate) fn submit_all(&self, requests: impl IntoIterator<Item = Request>) {
-        let _ = self
-            .shared
-            .queue
+        self.shared
             .send(Message::Group(requests.into_iter().collect()));
-        self.shared.wake();
     }
 
     /// As [`Driver::spawn`].
     pub(crate) fn spawn(&self, task: Task) {
-        let _ = self.shared.queue.send(Message::Task(task));
-        self.shared.wake();
+        self.shared.send(Message::Task(task));
     }
 }
 
@@ -338,28 +343,21 @@ impl Driver {
 
     /// Queues one request.
     pub(crate) fn submit(&self, request: Request) {
-        // The receiver lives as long as the thread, which outlives every
-        // handle: a send cannot fail while `self` exists.
-        let _ = self.shared.queue.send(Message::One(request));
-        self.shared.wake();
+        self.shared.send(Message::One(request));
     }
 
     /// Queues requests that must reach their host's pipeline in this order
     /// and together: no other caller's request goes between them.
     pub(crate) fn submit_all(&self, requests: impl IntoIterator<Item = Request>) {
-        let _ = self
-            .shared
-            .queue
+        self.shared
             .send(Message::Group(requests.into_iter().collect()));
-        self.shared.wake();
     }
 
     /// Runs `task` on the driver thread to its end (a migrating cluster's
     /// request of several steps: it runs whether or not its reply is
     /// awaited, as a plain request does). The task must not block.
     pub(crate) fn spawn(&self, task: Task) {
-        let _ = self.shared.queue.send(Message::Task(task));
-        self.shared.wake();
+        self.shared.send(Message::Task(task));
     }
 
     /// The cluster's hosts changed.
