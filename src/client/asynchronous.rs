@@ -145,40 +145,20 @@ enum DriverRef {
     InTask(DriverQueue),
 }
 
-/// A client's way to its driver, for one request.
-pub(super) enum DriverUse<'a> {
-    Owned(&'a Arc<Driver>),
-    InTask(&'a DriverQueue),
+/// A client's way to its driver, for one request: where requests go, and
+/// (a caller's client) the driver its replies keep running.
+pub(super) struct DriverUse<'a> {
+    pub(super) queue: &'a DriverQueue,
+    owner: Option<&'a Arc<Driver>>,
 }
 
 impl DriverUse<'_> {
-    pub(super) fn submit(&self, request: Request) {
-        match self {
-            DriverUse::Owned(d) => d.submit(request),
-            DriverUse::InTask(q) => q.submit(request),
-        }
-    }
-
-    pub(super) fn submit_all(&self, requests: impl IntoIterator<Item = Request>) {
-        match self {
-            DriverUse::Owned(d) => d.submit_all(requests),
-            DriverUse::InTask(q) => q.submit_all(requests),
-        }
-    }
-
-    fn spawn(&self, task: crate::driver::Task) {
-        match self {
-            DriverUse::Owned(d) => d.spawn(task),
-            DriverUse::InTask(q) => q.spawn(task),
-        }
-    }
-
     /// What a reply holds on to: the driver (a caller's reply keeps it
     /// running and may spin), or, in a task, nothing.
     pub(super) fn keep_alive(&self) -> KeepAlive {
-        match self {
-            DriverUse::Owned(d) => Arc::clone(d) as KeepAlive,
-            DriverUse::InTask(_) => Arc::new(()),
+        match self.owner {
+            Some(d) => Arc::clone(d) as KeepAlive,
+            None => Arc::new(()),
         }
     }
 }
@@ -214,7 +194,7 @@ impl AsyncClient {
         AsyncClient {
             cluster: self.cluster.clone(),
             driver: self.driver.clone().map(|d| match d {
-                DriverRef::Owned(d) => DriverRef::InTask(d.queue()),
+                DriverRef::Owned(d) => DriverRef::InTask(d.queue().clone()),
                 queue @ DriverRef::InTask(_) => queue,
             }),
             opts: self.opts.clone(),
@@ -325,8 +305,11 @@ impl AsyncClient {
     /// The driver, or the error that kept it from starting.
     pub(super) fn driver(&self) -> Result<DriverUse<'_>> {
         match &self.driver {
-            Ok(DriverRef::Owned(d)) => Ok(DriverUse::Owned(d)),
-            Ok(DriverRef::InTask(q)) => Ok(DriverUse::InTask(q)),
+            Ok(DriverRef::Owned(d)) => Ok(DriverUse {
+                queue: d.queue(),
+                owner: Some(d),
+            }),
+            Ok(DriverRef::InTask(queue)) => Ok(DriverUse { queue, owner: None }),
             Err(e) => Err(e.clone()),
         }
     }
@@ -391,7 +374,7 @@ impl AsyncClient {
             Err(e) => return Reply::ready(Err(e)),
         };
         let (request, slot) = self.request_within(host, cmd, budget);
-        driver.submit(request);
+        driver.queue.submit(request);
         Reply::from_slot(slot, driver.keep_alive(), self.opts.spin)
     }
 
@@ -407,7 +390,7 @@ impl AsyncClient {
         };
         Reply::from_task(
             future,
-            |task| driver.spawn(task),
+            |task| driver.queue.spawn(task),
             driver.keep_alive(),
             self.opts.spin,
         )
@@ -435,7 +418,7 @@ impl AsyncClient {
         let load = cmd("SCRIPT").arg("LOAD").arg(call.script.source());
         let (load, loaded) = self.request::<String>(host, load);
         let (eval, result) = self.request::<T>(host, call.evalsha());
-        driver.submit_all([load, eval]);
+        driver.queue.submit_all([load, eval]);
         let keep = driver.keep_alive();
         let (loaded, result) = (
             Reply::from_slot(loaded, keep.clone(), self.opts.spin),

@@ -393,7 +393,7 @@ impl AsyncClient {
                 self.spin(),
             ));
         }
-        driver.submit_all(requests);
+        driver.queue.submit_all(requests);
         Reply::join_results(parts, move |replies| {
             outcome(&name, replies)?.ok_or(Error::TransactionAborted {
                 host: name,

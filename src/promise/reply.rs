@@ -230,9 +230,6 @@ impl<T: Send + 'static> Reply<T> {
         }
     }
 
-    /// The reply the driver settles through `slot`; on its first pending
-    /// poll the polling thread may watch the slot for up to `spin` before
-    /// the task sleeps (see [`SpinWait`]).
     /// A reply settled by `future`, which `spawn` hands to what runs it to
     /// its end (the driver thread): unlike [`Reply::from_future`], it runs
     /// whether or not the reply is awaited, as a plain request does.
@@ -241,16 +238,16 @@ impl<T: Send + 'static> Reply<T> {
         spawn: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>),
         keep: KeepAlive,
         spin: Duration,
-    ) -> Reply<T>
-    where
-        T: Send + 'static,
-    {
+    ) -> Reply<T> {
         let slot = Slot::new();
         let settle = slot.clone();
         spawn(Box::pin(async move { settle.settle(future.await) }));
         Reply::from_slot(slot, keep, spin)
     }
 
+    /// The reply the driver settles through `slot`; on its first pending
+    /// poll the polling thread may watch the slot for up to `spin` before
+    /// the task sleeps (see [`SpinWait`]).
     pub(crate) fn from_slot(slot: Arc<Slot<T>>, keep: KeepAlive, spin: Duration) -> Reply<T> {
         Reply {
             inner: Inner::Slot(slot, SpinWait::new(spin)),
