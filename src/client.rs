@@ -744,9 +744,7 @@ impl RoutingClient {
         let opts = MapOptions::new().auto_batch(self.auto_batch);
         self.cluster.fanout_with(opts, hosts, f)
     }
-}
 
-impl RoutingClient {
     /// One request through a map, on a migrating cluster: its joins run
     /// the fallbacks and moves.
     fn through_map<T: FromValue + 'static>(
@@ -901,17 +899,7 @@ where
     // still on their old owner move there first.
     let keys: Vec<(Vec<u8>, migrating::Touch)> = entries
         .iter()
-        .map(|(k, _, calls)| {
-            let touch = calls
-                .iter()
-                .map(|c| match c {
-                    Call::Cmd(c) => migrating::Touch::of(c),
-                    Call::Script(_) => migrating::Touch::Delete,
-                })
-                .max()
-                .unwrap_or(migrating::Touch::Read);
-            (crate::args::to_bytes(k), touch)
-        })
+        .map(|(k, _, calls)| (crate::args::to_bytes(k), migrating::Touch::of_calls(calls)))
         .collect();
     migrating::move_in_transit(cluster, keys.iter().map(|(k, t)| (k.as_slice(), *t)))?;
 

@@ -247,10 +247,7 @@ pub fn move_keys(old: &Cluster, new: &Cluster, opts: MoveOptions) -> Result<Move
         settle_due(old, new, &mut waiting, delay, &mut keeps, &mut progress)?;
         // Resume where no old copy still waits for its delete: a restart
         // scans those again, finds their copies there, and deletes them.
-        progress.resume_at = match waiting.front() {
-            Some(first) => Some(first.page_at),
-            None => scan.position(),
-        };
+        progress.resume_at = waiting.front().map(|c| c.page_at).or(scan.position());
         if let Some(report) = &opts.progress {
             report(&progress);
         }
@@ -532,10 +529,13 @@ fn retry_stale_marks(
             progress.vanished += 1;
         }
     }
-    for (to, items) in stale {
-        let n = items.len();
-        let target = new.local_client(to)?;
-        copies::settled(one_reply(&target, copies::settle("", items))?, n)?;
+    let counts: Vec<usize> = stale.values().map(Vec::len).collect();
+    let scripts = stale
+        .into_iter()
+        .map(|(to, items)| (to, copies::settle("", items)))
+        .collect();
+    for (n, reply) in counts.into_iter().zip(on_each(new, scripts)?) {
+        copies::settled(reply, n)?;
     }
     Ok(again)
 }
@@ -713,14 +713,9 @@ fn sweep_leftovers(old: &Cluster, new: &Cluster) -> Result<()> {
             }
             if !gone.is_empty() {
                 let n = gone.len();
-                let tokens: Vec<String> = gone
-                    .iter()
-                    .map(|(_, t)| String::from_utf8_lossy(t).into_owned())
-                    .collect();
                 let items = gone
-                    .iter()
-                    .zip(&tokens)
-                    .map(|((key, _), token)| (*key, copies::Settle::Drop(token)));
+                    .into_iter()
+                    .map(|(key, token)| (key, copies::Settle::Drop(token)));
                 copies::settled(one_reply(&target, copies::settle("", items))?, n)?;
             }
             if next == "0" {
@@ -739,7 +734,7 @@ fn drop_settled(new: &Cluster, keeps: &mut Keeps) -> Result<()> {
         .map(|(to, drops)| {
             let items = drops
                 .iter()
-                .map(|(key, token)| (key.as_slice(), copies::Settle::Drop(token)));
+                .map(|(key, token)| (key.as_slice(), copies::Settle::Drop(token.as_bytes())));
             (to, copies::settle("", items))
         })
         .collect();
@@ -799,13 +794,25 @@ fn per_key_script(script: &str, keys: &[Moving]) -> Cmd {
 
 /// A per-key script's answer: whether each of `keys` keys answered 1.
 fn per_key_flags(reply: Value, keys: usize) -> Result<Vec<bool>> {
-    let flags: Vec<i64> = crate::convert::FromValue::from_value(reply)?;
-    if flags.len() != keys {
+    Ok(per_key_answers(reply, keys)?
+        .into_iter()
+        .map(|f| f == 1)
+        .collect())
+}
+
+/// A per-key script's answer: one integer for each of `keys` keys.
+///
+/// # Errors
+///
+/// A reply that is not one integer per key.
+fn per_key_answers(reply: Value, keys: usize) -> Result<Vec<i64>> {
+    let answers: Vec<i64> = crate::convert::FromValue::from_value(reply)?;
+    if answers.len() != keys {
         return Err(Error::protocol(
             "a script answered for the wrong number of keys",
         ));
     }
-    Ok(flags.into_iter().map(|f| f == 1).collect())
+    Ok(answers)
 }
 
 /// `DUMP` of each of `keys` on one host, in one pipeline (`None`: a key it

@@ -301,18 +301,14 @@ pub(super) fn forget_overwritten(m: &Migration, session: &mut Session) {
     }
     drop(work);
     for (host, forget) in by_host {
-        session.enqueue(host, &forget, Waiter::new(Rc::new(Ignored), 0));
+        enqueue_ignored(session, host, &forget);
     }
 }
 
-/// Queues the drop of `key`'s record as a move's copy on its new owner
-/// `host` (see [`crate::migrate::COPIES`]); its answer is not the map's.
-fn forget_now(session: &mut Session, host: HostId, key: &[u8]) {
-    session.enqueue(
-        host,
-        &crate::migrate::forget_copy(key),
-        Waiter::new(Rc::new(Ignored), 0),
-    );
+/// Queues `cmd` to `host` in `session`; its answer is not the map's (the
+/// records' steps: a user not allowed to write them still writes keys).
+fn enqueue_ignored(session: &mut Session, host: HostId, cmd: &Cmd) {
+    session.enqueue(host, cmd, Waiter::new(Rc::new(Ignored), 0));
 }
 
 /// A reply nobody waits for.
@@ -919,7 +915,7 @@ impl Dispatch {
         // migrate::COPIES: a key marked deleted has no old copy).
         let empties = crate::migrate::may_empty(&cmd);
         if empties {
-            forget_now(&mut self.session, host, &key);
+            enqueue_ignored(&mut self.session, host, &crate::migrate::forget_copy(&key));
         }
         let probe = crate::cmd::cmd("EXISTS").arg(key.as_slice());
         let first: Promise<Value> = self.send(host, &probe);
@@ -1571,14 +1567,7 @@ impl super::AsyncClient {
                 Ok(r) => r,
                 Err(e) => return Reply::ready(Err(e)),
             };
-            let touch = calls
-                .iter()
-                .map(|c| match c {
-                    Call::Cmd(c) => Touch::of(c),
-                    Call::Script(_) => Touch::Delete,
-                })
-                .max()
-                .unwrap_or(Touch::Read);
+            let touch = Touch::of_calls(&calls);
             let (client, old_client) = (self.for_task(), old_client.for_task());
             let counters = cluster.migration_counters().clone();
             let runner = self.clone();
@@ -1756,6 +1745,19 @@ impl Touch {
             Access::Modify if !crate::migrate::may_empty(cmd) => Touch::Write,
             Access::Modify | Access::Delete => Touch::Delete,
         }
+    }
+
+    /// What a list of calls may do to its key: the most any call may (a
+    /// script anything).
+    pub(super) fn of_calls(calls: &[Call]) -> Touch {
+        calls
+            .iter()
+            .map(|c| match c {
+                Call::Cmd(c) => Touch::of(c),
+                Call::Script(_) => Touch::Delete,
+            })
+            .max()
+            .unwrap_or(Touch::Read)
     }
 }
 

@@ -45,7 +45,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use crate::cmd::{cmd, Cmd};
-use crate::convert::FromValue;
 use crate::error::{Error, Result};
 use crate::resp::Value;
 
@@ -248,7 +247,7 @@ pub(crate) enum Settle<'a> {
     StaleMark(&'a [u8]),
     /// A copy settled earlier (its old copy went): its record goes if it
     /// is still that move's token.
-    Drop(&'a str),
+    Drop(&'a [u8]),
 }
 
 /// The script settling `items` on one new owner for the move of `token`.
@@ -272,7 +271,7 @@ pub(crate) fn settle<'a>(
             Settle::TakeBack(p) => ("b", p),
             Settle::Found => ("f", b""),
             Settle::StaleMark(mark) => ("t", mark),
-            Settle::Drop(token) => ("d", token.as_bytes()),
+            Settle::Drop(token) => ("d", token),
         };
         eval.push_arg(step);
         eval.push_arg(payload);
@@ -297,13 +296,7 @@ pub(crate) enum Settled {
 ///
 /// A reply that is not one answer per key.
 pub(crate) fn settled(reply: Value, keys: usize) -> Result<Vec<Settled>> {
-    let flags: Vec<i64> = FromValue::from_value(reply)?;
-    if flags.len() != keys {
-        return Err(Error::protocol(
-            "the settle script answered for the wrong number of keys",
-        ));
-    }
-    Ok(flags
+    Ok(super::per_key_answers(reply, keys)?
         .into_iter()
         .map(|f| match f {
             1 => Settled::TakenBack,
