@@ -27,6 +27,16 @@
 //!   threads (`Reply::wait`, no runtime), rb's `RoutingClient` shared in an
 //!   `Arc`, and redis-rs with one sync `Connection` per thread per node.
 //!
+//! Every scenario also runs the "handoff floor" (module [`handoff`]): a
+//! thread that answers each GET from a table at once, without a server,
+//! behind the same queue-and-wake handoff as rb's driver. It is what any
+//! client of that design pays before the network: the lower bound of rb's
+//! CPU per GET, and the upper bound of its rate on this machine.
+//!
+//! The table also shows the GET and MGET commands the servers ran per GET
+//! (`INFO commandstats`, read between rounds): below 1, the client merged
+//! GETs into MGETs.
+//!
 //! CPU is the whole process's (`getrusage(RUSAGE_SELF)`, user + system):
 //! the runtime's workers, rb's driver thread, fred's and redis-rs' tasks,
 //! but not the redis-servers (child processes). Everything shares the
@@ -53,6 +63,8 @@ const SEQUENTIAL_GETS: usize = 20_000;
 /// Scenario C.
 const THREADS: usize = 8;
 const GETS_PER_THREAD: usize = 10_000;
+/// The handoff floor's name (see [`handoff`]).
+const FLOOR: &str = "floor: handoff, no I/O";
 
 /// rb's async client, behind one small adapter: every rb-async call of the
 /// benchmark goes through these three functions.
@@ -71,6 +83,106 @@ mod rb_async {
 
     pub fn get_wait(client: &Client, key: &str) -> rb::Result<Option<Vec<u8>>> {
         client.get(key).wait()
+    }
+}
+
+/// The floor under any client built as rb's is (issue 9's design: one
+/// thread that owns the connections, callers that hand it requests and are
+/// woken with the answers), without the network: a thread that answers
+/// each GET at once from a table. What it costs per GET (a queue send, the
+/// thread's wake-up when it sleeps, a copy of the value into a new `Vec`,
+/// the caller's wake-up) no such client can go below; the servers' work
+/// and the sockets' syscalls come on top.
+mod handoff {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    /// One GET's answer, and the waker of whoever waits for it.
+    #[derive(Default)]
+    struct Slot {
+        state: Mutex<(Option<Vec<u8>>, Option<Waker>)>,
+        ready: AtomicBool,
+    }
+
+    /// The answering thread's queue; it stops when the last clone drops.
+    #[derive(Clone)]
+    pub struct Client {
+        queue: mpsc::Sender<(usize, Arc<Slot>)>,
+    }
+
+    impl Client {
+        /// Starts the thread, which answers key `i` with `values[i]`.
+        pub fn start(values: Arc<Vec<Vec<u8>>>) -> Client {
+            let (queue, requests) = mpsc::channel::<(usize, Arc<Slot>)>();
+            std::thread::spawn(move || {
+                // Sleep until a request comes, then take all that came.
+                while let Ok(first) = requests.recv() {
+                    for (index, slot) in std::iter::once(first).chain(requests.try_iter()) {
+                        let value = values.get(index).cloned();
+                        let waker = {
+                            let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+                            state.0 = value;
+                            slot.ready.store(true, Ordering::Release);
+                            state.1.take()
+                        };
+                        if let Some(w) = waker {
+                            w.wake();
+                        }
+                    }
+                }
+            });
+            Client { queue }
+        }
+
+        /// Key `index`'s value, as a future.
+        pub fn get(&self, index: usize) -> Get {
+            let slot = Arc::new(Slot::default());
+            let _ = self.queue.send((index, slot.clone()));
+            Get { slot }
+        }
+    }
+
+    pub struct Get {
+        slot: Arc<Slot>,
+    }
+
+    impl Future for Get {
+        type Output = Option<Vec<u8>>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Vec<u8>>> {
+            let mut state = self.slot.state.lock().unwrap_or_else(|p| p.into_inner());
+            if self.slot.ready.load(Ordering::Acquire) {
+                return Poll::Ready(state.0.take());
+            }
+            state.1 = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    /// Wakes a thread blocked in [`Get::wait`].
+    struct Unpark(std::thread::Thread);
+
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    impl Get {
+        /// Blocks this thread until the answer is in.
+        pub fn wait(mut self) -> Option<Vec<u8>> {
+            let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+            let mut cx = Context::from_waker(&waker);
+            loop {
+                if let Poll::Ready(v) = Pin::new(&mut self).poll(&mut cx) {
+                    return v;
+                }
+                std::thread::park();
+            }
+        }
     }
 }
 
@@ -118,6 +230,9 @@ struct Round {
     /// Per-op latency quantiles, for scenario B.
     p50: Duration,
     p99: Duration,
+    /// GET and MGET commands the servers ran in the round (their
+    /// `INFO commandstats`): how well the client batched.
+    server_commands: u64,
 }
 
 impl Round {
@@ -127,6 +242,39 @@ impl Round {
     fn cpu_us_per_op(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / self.ops as f64
     }
+    fn server_commands_per_op(&self) -> f64 {
+        self.server_commands as f64 / self.ops as f64
+    }
+}
+
+/// GET and MGET commands run so far by the servers behind `probes` (one
+/// connection per node), from their `INFO commandstats`.
+fn server_reads(probes: &mut [redis::Connection]) -> u64 {
+    let mut calls = 0;
+    for probe in probes {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(probe)
+            .unwrap_or_default();
+        for line in info.lines() {
+            if line.starts_with("cmdstat_get:") || line.starts_with("cmdstat_mget:") {
+                calls += line
+                    .split([':', ','])
+                    .find_map(|field| field.strip_prefix("calls="))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    calls
+}
+
+/// `round`, with the GET/MGET commands the servers ran while it ran.
+fn counting_servers(probes: &mut [redis::Connection], round: impl FnOnce() -> Round) -> Round {
+    let before = server_reads(probes);
+    let mut round = round();
+    round.server_commands = server_reads(probes).saturating_sub(before);
+    round
 }
 
 /// Counts good answers; keeps the first failure to show it.
@@ -177,6 +325,7 @@ enum AsyncPeer {
     Rb(rb_async::Client),
     Redis(Vec<redis::aio::MultiplexedConnection>),
     Fred(Vec<fred::clients::Client>),
+    Floor(handoff::Client),
 }
 
 impl AsyncPeer {
@@ -185,6 +334,7 @@ impl AsyncPeer {
             AsyncPeer::Rb(_) => "rb AsyncClient",
             AsyncPeer::Redis(_) => "redis-rs multiplexed",
             AsyncPeer::Fred(_) => "fred",
+            AsyncPeer::Floor(_) => FLOOR,
         }
     }
 
@@ -212,6 +362,9 @@ impl AsyncPeer {
                         .query_async::<Option<Vec<u8>>>(&mut conns[key.node])
                         .await;
                     tally.add(got, index);
+                }
+                AsyncPeer::Floor(client) => {
+                    tally.add(Ok::<_, rb::Error>(client.get(index).await), index)
                 }
                 AsyncPeer::Fred(clients) => {
                     let got = clients[key.node]
@@ -299,6 +452,7 @@ fn scenario_b_async(
         cpu,
         p50,
         p99,
+        ..Round::default()
     }
 }
 
@@ -323,6 +477,7 @@ fn scenario_b_sync(client: &rb::RoutingClient, keys: &[Key], worker: usize) -> R
         cpu,
         p50,
         p99,
+        ..Round::default()
     }
 }
 
@@ -331,6 +486,7 @@ enum ThreadPeer {
     RbAsync,
     RbSync,
     RedisSync,
+    Floor,
 }
 
 impl ThreadPeer {
@@ -339,6 +495,7 @@ impl ThreadPeer {
             ThreadPeer::RbAsync => "rb AsyncClient (wait)",
             ThreadPeer::RbSync => "rb RoutingClient",
             ThreadPeer::RedisSync => "redis-rs Connection",
+            ThreadPeer::Floor => FLOOR,
         }
     }
 }
@@ -349,6 +506,7 @@ fn scenario_c(
     which: &ThreadPeer,
     async_client: &rb_async::Client,
     sync_client: &Arc<rb::RoutingClient>,
+    floor: &handoff::Client,
     conns: &mut [Vec<redis::Connection>],
     keys: &[Key],
 ) -> Round {
@@ -371,6 +529,9 @@ fn scenario_c(
                                 tally.add(rb_async::get_wait(async_client, &key.name), index)
                             }
                             ThreadPeer::RbSync => tally.add(sync_client.get(&key.name), index),
+                            ThreadPeer::Floor => {
+                                tally.add(Ok::<_, rb::Error>(floor.get(index).wait()), index)
+                            }
                             ThreadPeer::RedisSync => {
                                 let got = redis::cmd("GET")
                                     .arg(&key.name)
@@ -431,6 +592,7 @@ struct Summary {
     /// The slowest and fastest round.
     ops_range: (f64, f64),
     cpu_us_per_op: f64,
+    server_commands_per_op: f64,
     p50_us: f64,
     p99_us: f64,
 }
@@ -446,6 +608,7 @@ fn summarize(scenario: &'static str, client: &'static str, rounds: &[Round]) -> 
             .map(Round::ops_per_sec)
             .fold((f64::MAX, 0.0), |(lo, hi), x| (lo.min(x), hi.max(x))),
         cpu_us_per_op: m(&Round::cpu_us_per_op),
+        server_commands_per_op: m(&Round::server_commands_per_op),
         p50_us: m(&|r| r.p50.as_secs_f64() * 1e6),
         p99_us: m(&|r| r.p99.as_secs_f64() * 1e6),
     }
@@ -532,10 +695,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok::<_, Box<dyn std::error::Error>>((redis_conns, fred_clients))
     })?;
     let async_client = rb_async::client(&cluster);
+    let floor = handoff::Client::start(Arc::new((0..KEYS).map(value_of).collect()));
     let peers = [
         AsyncPeer::Rb(async_client.clone()),
         AsyncPeer::Redis(redis_conns),
         AsyncPeer::Fred(fred_clients.clone()),
+        AsyncPeer::Floor(floor.clone()),
     ];
     let sync_client = Arc::new(cluster.routing_client());
     let mut redis_sync: Vec<Vec<redis::Connection>> = (0..THREADS)
@@ -545,6 +710,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .collect::<redis::RedisResult<Vec<_>>>()
         })
         .collect::<redis::RedisResult<_>>()?;
+    // One more connection per node, to read the servers' command counts.
+    let mut probes = urls
+        .iter()
+        .map(|u| redis::Client::open(u.as_str())?.get_connection())
+        .collect::<redis::RedisResult<Vec<_>>>()?;
 
     println!(
         "{NODES} redis-servers on 127.0.0.1 (TCP), {KEYS} keys of {VALUE_LEN} bytes (per node: {per_node:?}), {} cores, {rounds} alternating rounds, medians; load average {}",
@@ -560,15 +730,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     eprintln!("A: {RUNS_A} x {TASKS} tasks x {GETS_PER_TASK} GETs on a 2-worker tokio runtime");
     let a = alternate(rounds_of('A'), peers.len(), |i, _| {
-        wanted(peers[i].name()).then(|| scenario_a(&rt, &peers[i], &keys, RUNS_A))
+        wanted(peers[i].name())
+            .then(|| counting_servers(&mut probes, || scenario_a(&rt, &peers[i], &keys, RUNS_A)))
     });
 
     eprintln!("B: one task, {SEQUENTIAL_GETS} sequential GETs");
-    // 0..3: the async peers on the runtime; 3: rb's sync client.
+    // First the async peers on the runtime, then rb's sync client.
     let b = alternate(rounds_of('B'), peers.len() + 1, |i, round| {
         match peers.get(i) {
-            Some(peer) => wanted(peer.name()).then(|| scenario_b_async(&rt, peer, &keys, round)),
-            None => wanted(SYNC_B).then(|| scenario_b_sync(&sync_client, &keys, round)),
+            Some(peer) => wanted(peer.name()).then(|| {
+                counting_servers(&mut probes, || scenario_b_async(&rt, peer, &keys, round))
+            }),
+            None => wanted(SYNC_B).then(|| {
+                counting_servers(&mut probes, || scenario_b_sync(&sync_client, &keys, round))
+            }),
         }
     });
 
@@ -577,23 +752,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ThreadPeer::RbAsync,
         ThreadPeer::RbSync,
         ThreadPeer::RedisSync,
+        ThreadPeer::Floor,
     ];
     let c = alternate(rounds_of('C'), thread_peers.len(), |i, _| {
         wanted(thread_peers[i].name()).then(|| {
-            scenario_c(
-                &thread_peers[i],
-                &async_client,
-                &sync_client,
-                &mut redis_sync,
-                &keys,
-            )
+            counting_servers(&mut probes, || {
+                scenario_c(
+                    &thread_peers[i],
+                    &async_client,
+                    &sync_client,
+                    &floor,
+                    &mut redis_sync,
+                    &keys,
+                )
+            })
         })
     });
 
-    let names = ["rb AsyncClient", "redis-rs multiplexed", "fred"];
-    let sa: Vec<Summary> = (0..3).map(|i| summarize("A", names[i], &a[i])).collect();
-    let mut sb: Vec<Summary> = (0..3).map(|i| summarize("B", names[i], &b[i])).collect();
-    sb.push(summarize("B", SYNC_B, &b[3]));
+    let sa: Vec<Summary> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| summarize("A", p.name(), &a[i]))
+        .collect();
+    let mut sb: Vec<Summary> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| summarize("B", p.name(), &b[i]))
+        .collect();
+    sb.push(summarize("B", SYNC_B, &b[peers.len()]));
     let sc: Vec<Summary> = thread_peers
         .iter()
         .enumerate()
@@ -603,9 +789,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("load average at the end: {}", load_average());
     println!(
-        "| scenario | client | ops/s | rounds' ops/s | CPU us/op | p50 us | p99 us | ops/s vs redis-rs | CPU/op vs redis-rs |"
+        "| scenario | client | ops/s | rounds' ops/s | CPU us/op | server cmds/op | p50 us | p99 us | ops/s vs redis-rs | CPU/op vs redis-rs |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let print = |rows: &[Summary], base: &Summary, latency: bool| {
         for s in rows.iter().filter(|s| !s.ops_per_sec.is_nan()) {
             let (p50, p99) = if latency {
@@ -614,13 +800,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ("-".to_owned(), "-".to_owned())
             };
             println!(
-                "| {} | {} | {:.0} | {:.0}-{:.0} | {:.2} | {p50} | {p99} | {:.2}x | {:.2}x |",
+                "| {} | {} | {:.0} | {:.0}-{:.0} | {:.2} | {:.3} | {p50} | {p99} | {:.2}x | {:.2}x |",
                 s.scenario,
                 s.client,
                 s.ops_per_sec,
                 s.ops_range.0,
                 s.ops_range.1,
                 s.cpu_us_per_op,
+                s.server_commands_per_op,
                 s.ops_per_sec / base.ops_per_sec,
                 s.cpu_us_per_op / base.cpu_us_per_op,
             );
@@ -655,7 +842,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (
             "B",
             "rb async p50 / rb sync p50      ",
-            sb[0].p50_us / sb[3].p50_us,
+            sb[0].p50_us / sb[peers.len()].p50_us,
             Some((false, 1.3)),
         ),
         (
