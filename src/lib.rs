@@ -16,6 +16,7 @@ mod digest;
 mod driver;
 pub mod error;
 mod event_loop;
+mod handoff;
 mod hashkit;
 // Until the engine calls them, the crate-internal halves (the per-host
 // states it records into) are unused.

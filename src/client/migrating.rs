@@ -13,7 +13,7 @@
 //!   is deleted after the join (so a later fallback read cannot see it);
 //! - a delete runs on the old owner first, then on the new one, where it
 //!   marks the key deleted first (so a move half-way cannot bring the key
-//!   back: see [`crate::migrate::COPIES`]);
+//!   back: see [`crate::handoff::COPIES`]);
 //! - a command that modifies the key runs on the new owner if the key is
 //!   there (an `EXISTS` first); otherwise the key is moved first, then the
 //!   command runs.
@@ -38,9 +38,10 @@ use crate::cmd::{cmd, Call, Cmd};
 use crate::convert::FromValue;
 use crate::error::{Error, HostId, Result};
 use crate::event_loop::Session;
+use crate::handoff::copies::{self, Restored, Settle};
+use crate::handoff::{Access, DELETE_IF_UNCHANGED, UNCHANGED};
 use crate::keyspec;
-use crate::migrate::copies::{self, Restored, Settle};
-use crate::migrate::{move_now, same_server, Access, MoveProgress, DELETE_IF_UNCHANGED, UNCHANGED};
+use crate::migrate::{move_now, same_server, MoveProgress};
 use crate::multikey::MultiKey;
 use crate::promise::{Promise, ReplyContext, ReplySink, Waiter};
 use crate::resp::Value;
@@ -285,7 +286,7 @@ impl Migration {
 /// Queues, after the map's overwrites of keys in transit and before the
 /// join (so before their old copies are deleted, after it), the drop of
 /// each key's record as a move's copy on its new owner, one `HDEL` per
-/// host (see [`crate::migrate::COPIES`]): a move takes its copy back only
+/// host (see [`crate::handoff::COPIES`]): a move takes its copy back only
 /// once the old copy is gone, and an overwrite's old copy goes only after
 /// this, so no move takes back what the map wrote (the `SET`s stay merged
 /// into `MSET`s). Its answer is not the map's: a user not allowed to write
@@ -296,7 +297,7 @@ pub(super) fn forget_overwritten(m: &Migration, session: &mut Session) {
     for Overwrite { new: host, key, .. } in &work.stale {
         by_host
             .entry(*host)
-            .or_insert_with(|| cmd("HDEL").arg(crate::migrate::COPIES))
+            .or_insert_with(|| cmd("HDEL").arg(crate::handoff::COPIES))
             .push_arg(key.as_slice());
     }
     drop(work);
@@ -912,10 +913,10 @@ impl Dispatch {
         // then runs as it is (no wrapper: replies and sizes stay exact).
         // A command that may empty the key drops the key's record as a
         // move's copy now, and its old copy goes before it runs (see
-        // migrate::COPIES: a key marked deleted has no old copy).
-        let empties = crate::migrate::may_empty(&cmd);
+        // handoff::COPIES: a key marked deleted has no old copy).
+        let empties = crate::handoff::may_empty(&cmd);
         if empties {
-            enqueue_ignored(&mut self.session, host, &crate::migrate::forget_copy(&key));
+            enqueue_ignored(&mut self.session, host, &crate::handoff::forget_copy(&key));
         }
         let probe = crate::cmd::cmd("EXISTS").arg(key.as_slice());
         let first: Promise<Value> = self.send(host, &probe);
@@ -927,7 +928,7 @@ impl Dispatch {
                     work.borrow_mut().clears.push((old, key.clone()));
                 }
                 let mut pending = pending.borrow_mut();
-                for step in crate::migrate::before_write(&cmd, &key) {
+                for step in crate::handoff::before_write(&cmd, &key) {
                     pending.push((host, step, Box::new(drop)));
                 }
                 pending.push((host, cmd, sink));
@@ -1038,7 +1039,7 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
     }
     let old_counts = run_grouped(&m.old, old_side);
     // On the new owner, the keys are marked deleted first, in one HSET
-    // (see migrate::COPIES): a move's late copy does not land there.
+    // (see handoff::COPIES): a move's late copy does not land there.
     let mut new_side: BTreeMap<HostId, (Vec<&[u8]>, Vec<Cmd>)> = BTreeMap::new();
     for (_, new, c, _) in &work.deletes {
         let (keys, deletes) = new_side.entry(*new).or_default();
@@ -1054,7 +1055,7 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
             let mut cmds = Vec::with_capacity(deletes.len() + 2);
             if !keys.is_empty() {
                 marked.push(host);
-                cmds.extend(crate::migrate::copies::mark_deleted(keys));
+                cmds.extend(crate::handoff::copies::mark_deleted(keys));
             }
             cmds.extend(deletes);
             (host, cmds)
@@ -1164,7 +1165,7 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
             Some(Err(e)) => sink(Err(e.clone())),
             _ => {
                 let runs = runs_by_host.entry(new).or_default();
-                for step in crate::migrate::before_write(&c, &key) {
+                for step in crate::handoff::before_write(&c, &key) {
                     runs.push((step, Box::new(drop)));
                 }
                 runs.push((c, sink));
@@ -1173,7 +1174,7 @@ pub(super) fn run_followups(m: &Migration, runs: &Runs, session: &mut Session) -
     }
     for (host, c, sink) in runs {
         let failed = match key_of(&c) {
-            Ok(key) if !not_cleared.is_empty() && crate::migrate::may_empty(&c) => {
+            Ok(key) if !not_cleared.is_empty() && crate::handoff::may_empty(&c) => {
                 not_cleared.get(key)
             }
             _ => None,
@@ -1466,7 +1467,7 @@ impl super::AsyncClient {
                     // the write on the same connection, answered with it.
                     // Its answer is not the write's.
                     let written = client.send::<Value>(host, cmd);
-                    let forget = client.send::<Value>(host, crate::migrate::forget_copy(&key));
+                    let forget = client.send::<Value>(host, crate::handoff::forget_copy(&key));
                     let r = written.await?;
                     drop(forget.await);
                     // Done when the old copy is gone too.
@@ -1478,7 +1479,7 @@ impl super::AsyncClient {
                 Access::Delete => {
                     let a: Value = old_client.send(old_host, cmd.clone()).await?;
                     // Marked deleted first on the new owner, on the same
-                    // connection (see migrate::COPIES); refused or not,
+                    // connection (see handoff::COPIES); refused or not,
                     // the delete runs.
                     for mark in copies::mark_deleted([key.as_slice()]) {
                         drop(client.send::<Value>(host, mark));
@@ -1493,9 +1494,9 @@ impl super::AsyncClient {
                     // A command that may empty the key: its record as a
                     // move's copy goes now, its old copy before it runs
                     // (the map's rule, see Dispatch::modify).
-                    let empties = crate::migrate::may_empty(&cmd);
+                    let empties = crate::handoff::may_empty(&cmd);
                     if empties {
-                        drop(client.send::<Value>(host, crate::migrate::forget_copy(&key)));
+                        drop(client.send::<Value>(host, crate::handoff::forget_copy(&key)));
                     }
                     let exists: i64 = client
                         .send(host, crate::cmd::cmd("EXISTS").arg(key.as_slice()))
@@ -1508,7 +1509,7 @@ impl super::AsyncClient {
                             .send(old_host, crate::cmd::cmd("DEL").arg(key.as_slice()))
                             .await?;
                     }
-                    for step in crate::migrate::before_write(&cmd, &key) {
+                    for step in crate::handoff::before_write(&cmd, &key) {
                         drop(client.send::<Value>(host, step));
                     }
                     client.send(host, cmd).await?
@@ -1574,7 +1575,7 @@ impl super::AsyncClient {
             parts.push(runner.run_to_end(async move {
                 if moving {
                     if touch != Touch::Read {
-                        drop(client.send::<Value>(host, crate::migrate::forget_copy(&key)));
+                        drop(client.send::<Value>(host, crate::handoff::forget_copy(&key)));
                     }
                     let exists: i64 = client.send(host, cmd("EXISTS").arg(key.as_slice())).await?;
                     if exists == 0 {
@@ -1649,7 +1650,7 @@ async fn move_key(
     key: &[u8],
 ) -> Result<bool> {
     // The steps of migrate::copy_keys and migrate::settle_copies, for one
-    // key: a stale mark of a delete (see migrate::COPIES) goes and the key
+    // key: a stale mark of a delete (see handoff::COPIES) goes and the key
     // is copied again, a few rounds at most.
     let token = copies::token();
     for _ in 0..3 {
@@ -1742,7 +1743,7 @@ impl Touch {
             Access::Read => Touch::Read,
             Access::Overwrite => Touch::Write,
             // Marked as in a map when it may empty the key (GETDEL, LPOP).
-            Access::Modify if !crate::migrate::may_empty(cmd) => Touch::Write,
+            Access::Modify if !crate::handoff::may_empty(cmd) => Touch::Write,
             Access::Modify | Access::Delete => Touch::Delete,
         }
     }
@@ -1765,7 +1766,7 @@ impl Touch {
 /// owner to its new one now (a transaction or a command list then runs
 /// where every key is). With each key, what runs next may do to it: a key
 /// written drops its record as a move's copy, a key that may be deleted
-/// is marked deleted (see [`crate::migrate::COPIES`]), before it runs.
+/// is marked deleted (see [`crate::handoff::COPIES`]), before it runs.
 /// Nothing to do on a cluster that is not migrating.
 ///
 /// # Errors
@@ -1790,7 +1791,7 @@ pub(super) fn move_in_transit<'k>(
         leaving.entry(from).or_default().push((key.to_vec(), to));
         let (written, deleted) = touched
             .entry(to)
-            .or_insert_with(|| (cmd("HDEL").arg(crate::migrate::COPIES), Vec::new()));
+            .or_insert_with(|| (cmd("HDEL").arg(crate::handoff::COPIES), Vec::new()));
         match touch {
             Touch::Read => {}
             Touch::Write => {
@@ -1817,7 +1818,7 @@ pub(super) fn move_in_transit<'k>(
             steps.push(written);
         }
         if !deleted.is_empty() {
-            steps.extend(crate::migrate::copies::mark_deleted(deleted));
+            steps.extend(crate::handoff::copies::mark_deleted(deleted));
         }
         if !steps.is_empty() {
             drop(cluster.local_client(to)?.pipeline(steps));

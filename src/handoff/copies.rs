@@ -36,7 +36,7 @@
 //!   still what it copied. The hash holds moves half-way only (and what a
 //!   crashed move left).
 //!
-//! Neither is ever moved: [`move_keys`](super::move_keys) skips them. A
+//! Neither is ever moved: [`move_keys`](crate::migrate::move_keys) skips them. A
 //! user whose ACL forbids them still writes and deletes (the drop and the
 //! mark are refused, and then the races above are open again); its moves
 //! fail with the server's refusal.
