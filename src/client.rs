@@ -23,6 +23,7 @@ use crate::resp::Value;
 use crate::router::Router;
 mod asynchronous;
 mod migrating;
+pub(crate) mod moving;
 mod scans;
 mod transactions;
 pub use asynchronous::{AsyncClient, AsyncFanout, AsyncOptions};

@@ -41,13 +41,13 @@ use crate::event_loop::Session;
 use crate::handoff::copies::{self, Restored, Settle};
 use crate::handoff::{Access, DELETE_IF_UNCHANGED, UNCHANGED};
 use crate::keyspec;
-use crate::migrate::{move_now, same_server, MoveProgress};
 use crate::multikey::MultiKey;
 use crate::promise::{Promise, ReplyContext, ReplySink, Waiter};
 use crate::resp::Value;
 use crate::router::Router;
 use crate::server_facts::write_epoch;
 
+use super::moving::{move_now, same_server, MoveProgress};
 use super::{AsyncClient, Dispatch};
 
 /// Where a migrating map's session reaches the old cluster's hosts: at
@@ -1649,7 +1649,7 @@ async fn move_key(
     new_host: HostId,
     key: &[u8],
 ) -> Result<bool> {
-    // The steps of migrate::copy_keys and migrate::settle_copies, for one
+    // The steps of moving::copy_keys and moving::settle_copies, for one
     // key: a stale mark of a delete (see handoff::COPIES) goes and the key
     // is copied again, a few rounds at most.
     let token = copies::token();

@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{dumps, retire_found, MoveProgress, Moving};
+use crate::client::moving::{dumps, retire_found, MoveProgress, Moving};
 use crate::cluster::Cluster;
 use crate::cmd::{cmd, Cmd};
 use crate::commands::Commands;
