@@ -48,6 +48,16 @@ pub trait FromValue: Sized + Send {
         None
     }
 
+    /// Whether [`FromValue::from_bulk`] of any bulk string is `Some(Ok(_))`
+    /// (the bytes' types): such a conversion cannot fail, so the async
+    /// client may leave it to the thread that takes the reply, where the
+    /// allocation it makes is freed (an allocation made on the driver
+    /// thread and freed on another takes the allocator's slow paths).
+    #[doc(hidden)]
+    fn bulk_always_converts() -> bool {
+        false
+    }
+
     /// For tuples: their arity, so `Vec<(A, B)>` can read a flat RESP2 array
     /// (`ZRANGE ... WITHSCORES`) as well as a RESP3 array of pairs.
     #[doc(hidden)]
@@ -75,6 +85,10 @@ impl FromValue for Value {
 
     fn from_bulk(bytes: Option<&[u8]>) -> Option<Result<Self>> {
         Some(Ok(Value::from_bulk_bytes(bytes)))
+    }
+
+    fn bulk_always_converts() -> bool {
+        true
     }
 }
 
@@ -222,6 +236,10 @@ impl<T: FromValue> FromValue for Option<T> {
             Some(_) => T::from_bulk(bytes).map(|r| r.map(Some)),
         }
     }
+
+    fn bulk_always_converts() -> bool {
+        T::bulk_always_converts()
+    }
 }
 
 impl<T: FromValue> FromValue for Box<T> {
@@ -310,6 +328,10 @@ impl<T: FromValue> FromValue for Vec<T> {
             }
             None => Some(Ok(Vec::new())),
         }
+    }
+
+    fn bulk_always_converts() -> bool {
+        T::from_byte_vec(Vec::new()).is_some()
     }
 }
 
@@ -440,6 +462,12 @@ mod tests {
                 Some(b"\xff\xfe"),
             ] {
                 let value = Value::from_bulk_bytes(bytes);
+                if T::bulk_always_converts() {
+                    assert!(
+                        matches!(T::from_bulk(bytes), Some(Ok(_))),
+                        "{name} from {bytes:?}: said to always convert"
+                    );
+                }
                 if let Some(fast) = T::from_bulk(bytes) {
                     assert_eq!(
                         format!("{fast:?}"),
@@ -466,6 +494,14 @@ mod tests {
             <Vec<String>>::from_bulk(Some(b"x")).is_none(),
             "others convert the value"
         );
+        // Only the bytes' types leave their conversion to the taker.
+        assert!(<Option<Vec<u8>>>::bulk_always_converts());
+        assert!(<Vec<u8>>::bulk_always_converts());
+        assert!(Value::bulk_always_converts());
+        assert!(!String::bulk_always_converts(), "UTF-8 may fail");
+        assert!(!i64::bulk_always_converts());
+        assert!(!<Vec<String>>::bulk_always_converts());
+        assert!(!<Option<i64>>::bulk_always_converts());
     }
 
     fn bulk(s: &str) -> Value {

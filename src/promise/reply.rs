@@ -36,7 +36,45 @@ pub(crate) struct Slot<T> {
 enum SlotState<T> {
     Pending(Option<Waker>),
     Ready(Result<T>),
+    /// A short bulk string as it came, for a type whose conversion of it
+    /// cannot fail ([`FromValue::bulk_always_converts`]): the taker
+    /// converts it (with the function here, `T`'s), so the value's
+    /// allocation is made and freed on the caller's thread, not made on
+    /// the driver's and freed on another.
+    Bulk(ShortBulk, fn(&[u8]) -> Result<T>),
     Taken,
+}
+
+/// Bulk strings up to this long are copied into the slot as they come
+/// (see [`SlotState::Bulk`]); longer ones are converted by the driver.
+const SHORT_BULK: usize = 64;
+
+/// A bulk string of at most [`SHORT_BULK`] bytes, held inline.
+struct ShortBulk {
+    len: u8,
+    bytes: [u8; SHORT_BULK],
+}
+
+impl ShortBulk {
+    /// A copy of `bytes`, if they are short enough.
+    fn copy(bytes: &[u8]) -> Option<ShortBulk> {
+        let len = u8::try_from(bytes.len())
+            .ok()
+            .filter(|&n| usize::from(n) <= SHORT_BULK)?;
+        let mut inline = [0; SHORT_BULK];
+        inline.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(ShortBulk { len, bytes: inline })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.bytes.get(..usize::from(self.len)).unwrap_or_default()
+    }
+}
+
+/// Converts a short bulk string taken from a slot (see [`SlotState::Bulk`]).
+fn convert_bulk<T: FromValue>(bytes: &[u8]) -> Result<T> {
+    let bytes = Some(bytes);
+    T::from_bulk(bytes).unwrap_or_else(|| T::from_value(Value::from_bulk_bytes(bytes)))
 }
 
 impl<T> Slot<T> {
@@ -64,12 +102,17 @@ impl<T> Slot<T> {
     /// Settles the slot and wakes its task; a second settle (a reply that
     /// came after its deadline) is ignored.
     pub(crate) fn settle(&self, result: Result<T>) {
+        self.settle_with(SlotState::Ready(result));
+    }
+
+    /// [`Slot::settle`] with the state to settle in.
+    fn settle_with(&self, settled: SlotState<T>) {
         let waker = {
             let mut state = self.lock();
             match &mut *state {
                 SlotState::Pending(waker) => {
                     let waker = waker.take();
-                    *state = SlotState::Ready(result);
+                    *state = settled;
                     self.ready.store(true, Ordering::Release);
                     waker
                 }
@@ -104,10 +147,15 @@ impl<T> Slot<T> {
                 }
                 Poll::Pending
             }
-            SlotState::Ready(_) => match std::mem::replace(&mut *state, SlotState::Taken) {
-                SlotState::Ready(result) => Poll::Ready(result),
-                _ => Poll::Pending,
-            },
+            SlotState::Ready(_) | SlotState::Bulk(..) => {
+                let taken = std::mem::replace(&mut *state, SlotState::Taken);
+                drop(state);
+                match taken {
+                    SlotState::Ready(result) => Poll::Ready(result),
+                    SlotState::Bulk(bulk, convert) => Poll::Ready(convert(bulk.bytes())),
+                    _ => Poll::Pending,
+                }
+            }
             SlotState::Taken => Poll::Ready(Err(taken_error())),
         }
     }
@@ -135,6 +183,11 @@ impl<T: FromValue> ReplySink for Slot<T> {
     }
 
     fn accept_bulk(&self, index: u32, bytes: Option<&[u8]>, ctx: &ReplyContext<'_>) {
+        if T::bulk_always_converts() {
+            if let Some(bulk) = bytes.and_then(ShortBulk::copy) {
+                return self.settle_with(SlotState::Bulk(bulk, convert_bulk::<T>));
+            }
+        }
         match T::from_bulk(bytes) {
             Some(result) => self.settle(result.map_err(|e| ctx.failed(e))),
             None => self.accept(index, Ok(Value::from_bulk_bytes(bytes)), ctx),
@@ -323,16 +376,21 @@ impl<T> Future for Reply<T> {
         match &mut this.inner {
             Inner::Done(result) => Poll::Ready(result.take().unwrap_or_else(|| Err(taken_error()))),
             Inner::Slot(slot, spin) => {
-                if let Poll::Ready(result) = slot.poll_take(cx) {
-                    return Poll::Ready(result);
+                let mut taken = slot.poll_take(cx);
+                if taken.is_pending() {
+                    // The waker is registered: a reply that comes while we
+                    // spin is taken here, or wakes the task if we gave up.
+                    let source = this.source.as_deref();
+                    if spin.until_settled(slot, source) {
+                        taken = slot.poll_take(cx);
+                    }
                 }
-                // The waker is registered: a reply that comes while we
-                // spin is taken here, or wakes the task if we gave up.
-                let source = this.source.as_deref();
-                if spin.until_settled(slot, source) {
-                    return slot.poll_take(cx);
+                if taken.is_ready() {
+                    // Done with the slot: let it go now (the drop of a
+                    // reply still holding one locks it to forget a waker).
+                    this.inner = Inner::Done(None);
                 }
-                Poll::Pending
+                taken
             }
             Inner::Future(f) => f.as_mut().poll(cx),
         }
@@ -612,6 +670,48 @@ mod tests {
         let err = Reply::from_slot(slot, Arc::new(()), Duration::ZERO)
             .wait()
             .expect_err("type");
+        assert!(err.to_string().contains("GET"), "{err}");
+    }
+
+    /// The bytes' types take a short bulk string as it came and convert it
+    /// when it is taken; longer ones, nil and other types are converted
+    /// as they come. Either way the caller gets the same value.
+    #[test]
+    fn short_bulks_are_converted_by_the_taker() {
+        fn settle<T: FromValue + 'static>(bytes: Option<&[u8]>) -> (bool, Result<T>) {
+            let slot = Slot::<T>::new();
+            let failures = ctx_failures();
+            let ctx = ReplyContext {
+                host: None,
+                command: "GET",
+                failures: &failures,
+                misses: None,
+            };
+            slot.accept_bulk(0, bytes, &ctx);
+            let deferred = matches!(*slot.lock(), SlotState::Bulk(..));
+            let got = Reply::from_slot(slot, Arc::new(()), Duration::ZERO).wait();
+            (deferred, got)
+        }
+        let long = [b'x'; SHORT_BULK + 1];
+        let longest = [b'y'; SHORT_BULK];
+        for bytes in [&b""[..], b"abc", b"\xff\xfe", &longest[..], &long[..]] {
+            let (deferred, got) = settle::<Option<Vec<u8>>>(Some(bytes));
+            assert_eq!(deferred, bytes.len() <= SHORT_BULK, "{} bytes", bytes.len());
+            assert_eq!(got.expect("bytes"), Some(bytes.to_vec()));
+            let (deferred, got) = settle::<Vec<u8>>(Some(bytes));
+            assert_eq!(deferred, bytes.len() <= SHORT_BULK);
+            assert_eq!(got.expect("bytes"), bytes.to_vec());
+            let (deferred, got) = settle::<Value>(Some(bytes));
+            assert_eq!(deferred, bytes.len() <= SHORT_BULK);
+            assert_eq!(got.expect("value"), Value::BulkString(bytes.to_vec()));
+        }
+        let (deferred, got) = settle::<Option<Vec<u8>>>(None);
+        assert!(!deferred, "nil allocates nothing");
+        assert_eq!(got.expect("nil"), None);
+        // A conversion that may fail stays on the driver, with its context.
+        let (deferred, got) = settle::<String>(Some(b"\xff"));
+        assert!(!deferred);
+        let err = got.expect_err("not UTF-8");
         assert!(err.to_string().contains("GET"), "{err}");
     }
 
