@@ -35,7 +35,7 @@
 //!
 //! The table also shows the GET and MGET commands the servers ran per GET
 //! (`INFO commandstats`, read between rounds): below 1, the client merged
-//! GETs into MGETs.
+//! GETs into MGETs; and the servers' CPU per GET (`INFO cpu`).
 //!
 //! CPU is the whole process's (`getrusage(RUSAGE_SELF)`, user + system):
 //! the runtime's workers, rb's driver thread, fred's and redis-rs' tasks,
@@ -233,6 +233,8 @@ struct Round {
     /// GET and MGET commands the servers ran in the round (their
     /// `INFO commandstats`): how well the client batched.
     server_commands: u64,
+    /// The servers' CPU time in the round (their `INFO cpu`).
+    server_cpu: Duration,
 }
 
 impl Round {
@@ -245,15 +247,20 @@ impl Round {
     fn server_commands_per_op(&self) -> f64 {
         self.server_commands as f64 / self.ops as f64
     }
+    fn server_cpu_us_per_op(&self) -> f64 {
+        self.server_cpu.as_secs_f64() * 1e6 / self.ops as f64
+    }
 }
 
 /// GET and MGET commands run so far by the servers behind `probes` (one
-/// connection per node), from their `INFO commandstats`.
-fn server_reads(probes: &mut [redis::Connection]) -> u64 {
-    let mut calls = 0;
+/// connection per node), from their `INFO commandstats`, and their CPU
+/// time (`INFO cpu`, user + system).
+fn server_counts(probes: &mut [redis::Connection]) -> (u64, Duration) {
+    let (mut calls, mut cpu) = (0, 0.0);
     for probe in probes {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")
+            .arg("cpu")
             .query(probe)
             .unwrap_or_default();
         for line in info.lines() {
@@ -264,16 +271,25 @@ fn server_reads(probes: &mut [redis::Connection]) -> u64 {
                     .and_then(|n| n.parse::<u64>().ok())
                     .unwrap_or(0);
             }
+            if let Some(seconds) = line
+                .strip_prefix("used_cpu_user:")
+                .or_else(|| line.strip_prefix("used_cpu_sys:"))
+            {
+                cpu += seconds.trim().parse::<f64>().unwrap_or(0.0);
+            }
         }
     }
-    calls
+    (calls, Duration::from_secs_f64(cpu))
 }
 
-/// `round`, with the GET/MGET commands the servers ran while it ran.
+/// `round`, with the GET/MGET commands the servers ran while it ran and
+/// the CPU time they took.
 fn counting_servers(probes: &mut [redis::Connection], round: impl FnOnce() -> Round) -> Round {
-    let before = server_reads(probes);
+    let (calls, cpu) = server_counts(probes);
     let mut round = round();
-    round.server_commands = server_reads(probes).saturating_sub(before);
+    let (calls_after, cpu_after) = server_counts(probes);
+    round.server_commands = calls_after.saturating_sub(calls);
+    round.server_cpu = cpu_after.saturating_sub(cpu);
     round
 }
 
@@ -593,6 +609,7 @@ struct Summary {
     ops_range: (f64, f64),
     cpu_us_per_op: f64,
     server_commands_per_op: f64,
+    server_cpu_us_per_op: f64,
     p50_us: f64,
     p99_us: f64,
 }
@@ -609,6 +626,7 @@ fn summarize(scenario: &'static str, client: &'static str, rounds: &[Round]) -> 
             .fold((f64::MAX, 0.0), |(lo, hi), x| (lo.min(x), hi.max(x))),
         cpu_us_per_op: m(&Round::cpu_us_per_op),
         server_commands_per_op: m(&Round::server_commands_per_op),
+        server_cpu_us_per_op: m(&Round::server_cpu_us_per_op),
         p50_us: m(&|r| r.p50.as_secs_f64() * 1e6),
         p99_us: m(&|r| r.p99.as_secs_f64() * 1e6),
     }
@@ -789,9 +807,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("load average at the end: {}", load_average());
     println!(
-        "| scenario | client | ops/s | rounds' ops/s | CPU us/op | server cmds/op | p50 us | p99 us | ops/s vs redis-rs | CPU/op vs redis-rs |"
+        "| scenario | client | ops/s | rounds' ops/s | CPU us/op | server cmds/op | server CPU us/op | p50 us | p99 us | ops/s vs redis-rs | CPU/op vs redis-rs |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let print = |rows: &[Summary], base: &Summary, latency: bool| {
         for s in rows.iter().filter(|s| !s.ops_per_sec.is_nan()) {
             let (p50, p99) = if latency {
@@ -800,7 +818,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ("-".to_owned(), "-".to_owned())
             };
             println!(
-                "| {} | {} | {:.0} | {:.0}-{:.0} | {:.2} | {:.3} | {p50} | {p99} | {:.2}x | {:.2}x |",
+                "| {} | {} | {:.0} | {:.0}-{:.0} | {:.2} | {:.3} | {:.2} | {p50} | {p99} | {:.2}x | {:.2}x |",
                 s.scenario,
                 s.client,
                 s.ops_per_sec,
@@ -808,6 +826,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 s.ops_range.1,
                 s.cpu_us_per_op,
                 s.server_commands_per_op,
+                s.server_cpu_us_per_op,
                 s.ops_per_sec / base.ops_per_sec,
                 s.cpu_us_per_op / base.cpu_us_per_op,
             );
