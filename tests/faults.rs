@@ -24,7 +24,12 @@ use rb::{Cluster, Commands, Error, HostId, MapOptions};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const TIMEOUT: Duration = Duration::from_millis(200);
-const SLACK: Duration = Duration::from_millis(20);
+/// How far past its budget a faulty host's map or GET may end (medians of
+/// [`RUNS`]). They end 0.5-3 ms past it here; the overshoot these tests
+/// caught in an earlier core was 121 ms (a 512 MiB bulk kept a 200 ms
+/// map for 321 ms). 20 ms was too tight for a loaded 2-core VM: one CI run saw
+/// a median of 226 ms (runs of 201-239 ms) that alone repeat at 201-202.
+const SLACK: Duration = Duration::from_millis(50);
 const RUNS: usize = 5;
 const FAULTY: HostId = 1;
 const KEYS_PER_HOST: usize = 3;
