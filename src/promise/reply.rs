@@ -633,8 +633,15 @@ mod tests {
     use super::*;
     use std::cell::{Cell, RefCell};
 
-    fn ctx_failures() -> RefCell<Option<Error>> {
-        RefCell::new(None)
+    /// Runs `f` with the context of a reply to `command` from no host.
+    fn in_context<R>(command: &str, f: impl FnOnce(&ReplyContext<'_>) -> R) -> R {
+        let failures = RefCell::new(None);
+        f(&ReplyContext {
+            host: None,
+            command,
+            failures: &failures,
+            misses: None,
+        })
     }
 
     #[test]
@@ -643,30 +650,18 @@ mod tests {
         let keep: KeepAlive = Arc::new(());
         let reply = Reply::from_slot(slot.clone(), keep, Duration::ZERO);
         let waiter = std::thread::spawn(move || reply.wait());
-        let failures = ctx_failures();
-        let ctx = ReplyContext {
-            host: None,
-            command: "INCR",
-            failures: &failures,
-            misses: None,
-        };
-        slot.accept(0, Ok(Value::Int(7)), &ctx);
-        // A late second reply (after a timeout settled it) changes nothing.
-        slot.accept(0, Ok(Value::Int(8)), &ctx);
+        in_context("INCR", |ctx| {
+            slot.accept(0, Ok(Value::Int(7)), ctx);
+            // A late second reply (after a timeout settled it) changes nothing.
+            slot.accept(0, Ok(Value::Int(8)), ctx);
+        });
         assert_eq!(waiter.join().expect("thread").expect("value"), 7);
     }
 
     #[test]
     fn conversion_errors_name_the_command() {
         let slot = Slot::<i64>::new();
-        let failures = ctx_failures();
-        let ctx = ReplyContext {
-            host: None,
-            command: "GET",
-            failures: &failures,
-            misses: None,
-        };
-        slot.accept_bulk(0, Some(b"not a number"), &ctx);
+        in_context("GET", |ctx| slot.accept_bulk(0, Some(b"not a number"), ctx));
         let err = Reply::from_slot(slot, Arc::new(()), Duration::ZERO)
             .wait()
             .expect_err("type");
@@ -680,14 +675,7 @@ mod tests {
     fn short_bulks_are_converted_by_the_taker() {
         fn settle<T: FromValue + 'static>(bytes: Option<&[u8]>) -> (bool, Result<T>) {
             let slot = Slot::<T>::new();
-            let failures = ctx_failures();
-            let ctx = ReplyContext {
-                host: None,
-                command: "GET",
-                failures: &failures,
-                misses: None,
-            };
-            slot.accept_bulk(0, bytes, &ctx);
+            in_context("GET", |ctx| slot.accept_bulk(0, bytes, ctx));
             let deferred = matches!(*slot.lock(), SlotState::Bulk(..));
             let got = Reply::from_slot(slot, Arc::new(()), Duration::ZERO).wait();
             (deferred, got)
