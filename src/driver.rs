@@ -264,6 +264,18 @@ impl Shared {
     }
 }
 
+/// Closes the queue when the driver thread ends, by returning or by
+/// unwinding (see [`Shared::close`]): a channel's receiver went with the
+/// thread either way; a queue left open would keep what is sent to a dead
+/// driver for as long as any queue handle lives.
+struct CloseOnExit<'a>(&'a Shared);
+
+impl Drop for CloseOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// How callers and the driver's own tasks queue work for the driver. A
 /// clone does not keep the driver running (its tasks hold one); work
 /// queued once the thread has ended is dropped with its channel.
@@ -356,8 +368,10 @@ impl Driver {
                 if ready_tx.send(Ok(shared.clone())).is_err() {
                     return;
                 }
+                // However the thread ends, a panic included (a task's, or a
+                // waker the driver calls), what is sent after is dropped.
+                let _closed = CloseOnExit(&shared);
                 run(session, &shared);
-                shared.close();
             })
             .map_err(|e| Error::Config {
                 reason: format!("cannot start the driver thread: {e}").into(),
@@ -883,6 +897,31 @@ mod tests {
         let held = task_slot.clone();
         queue.spawn(Box::pin(async move { drop(held) }));
         assert_eq!(Arc::strong_count(&task_slot), 1, "the task was dropped");
+    }
+
+    /// Found by review: when the driver thread died of a panic (a task's,
+    /// or a user's waker called inline), the queue was never closed, so
+    /// everything sent afterwards piled up in it for as long as any queue
+    /// handle lived (a channel's receiver went with the unwinding thread).
+    #[test]
+    fn work_queued_after_the_driver_panicked_is_dropped() {
+        let cluster = crate::Cluster::builder()
+            .host(0, crate::HostConfig::new().host("127.0.0.1").port(1))
+            .build()
+            .unwrap();
+        let driver = Driver::start(cluster.host_map(), cluster.script_memory()).unwrap();
+        let queue = driver.queue().clone();
+        queue.spawn(Box::pin(async { panic!("a task's bug") }));
+        drop(driver); // joins the thread, which panicked
+        let slot = Slot::<Value>::for_command(crate::cmd::cmd("GET").arg("k"));
+        queue.submit(Request {
+            host: 0,
+            sink: slot.clone(),
+            budget: None,
+            deadline: None,
+            auto_batch: true,
+        });
+        assert_eq!(Arc::strong_count(&slot), 1, "the request was dropped");
     }
 
     /// Found by review: a peak older than the memory was replaced by the
