@@ -871,19 +871,23 @@ mod tests {
         assert!(waiter.may_discard(), "only the waiter and a timer are left");
     }
 
-    /// Work queued once the driver thread has ended is dropped at once, as
-    /// a send on a channel whose receiver is gone was: kept in the queue, it
-    /// would keep its reply's slot (and a task's clients) alive for as long
-    /// as a stray queue handle lives.
-    #[test]
-    fn work_queued_after_the_driver_ended_is_dropped() {
+    /// A driver over one host nobody listens on, and a queue handle that
+    /// outlives it; `before_end` gets the queue before the driver goes.
+    fn queue_of_an_ended_driver(before_end: impl FnOnce(&DriverQueue)) -> DriverQueue {
         let cluster = crate::Cluster::builder()
             .host(0, crate::HostConfig::new().host("127.0.0.1").port(1))
             .build()
             .unwrap();
         let driver = Driver::start(cluster.host_map(), cluster.script_memory()).unwrap();
         let queue = driver.queue().clone();
+        before_end(&queue);
         drop(driver); // joins the thread
+        queue
+    }
+
+    /// Whether a GET submitted to `queue` was dropped at once (its slot
+    /// has no other holder).
+    fn a_get_is_dropped(queue: &DriverQueue) -> bool {
         let slot = Slot::<Value>::for_command(crate::cmd::cmd("GET").arg("k"));
         queue.submit(Request {
             host: 0,
@@ -892,7 +896,17 @@ mod tests {
             deadline: None,
             auto_batch: true,
         });
-        assert_eq!(Arc::strong_count(&slot), 1, "the request was dropped");
+        Arc::strong_count(&slot) == 1
+    }
+
+    /// Work queued once the driver thread has ended is dropped at once, as
+    /// a send on a channel whose receiver is gone was: kept in the queue, it
+    /// would keep its reply's slot (and a task's clients) alive for as long
+    /// as a stray queue handle lives.
+    #[test]
+    fn work_queued_after_the_driver_ended_is_dropped() {
+        let queue = queue_of_an_ended_driver(|_| {});
+        assert!(a_get_is_dropped(&queue), "the request was dropped");
         let task_slot = Slot::<Value>::new();
         let held = task_slot.clone();
         queue.spawn(Box::pin(async move { drop(held) }));
@@ -905,23 +919,10 @@ mod tests {
     /// handle lived (a channel's receiver went with the unwinding thread).
     #[test]
     fn work_queued_after_the_driver_panicked_is_dropped() {
-        let cluster = crate::Cluster::builder()
-            .host(0, crate::HostConfig::new().host("127.0.0.1").port(1))
-            .build()
-            .unwrap();
-        let driver = Driver::start(cluster.host_map(), cluster.script_memory()).unwrap();
-        let queue = driver.queue().clone();
-        queue.spawn(Box::pin(async { panic!("a task's bug") }));
-        drop(driver); // joins the thread, which panicked
-        let slot = Slot::<Value>::for_command(crate::cmd::cmd("GET").arg("k"));
-        queue.submit(Request {
-            host: 0,
-            sink: slot.clone(),
-            budget: None,
-            deadline: None,
-            auto_batch: true,
+        let queue = queue_of_an_ended_driver(|queue| {
+            queue.spawn(Box::pin(async { panic!("a task's bug") }));
         });
-        assert_eq!(Arc::strong_count(&slot), 1, "the request was dropped");
+        assert!(a_get_is_dropped(&queue), "the request was dropped");
     }
 
     /// Found by review: a peak older than the memory was replaced by the
