@@ -4,7 +4,10 @@
 //! MULTI; an async transaction let other callers' requests in between (a
 //! GET answered `QUEUED`); dropping the last handle could deadlock on a
 //! dropped task's waker; a host replaced under the driver kept its old
-//! stats; a request right after `add_host` was cancelled.
+//! stats; a request right after `add_host` was cancelled. And one found
+//! later (failed on 0a2a958): a caller's waker
+//! that panicked ended the driver thread, after which every caller's
+//! requests waited forever.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -261,4 +264,52 @@ fn an_async_request_right_after_add_host_reaches_it() {
         failures.first()
     );
     assert!(failures.is_empty());
+}
+
+/// A waker that panics when woken (a broken executor), after saying so.
+struct PanickingWaker(Arc<AtomicBool>);
+impl Wake for PanickingWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::SeqCst);
+        panic!("a broken executor's waker");
+    }
+}
+
+/// One caller's broken waker must not take the driver down with it: the
+/// driver calls wakers on its thread, and a panic there ended the thread,
+/// after which every request of every caller waited forever (no deadline
+/// fires without the driver).
+#[test]
+fn a_panicking_waker_does_not_stop_the_driver() {
+    let setup = TestSetup::new(1, 1).expect("servers");
+    let cluster = setup.make_cluster().expect("cluster");
+    let client = cluster.async_client_with(
+        rb::AsyncOptions::new()
+            .spin(Duration::ZERO)
+            .timeout(Duration::from_secs(2)),
+    );
+    client.set("pw:k", "v").wait().expect("SET");
+    let woken = Arc::new(AtomicBool::new(false));
+    let waker = Waker::from(Arc::new(PanickingWaker(woken.clone())));
+    let mut broken = client.get("pw:k");
+    assert!(std::pin::Pin::new(&mut broken)
+        .poll(&mut Context::from_waker(&waker))
+        .is_pending());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !woken.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the waker was never called");
+        std::thread::yield_now();
+    }
+    drop(broken);
+    // Another caller, after: answered (or at worst timed out), not left
+    // waiting forever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other = client.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(other.get("pw:k").wait());
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a GET after a broken waker never finished: the driver died");
+    assert_eq!(got.expect("GET"), Some(b"v".to_vec()));
 }

@@ -120,7 +120,12 @@ impl<T> Slot<T> {
             }
         };
         if let Some(w) = waker {
-            w.wake();
+            // The waker is the caller's executor's, called on the settling
+            // thread: usually the driver's, which serves every caller. One
+            // that panics (the panic hook has reported it) must not end
+            // that thread, after which no request would ever be answered
+            // or time out. The slot is settled and unlocked by now.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake()));
         }
     }
 
