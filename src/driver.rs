@@ -143,8 +143,12 @@ impl Tasks {
 #[derive(Default)]
 struct Queue {
     messages: Vec<Message>,
-    /// The driver thread has ended: what comes now is dropped.
+    /// The driver thread has ended: what comes now is dropped, or, after a
+    /// panic on it (`failing`), failed.
     closed: bool,
+    /// The driver's loop panicked: the hosts (to name in the errors) of
+    /// the requests that are failed from now on (see [`fail_everything`]).
+    failing: Option<Arc<HostMap>>,
 }
 
 /// What the callers and the driver thread share.
@@ -212,23 +216,26 @@ impl RecentLoad {
 
 impl Shared {
     /// Queues `message` and wakes the driver. While a handle exists the
-    /// receiver lives (the thread outlives every handle): the send cannot
-    /// fail; from a [`DriverQueue`] after the thread ended, the message is
-    /// dropped.
+    /// thread runs (it outlives every handle) unless a panic ended it:
+    /// then the message's requests fail at once; from a [`DriverQueue`]
+    /// after the thread ended normally, the message is dropped.
     #[inline]
     fn send(&self, message: Message) {
         let refused = {
             let mut queue = lock(&self.queue);
             if queue.closed {
-                Some(message)
+                Some((message, queue.failing.clone()))
             } else {
                 queue.messages.push(message);
                 None
             }
         };
-        // Dropped outside the lock: a task's drop may queue in turn.
-        if refused.is_none() {
-            self.wake();
+        // Outside the lock: failing calls wakers, and a task's drop may
+        // queue in turn.
+        match refused {
+            None => self.wake(),
+            Some((message, Some(hosts))) => fail(message, &hosts),
+            Some((_dropped, None)) => {}
         }
     }
 
@@ -253,6 +260,16 @@ impl Shared {
             std::mem::take(&mut queue.messages)
         };
         drop(left);
+    }
+
+    /// The driver's loop panicked: no more messages, and what comes from
+    /// now on fails (naming its host from `hosts`); what was queued is
+    /// returned, to fail.
+    fn close_failing(&self, hosts: Arc<HostMap>) -> Vec<Message> {
+        let mut queue = lock(&self.queue);
+        queue.closed = true;
+        queue.failing = Some(hosts);
+        std::mem::take(&mut queue.messages)
     }
 
     fn wake(&self) {
@@ -368,10 +385,16 @@ impl Driver {
                 if ready_tx.send(Ok(shared.clone())).is_err() {
                     return;
                 }
-                // However the thread ends, a panic included (a task's, or a
-                // waker the driver calls), what is sent after is dropped.
+                // However the thread ends, a panic included, what is sent
+                // after is not kept.
                 let _closed = CloseOnExit(&shared);
-                run(session, &shared);
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&mut session, &shared);
+                }));
+                if ran.is_err() {
+                    fail_everything(&mut session, &shared);
+                }
+                let _ = session.finish();
             })
             .map_err(|e| Error::Config {
                 reason: format!("cannot start the driver thread: {e}").into(),
@@ -642,7 +665,7 @@ const SPIN: Duration = Duration::from_micros(50);
 /// turn, expire deadlines; until stopped. While work keeps coming it polls
 /// without sleeping (see [`SPIN`]); then it sleeps until a socket, the
 /// waker or a deadline wakes it.
-fn run(mut session: Session, shared: &Arc<Shared>) {
+fn run(session: &mut Session, shared: &Arc<Shared>) {
     let mut tasks = Tasks::default();
     let mut timers = Timers::default();
     let mut next_deadline = None;
@@ -664,7 +687,7 @@ fn run(mut session: Session, shared: &Arc<Shared>) {
         for message in taken.drain(..) {
             take(
                 message,
-                &mut session,
+                session,
                 &mut timers,
                 &mut next_deadline,
                 &mut tasks,
@@ -679,9 +702,9 @@ fn run(mut session: Session, shared: &Arc<Shared>) {
         }
         let now = Instant::now();
         if next_deadline.is_some_and(|d| d <= now) || !timers.queues.is_empty() {
-            next_deadline = timers.expire(now, &session);
+            next_deadline = timers.expire(now, session);
         }
-        let next_probe = probe_down_hosts(&mut session, &mut timers, now);
+        let next_probe = probe_down_hosts(session, &mut timers, now);
         if had_work {
             last_work = now;
         }
@@ -734,7 +757,7 @@ fn run(mut session: Session, shared: &Arc<Shared>) {
         for message in taken.drain(..) {
             take(
                 message,
-                &mut session,
+                session,
                 &mut timers,
                 &mut next_deadline,
                 &mut tasks,
@@ -756,12 +779,69 @@ fn run(mut session: Session, shared: &Arc<Shared>) {
         host: host.clone(),
         command: None,
     });
-    let _ = session.finish();
+}
+
+/// The driver's loop panicked: a bug of rb's, which the panic hook has
+/// reported. No deadline fires without the driver, so rather than leave
+/// every caller waiting forever, what was queued and what is in flight
+/// fail with [`Error::Cancelled`], and so does whatever is sent from now
+/// on (the queue stays closed); the tasks went with the loop (their
+/// replies fail as they drop, see [`crate::promise::Reply`]'s tasks). The
+/// panic may have left the session half-changed: if this panics too, the
+/// thread ends, and its queue is closed all the same.
+fn fail_everything(session: &mut Session, shared: &Shared) {
+    let hosts = session.hosts().clone();
+    for message in shared.close_failing(hosts.clone()) {
+        fail(message, &hosts);
+    }
+    session.cancel(|host| Error::Cancelled {
+        host: host.clone(),
+        command: None,
+    });
+}
+
+/// Fails `message`'s requests with [`Error::Cancelled`], each naming its
+/// host (from `hosts`) and command; a task is dropped (its reply fails as
+/// it drops).
+fn fail(message: Message, hosts: &HostMap) {
+    let requests = match message {
+        Message::One(request) => vec![request],
+        Message::Group(group) => group,
+        Message::Task(_) => return,
+    };
+    for request in requests {
+        let Some(host) = hosts.get(&request.host).map(|e| e.info.name().clone()) else {
+            let failures = std::cell::RefCell::new(None);
+            let ctx = ReplyContext {
+                host: None,
+                command: "",
+                failures: &failures,
+                misses: None,
+            };
+            let e = Error::NoSuchHost { id: request.host };
+            request.sink.accept(0, Err(e), &ctx);
+            continue;
+        };
+        let command = request.sink.command().map(|c| CmdName::of(c.name()));
+        let failures = std::cell::RefCell::new(None);
+        let ctx = ReplyContext {
+            host: Some(&host),
+            command: command.as_ref().map_or("", CmdName::as_str),
+            failures: &failures,
+            misses: None,
+        };
+        let e = Error::Cancelled {
+            host: host.clone(),
+            command: None,
+        };
+        request.sink.accept(0, Err(e), &ctx);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::promise::Reply;
 
     #[test]
     fn the_recent_load_remembers_a_peak_for_a_while() {
@@ -923,6 +1003,62 @@ mod tests {
             queue.spawn(Box::pin(async { panic!("a task's bug") }));
         });
         assert!(a_get_is_dropped(&queue), "the request was dropped");
+    }
+
+    /// A panic on the driver's loop (a bug of rb's) used to end the thread
+    /// with every reply it owed pending forever: no deadline fires without
+    /// the driver. What was in flight, and whatever is sent afterwards,
+    /// fail with `Cancelled` instead, naming host and command.
+    #[test]
+    fn a_panic_on_the_driver_fails_what_waits_on_it() {
+        // A host that takes the connection and never answers: the GET
+        // stays in flight (no deadline) until the panic.
+        let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = blackhole.local_addr().unwrap().port();
+        let cluster = crate::Cluster::builder()
+            .host(0, crate::HostConfig::new().host("127.0.0.1").port(port))
+            .build()
+            .unwrap();
+        let driver = Driver::start(cluster.host_map(), cluster.script_memory()).unwrap();
+        let get = |key: &str| {
+            let slot = Slot::<Value>::for_command(crate::cmd::cmd("GET").arg(key));
+            driver.queue().submit(Request {
+                host: 0,
+                sink: slot.clone(),
+                budget: None,
+                deadline: None,
+                auto_batch: true,
+            });
+            slot
+        };
+        let in_flight = get("a");
+        // Taken in the same turn, after the GET: the panic comes with the
+        // GET in its host's pipeline.
+        driver
+            .queue()
+            .spawn(Box::pin(async { panic!("a bug on the driver") }));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while in_flight.is_pending() {
+            assert!(Instant::now() < deadline, "the GET in flight still waits");
+            std::thread::yield_now();
+        }
+        let after = get("b");
+        assert!(
+            !after.is_pending(),
+            "a GET sent after the panic fails at once"
+        );
+        for slot in [in_flight, after] {
+            let got = Reply::from_slot(slot, Arc::new(()), Duration::ZERO).wait();
+            match got {
+                Err(e @ Error::Cancelled { .. }) => {
+                    let text = e.to_string();
+                    assert!(text.contains(&port.to_string()), "{text}");
+                    assert!(text.contains("GET"), "{text}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        drop(driver);
     }
 
     /// Found by review: a peak older than the memory was replaced by the

@@ -231,6 +231,29 @@ impl ReplySource for () {
     fn end_spin(&self) {}
 }
 
+/// A task's reply (see [`Reply::from_task`]): settled with the task's
+/// outcome, or, when the task is dropped before its end (its driver
+/// stopped, or failed), with an error, so that nobody waits for it forever.
+struct TaskReply<T>(Option<Arc<Slot<T>>>);
+
+impl<T> TaskReply<T> {
+    fn settle(mut self, result: Result<T>) {
+        if let Some(slot) = self.0.take() {
+            slot.settle(result);
+        }
+    }
+}
+
+impl<T> Drop for TaskReply<T> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            slot.settle(Err(Error::Pending {
+                reason: "the driver stopped before the request's steps ended".into(),
+            }));
+        }
+    }
+}
+
 /// What keeps the driver thread running while a reply is outstanding.
 pub(crate) type KeepAlive = Arc<dyn ReplySource>;
 
@@ -298,7 +321,7 @@ impl<T: Send + 'static> Reply<T> {
         spin: Duration,
     ) -> Reply<T> {
         let slot = Slot::new();
-        let settle = slot.clone();
+        let settle = TaskReply(Some(slot.clone()));
         spawn(Box::pin(async move { settle.settle(future.await) }));
         Reply::from_slot(slot, keep, spin)
     }
@@ -706,6 +729,24 @@ mod tests {
         assert!(!deferred);
         let err = got.expect_err("not UTF-8");
         assert!(err.to_string().contains("GET"), "{err}");
+    }
+
+    /// A task that ends settles its reply; one dropped before its end (its
+    /// driver stopped or failed) fails it, so nobody waits forever.
+    #[test]
+    fn a_task_dropped_before_its_end_fails_its_reply() {
+        let mut never =
+            Reply::<i64>::from_task(std::future::pending(), drop, Arc::new(()), Duration::ZERO);
+        // Settled as the task dropped: ready at the first poll.
+        let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+        match Pin::new(&mut never).poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(Err(Error::Pending { reason })) => {
+                assert!(reason.contains("driver stopped"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let done = Reply::<i64>::from_task(async { Ok(7) }, block_on, Arc::new(()), Duration::ZERO);
+        assert_eq!(done.wait().expect("value"), 7);
     }
 
     #[test]
