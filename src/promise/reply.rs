@@ -166,6 +166,23 @@ impl<T> Slot<T> {
     }
 }
 
+/// Runs a conversion of the caller's type (`FromValue` is public) on the
+/// settling thread, usually the driver's, which serves every caller: one
+/// that panics (the panic hook has reported it) fails its own request
+/// with [`Error::Type`], and the thread goes on.
+fn guarded<R, T>(convert: impl FnOnce() -> R, failed: impl FnOnce(Error) -> R) -> R {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(convert))
+        .unwrap_or_else(|_| failed(conversion_panicked::<T>()))
+}
+
+#[cold]
+fn conversion_panicked<T>() -> Error {
+    Error::type_mismatch(
+        std::any::type_name::<T>(),
+        "a reply whose conversion panicked",
+    )
+}
+
 fn taken_error() -> Error {
     Error::Pending {
         reason: "the reply was already taken".into(),
@@ -177,11 +194,12 @@ impl<T: FromValue> ReplySink for Slot<T> {
         if !self.is_pending() {
             return;
         }
-        self.settle(reply.and_then(T::from_value).map_err(|e| ctx.failed(e)));
+        let converted = guarded::<_, T>(|| reply.and_then(T::from_value), Err);
+        self.settle(converted.map_err(|e| ctx.failed(e)));
     }
 
     fn accept_shared(&self, index: u32, reply: &Value, ctx: &ReplyContext<'_>) {
-        match T::from_shared(reply) {
+        match guarded::<_, T>(|| T::from_shared(reply), |e| Some(Err(e))) {
             Some(result) => self.settle(result.map_err(|e| ctx.failed(e))),
             None => self.accept(index, Ok(reply.clone()), ctx),
         }
@@ -193,7 +211,7 @@ impl<T: FromValue> ReplySink for Slot<T> {
                 return self.settle_with(SlotState::Bulk(bulk, convert_bulk::<T>));
             }
         }
-        match T::from_bulk(bytes) {
+        match guarded::<_, T>(|| T::from_bulk(bytes), |e| Some(Err(e))) {
             Some(result) => self.settle(result.map_err(|e| ctx.failed(e))),
             None => self.accept(index, Ok(Value::from_bulk_bytes(bytes)), ctx),
         }
