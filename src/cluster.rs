@@ -582,9 +582,11 @@ impl Cluster {
     }
 
     /// The running driver, started if none runs.
-    fn driver(&self) -> Result<Arc<Driver>> {
+    pub(crate) fn driver(&self) -> Result<Arc<Driver>> {
         let mut slot = self.lock_driver();
-        if let Some(driver) = slot.upgrade() {
+        // One whose thread ended while handles lived (a panic on it, which
+        // failed what it held) is left to them: new clients get a new one.
+        if let Some(driver) = slot.upgrade().filter(|d| !d.has_ended()) {
             return Ok(driver);
         }
         let table = self.read().table.clone();

@@ -244,7 +244,9 @@ pub enum Error {
         tries: u32,
     },
 
-    /// A promise's value was asked for while it is pending (or after it was taken).
+    /// A promise's value was asked for while it is pending (or after it was
+    /// taken); or an async request of several steps (a migrating cluster's)
+    /// lost its driver before its steps ended.
     #[error("{reason}")]
     Pending {
         /// Which of the two.

@@ -266,7 +266,8 @@ impl<T> Drop for TaskReply<T> {
     fn drop(&mut self) {
         if let Some(slot) = self.0.take() {
             slot.settle(Err(Error::Pending {
-                reason: "the driver stopped before the request's steps ended".into(),
+                reason: "the driver ended (it stopped, or a panic on it failed what it held) before the request's steps did"
+                    .into(),
             }));
         }
     }
@@ -759,7 +760,7 @@ mod tests {
         let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
         match Pin::new(&mut never).poll(&mut Context::from_waker(&waker)) {
             Poll::Ready(Err(Error::Pending { reason })) => {
-                assert!(reason.contains("driver stopped"), "{reason}")
+                assert!(reason.contains("driver ended"), "{reason}")
             }
             other => panic!("{other:?}"),
         }
