@@ -590,30 +590,14 @@ fn probe_down_hosts(session: &mut Session, timers: &mut Timers, now: Instant) ->
 /// queued before it closes the connections.
 const FLUSH_ON_STOP: Duration = Duration::from_millis(500);
 
-/// Puts one request into its host's pipeline, with its deadline.
-/// Takes one message: its request(s) into the session, or its task.
-/// (Inlined: each request passes here, and as a call it cost 18
-/// instructions of an async GET's 2,780.)
-#[inline(always)]
-fn take(
-    message: Message,
-    session: &mut Session,
-    timers: &mut Timers,
-    next_deadline: &mut Option<Instant>,
-    tasks: &mut Tasks,
-    shared: &Arc<Shared>,
-) {
-    match message {
-        Message::One(r) => enqueue(session, timers, next_deadline, r),
-        Message::Group(group) => enqueue_group(session, timers, next_deadline, group),
-        Message::Task(task) => tasks.add(task, shared),
-    }
-}
-
-/// Takes each of `taken`'s messages in order (see [`take`]), leaving it
-/// empty. Each leaves `taken` just before it is taken, so that after a
-/// panic in the middle, the messages not taken yet are still there.
-fn take_each(
+/// Takes the turn's messages in order, leaving `taken` empty: requests
+/// into their hosts' pipelines with their deadlines, tasks among the
+/// running ones; then polls the tasks woken since (by replies, or new):
+/// their next requests are queued for the next turn, which the wake they
+/// make takes at once. Each message leaves `taken` just before it is
+/// taken, so that after a panic in the middle, those not taken yet are
+/// still there (to fail).
+fn take_turn(
     taken: &mut VecDeque<Message>,
     session: &mut Session,
     timers: &mut Timers,
@@ -622,8 +606,13 @@ fn take_each(
     shared: &Arc<Shared>,
 ) {
     while let Some(message) = taken.pop_front() {
-        take(message, session, timers, next_deadline, tasks, shared);
+        match message {
+            Message::One(r) => enqueue(session, timers, next_deadline, r),
+            Message::Group(group) => enqueue_group(session, timers, next_deadline, group),
+            Message::Task(task) => tasks.add(task, shared),
+        }
     }
+    tasks.poll_woken();
 }
 
 fn enqueue(
@@ -689,6 +678,7 @@ const SPIN: Duration = Duration::from_micros(50);
 /// turn, expire deadlines; until stopped. While work keeps coming it polls
 /// without sleeping (see [`SPIN`]); then it sleeps until a socket, the
 /// waker or a deadline wakes it.
+///
 /// `taken` holds the messages of the current turn until each is taken:
 /// should the loop panic, those not taken yet are still there to fail.
 fn run(session: &mut Session, taken: &mut VecDeque<Message>, shared: &Arc<Shared>) {
@@ -709,7 +699,7 @@ fn run(session: &mut Session, taken: &mut VecDeque<Message>, shared: &Arc<Shared
         }
         let taken_now = taken.len();
         let had_work = taken_now > 0;
-        take_each(
+        take_turn(
             taken,
             session,
             &mut timers,
@@ -717,9 +707,6 @@ fn run(session: &mut Session, taken: &mut VecDeque<Message>, shared: &Arc<Shared
             &mut tasks,
             shared,
         );
-        // Tasks woken by replies (or new): their next requests are queued
-        // for the next turn, which the wake they make takes at once.
-        tasks.poll_woken();
         if stopping {
             break;
         }
@@ -777,7 +764,7 @@ fn run(session: &mut Session, taken: &mut VecDeque<Message>, shared: &Arc<Shared
         shared.woken.store(false, Ordering::SeqCst);
         shared.take_all(taken);
         let queued = !taken.is_empty();
-        take_each(
+        take_turn(
             taken,
             session,
             &mut timers,
@@ -785,7 +772,6 @@ fn run(session: &mut Session, taken: &mut VecDeque<Message>, shared: &Arc<Shared
             &mut tasks,
             shared,
         );
-        tasks.poll_woken();
         let working = queued || session.is_busy() || !tasks.is_idle();
         if !working || Instant::now() >= until {
             break;
@@ -831,29 +817,21 @@ fn fail(message: Message, hosts: &HostMap) {
         Message::Task(_) => return,
     };
     for request in requests {
-        let Some(host) = hosts.get(&request.host).map(|e| e.info.name().clone()) else {
-            let failures = std::cell::RefCell::new(None);
-            let ctx = ReplyContext {
-                host: None,
-                command: "",
-                failures: &failures,
-                misses: None,
-            };
-            let e = Error::NoSuchHost { id: request.host };
-            request.sink.accept(0, Err(e), &ctx);
-            continue;
+        let host = hosts.get(&request.host).map(|e| e.info.name().clone());
+        let e = match &host {
+            Some(host) => Error::Cancelled {
+                host: host.clone(),
+                command: None,
+            },
+            None => Error::NoSuchHost { id: request.host },
         };
         let command = request.sink.command().map(|c| CmdName::of(c.name()));
         let failures = std::cell::RefCell::new(None);
         let ctx = ReplyContext {
-            host: Some(&host),
+            host: host.as_ref(),
             command: command.as_ref().map_or("", CmdName::as_str),
             failures: &failures,
             misses: None,
-        };
-        let e = Error::Cancelled {
-            host: host.clone(),
-            command: None,
         };
         request.sink.accept(0, Err(e), &ctx);
     }
