@@ -320,16 +320,15 @@ impl<T: FromValue> FromValue for Vec<T> {
 
     fn from_bulk(bytes: Option<&[u8]>) -> Option<Result<Self>> {
         match bytes {
-            // Only `Vec<u8>` takes a bulk string whole (the empty probe
-            // costs no allocation); others convert through the value.
-            Some(b) => {
-                T::from_byte_vec(Vec::new())?;
-                T::from_byte_vec(b.to_vec()).map(Ok)
-            }
+            // Only `Vec<u8>` takes a bulk string whole; others convert
+            // through the value.
+            Some(b) if Self::bulk_always_converts() => T::from_byte_vec(b.to_vec()).map(Ok),
+            Some(_) => None,
             None => Some(Ok(Vec::new())),
         }
     }
 
+    /// Only for `Vec<u8>` (the empty probe costs no allocation).
     fn bulk_always_converts() -> bool {
         T::from_byte_vec(Vec::new()).is_some()
     }
